@@ -1,0 +1,336 @@
+//! The member agent: the thin tokio driver around [`crate::node::Node`].
+//!
+//! It owns the I/O — the TUN device, the one UDP socket, the control socket, signals and the
+//! timer — and runs one loop: wait for the first of (TUN packet, datagram, control request,
+//! deadline, signal), feed it to the node with `Instant::now()`, drain every output, re-arm the
+//! timer. All protocol decisions are the node's.
+
+mod ifaddrs;
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use rand::RngCore;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UdpSocket, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Config;
+use crate::control::{self, Request};
+use crate::node::{self, Event, Node, NodeConfig, RelayTarget};
+use crate::wire::token::RelayEndpoint;
+
+/// How often the host's addresses are re-read (a change is re-announced to peers).
+const ENDPOINT_REFRESH: Duration = Duration::from_secs(10);
+/// Longest wait between attempts to resolve the relay's host name.
+const RESOLVE_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Whether this process may create TUN devices (root, or CAP_NET_ADMIN in its effective set).
+pub fn has_net_admin() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 12) != 0)
+}
+
+/// Fails with a clear message unless the agent can create its TUN device.
+pub fn check_privileges() -> anyhow::Result<()> {
+    if !has_net_admin() {
+        bail!("starting the agent needs root or CAP_NET_ADMIN to create its TUN device (try sudo, or run it as the meshvpn@NETWORK systemd service)");
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        bail!("/dev/net/tun does not exist: load the tun kernel module (modprobe tun) or give the container the device");
+    }
+    Ok(())
+}
+
+/// Runs the agent for `cfg` until SIGINT or SIGTERM.
+pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
+    let relay = cfg
+        .relays
+        .first()
+        .context("the config names no relay")?
+        .clone();
+    let ifname = cfg.interface_name();
+
+    let socket = UdpSocket::bind(("0.0.0.0", cfg.listen_port)).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::anyhow!("UDP port {} is already in use (another agent or program holds it); set a different node.listen_port", cfg.listen_port)
+        } else {
+            anyhow::anyhow!("binding UDP port {}: {e}", cfg.listen_port)
+        }
+    })?;
+    let port = socket
+        .local_addr()
+        .context("reading the bound UDP port")?
+        .port();
+
+    let tun = tun_rs::DeviceBuilder::new()
+        .name(&ifname)
+        .ipv4(cfg.virtual_ip, cfg.subnet.prefix_len(), None)
+        .mtu(cfg.mtu)
+        .build_async()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => {
+                anyhow::anyhow!(
+                    "creating TUN device {ifname}: permission denied (needs root or CAP_NET_ADMIN)"
+                )
+            }
+            _ => anyhow::anyhow!("creating TUN device {ifname}: {e}"),
+        })?;
+
+    let control_path = control::socket_path(run_dir, &cfg.network);
+    let listener = bind_control(run_dir, &control_path).await?;
+    let _cleanup = RemoveOnDrop(control_path.clone());
+
+    let relay_addr = resolve_relay(&relay).await;
+    let now = Instant::now();
+    let unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut node = Node::new(
+        NodeConfig {
+            secret: cfg.private_key.clone(),
+            network_secret: cfg.secret.clone(),
+            network_name: cfg.network.clone(),
+            name: cfg.name.clone(),
+            virtual_ip: cfg.virtual_ip,
+            subnet: cfg.subnet,
+            relay: RelayTarget {
+                key: relay.key,
+                addr: relay_addr,
+            },
+            seed: rand::rngs::OsRng.next_u64(),
+        },
+        now,
+        unix_ms,
+    );
+    node.set_local_endpoints(now, local_endpoints(port, &ifname));
+    tracing::info!(
+        network = %cfg.network, name = %cfg.name, virtual_ip = %cfg.virtual_ip, interface = %ifname, udp_port = port,
+        relay = %relay_addr, public_key = %node.public_key(), "agent started"
+    );
+
+    let (control_tx, mut control_rx) = mpsc::channel::<(Request, oneshot::Sender<String>)>(16);
+    tokio::spawn(serve_control(listener, control_tx));
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut udp_buf = vec![0u8; 65_536];
+    let mut tun_buf = vec![0u8; 65_536];
+    let mut endpoint_timer = tokio::time::interval(ENDPOINT_REFRESH);
+
+    loop {
+        drain(&mut node, &socket, &tun).await;
+        let deadline = tokio::time::Instant::from_std(node.poll_timeout());
+        tokio::select! {
+            r = socket.recv_from(&mut udp_buf) => match r {
+                Ok((n, from)) => node.handle_udp(Instant::now(), normalise(from), &udp_buf[..n]),
+                Err(e) => tracing::debug!(%e, "UDP receive failed"),
+            },
+            r = tun.recv(&mut tun_buf) => match r {
+                Ok(n) => node.handle_tun_packet(Instant::now(), &tun_buf[..n]),
+                Err(e) => tracing::debug!(%e, "TUN read failed"),
+            },
+            _ = tokio::time::sleep_until(deadline) => node.handle_timeout(Instant::now()),
+            Some((req, reply)) = control_rx.recv() => match req {
+                Request::Status => {
+                    let status = node.status(Instant::now());
+                    let _ = reply.send(serde_json::to_string(&status).unwrap_or_default());
+                }
+            },
+            _ = endpoint_timer.tick() => node.set_local_endpoints(Instant::now(), local_endpoints(port, &ifname)),
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+
+    tracing::info!("shutting down: telling the relay we leave");
+    node.leave(Instant::now());
+    drain(&mut node, &socket, &tun).await;
+    drop(tun);
+    Ok(())
+}
+
+/// Sends every queued datagram and TUN packet, and logs every event.
+async fn drain(node: &mut Node, socket: &UdpSocket, tun: &tun_rs::AsyncDevice) {
+    while let Some(t) = node.poll_transmit() {
+        if let Err(e) = socket.send_to(&t.payload, t.dst).await {
+            tracing::debug!(%e, dst = %t.dst, "UDP send failed");
+        }
+    }
+    while let Some(pkt) = node.poll_tun() {
+        if let Err(e) = tun.send(&pkt).await {
+            tracing::debug!(%e, "TUN write failed");
+        }
+    }
+    while let Some(ev) = node.poll_event() {
+        log_event(&ev);
+    }
+}
+
+fn log_event(ev: &Event) {
+    match ev {
+        Event::RelayRegistered { observed } => {
+            tracing::info!(%observed, "registered with the relay")
+        }
+        Event::RelayLost => tracing::warn!(
+            "the relay stopped answering; retrying with backoff (direct paths keep working)"
+        ),
+        Event::RelayKeyMismatch {
+            addr,
+            expected,
+            got,
+        } => tracing::error!(
+            %addr, expected = %expected, got = %got,
+            "the relay at this address cannot prove the key named in the token; not trusting it"
+        ),
+        Event::RelayError { message } => tracing::error!(%message, "the relay refused our request"),
+        Event::PeerJoined {
+            key,
+            name,
+            virtual_ip,
+        } => tracing::info!(peer = %name, %virtual_ip, key = %key.short(), "peer joined"),
+        Event::PeerLeft { key, name } => {
+            tracing::info!(peer = %name, key = %key.short(), "peer left")
+        }
+        Event::PathChanged { name, path, .. } => match path {
+            node::peer::Path::Direct { addr, rtt, .. } => {
+                tracing::info!(peer = %name, %addr, rtt_ms = rtt.as_secs_f64() * 1000.0, "direct path")
+            }
+            node::peer::Path::Relayed => tracing::info!(peer = %name, "path via relay"),
+        },
+        Event::VirtualIpConflict {
+            ip,
+            owner,
+            loser,
+            we_lost,
+        } => {
+            if *we_lost {
+                tracing::error!(%ip, owner = %owner.short(), "another member holds our virtual IP; we get no traffic until it leaves (pick another address with --ip)")
+            } else {
+                tracing::warn!(%ip, owner = %owner.short(), loser = %loser.short(), "two members claim one virtual IP; the owner keeps it")
+            }
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses are IPv4 addresses.
+fn normalise(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(|v4| SocketAddr::new(IpAddr::V4(v4), a.port()))
+            .unwrap_or(a),
+        IpAddr::V4(_) => a,
+    }
+}
+
+fn local_endpoints(port: u16, ifname: &str) -> Vec<SocketAddr> {
+    ifaddrs::host_addresses(ifname)
+        .into_iter()
+        .filter(node::is_announceable)
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect()
+}
+
+/// Resolves the relay's address, retrying with backoff until it resolves.
+async fn resolve_relay(relay: &RelayEndpoint) -> SocketAddr {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        match tokio::net::lookup_host(relay.host_port()).await {
+            Ok(mut addrs) => {
+                let all: Vec<SocketAddr> = addrs.by_ref().collect();
+                if let Some(a) = all.iter().find(|a| a.is_ipv4()).or(all.first()) {
+                    return *a;
+                }
+                tracing::warn!(relay = %relay.host_port(), "relay host name has no addresses; retrying");
+            }
+            Err(e) => {
+                tracing::warn!(relay = %relay.host_port(), %e, "cannot resolve the relay; retrying")
+            }
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RESOLVE_RETRY_MAX);
+    }
+}
+
+async fn bind_control(run_dir: &Path, path: &Path) -> anyhow::Result<UnixListener> {
+    if !run_dir.exists() {
+        std::fs::create_dir_all(run_dir)
+            .with_context(|| format!("creating run directory {}", run_dir.display()))?;
+        std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("setting permissions of {}", run_dir.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            bail!(
+                "an agent for this network is already running (control socket {} answers)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale control socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting permissions of {}", path.display()))?;
+    Ok(listener)
+}
+
+async fn serve_control(
+    listener: UnixListener,
+    tx: mpsc::Sender<(Request, oneshot::Sender<String>)>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            let mut reader = BufReader::new(read);
+            if tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let Some(req) = Request::parse(&line) else {
+                let _ = write.write_all(b"{\"error\":\"unknown request\"}\n").await;
+                return;
+            };
+            let (reply_tx, reply_rx) = oneshot::channel();
+            if tx.send((req, reply_tx)).await.is_err() {
+                return;
+            }
+            if let Ok(answer) = reply_rx.await {
+                let _ = write.write_all(answer.as_bytes()).await;
+                let _ = write.write_all(b"\n").await;
+            }
+        });
+    }
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -1,0 +1,290 @@
+//! The command line: argument definitions (clap) and what each command does.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use ipnet::Ipv4Net;
+use rand::Rng;
+
+use crate::config::{self, Config};
+use crate::keys::{NetworkSecret, NodeSecret};
+use crate::wire::token::{self, RelayEndpoint, Token};
+use crate::wire::{self, Frame};
+use crate::{agent, control, relay};
+
+/// meshvpn: private virtual subnets over the internet, peer to peer, through any NAT.
+#[derive(Debug, Parser)]
+#[command(name = "meshvpn", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Directory holding one <network>.toml per network (and the relay's key).
+    #[arg(
+        long,
+        global = true,
+        env = "MESHVPN_CONFIG_DIR",
+        default_value = "/etc/meshvpn"
+    )]
+    pub config_dir: PathBuf,
+    /// Directory for control sockets.
+    #[arg(
+        long,
+        global = true,
+        env = "MESHVPN_RUN_DIR",
+        default_value = "/run/meshvpn"
+    )]
+    pub run_dir: PathBuf,
+    /// Log level (error, warn, info, debug, trace); RUST_LOG, if set, takes precedence.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the rendezvous + STUN + relay server in the foreground.
+    Relay {
+        /// UDP address to listen on.
+        #[arg(long, default_value = "0.0.0.0:3478")]
+        listen: SocketAddr,
+    },
+    /// Create a network and print its group token (one line on stdout).
+    Create {
+        /// Network name: 1 to 32 of a-z, 0-9 and '-'.
+        name: String,
+        /// Relay as HOST:PORT (its key is fetched from it) or KEY@HOST:PORT. Repeat for several.
+        #[arg(long, required = true)]
+        relay: Vec<String>,
+        /// Virtual subnet (default: a random 10.x.0.0/16).
+        #[arg(long)]
+        subnet: Option<Ipv4Net>,
+    },
+    /// Join a network with a group token: write its config and run the agent in the foreground.
+    Join {
+        /// The group token from `meshvpn create`.
+        token: String,
+        /// This member's name (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// This member's virtual IP (default: derived from its key).
+        #[arg(long)]
+        ip: Option<Ipv4Addr>,
+        /// UDP port to listen on (default: any free port).
+        #[arg(long, default_value_t = 0)]
+        listen_port: u16,
+        /// Only write the config; do not start the agent.
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Run the agent for an existing network config in the foreground.
+    Up {
+        /// Network name.
+        name: String,
+    },
+    /// Show this member's peers, their paths and round-trip times.
+    Status {
+        /// Network name (default: every configured network).
+        name: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build a demo mesh on this machine in network namespaces (root), show it, tear it down.
+    Demo,
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Relay { listen } => {
+            runtime()?.block_on(relay::driver::run(listen, &cli.config_dir))
+        }
+        Command::Create {
+            name,
+            relay,
+            subnet,
+        } => create(&name, &relay, subnet),
+        Command::Join {
+            token,
+            name,
+            ip,
+            listen_port,
+            no_start,
+        } => {
+            let token = Token::decode(&token)?;
+            if !no_start {
+                agent::check_privileges()?;
+            }
+            let path = Config::path(&cli.config_dir, &token.network);
+            if path.exists() {
+                bail!(
+                    "this machine already has a config for network {:?} ({}); start it with `meshvpn up {}`",
+                    token.network,
+                    path.display(),
+                    token.network
+                );
+            }
+            let name = name.unwrap_or_else(hostname);
+            let key = NodeSecret::generate(&mut rand::rngs::OsRng);
+            let cfg = Config::from_token(&token, name, key, ip, listen_port)
+                .map_err(anyhow::Error::msg)?;
+            let path = cfg.save(&cli.config_dir)?;
+            eprintln!(
+                "joined network {} as {} with virtual IP {} (config: {})",
+                cfg.network,
+                cfg.name,
+                cfg.virtual_ip,
+                path.display()
+            );
+            if no_start {
+                return Ok(());
+            }
+            runtime()?.block_on(agent::run(cfg, &cli.run_dir))
+        }
+        Command::Up { name } => {
+            agent::check_privileges()?;
+            let cfg = Config::load(&cli.config_dir, &name)?;
+            runtime()?.block_on(agent::run(cfg, &cli.run_dir))
+        }
+        Command::Status { name, json } => status(&cli.config_dir, &cli.run_dir, name, json),
+        Command::Demo => {
+            let exe = std::env::current_exe().context("finding the meshvpn binary")?;
+            crate::demo::run(&exe)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn create(name: &str, relays: &[String], subnet: Option<Ipv4Net>) -> anyhow::Result<()> {
+    token::validate_network_name(name).map_err(anyhow::Error::msg)?;
+    let subnet = match subnet {
+        Some(s) if s.prefix_len() > 30 => {
+            bail!("subnet {s} is too small: use a prefix of /30 or wider")
+        }
+        Some(s) => s.trunc(),
+        None => {
+            let second: u8 = rand::rngs::OsRng.gen_range(100..=250);
+            Ipv4Net::new(Ipv4Addr::new(10, second, 0, 0), 16).expect("/16 is a valid prefix")
+        }
+    };
+    let mut endpoints = Vec::new();
+    for r in relays {
+        let endpoint = if r.contains('@') {
+            r.parse::<RelayEndpoint>()
+                .map_err(|e| anyhow::anyhow!("--relay {e}"))?
+        } else {
+            let (host, port) =
+                token::split_host_port(r).map_err(|e| anyhow::anyhow!("--relay {e}"))?;
+            let key = runtime()?.block_on(fetch_relay_key(r))?;
+            RelayEndpoint { key, host, port }
+        };
+        endpoints.push(endpoint);
+    }
+    let token = Token {
+        network: name.to_string(),
+        secret: NetworkSecret::generate(&mut rand::rngs::OsRng),
+        subnet,
+        relays: endpoints,
+    };
+    println!("{}", token.encode());
+    Ok(())
+}
+
+/// Asks a relay for its public key (three tries, one second each).
+async fn fetch_relay_key(host_port: &str) -> anyhow::Result<crate::keys::PeerKey> {
+    let addr = tokio::net::lookup_host(host_port)
+        .await
+        .with_context(|| format!("resolving relay {host_port}"))?
+        .next()
+        .with_context(|| format!("relay {host_port} has no address"))?;
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .expect("literal");
+    let socket = tokio::net::UdpSocket::bind(bind)
+        .await
+        .context("binding a UDP socket")?;
+    let mut request = Frame::KeyRequest.to_vec();
+    request.resize(wire::RELAY_OVERHEAD, 0);
+    let mut buf = [0u8; 1500];
+    for _ in 0..3 {
+        socket
+            .send_to(&request, addr)
+            .await
+            .with_context(|| format!("sending to relay {addr}"))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while let Ok(r) = tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await {
+            let Ok((n, from)) = r else { break };
+            if from == addr {
+                if let Ok(Frame::KeyResponse { relay }) = Frame::parse(&buf[..n]) {
+                    return Ok(relay);
+                }
+            }
+        }
+    }
+    bail!("relay {host_port} did not answer (is `meshvpn relay` running there and its UDP port reachable?)")
+}
+
+fn status(
+    config_dir: &std::path::Path,
+    run_dir: &std::path::Path,
+    name: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let names = match name {
+        Some(n) => vec![n],
+        None => {
+            let found = config::list_networks(config_dir);
+            if found.is_empty() {
+                bail!(
+                    "no networks configured in {} (join one with `meshvpn join TOKEN`)",
+                    config_dir.display()
+                );
+            }
+            found
+        }
+    };
+    let rt = runtime()?;
+    let mut statuses = Vec::new();
+    for n in &names {
+        statuses.push(rt.block_on(control::query_status(run_dir, n))?);
+    }
+    if json {
+        let text = if statuses.len() == 1 {
+            serde_json::to_string_pretty(&statuses[0])?
+        } else {
+            serde_json::to_string_pretty(&statuses)?
+        };
+        println!("{text}");
+    } else {
+        for (i, s) in statuses.iter().enumerate() {
+            if i > 0 {
+                println!();
+            }
+            print!("{}", s.to_table());
+        }
+    }
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "member".into())
+}

@@ -1,0 +1,472 @@
+//! One TOML file per network: `<config-dir>/<network>.toml`, holding keys, so written 0600 and
+//! atomically (write a temporary file beside it, fsync, rename, fsync the directory: a crash
+//! leaves either the old file or the new one, never half of one).
+//!
+//! Parsing is strict: unknown fields and wrong types are refused with the file, line and field
+//! named ([`ConfigError`]). A parsed [`Config`] is valid by construction (keys decode, the
+//! virtual IP lies inside the subnet, the relay list is not empty).
+//!
+//! See `config/example.toml` for every field with its meaning.
+
+use std::fs;
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::addressing;
+use crate::keys::{NetworkSecret, NodeSecret, PeerKey};
+use crate::wire::token::{self, RelayEndpoint, Token};
+
+/// Default TUN MTU: 1500 (underlay) − 40 (IPv6 header) − 8 (UDP) − 32 (WireGuard data header
+/// and tag) − 36 (relay framing) − 4 spare = 1380, so a full-size overlay packet never fragments
+/// on a 1500-byte path, direct or relayed, over IPv4 or IPv6.
+pub const DEFAULT_MTU: u16 = 1380;
+/// Default UDP port of a relay.
+pub const DEFAULT_RELAY_PORT: u16 = 3478;
+
+/// Why a config file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file does not exist.
+    #[error("no configuration for network {network:?} (looked for {path}); join it first with `meshvpn join TOKEN`")]
+    Missing { network: String, path: PathBuf },
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown field or a wrong type.
+    #[error("{path}: line {line}: {reason}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    /// Well-formed TOML whose values are invalid.
+    #[error("{path}: field `{field}`: {reason}")]
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        reason: String,
+    },
+}
+
+/// On-disk form (see `config/example.toml`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    network: FileNetwork,
+    node: FileNode,
+    #[serde(rename = "relay")]
+    relays: Vec<FileRelay>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNetwork {
+    name: String,
+    secret: String,
+    subnet: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNode {
+    name: String,
+    private_key: String,
+    virtual_ip: String,
+    #[serde(default)]
+    listen_port: u16,
+    #[serde(default = "default_mtu")]
+    mtu: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRelay {
+    address: String,
+    public_key: String,
+}
+
+fn default_mtu() -> u16 {
+    DEFAULT_MTU
+}
+
+/// A member's configuration for one network, valid by construction.
+#[derive(Clone)]
+pub struct Config {
+    /// Network name.
+    pub network: String,
+    /// Shared network secret.
+    pub secret: NetworkSecret,
+    /// Virtual subnet.
+    pub subnet: Ipv4Net,
+    /// Relays, in order of preference.
+    pub relays: Vec<RelayEndpoint>,
+    /// This member's node name.
+    pub name: String,
+    /// This member's static key.
+    pub private_key: NodeSecret,
+    /// This member's virtual IPv4 address.
+    pub virtual_ip: Ipv4Addr,
+    /// UDP port to listen on (0: any free port).
+    pub listen_port: u16,
+    /// TUN MTU.
+    pub mtu: u16,
+    /// Log level for this network's agent (overridden by `--log-level` and `RUST_LOG`).
+    pub log_level: Option<String>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("network", &self.network)
+            .field("subnet", &self.subnet)
+            .field("name", &self.name)
+            .field("virtual_ip", &self.virtual_ip)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// A new member config from a token; the virtual IP is `ip` or derived from the new key.
+    pub fn from_token(
+        token: &Token,
+        name: String,
+        private_key: NodeSecret,
+        ip: Option<Ipv4Addr>,
+        listen_port: u16,
+    ) -> Result<Self, String> {
+        let virtual_ip = match ip {
+            Some(ip) if addressing::is_usable(&token.subnet, ip) => ip,
+            Some(ip) => {
+                return Err(format!(
+                    "--ip {ip} is not a usable address in the network's subnet {}",
+                    token.subnet
+                ))
+            }
+            None => addressing::derive_virtual_ip(&token.subnet, &private_key.public(), 0)
+                .ok_or_else(|| format!("subnet {} is too small", token.subnet))?,
+        };
+        Ok(Self {
+            network: token.network.clone(),
+            secret: token.secret.clone(),
+            subnet: token.subnet,
+            relays: token.relays.clone(),
+            name,
+            private_key,
+            virtual_ip,
+            listen_port,
+            mtu: DEFAULT_MTU,
+            log_level: None,
+        })
+    }
+
+    /// The path of network `network`'s file in `dir`.
+    pub fn path(dir: &Path, network: &str) -> PathBuf {
+        dir.join(format!("{network}.toml"))
+    }
+
+    /// Loads network `network` from `dir`.
+    pub fn load(dir: &Path, network: &str) -> Result<Self, ConfigError> {
+        let path = Self::path(dir, network);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ConfigError::Missing {
+                    network: network.to_string(),
+                    path,
+                })
+            }
+            Err(source) => return Err(ConfigError::Io { path, source }),
+        };
+        Self::parse(&text, &path)
+    }
+
+    /// Parses config text; `path` is used in error messages only.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| {
+            let start = e.span().map(|s| s.start.min(text.len())).unwrap_or(0);
+            let line = text[..start].matches('\n').count() + 1;
+            let mut reason = e.message().trim().to_string();
+            // Name the field the error sits on when the span points into a `key = value` line.
+            let line_text = text.lines().nth(line - 1).unwrap_or("").trim();
+            if let Some((key, _)) = line_text.split_once('=') {
+                let key = key.trim();
+                if !reason.contains(key) {
+                    reason = format!("field `{key}`: {reason}");
+                }
+            }
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                reason,
+            }
+        })?;
+        let invalid = |field, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field,
+            reason,
+        };
+        token::validate_network_name(&file.network.name).map_err(|r| invalid("network.name", r))?;
+        let secret = NetworkSecret::from_base64(&file.network.secret)
+            .ok_or_else(|| invalid("network.secret", "not a base64 32-byte secret".into()))?;
+        let subnet: Ipv4Net = file.network.subnet.parse().map_err(|_| {
+            invalid(
+                "network.subnet",
+                format!("{:?} is not an IPv4 CIDR", file.network.subnet),
+            )
+        })?;
+        let subnet = subnet.trunc();
+        let private_key = NodeSecret::from_base64(&file.node.private_key)
+            .ok_or_else(|| invalid("node.private_key", "not a base64 32-byte key".into()))?;
+        let virtual_ip: Ipv4Addr = file.node.virtual_ip.parse().map_err(|_| {
+            invalid(
+                "node.virtual_ip",
+                format!("{:?} is not an IPv4 address", file.node.virtual_ip),
+            )
+        })?;
+        if !addressing::is_usable(&subnet, virtual_ip) {
+            return Err(invalid(
+                "node.virtual_ip",
+                format!("{virtual_ip} is not a usable address in {subnet}"),
+            ));
+        }
+        if file.node.name.is_empty() || file.node.name.len() > 64 {
+            return Err(invalid("node.name", "must be 1 to 64 characters".into()));
+        }
+        if !(576..=9000).contains(&file.node.mtu) {
+            return Err(invalid(
+                "node.mtu",
+                format!("{} is outside 576..=9000", file.node.mtu),
+            ));
+        }
+        if file.relays.is_empty() {
+            return Err(invalid(
+                "relay",
+                "at least one [[relay]] is required".into(),
+            ));
+        }
+        let mut relays = Vec::new();
+        for r in &file.relays {
+            let key = PeerKey::from_base64(&r.public_key).ok_or_else(|| {
+                invalid(
+                    "relay.public_key",
+                    format!("{:?} is not a base64 public key", r.public_key),
+                )
+            })?;
+            let (host, port) =
+                token::split_host_port(&r.address).map_err(|e| invalid("relay.address", e))?;
+            relays.push(RelayEndpoint { key, host, port });
+        }
+        Ok(Self {
+            network: file.network.name,
+            secret,
+            subnet,
+            relays,
+            name: file.node.name,
+            private_key,
+            virtual_ip,
+            listen_port: file.node.listen_port,
+            mtu: file.node.mtu,
+            log_level: file.node.log_level,
+        })
+    }
+
+    /// The TOML text of this config.
+    pub fn to_toml(&self) -> String {
+        let file = FileConfig {
+            network: FileNetwork {
+                name: self.network.clone(),
+                secret: self.secret.to_base64(),
+                subnet: self.subnet.to_string(),
+            },
+            node: FileNode {
+                name: self.name.clone(),
+                private_key: self.private_key.to_base64(),
+                virtual_ip: self.virtual_ip.to_string(),
+                listen_port: self.listen_port,
+                mtu: self.mtu,
+                log_level: self.log_level.clone(),
+            },
+            relays: self
+                .relays
+                .iter()
+                .map(|r| FileRelay {
+                    address: r.host_port(),
+                    public_key: r.key.to_base64(),
+                })
+                .collect(),
+        };
+        let body =
+            toml::to_string(&file).expect("a config of strings and integers always serialises");
+        format!("# meshvpn network {:?}. Holds this member's private key and the network secret: keep it 0600.\n\n{body}", self.network)
+    }
+
+    /// Writes the config to `dir` atomically with mode 0600 (creating `dir` 0700 if needed).
+    pub fn save(&self, dir: &Path) -> Result<PathBuf, ConfigError> {
+        let path = Self::path(dir, &self.network);
+        write_atomic(&path, self.to_toml().as_bytes()).map_err(|source| ConfigError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
+    }
+
+    /// The TUN interface name: `mvpn-<network>`, shortened with a hash to fit 15 bytes.
+    pub fn interface_name(&self) -> String {
+        interface_name(&self.network)
+    }
+}
+
+/// `mvpn-<network>` if it fits the kernel's 15-byte limit, else `mvpn-<first 6>-<hash>`.
+pub fn interface_name(network: &str) -> String {
+    let full = format!("mvpn-{network}");
+    if full.len() <= 15 {
+        return full;
+    }
+    let hash = network.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("mvpn-{}-{:03x}", &network[..6], hash & 0xfff)
+}
+
+/// Writes `bytes` to `path` atomically with mode 0600.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    if !dir.as_os_str().is_empty() && !dir.exists() {
+        fs::create_dir_all(dir)?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Networks configured in `dir` (file stems of `*.toml`), sorted.
+pub fn list_networks(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stem = name.strip_suffix(".toml")?;
+            token::validate_network_name(stem).ok()?;
+            Some(stem.to_string())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn sample() -> Config {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
+        let token = Token {
+            network: "lab".into(),
+            secret: NetworkSecret::generate(&mut rng),
+            subnet: "10.99.0.0/16".parse().expect("lit"),
+            relays: vec![RelayEndpoint {
+                key: PeerKey([2; 32]),
+                host: "198.51.100.1".into(),
+                port: 3478,
+            }],
+        };
+        Config::from_token(
+            &token,
+            "alice".into(),
+            NodeSecret::generate(&mut rng),
+            None,
+            0,
+        )
+        .expect("valid")
+    }
+
+    #[test]
+    fn round_trip_through_disk_is_0600() {
+        let dir = std::env::temp_dir().join(format!("meshvpn-config-test-{}", std::process::id()));
+        let c = sample();
+        let path = c.save(&dir).expect("save");
+        let mode = fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let back = Config::load(&dir, "lab").expect("load");
+        assert_eq!(back.to_toml(), c.to_toml());
+        assert_eq!(back.private_key.public(), c.private_key.public());
+        assert_eq!(list_networks(&dir), vec!["lab".to_string()]);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn rejections_name_file_line_and_field() {
+        let good = sample().to_toml();
+        let p = Path::new("/etc/meshvpn/lab.toml");
+        let unknown = good.replace("[node]\n", "[node]\ncolour = \"blue\"\n");
+        let e = Config::parse(&unknown, p)
+            .err()
+            .expect("must fail")
+            .to_string();
+        assert!(
+            e.contains("/etc/meshvpn/lab.toml") && e.contains("colour") && e.contains("line"),
+            "{e}"
+        );
+        let wrong_type = good.replace("mtu = 1380", "mtu = \"big\"");
+        let e = Config::parse(&wrong_type, p)
+            .err()
+            .expect("must fail")
+            .to_string();
+        assert!(e.contains("mtu") && e.contains("line"), "{e}");
+        let bad_ip = good.replace(&sample().virtual_ip.to_string(), "192.168.1.1");
+        let e = Config::parse(&bad_ip, p)
+            .err()
+            .expect("must fail")
+            .to_string();
+        assert!(e.contains("node.virtual_ip"), "{e}");
+        let e = Config::load(Path::new("/nonexistent-meshvpn"), "x")
+            .err()
+            .expect("missing")
+            .to_string();
+        assert!(e.contains("no configuration for network"), "{e}");
+    }
+
+    #[test]
+    fn interface_names_fit() {
+        assert_eq!(interface_name("demo"), "mvpn-demo");
+        assert_eq!(interface_name("abcdefghij"), "mvpn-abcdefghij");
+        let long = interface_name("a-very-long-network-name");
+        assert!(
+            long.len() <= 15 && long.starts_with("mvpn-a-very"),
+            "{long}"
+        );
+    }
+}

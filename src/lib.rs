@@ -1,0 +1,12 @@
+pub mod addressing;
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod demo;
+pub mod keys;
+pub mod lab;
+pub mod node;
+pub mod relay;
+pub mod status;
+pub mod wire;

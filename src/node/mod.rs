@@ -1,0 +1,1140 @@
+//! The member's protocol engine: a sans-IO state machine for one member of one network.
+//!
+//! # Driving contract
+//! A [`Node`] reads no clock, opens no socket and draws no OS randomness; time comes in as
+//! `now: Instant` arguments and randomness from the seed in [`NodeConfig`]. The driver:
+//! 1. feeds inputs: [`Node::handle_udp`] for every datagram on the member's UDP socket,
+//!    [`Node::handle_tun_packet`] for every IP packet read from the TUN device,
+//!    [`Node::set_local_endpoints`] when the host's addresses change, and
+//!    [`Node::handle_timeout`] when the deadline from [`Node::poll_timeout`] passes;
+//! 2. after every input drains [`Node::poll_transmit`] (datagrams to send on the UDP socket),
+//!    [`Node::poll_tun`] (packets to write to the TUN device) and [`Node::poll_event`]
+//!    (things worth logging) until each returns `None`;
+//! 3. re-arms its timer with [`Node::poll_timeout`].
+//!
+//! On shutdown it calls [`Node::leave`] and sends what that queues.
+//!
+//! # Data flow
+//! ```text
+//!  TUN ──ip packet──▶ route by destination virtual IP ─▶ peer's WireGuard session (seal)
+//!                                                       └▶ path: direct addr | relay frame ─▶ UDP
+//!  UDP ──▶ classify: WireGuard ─▶ peer by handshake key / receiver index ─▶ open ─▶
+//!                     check inner source == peer's virtual IP (cryptokey routing) ─▶ TUN
+//!          meshvpn frame: relay reply (membership) | relayed payload | disco ping/pong
+//!          STUN: binding responses (reflexive address)
+//! ```
+//!
+//! # Membership
+//! The node registers with its relay every [`REGISTER_INTERVAL`] (with backoff while the relay
+//! does not answer), and learns the other members from the relay's pushes and full syncs. Each
+//! member's announcement (name, virtual IP, endpoints) is sealed with the network's control key,
+//! so only members can read or forge one; an announcement older than the one already known is
+//! ignored (no replay). Members that leave or expire on the relay are removed here.
+//!
+//! Time inside boringtun's `Tunn` is real time; the node additionally re-sends handshakes on its
+//! own clock ([`peer::HANDSHAKE_RETRY`]) so that simulations with loss make progress.
+
+pub mod peer;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use boringtun::noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult};
+use ipnet::Ipv4Net;
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+use crate::addressing;
+use crate::keys::{NetworkKeys, NetworkSecret, NodeSecret, PeerKey};
+use crate::status::{DropCounters, PeerStatus, RelayStatus, Status};
+use crate::wire::{
+    self, stun, Announcement, DatagramKind, Disco, Frame, MemberEntry, RelayReply, RelayRequest,
+};
+use peer::{Path, Peer, PendingPing};
+
+/// Base tick: boringtun wants `update_timers` about every 250 ms, and every other timer of the
+/// node (probes, registration) is checked at this granularity.
+pub const TICK: Duration = Duration::from_millis(250);
+/// Re-registration interval; a third of the relay's member TTL (30 s), so two lost refreshes
+/// never drop a live member.
+pub const REGISTER_INTERVAL: Duration = Duration::from_secs(10);
+/// First retry delay while the relay does not answer; doubles up to [`REGISTER_RETRY_MAX`].
+pub const REGISTER_RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest retry delay while the relay does not answer.
+pub const REGISTER_RETRY_MAX: Duration = Duration::from_secs(16);
+/// Without an acknowledgement for this long the relay counts as unreachable (two refreshes
+/// and a half lost).
+pub const RELAY_LOST_AFTER: Duration = Duration::from_secs(25);
+/// A sync request with no complete answer is repeated after this long.
+const SYNC_RETRY: Duration = Duration::from_secs(3);
+/// Largest IP packet handled (TUN MTU is far smaller; the rest is headroom for WireGuard).
+const BUF_LEN: usize = 65_535 + 64;
+
+/// Where this member's relay is and which key it must prove.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayTarget {
+    /// The relay's public key (from the token).
+    pub key: PeerKey,
+    /// The relay's resolved UDP address.
+    pub addr: SocketAddr,
+}
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This member's static key.
+    pub secret: NodeSecret,
+    /// The network's shared secret.
+    pub network_secret: NetworkSecret,
+    /// Network name (for status only).
+    pub network_name: String,
+    /// This member's node name.
+    pub name: String,
+    /// This member's virtual IPv4 address.
+    pub virtual_ip: Ipv4Addr,
+    /// The network's virtual subnet.
+    pub subnet: Ipv4Net,
+    /// The relay to register with.
+    pub relay: RelayTarget,
+    /// Seed for nonces, transaction ids and jitter.
+    pub seed: u64,
+}
+
+/// A datagram the node wants sent from its UDP socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Destination address.
+    pub dst: SocketAddr,
+    /// Datagram bytes.
+    pub payload: Vec<u8>,
+}
+
+/// Things worth telling the operator about.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The relay acknowledged our registration (first time, or again after losing it).
+    RelayRegistered { observed: SocketAddr },
+    /// The relay stopped answering.
+    RelayLost,
+    /// Something answered at the relay's address with a different key than the token names.
+    RelayKeyMismatch {
+        addr: SocketAddr,
+        expected: PeerKey,
+        got: PeerKey,
+    },
+    /// The relay refused a request.
+    RelayError { message: String },
+    /// A member appeared.
+    PeerJoined {
+        key: PeerKey,
+        name: String,
+        virtual_ip: Ipv4Addr,
+    },
+    /// A member left or expired.
+    PeerLeft { key: PeerKey, name: String },
+    /// The path to a member changed.
+    PathChanged {
+        key: PeerKey,
+        name: String,
+        path: Path,
+    },
+    /// Two members claim one virtual IP; `owner` keeps it.
+    VirtualIpConflict {
+        ip: Ipv4Addr,
+        owner: PeerKey,
+        loser: PeerKey,
+        we_lost: bool,
+    },
+}
+
+struct RelaySession {
+    target: RelayTarget,
+    session: [u8; 32],
+    next_register: Instant,
+    backoff: Duration,
+    pending_ts: Option<u64>,
+    last_ack: Option<Instant>,
+    registered: bool,
+    observed: Option<SocketAddr>,
+    sync_sent: Option<Instant>,
+    sync: Option<SyncCollector>,
+    key_mismatch_reported: bool,
+}
+
+struct SyncCollector {
+    generation: u32,
+    total: u16,
+    entries: BTreeMap<u16, MemberEntry>,
+}
+
+/// One member's protocol engine (see the module doc for the driving contract).
+pub struct Node {
+    cfg: NodeConfig,
+    public: PeerKey,
+    keys: NetworkKeys,
+    rng: ChaCha20Rng,
+    epoch: Instant,
+    epoch_unix_ms: u64,
+    last_ts: u64,
+    relay: RelaySession,
+    entries: BTreeMap<PeerKey, MemberEntry>,
+    peers: BTreeMap<PeerKey, Peer>,
+    by_ip: BTreeMap<Ipv4Addr, PeerKey>,
+    by_index: BTreeMap<u32, PeerKey>,
+    next_index: u32,
+    local_endpoints: Vec<SocketAddr>,
+    announcement: Vec<u8>,
+    ip_conflict: Option<(Ipv4Addr, PeerKey)>,
+    next_tick: Instant,
+    transmits: VecDeque<Transmit>,
+    tun_out: VecDeque<Vec<u8>>,
+    events: VecDeque<Event>,
+    drops: DropCounters,
+    buf: Vec<u8>,
+}
+
+impl Node {
+    /// A node starting at `now`; `unix_ms` is the wall clock at `now` (for announcement
+    /// timestamps, which must grow across restarts).
+    pub fn new(cfg: NodeConfig, now: Instant, unix_ms: u64) -> Self {
+        let public = cfg.secret.public();
+        let keys = cfg.network_secret.derive();
+        let session = cfg.secret.relay_session_key(&public, &cfg.relay.key);
+        let relay = RelaySession {
+            target: cfg.relay,
+            session,
+            next_register: now,
+            backoff: REGISTER_RETRY_MIN,
+            pending_ts: None,
+            last_ack: None,
+            registered: false,
+            observed: None,
+            sync_sent: None,
+            sync: None,
+            key_mismatch_reported: false,
+        };
+        let mut node = Self {
+            rng: ChaCha20Rng::seed_from_u64(cfg.seed),
+            cfg,
+            public,
+            keys,
+            epoch: now,
+            epoch_unix_ms: unix_ms,
+            last_ts: 0,
+            relay,
+            entries: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            by_ip: BTreeMap::new(),
+            by_index: BTreeMap::new(),
+            next_index: 1,
+            local_endpoints: Vec::new(),
+            announcement: Vec::new(),
+            ip_conflict: None,
+            next_tick: now,
+            transmits: VecDeque::new(),
+            tun_out: VecDeque::new(),
+            events: VecDeque::new(),
+            drops: DropCounters::default(),
+            buf: vec![0u8; BUF_LEN],
+        };
+        node.reseal_announcement(now);
+        node
+    }
+
+    /// This member's public key.
+    pub fn public_key(&self) -> PeerKey {
+        self.public
+    }
+
+    /// This member's virtual IP.
+    pub fn virtual_ip(&self) -> Ipv4Addr {
+        self.cfg.virtual_ip
+    }
+
+    /// Whether the relay has acknowledged a registration recently.
+    pub fn is_registered(&self) -> bool {
+        self.relay.registered
+    }
+
+    /// Keys of the members this node currently knows.
+    pub fn peer_keys(&self) -> impl Iterator<Item = &PeerKey> {
+        self.peers.keys()
+    }
+
+    /// The current path to `key`, if it is a known member.
+    pub fn path_to(&self, key: &PeerKey) -> Option<Path> {
+        self.peers.get(key).map(|p| p.path)
+    }
+
+    /// Tells the node which local addresses (with its UDP port) it can be reached at.
+    pub fn set_local_endpoints(&mut self, now: Instant, mut endpoints: Vec<SocketAddr>) {
+        endpoints.sort();
+        endpoints.dedup();
+        endpoints.truncate(wire::MAX_ENDPOINTS);
+        if endpoints != self.local_endpoints {
+            self.local_endpoints = endpoints;
+            self.reseal_announcement(now);
+            self.relay.next_register = now;
+        }
+    }
+
+    /// Moves the relay to a new address (after re-resolving its host name).
+    pub fn set_relay_addr(&mut self, now: Instant, addr: SocketAddr) {
+        if self.relay.target.addr != addr {
+            self.relay.target.addr = addr;
+            self.relay.next_register = now;
+        }
+    }
+
+    /// Handles one IP packet read from the TUN device.
+    pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8]) {
+        let Some(dst) = ipv4_destination(packet) else {
+            // IPv6 (router solicitations, MLD) and non-IP: not routed in the overlay yet.
+            return;
+        };
+        let Some(key) = self.by_ip.get(&dst).copied() else {
+            self.drops.no_route += 1;
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        peer.tx_bytes += packet.len() as u64;
+        match peer.tunn.encapsulate(packet, &mut self.buf) {
+            TunnResult::WriteToNetwork(bytes) => {
+                if bytes.first() == Some(&1) {
+                    peer.want_session_since.get_or_insert(now);
+                    peer.last_init_sent = Some(now);
+                }
+                let bytes = bytes.to_vec();
+                self.send_to_peer(key, bytes);
+            }
+            TunnResult::Done => {
+                // Queued inside boringtun until the handshake completes.
+                peer.want_session_since.get_or_insert(now);
+            }
+            TunnResult::Err(e) => tracing::debug!(?e, peer = %key.short(), "encapsulate failed"),
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+        }
+    }
+
+    /// Handles one datagram received on the UDP socket from `from`.
+    pub fn handle_udp(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        match wire::classify(bytes) {
+            DatagramKind::WireGuard => self.handle_wireguard(now, from, None, bytes),
+            DatagramKind::Meshvpn => self.handle_frame(now, from, bytes),
+            DatagramKind::Stun => {
+                // Reflexive addresses come from registration acks; STUN answers are not needed
+                // by the core yet, requests to members are not served.
+                if stun::parse(bytes).is_none() {
+                    self.drops.malformed += 1;
+                }
+            }
+            DatagramKind::Unknown => self.drops.malformed += 1,
+        }
+    }
+
+    /// Runs every timer that is due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now < self.next_tick {
+            return;
+        }
+        self.next_tick = now + TICK;
+        self.relay_timers(now);
+        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        for key in keys {
+            self.peer_timers(now, key);
+        }
+    }
+
+    /// When the node next needs [`Node::handle_timeout`].
+    pub fn poll_timeout(&self) -> Instant {
+        self.next_tick
+    }
+
+    /// Next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// Next packet to write to the TUN device.
+    pub fn poll_tun(&mut self) -> Option<Vec<u8>> {
+        self.tun_out.pop_front()
+    }
+
+    /// Next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Tells the relay this member leaves (graceful shutdown); send what this queues.
+    pub fn leave(&mut self, now: Instant) {
+        let ts = self.next_ts(now);
+        let req = RelayRequest::Leave {
+            network: self.keys.network_id,
+            ts_ms: ts,
+        };
+        self.send_to_relay(&req);
+    }
+
+    /// A snapshot for `meshvpn status`.
+    pub fn status(&self, now: Instant) -> Status {
+        let peers = self
+            .peers
+            .values()
+            .map(|p| {
+                let (path, endpoint) = match p.path {
+                    Path::Direct { addr, .. } => ("direct", addr),
+                    Path::Relayed => ("relay", self.relay.target.addr),
+                };
+                let (since_handshake, _, _, _, _) = p.tunn.stats();
+                PeerStatus {
+                    name: p.announcement.name.clone(),
+                    public_key: p.key.to_base64(),
+                    virtual_ip: p.virtual_ip().to_string(),
+                    path: path.to_string(),
+                    endpoint: Some(endpoint.to_string()),
+                    rtt_ms: p.rtt().map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
+                    last_handshake_age_s: since_handshake.map(|d| d.as_secs()),
+                    rx_bytes: p.rx_bytes,
+                    tx_bytes: p.tx_bytes,
+                    ip_conflict: p.ip_conflict,
+                }
+            })
+            .collect();
+        let _ = now;
+        Status {
+            network: self.cfg.network_name.clone(),
+            name: self.cfg.name.clone(),
+            virtual_ip: self.cfg.virtual_ip.to_string(),
+            public_key: self.public.to_base64(),
+            relay: RelayStatus {
+                address: self.relay.target.addr.to_string(),
+                public_key: self.relay.target.key.to_base64(),
+                registered: self.relay.registered,
+                observed: self.relay.observed.map(|a| a.to_string()),
+            },
+            endpoints: self.local_endpoints.iter().map(ToString::to_string).collect(),
+            ip_conflict: self.ip_conflict.map(|(ip, owner)| {
+                format!("virtual IP {ip} is also claimed by member {}, which keeps it; this member gets no traffic (choose another address with --ip)", owner.short())
+            }),
+            peers,
+            dropped: self.drops,
+        }
+    }
+
+    // ----- relay session -------------------------------------------------------------------
+
+    fn relay_timers(&mut self, now: Instant) {
+        if self.relay.registered
+            && self
+                .relay
+                .last_ack
+                .is_none_or(|t| now.saturating_duration_since(t) > RELAY_LOST_AFTER)
+        {
+            self.relay.registered = false;
+            self.relay.backoff = REGISTER_RETRY_MIN;
+            self.events.push_back(Event::RelayLost);
+        }
+        if now >= self.relay.next_register {
+            self.register(now);
+            self.relay.next_register = if self.relay.registered {
+                now + REGISTER_INTERVAL
+            } else {
+                let wait = self.relay.backoff;
+                self.relay.backoff = (self.relay.backoff * 2).min(REGISTER_RETRY_MAX);
+                now + wait
+            };
+        }
+        if let Some(sent) = self.relay.sync_sent {
+            if now.saturating_duration_since(sent) > SYNC_RETRY {
+                self.relay.sync_sent = None;
+                self.request_sync(now);
+            }
+        }
+    }
+
+    fn register(&mut self, now: Instant) {
+        let ts = self.next_ts(now);
+        self.relay.pending_ts = Some(ts);
+        let req = RelayRequest::Register {
+            network: self.keys.network_id,
+            ts_ms: ts,
+            announcement: self.announcement.clone(),
+        };
+        self.send_to_relay(&req);
+    }
+
+    fn request_sync(&mut self, now: Instant) {
+        if self.relay.sync_sent.is_some() {
+            return;
+        }
+        self.relay.sync_sent = Some(now);
+        let ts = self.next_ts(now);
+        self.send_to_relay(&RelayRequest::Sync {
+            network: self.keys.network_id,
+            ts_ms: ts,
+        });
+    }
+
+    fn send_to_relay(&mut self, req: &RelayRequest) {
+        let nonce = self.nonce();
+        let dgram = wire::seal_to_relay(&self.relay.session, self.public, req, nonce);
+        self.transmits.push_back(Transmit {
+            dst: self.relay.target.addr,
+            payload: dgram,
+        });
+    }
+
+    fn handle_relay_reply(&mut self, now: Instant, reply: RelayReply) {
+        match reply {
+            RelayReply::RegisterAck {
+                echo_ts_ms,
+                observed,
+                digest,
+                ..
+            } => {
+                if self.relay.pending_ts != Some(echo_ts_ms) {
+                    return;
+                }
+                self.relay.pending_ts = None;
+                self.relay.last_ack = Some(now);
+                self.relay.backoff = REGISTER_RETRY_MIN;
+                let was = self.relay.registered;
+                self.relay.registered = true;
+                self.relay.next_register = now + REGISTER_INTERVAL;
+                if !was || self.relay.observed != Some(observed) {
+                    self.relay.observed = Some(observed);
+                    self.events.push_back(Event::RelayRegistered { observed });
+                }
+                if wire::membership_digest(self.entries.values()) != digest {
+                    self.request_sync(now);
+                }
+            }
+            RelayReply::Member { tag, entry } => {
+                if tag.generation == 0 {
+                    self.upsert_member(now, entry);
+                    return;
+                }
+                let collector = self.relay.sync.get_or_insert_with(|| SyncCollector {
+                    generation: tag.generation,
+                    total: tag.total,
+                    entries: BTreeMap::new(),
+                });
+                if collector.generation != tag.generation {
+                    *collector = SyncCollector {
+                        generation: tag.generation,
+                        total: tag.total,
+                        entries: BTreeMap::new(),
+                    };
+                }
+                collector.entries.insert(tag.index, entry);
+                if collector.entries.len() >= usize::from(collector.total) {
+                    let done = self
+                        .relay
+                        .sync
+                        .take()
+                        .map(|c| c.entries)
+                        .unwrap_or_default();
+                    self.apply_full_sync(now, done.into_values().collect());
+                }
+            }
+            RelayReply::SyncEmpty { .. } => self.apply_full_sync(now, Vec::new()),
+            RelayReply::MemberGone { key } => self.remove_member(key),
+            RelayReply::Error { message } => self.events.push_back(Event::RelayError { message }),
+        }
+    }
+
+    fn apply_full_sync(&mut self, now: Instant, entries: Vec<MemberEntry>) {
+        self.relay.sync_sent = None;
+        let keep: Vec<PeerKey> = entries.iter().map(|e| e.key).collect();
+        let gone: Vec<PeerKey> = self
+            .entries
+            .keys()
+            .filter(|k| !keep.contains(k))
+            .copied()
+            .collect();
+        for key in gone {
+            self.remove_member(key);
+        }
+        for entry in entries {
+            self.upsert_member(now, entry);
+        }
+    }
+
+    // ----- membership ----------------------------------------------------------------------
+
+    fn upsert_member(&mut self, now: Instant, entry: MemberEntry) {
+        if entry.key == self.public {
+            return;
+        }
+        self.entries.insert(entry.key, entry.clone());
+        let ann = match Announcement::open(
+            &self.keys.control_key,
+            &self.keys.network_id,
+            entry.key,
+            &entry.announcement,
+        ) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(%e, member = %entry.key.short(), "ignoring announcement that does not open");
+                self.drops.unauthenticated += 1;
+                return;
+            }
+        };
+        if !addressing::is_usable(&self.cfg.subnet, ann.virtual_ip) {
+            tracing::warn!(member = %entry.key.short(), ip = %ann.virtual_ip, "member announces an address outside the subnet; ignoring it");
+            return;
+        }
+        if let Some(peer) = self.peers.get_mut(&entry.key) {
+            if ann.ts_ms < peer.announcement.ts_ms {
+                return;
+            }
+            let endpoints_changed = ann.endpoints != peer.announcement.endpoints
+                || entry.observed != peer.entry.observed;
+            peer.entry = entry;
+            peer.announcement = ann;
+            if endpoints_changed {
+                peer.refresh_candidates();
+                peer.reset_backoff(now);
+            }
+            self.resolve_addresses();
+            return;
+        }
+        let index = self.next_index;
+        self.next_index = (self.next_index + 1) & 0x00FF_FFFF;
+        let tunn = Tunn::new(
+            self.cfg.secret.to_static(),
+            entry.key.to_public(),
+            Some(self.keys.preshared_key),
+            None,
+            index,
+            None,
+        );
+        let disco_key = self
+            .cfg
+            .secret
+            .disco_key(&entry.key, &self.keys.control_key);
+        let mut peer = Peer {
+            key: entry.key,
+            entry,
+            announcement: ann,
+            index,
+            tunn: Box::new(tunn),
+            disco_key,
+            path: Path::Relayed,
+            candidates: Default::default(),
+            outstanding: BTreeMap::new(),
+            next_probe: now,
+            backoff: peer::PROBE_BACKOFF_MIN,
+            next_relay_ping: now,
+            relay_rtt: None,
+            want_session_since: None,
+            last_init_sent: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            ip_conflict: false,
+        };
+        peer.refresh_candidates();
+        self.events.push_back(Event::PeerJoined {
+            key: peer.key,
+            name: peer.announcement.name.clone(),
+            virtual_ip: peer.virtual_ip(),
+        });
+        self.by_index.insert(index, peer.key);
+        self.peers.insert(peer.key, peer);
+        self.resolve_addresses();
+    }
+
+    fn remove_member(&mut self, key: PeerKey) {
+        self.entries.remove(&key);
+        if let Some(peer) = self.peers.remove(&key) {
+            self.by_index.remove(&peer.index);
+            self.events.push_back(Event::PeerLeft {
+                key,
+                name: peer.announcement.name,
+            });
+            self.resolve_addresses();
+        }
+    }
+
+    /// Rebuilds the virtual-IP routing table, resolving clashes the same way on every member.
+    fn resolve_addresses(&mut self) {
+        let subnet = self.cfg.subnet;
+        let mut claims: BTreeMap<Ipv4Addr, Vec<PeerKey>> = BTreeMap::new();
+        claims
+            .entry(self.cfg.virtual_ip)
+            .or_default()
+            .push(self.public);
+        for p in self.peers.values() {
+            claims.entry(p.virtual_ip()).or_default().push(p.key);
+        }
+        self.by_ip.clear();
+        let previous_conflict = self.ip_conflict;
+        self.ip_conflict = None;
+        for p in self.peers.values_mut() {
+            p.ip_conflict = false;
+        }
+        for (ip, mut keys) in claims {
+            keys.sort_by_key(|k| addressing::owner_rank(&subnet, k, ip));
+            let owner = keys[0];
+            if owner != self.public {
+                self.by_ip.insert(ip, owner);
+            }
+            for loser in keys.iter().skip(1) {
+                if *loser == self.public {
+                    self.ip_conflict = Some((ip, owner));
+                } else if let Some(p) = self.peers.get_mut(loser) {
+                    p.ip_conflict = true;
+                }
+                if previous_conflict.is_none() || *loser != self.public {
+                    self.events.push_back(Event::VirtualIpConflict {
+                        ip,
+                        owner,
+                        loser: *loser,
+                        we_lost: *loser == self.public,
+                    });
+                }
+            }
+        }
+    }
+
+    // ----- per-peer timers: probing, keepalive, handshakes ---------------------------------
+
+    fn peer_timers(&mut self, now: Instant, key: PeerKey) {
+        let mut out: Vec<(Option<SocketAddr>, Disco)> = Vec::new();
+        let mut changed = None;
+        {
+            let Some(p) = self.peers.get_mut(&key) else {
+                return;
+            };
+            p.outstanding
+                .retain(|_, ping| now.saturating_duration_since(ping.sent) < peer::PING_EXPIRY);
+            match p.path {
+                Path::Direct {
+                    addr, last_pong, ..
+                } => {
+                    if now.saturating_duration_since(last_pong) > peer::DIRECT_TIMEOUT {
+                        p.path = Path::Relayed;
+                        p.backoff = peer::PROBE_BACKOFF_MIN;
+                        p.next_probe = now;
+                        changed = Some(p.path);
+                    } else if now >= p.next_probe {
+                        p.next_probe = now + peer::DIRECT_PING_INTERVAL;
+                        out.push((Some(addr), Disco::Ping { tx: [0; 12] }));
+                    }
+                }
+                Path::Relayed => {}
+            }
+            if matches!(p.path, Path::Relayed) {
+                if now >= p.next_probe {
+                    for c in &p.candidates {
+                        out.push((Some(*c), Disco::Ping { tx: [0; 12] }));
+                    }
+                    p.next_probe = now + p.backoff;
+                    p.backoff = (p.backoff * 2).min(peer::PROBE_BACKOFF_MAX);
+                }
+                if now >= p.next_relay_ping {
+                    p.next_relay_ping = now + peer::RELAY_PING_INTERVAL;
+                    out.push((None, Disco::Ping { tx: [0; 12] }));
+                }
+            }
+        }
+        if let Some(path) = changed {
+            self.path_changed(key, path);
+        }
+        for (addr, msg) in out {
+            self.send_ping(now, key, addr, msg);
+        }
+        self.wireguard_timers(now, key);
+    }
+
+    fn wireguard_timers(&mut self, now: Instant, key: PeerKey) {
+        let mut sends: Vec<Vec<u8>> = Vec::new();
+        {
+            let Some(p) = self.peers.get_mut(&key) else {
+                return;
+            };
+            if let Some(since) = p.want_session_since {
+                let (hs, ..) = p.tunn.stats();
+                let established = hs.is_some_and(|d| d < Duration::from_secs(180));
+                if established || now.saturating_duration_since(since) > peer::HANDSHAKE_GIVE_UP {
+                    p.want_session_since = None;
+                } else if p
+                    .last_init_sent
+                    .is_none_or(|t| now.saturating_duration_since(t) >= peer::HANDSHAKE_RETRY)
+                {
+                    if let TunnResult::WriteToNetwork(b) =
+                        p.tunn.format_handshake_initiation(&mut self.buf, true)
+                    {
+                        sends.push(b.to_vec());
+                    }
+                    p.last_init_sent = Some(now);
+                }
+            }
+            // update_timers emits at most one packet (keepalive or handshake) per call.
+            if let TunnResult::WriteToNetwork(b) = p.tunn.update_timers(&mut self.buf) {
+                sends.push(b.to_vec());
+            }
+        }
+        for b in sends {
+            self.send_to_peer(key, b);
+        }
+    }
+
+    fn send_ping(
+        &mut self,
+        now: Instant,
+        key: PeerKey,
+        addr: Option<SocketAddr>,
+        _template: Disco,
+    ) {
+        let mut tx = [0u8; 12];
+        self.rng.fill_bytes(&mut tx);
+        let nonce = self.nonce();
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        p.outstanding.insert(tx, PendingPing { addr, sent: now });
+        let dgram = wire::seal_disco(&p.disco_key, self.public, &Disco::Ping { tx }, nonce);
+        match addr {
+            Some(dst) => self.transmits.push_back(Transmit {
+                dst,
+                payload: dgram,
+            }),
+            None => self.relay_payload(key, &dgram),
+        }
+    }
+
+    fn path_changed(&mut self, key: PeerKey, path: Path) {
+        if let Some(p) = self.peers.get(&key) {
+            self.events.push_back(Event::PathChanged {
+                key,
+                name: p.announcement.name.clone(),
+                path,
+            });
+        }
+    }
+
+    // ----- inbound -------------------------------------------------------------------------
+
+    fn handle_frame(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        let frame = match Frame::parse(bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::trace!(%e, %from, "dropping frame");
+                self.drops.malformed += 1;
+                return;
+            }
+        };
+        match frame {
+            Frame::FromRelay { relay, sealed } => {
+                if from != self.relay.target.addr {
+                    self.drops.unauthenticated += 1;
+                    return;
+                }
+                if relay != self.relay.target.key {
+                    if !self.relay.key_mismatch_reported {
+                        self.relay.key_mismatch_reported = true;
+                        self.events.push_back(Event::RelayKeyMismatch {
+                            addr: from,
+                            expected: self.relay.target.key,
+                            got: relay,
+                        });
+                    }
+                    self.drops.unauthenticated += 1;
+                    return;
+                }
+                match wire::open_from_relay(&self.relay.session, &relay, sealed) {
+                    Ok(reply) => self.handle_relay_reply(now, reply),
+                    Err(_) => self.drops.unauthenticated += 1,
+                }
+            }
+            Frame::RelayRecv {
+                from: sender,
+                payload,
+            } => {
+                if from != self.relay.target.addr {
+                    self.drops.unauthenticated += 1;
+                    return;
+                }
+                match wire::classify(payload) {
+                    DatagramKind::WireGuard => {
+                        self.handle_wireguard(now, from, Some(sender), payload)
+                    }
+                    DatagramKind::Meshvpn => match Frame::parse(payload) {
+                        Ok(Frame::Disco {
+                            sender: inner,
+                            sealed,
+                        }) if inner == sender => self.handle_disco(now, None, sender, sealed),
+                        _ => self.drops.malformed += 1,
+                    },
+                    DatagramKind::Stun | DatagramKind::Unknown => self.drops.malformed += 1,
+                }
+            }
+            Frame::Disco { sender, sealed } => self.handle_disco(now, Some(from), sender, sealed),
+            Frame::KeyRequest
+            | Frame::KeyResponse { .. }
+            | Frame::ToRelay { .. }
+            | Frame::RelaySend { .. } => self.drops.malformed += 1,
+        }
+    }
+
+    /// A disco message from `sender`, arrived directly from `from` or (if `None`) via the relay.
+    fn handle_disco(
+        &mut self,
+        now: Instant,
+        from: Option<SocketAddr>,
+        sender: PeerKey,
+        sealed: &[u8],
+    ) {
+        let Some(p) = self.peers.get_mut(&sender) else {
+            self.drops.unauthenticated += 1;
+            return;
+        };
+        let msg = match wire::open_disco(&p.disco_key, &sender, sealed) {
+            Ok(m) => m,
+            Err(_) => {
+                self.drops.unauthenticated += 1;
+                return;
+            }
+        };
+        match msg {
+            Disco::Ping { tx } => {
+                let observed = from.unwrap_or(self.relay.target.addr);
+                let nonce = self.nonce();
+                let Some(p) = self.peers.get_mut(&sender) else {
+                    return;
+                };
+                let pong = wire::seal_disco(
+                    &p.disco_key,
+                    self.public,
+                    &Disco::Pong { tx, observed },
+                    nonce,
+                );
+                let mut punch_back = None;
+                if let Some(addr) = from {
+                    let new =
+                        p.candidates.len() < peer::MAX_CANDIDATES && p.candidates.insert(addr);
+                    if matches!(p.path, Path::Relayed) || new {
+                        punch_back = Some(addr);
+                    }
+                }
+                match from {
+                    Some(dst) => self.transmits.push_back(Transmit { dst, payload: pong }),
+                    None => self.relay_payload(sender, &pong),
+                }
+                if let Some(addr) = punch_back {
+                    self.send_ping(now, sender, Some(addr), Disco::Ping { tx: [0; 12] });
+                }
+            }
+            Disco::Pong { tx, .. } => {
+                let Some(ping) = p.outstanding.remove(&tx) else {
+                    return;
+                };
+                let rtt = now.saturating_duration_since(ping.sent);
+                match (ping.addr, from) {
+                    (None, None) => p.relay_rtt = Some(rtt),
+                    (Some(addr), Some(src)) if addr == src => {
+                        let switch = match p.path {
+                            Path::Relayed => true,
+                            Path::Direct {
+                                addr: cur,
+                                rtt: cur_rtt,
+                                last_pong,
+                            } => {
+                                cur == addr
+                                    || now.saturating_duration_since(last_pong)
+                                        > peer::DIRECT_PING_INTERVAL * 2
+                                    || rtt.as_secs_f64() < cur_rtt.as_secs_f64() * 0.7
+                            }
+                        };
+                        if switch {
+                            let was_relayed = matches!(p.path, Path::Relayed);
+                            let addr_changed = p.direct_addr() != Some(addr);
+                            p.path = Path::Direct {
+                                addr,
+                                rtt,
+                                last_pong: now,
+                            };
+                            if was_relayed || addr_changed {
+                                p.next_probe = now + peer::DIRECT_PING_INTERVAL;
+                                let path = p.path;
+                                self.path_changed(sender, path);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Disco::CallMe { endpoints } => {
+                for e in endpoints {
+                    if p.candidates.len() < peer::MAX_CANDIDATES {
+                        p.candidates.insert(e);
+                    }
+                }
+                p.reset_backoff(now);
+            }
+        }
+    }
+
+    /// A WireGuard message from `from`, relayed on behalf of `via_relay` if set.
+    fn handle_wireguard(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        via_relay: Option<PeerKey>,
+        bytes: &[u8],
+    ) {
+        let key = match via_relay {
+            Some(k) => Some(k),
+            None => self.wireguard_sender(bytes),
+        };
+        let Some(key) = key else {
+            self.drops.wireguard += 1;
+            return;
+        };
+        let mut replies: Vec<Vec<u8>> = Vec::new();
+        let mut queued: Vec<Vec<u8>> = Vec::new();
+        {
+            let Some(p) = self.peers.get_mut(&key) else {
+                self.drops.wireguard += 1;
+                return;
+            };
+            let vip = p.virtual_ip();
+            let mut result = p.tunn.decapsulate(Some(from.ip()), bytes, &mut self.buf);
+            let mut first = true;
+            loop {
+                match result {
+                    TunnResult::WriteToNetwork(b) => {
+                        if first {
+                            replies.push(b.to_vec());
+                        } else {
+                            queued.push(b.to_vec());
+                        }
+                        first = false;
+                        result = p.tunn.decapsulate(None, &[], &mut self.buf);
+                    }
+                    TunnResult::WriteToTunnelV4(pkt, src) => {
+                        if src == vip {
+                            p.rx_bytes += pkt.len() as u64;
+                            self.tun_out.push_back(pkt.to_vec());
+                        } else {
+                            self.drops.spoofed_source += 1;
+                        }
+                        break;
+                    }
+                    TunnResult::WriteToTunnelV6(..) => {
+                        self.drops.spoofed_source += 1;
+                        break;
+                    }
+                    TunnResult::Done => break,
+                    TunnResult::Err(e) => {
+                        tracing::trace!(?e, peer = %key.short(), "decapsulate failed");
+                        self.drops.wireguard += 1;
+                        break;
+                    }
+                }
+            }
+            let (hs, ..) = p.tunn.stats();
+            if hs.is_some_and(|d| d < Duration::from_secs(180)) {
+                p.want_session_since = None;
+            }
+        }
+        let _ = now;
+        for r in replies {
+            // Answer the way the message came, so handshakes complete even before a path is known.
+            match via_relay {
+                Some(k) => self.relay_payload(k, &r),
+                None => self.transmits.push_back(Transmit {
+                    dst: from,
+                    payload: r,
+                }),
+            }
+        }
+        for q in queued {
+            self.send_to_peer(key, q);
+        }
+    }
+
+    /// Finds the peer a direct WireGuard message belongs to: the initiator's static key for a
+    /// handshake initiation, the receiver index for everything else.
+    fn wireguard_sender(&self, bytes: &[u8]) -> Option<PeerKey> {
+        match Tunn::parse_incoming_packet(bytes).ok()? {
+            Packet::HandshakeInit(init) => {
+                let secret = self.cfg.secret.to_static();
+                let public = x25519_dalek::PublicKey::from(&secret);
+                let half = parse_handshake_anon(&secret, &public, &init).ok()?;
+                let key = PeerKey(half.peer_static_public);
+                self.peers.contains_key(&key).then_some(key)
+            }
+            Packet::HandshakeResponse(p) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
+            Packet::PacketCookieReply(p) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
+            Packet::PacketData(p) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
+        }
+    }
+
+    // ----- outbound helpers ----------------------------------------------------------------
+
+    fn send_to_peer(&mut self, key: PeerKey, payload: Vec<u8>) {
+        match self.peers.get(&key).and_then(|p| p.direct_addr()) {
+            Some(dst) => self.transmits.push_back(Transmit { dst, payload }),
+            None => self.relay_payload(key, &payload),
+        }
+    }
+
+    fn relay_payload(&mut self, to: PeerKey, payload: &[u8]) {
+        let dgram = Frame::RelaySend { to, payload }.to_vec();
+        self.transmits.push_back(Transmit {
+            dst: self.relay.target.addr,
+            payload: dgram,
+        });
+    }
+
+    fn reseal_announcement(&mut self, now: Instant) {
+        let ann = Announcement {
+            key: self.public,
+            name: self.cfg.name.clone(),
+            virtual_ip: self.cfg.virtual_ip,
+            ts_ms: self.next_ts(now),
+            endpoints: self.local_endpoints.clone(),
+        };
+        let nonce = self.nonce();
+        self.announcement = ann.seal(&self.keys.control_key, &self.keys.network_id, nonce);
+    }
+
+    /// A strictly growing millisecond timestamp on the wall clock.
+    fn next_ts(&mut self, now: Instant) -> u64 {
+        let wall =
+            self.epoch_unix_ms + now.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.last_ts = wall.max(self.last_ts + 1);
+        self.last_ts
+    }
+
+    fn nonce(&mut self) -> [u8; 24] {
+        let mut n = [0u8; 24];
+        self.rng.fill_bytes(&mut n);
+        n
+    }
+}
+
+/// The destination of an IPv4 packet; `None` for anything else or a truncated header.
+fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
+    if packet.len() < 20 || packet[0] >> 4 != 4 {
+        return None;
+    }
+    Some(Ipv4Addr::new(
+        packet[16], packet[17], packet[18], packet[19],
+    ))
+}
+
+/// Whether an address is worth announcing as a host candidate.
+pub fn is_announceable(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            !v4.is_loopback() && !v4.is_unspecified() && !v4.is_link_local() && !v4.is_multicast()
+        }
+        IpAddr::V6(_) => false,
+    }
+}

@@ -1,0 +1,143 @@
+//! One peer: its WireGuard session, its candidate addresses, and the path packets take to it.
+//!
+//! # Path state machine
+//! ```text
+//!            pong from candidate A                 no pong for DIRECT_TIMEOUT
+//!  Relayed ───────────────────────────▶ Direct{A} ─────────────────────────────▶ Relayed
+//!     ▲  probe every candidate, backoff      │  ping A every DIRECT_PING_INTERVAL     │
+//!     └──────────────────────────────────────┴────────────────────────────────────────┘
+//! ```
+//! Traffic always flows: on the relay until a probe to a candidate address is answered, then on
+//! that address. The WireGuard session is independent of the path, so switching loses nothing.
+//! Probes are sealed disco pings; the answer (pong) proves the peer is reachable at that address
+//! and measures the round trip. A ping received directly from an unknown address makes that
+//! address a candidate (peer-reflexive) and is answered with a ping of our own at once, which is
+//! what opens both NATs' mappings when both sides probe together.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use boringtun::noise::Tunn;
+
+use crate::keys::PeerKey;
+use crate::wire::{Announcement, MemberEntry};
+
+/// First interval between probe rounds while relayed; doubles up to [`PROBE_BACKOFF_MAX`].
+pub const PROBE_BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// Longest interval between probe rounds while relayed: a path that opens later (a NAT
+/// mapping appearing, a peer roaming) is found within this time even without new information.
+pub const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Ping interval on a direct path. Also the NAT keepalive: well under the 30 s UDP mapping
+/// timeouts common in home routers (RFC 4787 asks for at least 2 minutes; many use 30 s).
+pub const DIRECT_PING_INTERVAL: Duration = Duration::from_secs(2);
+/// A direct path with no pong for this long is abandoned for the relay: three pings lost,
+/// so one lost packet never flaps the path.
+pub const DIRECT_TIMEOUT: Duration = Duration::from_millis(6_500);
+/// Outstanding pings older than this are forgotten.
+pub const PING_EXPIRY: Duration = Duration::from_secs(5);
+/// RTT of the relayed path is measured this often while relayed.
+pub const RELAY_PING_INTERVAL: Duration = Duration::from_secs(10);
+/// A handshake that has not completed is re-sent this often (in the node's time, so the
+/// simulator controls it; boringtun's own real-time retry also runs).
+pub const HANDSHAKE_RETRY: Duration = Duration::from_secs(2);
+/// A handshake attempt with no answer is abandoned after this long (data queued for the peer
+/// is dropped by boringtun; new traffic starts a new attempt).
+pub const HANDSHAKE_GIVE_UP: Duration = Duration::from_secs(30);
+/// Most candidate addresses kept per peer.
+pub const MAX_CANDIDATES: usize = 24;
+
+/// Which way packets to a peer go.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Path {
+    /// Through the relay.
+    Relayed,
+    /// Straight to `addr`, last confirmed by a pong at `last_pong`.
+    Direct {
+        addr: SocketAddr,
+        rtt: Duration,
+        last_pong: Instant,
+    },
+}
+
+/// A ping in flight.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PendingPing {
+    pub(crate) addr: Option<SocketAddr>,
+    pub(crate) sent: Instant,
+}
+
+/// Everything the node keeps about one other member.
+pub(crate) struct Peer {
+    pub(crate) key: PeerKey,
+    pub(crate) entry: MemberEntry,
+    pub(crate) announcement: Announcement,
+    pub(crate) index: u32,
+    pub(crate) tunn: Box<Tunn>,
+    pub(crate) disco_key: [u8; 32],
+    pub(crate) path: Path,
+    pub(crate) candidates: BTreeSet<SocketAddr>,
+    pub(crate) outstanding: BTreeMap<[u8; 12], PendingPing>,
+    pub(crate) next_probe: Instant,
+    pub(crate) backoff: Duration,
+    pub(crate) next_relay_ping: Instant,
+    pub(crate) relay_rtt: Option<Duration>,
+    pub(crate) want_session_since: Option<Instant>,
+    pub(crate) last_init_sent: Option<Instant>,
+    pub(crate) rx_bytes: u64,
+    pub(crate) tx_bytes: u64,
+    pub(crate) ip_conflict: bool,
+}
+
+impl Peer {
+    pub(crate) fn virtual_ip(&self) -> Ipv4Addr {
+        self.announcement.virtual_ip
+    }
+
+    /// Replaces the candidate set from the peer's announcement and relay-observed address,
+    /// keeping addresses learned from its pings. Returns whether anything new appeared.
+    pub(crate) fn refresh_candidates(&mut self) -> bool {
+        let before = self.candidates.len();
+        let announced = self
+            .announcement
+            .endpoints
+            .iter()
+            .copied()
+            .chain([self.entry.observed]);
+        for a in announced {
+            if self.candidates.len() < MAX_CANDIDATES && usable_candidate(&a) {
+                self.candidates.insert(a);
+            }
+        }
+        self.candidates.len() != before
+    }
+
+    /// Starts probing again soon (new information about the peer).
+    pub(crate) fn reset_backoff(&mut self, now: Instant) {
+        self.backoff = PROBE_BACKOFF_MIN;
+        if matches!(self.path, Path::Relayed) {
+            self.next_probe = now;
+        }
+    }
+
+    /// The direct address, if the path is direct.
+    pub(crate) fn direct_addr(&self) -> Option<SocketAddr> {
+        match self.path {
+            Path::Direct { addr, .. } => Some(addr),
+            Path::Relayed => None,
+        }
+    }
+
+    /// RTT on the current path.
+    pub(crate) fn rtt(&self) -> Option<Duration> {
+        match self.path {
+            Path::Direct { rtt, .. } => Some(rtt),
+            Path::Relayed => self.relay_rtt,
+        }
+    }
+}
+
+/// Addresses worth probing: not unspecified, not multicast, port non-zero.
+fn usable_candidate(a: &SocketAddr) -> bool {
+    a.port() != 0 && !a.ip().is_unspecified() && !a.ip().is_multicast()
+}

@@ -1,0 +1,503 @@
+//! The relay's logic as a sans-IO state machine: rendezvous, STUN and packet relaying.
+//!
+//! # Driving contract
+//! - Feed every datagram (or TCP-framed message) with [`RelayServer::handle_datagram`], giving the
+//!   [`Link`] it came from and the current time.
+//! - After every input, drain [`RelayServer::poll_transmit`] until it returns `None` and send each
+//!   [`Transmit`] on its link.
+//! - Call [`RelayServer::handle_timeout`] when [`RelayServer::poll_timeout`] is reached (it returns
+//!   the earliest member expiry; `None` when no member is registered).
+//!
+//! # What it does
+//! Members register under a [`NetworkId`] (derived from the network secret, which the relay never
+//! sees) with a sealed announcement the relay cannot read. Every request is sealed under the
+//! static-static session key of the member and the relay, which proves the member holds its
+//! private key, and each answer proves the relay holds its own; a per-member timestamp that must
+//! grow refuses replays.
+//!
+//! Membership is *soft state*: a member that does not re-register within [`MEMBER_TTL`] is
+//! dropped and the others are told ([`RelayReply::MemberGone`]). Any change of the member set is
+//! pushed to every member at once; each register acknowledgement carries a digest of the set so a
+//! member that lost a push asks for a full [`RelayRequest::Sync`].
+//!
+//! Relay data frames are forwarded by public key, only between members of one network, only
+//! from the link a member registered from, and are never decrypted.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+use crate::keys::{NetworkId, NodeSecret, PeerKey};
+use crate::wire::{
+    self, stun, DatagramKind, Frame, MemberEntry, RelayReply, RelayRequest, SyncTag,
+};
+
+/// How long a member stays registered without refreshing. Members refresh every
+/// `node::REGISTER_INTERVAL` (10 s), so three refreshes may be lost before a live member is
+/// dropped, and a member that vanished without saying goodbye is gone from everyone's view
+/// within 30 s.
+pub const MEMBER_TTL: Duration = Duration::from_secs(30);
+/// Most members one network may have on one relay (bounds memory per network id).
+pub const MAX_MEMBERS_PER_NETWORK: usize = 1024;
+/// Most networks one relay serves (bounds memory against registration floods).
+pub const MAX_NETWORKS: usize = 65_536;
+/// How long a member's last timestamp is remembered after it leaves, to refuse replays of
+/// its old registrations.
+const REPLAY_MEMORY: Duration = Duration::from_secs(600);
+
+/// Where a message came from or goes to: a UDP address or a TCP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Link {
+    /// A UDP peer address.
+    Udp(SocketAddr),
+    /// A TCP connection (for members whose UDP is blocked), numbered by the driver.
+    Tcp { id: u64, remote: SocketAddr },
+}
+
+impl Link {
+    /// The remote address (the member's server-reflexive address for UDP).
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            Link::Udp(a) | Link::Tcp { remote: a, .. } => *a,
+        }
+    }
+}
+
+/// A message the relay wants sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to send it.
+    pub link: Link,
+    /// The datagram.
+    pub payload: Vec<u8>,
+}
+
+/// Counters of what the relay did and refused (exposed for logs and tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    /// STUN Binding requests answered.
+    pub stun_answered: u64,
+    /// Registrations accepted (new and refresh).
+    pub registrations: u64,
+    /// Relay data frames forwarded.
+    pub forwarded: u64,
+    /// Bytes of relay data forwarded.
+    pub forwarded_bytes: u64,
+    /// Datagrams dropped: garbage, unauthenticated, replayed, unknown sender or target.
+    pub dropped: u64,
+    /// Members dropped because they stopped refreshing.
+    pub expired: u64,
+}
+
+struct Member {
+    link: Link,
+    announcement: Vec<u8>,
+    expires: Instant,
+    session: [u8; 32],
+}
+
+/// The relay server's state (see the module doc for the driving contract).
+pub struct RelayServer {
+    secret: NodeSecret,
+    public: PeerKey,
+    networks: BTreeMap<NetworkId, BTreeMap<PeerKey, Member>>,
+    member_network: BTreeMap<PeerKey, NetworkId>,
+    by_link: BTreeMap<Link, PeerKey>,
+    last_ts: BTreeMap<PeerKey, (u64, Instant)>,
+    transmits: VecDeque<Transmit>,
+    rng: ChaCha20Rng,
+    generation: u32,
+    stats: RelayStats,
+}
+
+impl RelayServer {
+    /// A relay with static key `secret`; `seed` drives nonces (pass OS randomness in production).
+    pub fn new(secret: NodeSecret, seed: u64) -> Self {
+        let public = secret.public();
+        Self {
+            secret,
+            public,
+            networks: BTreeMap::new(),
+            member_network: BTreeMap::new(),
+            by_link: BTreeMap::new(),
+            last_ts: BTreeMap::new(),
+            transmits: VecDeque::new(),
+            rng: ChaCha20Rng::seed_from_u64(seed),
+            generation: 0,
+            stats: RelayStats::default(),
+        }
+    }
+
+    /// The relay's public key.
+    pub fn public_key(&self) -> PeerKey {
+        self.public
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> RelayStats {
+        self.stats
+    }
+
+    /// Number of registered members across all networks.
+    pub fn member_count(&self) -> usize {
+        self.member_network.len()
+    }
+
+    /// Number of networks with at least one member.
+    pub fn network_count(&self) -> usize {
+        self.networks.len()
+    }
+
+    /// Handles one datagram from `from`. Never fails: garbage is counted and dropped.
+    pub fn handle_datagram(&mut self, now: Instant, from: Link, bytes: &[u8]) {
+        match wire::classify(bytes) {
+            DatagramKind::Stun => match stun::parse(bytes) {
+                Some(stun::Binding::Request(tx)) => {
+                    self.stats.stun_answered += 1;
+                    self.push(from, stun::binding_response(tx, from.addr()));
+                }
+                Some(stun::Binding::Response { .. }) | None => self.stats.dropped += 1,
+            },
+            DatagramKind::Meshvpn => self.handle_frame(now, from, bytes),
+            DatagramKind::WireGuard | DatagramKind::Unknown => self.stats.dropped += 1,
+        }
+    }
+
+    /// Expires members whose soft state ran out.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let expired: Vec<(NetworkId, PeerKey)> = self
+            .networks
+            .iter()
+            .flat_map(|(net, members)| {
+                members
+                    .iter()
+                    .filter(|(_, m)| m.expires <= now)
+                    .map(move |(k, _)| (*net, *k))
+            })
+            .collect();
+        for (net, key) in expired {
+            tracing::debug!(member = %key.short(), network = %net, "member expired");
+            self.stats.expired += 1;
+            self.remove_member(net, key);
+        }
+        self.last_ts
+            .retain(|_, (_, seen)| now.saturating_duration_since(*seen) < REPLAY_MEMORY);
+    }
+
+    /// Earliest member expiry, if any member is registered.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.networks
+            .values()
+            .flat_map(|m| m.values().map(|m| m.expires))
+            .min()
+    }
+
+    /// Next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// Forgets every member attached through `link` (e.g. a closed TCP connection).
+    pub fn handle_link_closed(&mut self, link: Link) {
+        if let Some(key) = self.by_link.get(&link).copied() {
+            if let Some(net) = self.member_network.get(&key).copied() {
+                self.remove_member(net, key);
+            }
+        }
+    }
+
+    fn handle_frame(&mut self, now: Instant, from: Link, bytes: &[u8]) {
+        let frame = match Frame::parse(bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::trace!(%e, from = %from.addr(), "dropping frame");
+                self.stats.dropped += 1;
+                return;
+            }
+        };
+        match frame {
+            // Answer only requests at least as large as the answer: no amplification.
+            Frame::KeyRequest if bytes.len() >= wire::RELAY_OVERHEAD => {
+                self.push(from, Frame::KeyResponse { relay: self.public }.to_vec());
+            }
+            Frame::ToRelay { sender, sealed } => self.handle_request(now, from, sender, sealed),
+            Frame::RelaySend { to, payload } => self.forward(from, to, payload),
+            Frame::KeyRequest
+            | Frame::KeyResponse { .. }
+            | Frame::FromRelay { .. }
+            | Frame::RelayRecv { .. }
+            | Frame::Disco { .. } => self.stats.dropped += 1,
+        }
+    }
+
+    fn handle_request(&mut self, now: Instant, from: Link, sender: PeerKey, sealed: &[u8]) {
+        let session = self.session_key(&sender);
+        let request = match wire::open_to_relay(&session, &sender, sealed) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(%e, from = %from.addr(), "refusing relay request");
+                self.stats.dropped += 1;
+                return;
+            }
+        };
+        let ts = request.ts_ms();
+        if self
+            .last_ts
+            .get(&sender)
+            .is_some_and(|(last, _)| ts <= *last)
+        {
+            tracing::debug!(member = %sender.short(), "refusing replayed relay request");
+            self.stats.dropped += 1;
+            return;
+        }
+        self.last_ts.insert(sender, (ts, now));
+        let network = request.network();
+        match request {
+            RelayRequest::Register { announcement, .. } => {
+                self.register(now, from, sender, network, announcement, session, ts)
+            }
+            RelayRequest::Leave { .. } => {
+                if self.member_network.get(&sender) == Some(&network) {
+                    tracing::debug!(member = %sender.short(), %network, "member left");
+                    self.remove_member(network, sender);
+                }
+            }
+            RelayRequest::Sync { .. } => {
+                if self.member_network.get(&sender) == Some(&network) {
+                    self.send_full_sync(network, sender);
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn register(
+        &mut self,
+        now: Instant,
+        from: Link,
+        sender: PeerKey,
+        network: NetworkId,
+        announcement: Vec<u8>,
+        session: [u8; 32],
+        ts: u64,
+    ) {
+        // A key belongs to one network per relay; moving networks drops the old entry.
+        if let Some(old) = self.member_network.get(&sender).copied() {
+            if old != network {
+                self.remove_member(old, sender);
+            }
+        }
+        if !self.networks.contains_key(&network) && self.networks.len() >= MAX_NETWORKS {
+            self.reply(
+                from,
+                &session,
+                RelayReply::Error {
+                    message: "relay is full".into(),
+                },
+            );
+            return;
+        }
+        let members = self.networks.entry(network).or_default();
+        let is_new = !members.contains_key(&sender);
+        if is_new && members.len() >= MAX_MEMBERS_PER_NETWORK {
+            self.reply(
+                from,
+                &session,
+                RelayReply::Error {
+                    message: "network is full on this relay".into(),
+                },
+            );
+            return;
+        }
+        let changed = members
+            .get(&sender)
+            .is_none_or(|m| m.link != from || m.announcement != announcement);
+        if let Some(old) = members.get(&sender) {
+            if old.link != from {
+                self.by_link.remove(&old.link);
+            }
+        }
+        members.insert(
+            sender,
+            Member {
+                link: from,
+                announcement,
+                expires: now + MEMBER_TTL,
+                session,
+            },
+        );
+        self.member_network.insert(sender, network);
+        self.by_link.insert(from, sender);
+        self.stats.registrations += 1;
+        if is_new {
+            tracing::debug!(member = %sender.short(), %network, addr = %from.addr(), "member registered");
+        }
+
+        let entries = self.entries_except(network, sender);
+        let ack = RelayReply::RegisterAck {
+            echo_ts_ms: ts,
+            observed: from.addr(),
+            members: entries.len() as u32,
+            digest: wire::membership_digest(entries.iter()),
+            ttl_s: MEMBER_TTL.as_secs() as u16,
+        };
+        self.reply(from, &session, ack);
+        if changed {
+            let entry = self.entry(network, sender);
+            if let Some(entry) = entry {
+                self.broadcast(
+                    network,
+                    sender,
+                    RelayReply::Member {
+                        tag: SyncTag {
+                            generation: 0,
+                            index: 0,
+                            total: 1,
+                        },
+                        entry,
+                    },
+                );
+            }
+        }
+        if is_new {
+            self.send_full_sync(network, sender);
+        }
+    }
+
+    fn forward(&mut self, from: Link, to: PeerKey, payload: &[u8]) {
+        let Some(sender) = self.by_link.get(&from).copied() else {
+            self.stats.dropped += 1;
+            return;
+        };
+        let Some(network) = self.member_network.get(&sender) else {
+            self.stats.dropped += 1;
+            return;
+        };
+        let Some(target) = self.networks.get(network).and_then(|m| m.get(&to)) else {
+            self.stats.dropped += 1;
+            return;
+        };
+        let link = target.link;
+        self.stats.forwarded += 1;
+        self.stats.forwarded_bytes += payload.len() as u64;
+        self.push(
+            link,
+            Frame::RelayRecv {
+                from: sender,
+                payload,
+            }
+            .to_vec(),
+        );
+    }
+
+    fn send_full_sync(&mut self, network: NetworkId, to: PeerKey) {
+        self.generation = self.generation.wrapping_add(1).max(1);
+        let generation = self.generation;
+        let entries = self.entries_except(network, to);
+        let Some((link, session)) = self
+            .networks
+            .get(&network)
+            .and_then(|m| m.get(&to))
+            .map(|m| (m.link, m.session))
+        else {
+            return;
+        };
+        if entries.is_empty() {
+            self.reply(link, &session, RelayReply::SyncEmpty { generation });
+            return;
+        }
+        let total = entries.len() as u16;
+        for (index, entry) in entries.into_iter().enumerate() {
+            let tag = SyncTag {
+                generation,
+                index: index as u16,
+                total,
+            };
+            self.reply(link, &session, RelayReply::Member { tag, entry });
+        }
+    }
+
+    fn remove_member(&mut self, network: NetworkId, key: PeerKey) {
+        let Some(members) = self.networks.get_mut(&network) else {
+            return;
+        };
+        let Some(member) = members.remove(&key) else {
+            return;
+        };
+        if members.is_empty() {
+            self.networks.remove(&network);
+        }
+        self.member_network.remove(&key);
+        if self.by_link.get(&member.link) == Some(&key) {
+            self.by_link.remove(&member.link);
+        }
+        self.broadcast(network, key, RelayReply::MemberGone { key });
+    }
+
+    fn broadcast(&mut self, network: NetworkId, except: PeerKey, reply: RelayReply) {
+        let targets: Vec<(Link, [u8; 32])> = self
+            .networks
+            .get(&network)
+            .map(|m| {
+                m.iter()
+                    .filter(|(k, _)| **k != except)
+                    .map(|(_, m)| (m.link, m.session))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (link, session) in targets {
+            self.reply(link, &session, reply.clone());
+        }
+    }
+
+    fn entries_except(&self, network: NetworkId, except: PeerKey) -> Vec<MemberEntry> {
+        self.networks
+            .get(&network)
+            .map(|m| {
+                m.iter()
+                    .filter(|(k, _)| **k != except)
+                    .map(|(k, m)| MemberEntry {
+                        key: *k,
+                        observed: m.link.addr(),
+                        announcement: m.announcement.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn entry(&self, network: NetworkId, key: PeerKey) -> Option<MemberEntry> {
+        let m = self.networks.get(&network)?.get(&key)?;
+        Some(MemberEntry {
+            key,
+            observed: m.link.addr(),
+            announcement: m.announcement.clone(),
+        })
+    }
+
+    fn session_key(&self, member: &PeerKey) -> [u8; 32] {
+        if let Some(m) = self
+            .member_network
+            .get(member)
+            .and_then(|n| self.networks.get(n))
+            .and_then(|m| m.get(member))
+        {
+            return m.session;
+        }
+        self.secret.relay_session_key(member, &self.public)
+    }
+
+    fn reply(&mut self, link: Link, session: &[u8; 32], reply: RelayReply) {
+        let mut nonce = [0u8; 24];
+        self.rng.fill_bytes(&mut nonce);
+        let dgram = wire::seal_from_relay(session, self.public, &reply, nonce);
+        self.push(link, dgram);
+    }
+
+    fn push(&mut self, link: Link, payload: Vec<u8>) {
+        self.transmits.push_back(Transmit { link, payload });
+    }
+}

@@ -1,0 +1,852 @@
+//! Every byte format that crosses a trust boundary: datagram classification, meshvpn frames,
+//! the sealed messages inside them, STUN, and the group token.
+//!
+//! One UDP socket carries four kinds of datagram, told apart by their first bytes
+//! ([`classify`]):
+//!
+//! | kind | first bytes |
+//! |---|---|
+//! | WireGuard | `1..=4, 0, 0, 0` |
+//! | STUN | top two bits `00`, magic cookie `0x2112A442` at 4..8 |
+//! | meshvpn frame | `0xFF 'm' version kind` |
+//! | anything else | counted and dropped |
+//!
+//! meshvpn frames ([`Frame`]) are either *sealed* control messages (XChaCha20-Poly1305 with a
+//! random 24-byte nonce; the frame header and the sender's key are the associated data, so a
+//! relay cannot re-attribute a message) or *relay data* frames that carry an opaque payload
+//! (WireGuard or a sealed disco message) addressed by public key. The relay never needs to
+//! decrypt relay data, and cannot read announcements, which are sealed with the network's
+//! control key that only members hold.
+//!
+//! Parsing never panics: a checked parse returns a typed value or a [`WireError`] naming why
+//! the bytes were refused.
+
+pub(crate) mod codec;
+pub mod stun;
+pub mod token;
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use blake2::{Blake2s256, Digest};
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+
+use crate::keys::{NetworkId, PeerKey};
+use codec::{Reader, Writer};
+
+/// First two bytes of every meshvpn frame; 0xFF can start neither WireGuard nor STUN.
+pub const MAGIC: [u8; 2] = [0xFF, b'm'];
+/// Frame format version; a receiver drops frames of other versions.
+pub const VERSION: u8 = 1;
+/// Length of the frame header (magic, version, kind).
+pub const HEADER_LEN: usize = 4;
+/// Bytes a relay data frame adds in front of its payload (header + one public key).
+pub const RELAY_OVERHEAD: usize = HEADER_LEN + 32;
+/// Length of the random nonce in front of every sealed body.
+const NONCE_LEN: usize = 24;
+/// Length of the Poly1305 tag at the end of every sealed body.
+const TAG_LEN: usize = 16;
+/// Announcements larger than this are refused by relays and members alike.
+pub const MAX_ANNOUNCEMENT: usize = 1024;
+
+/// Why bytes from outside were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// Shorter than the format requires.
+    #[error("truncated message")]
+    Truncated,
+    /// Not a meshvpn frame (wrong magic).
+    #[error("not a meshvpn frame")]
+    NotMeshvpn,
+    /// A meshvpn frame of a version this build does not speak.
+    #[error("unsupported frame version {0}")]
+    Version(u8),
+    /// A frame kind or message type this build does not know.
+    #[error("unknown {0} type {1}")]
+    UnknownType(&'static str, u8),
+    /// Authentication failed: wrong key, forged or altered.
+    #[error("authentication failed")]
+    Unauthenticated,
+    /// Structurally invalid content.
+    #[error("malformed message: {0}")]
+    Malformed(&'static str),
+}
+
+/// What a datagram arriving on the member's or relay's one UDP socket is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatagramKind {
+    /// A WireGuard message (handshake, cookie or data).
+    WireGuard,
+    /// A STUN message.
+    Stun,
+    /// A meshvpn frame.
+    Meshvpn,
+    /// None of the above.
+    Unknown,
+}
+
+/// Classifies a datagram by its first bytes (see the module doc).
+pub fn classify(b: &[u8]) -> DatagramKind {
+    if b.len() >= 4 && (1..=4).contains(&b[0]) && b[1..4] == [0, 0, 0] {
+        DatagramKind::WireGuard
+    } else if b.len() >= 20 && b[0] & 0xC0 == 0 && b[4..8] == [0x21, 0x12, 0xA4, 0x42] {
+        DatagramKind::Stun
+    } else if b.len() >= HEADER_LEN && b[..2] == MAGIC {
+        DatagramKind::Meshvpn
+    } else {
+        DatagramKind::Unknown
+    }
+}
+
+/// Frame kinds (byte 3 of the header).
+mod kind {
+    pub(super) const KEY_REQUEST: u8 = 0x01;
+    pub(super) const KEY_RESPONSE: u8 = 0x02;
+    pub(super) const TO_RELAY: u8 = 0x10;
+    pub(super) const FROM_RELAY: u8 = 0x11;
+    pub(super) const RELAY_SEND: u8 = 0x20;
+    pub(super) const RELAY_RECV: u8 = 0x21;
+    pub(super) const DISCO: u8 = 0x30;
+}
+
+/// A parsed meshvpn frame, borrowing its body from the datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// "Tell me your public key" (unauthenticated; used once by `meshvpn create`).
+    KeyRequest,
+    /// The relay's answer to [`Frame::KeyRequest`].
+    KeyResponse { relay: PeerKey },
+    /// A sealed [`RelayRequest`] from a member, under the member/relay session key.
+    ToRelay { sender: PeerKey, sealed: &'a [u8] },
+    /// A sealed [`RelayReply`] from a relay, under the member/relay session key.
+    FromRelay { relay: PeerKey, sealed: &'a [u8] },
+    /// Member to relay: forward `payload` to member `to`.
+    RelaySend { to: PeerKey, payload: &'a [u8] },
+    /// Relay to member: `payload` comes from member `from`.
+    RelayRecv { from: PeerKey, payload: &'a [u8] },
+    /// A sealed [`Disco`] message between two members, under their pairwise disco key.
+    Disco { sender: PeerKey, sealed: &'a [u8] },
+}
+
+impl<'a> Frame<'a> {
+    /// Parses a meshvpn frame.
+    pub fn parse(b: &'a [u8]) -> Result<Self, WireError> {
+        if b.len() < HEADER_LEN {
+            return Err(WireError::Truncated);
+        }
+        if b[..2] != MAGIC {
+            return Err(WireError::NotMeshvpn);
+        }
+        if b[2] != VERSION {
+            return Err(WireError::Version(b[2]));
+        }
+        let mut r = Reader::new(&b[HEADER_LEN..]);
+        let frame = match b[3] {
+            kind::KEY_REQUEST => Frame::KeyRequest,
+            kind::KEY_RESPONSE => Frame::KeyResponse {
+                relay: PeerKey(r.array()?),
+            },
+            kind::TO_RELAY => Frame::ToRelay {
+                sender: PeerKey(r.array()?),
+                sealed: r.rest(),
+            },
+            kind::FROM_RELAY => Frame::FromRelay {
+                relay: PeerKey(r.array()?),
+                sealed: r.rest(),
+            },
+            kind::RELAY_SEND => Frame::RelaySend {
+                to: PeerKey(r.array()?),
+                payload: r.rest(),
+            },
+            kind::RELAY_RECV => Frame::RelayRecv {
+                from: PeerKey(r.array()?),
+                payload: r.rest(),
+            },
+            kind::DISCO => Frame::Disco {
+                sender: PeerKey(r.array()?),
+                sealed: r.rest(),
+            },
+            other => return Err(WireError::UnknownType("frame", other)),
+        };
+        Ok(frame)
+    }
+
+    /// Appends the encoded frame to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let (k, key, body): (u8, Option<&PeerKey>, &[u8]) = match self {
+            Frame::KeyRequest => (kind::KEY_REQUEST, None, &[]),
+            Frame::KeyResponse { relay } => (kind::KEY_RESPONSE, Some(relay), &[]),
+            Frame::ToRelay { sender, sealed } => (kind::TO_RELAY, Some(sender), sealed),
+            Frame::FromRelay { relay, sealed } => (kind::FROM_RELAY, Some(relay), sealed),
+            Frame::RelaySend { to, payload } => (kind::RELAY_SEND, Some(to), payload),
+            Frame::RelayRecv { from, payload } => (kind::RELAY_RECV, Some(from), payload),
+            Frame::Disco { sender, sealed } => (kind::DISCO, Some(sender), sealed),
+        };
+        out.reserve(HEADER_LEN + 32 + body.len());
+        out.extend_from_slice(&[MAGIC[0], MAGIC[1], VERSION, k]);
+        if let Some(key) = key {
+            out.extend_from_slice(&key.0);
+        }
+        out.extend_from_slice(body);
+    }
+
+    /// The encoded frame as a new vector.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        self.encode_into(&mut v);
+        v
+    }
+}
+
+/// Seals `plain` with `key`; `aad` is authenticated but not encrypted. Output: nonce || ciphertext.
+pub fn seal(key: &[u8; 32], aad: &[u8], plain: &[u8], nonce: [u8; NONCE_LEN]) -> Vec<u8> {
+    let cipher = XChaCha20Poly1305::new(key.into());
+    let ct = cipher
+        .encrypt(XNonce::from_slice(&nonce), Payload { msg: plain, aad })
+        .expect("XChaCha20-Poly1305 encryption of an in-memory buffer cannot fail");
+    let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ct);
+    out
+}
+
+/// Opens a body made by [`seal`]; fails on any alteration or wrong key.
+pub fn open(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, WireError> {
+    if sealed.len() < NONCE_LEN + TAG_LEN {
+        return Err(WireError::Truncated);
+    }
+    let (nonce, ct) = sealed.split_at(NONCE_LEN);
+    XChaCha20Poly1305::new(key.into())
+        .decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad })
+        .map_err(|_| WireError::Unauthenticated)
+}
+
+/// Associated data for a sealed frame body: the header and the key that precedes the body.
+pub fn frame_aad(kind_byte: u8, key: &PeerKey) -> [u8; HEADER_LEN + 32] {
+    let mut aad = [0u8; HEADER_LEN + 32];
+    aad[..HEADER_LEN].copy_from_slice(&[MAGIC[0], MAGIC[1], VERSION, kind_byte]);
+    aad[HEADER_LEN..].copy_from_slice(&key.0);
+    aad
+}
+
+/// Builds a sealed `ToRelay` datagram.
+pub fn seal_to_relay(
+    session: &[u8; 32],
+    sender: PeerKey,
+    msg: &RelayRequest,
+    nonce: [u8; 24],
+) -> Vec<u8> {
+    let sealed = seal(
+        session,
+        &frame_aad(kind::TO_RELAY, &sender),
+        &msg.encode(),
+        nonce,
+    );
+    Frame::ToRelay {
+        sender,
+        sealed: &sealed,
+    }
+    .to_vec()
+}
+
+/// Opens the body of a `ToRelay` frame.
+pub fn open_to_relay(
+    session: &[u8; 32],
+    sender: &PeerKey,
+    sealed: &[u8],
+) -> Result<RelayRequest, WireError> {
+    RelayRequest::decode(&open(session, &frame_aad(kind::TO_RELAY, sender), sealed)?)
+}
+
+/// Builds a sealed `FromRelay` datagram.
+pub fn seal_from_relay(
+    session: &[u8; 32],
+    relay: PeerKey,
+    msg: &RelayReply,
+    nonce: [u8; 24],
+) -> Vec<u8> {
+    let sealed = seal(
+        session,
+        &frame_aad(kind::FROM_RELAY, &relay),
+        &msg.encode(),
+        nonce,
+    );
+    Frame::FromRelay {
+        relay,
+        sealed: &sealed,
+    }
+    .to_vec()
+}
+
+/// Opens the body of a `FromRelay` frame.
+pub fn open_from_relay(
+    session: &[u8; 32],
+    relay: &PeerKey,
+    sealed: &[u8],
+) -> Result<RelayReply, WireError> {
+    RelayReply::decode(&open(session, &frame_aad(kind::FROM_RELAY, relay), sealed)?)
+}
+
+/// Builds a sealed `Disco` datagram.
+pub fn seal_disco(pair_key: &[u8; 32], sender: PeerKey, msg: &Disco, nonce: [u8; 24]) -> Vec<u8> {
+    let sealed = seal(
+        pair_key,
+        &frame_aad(kind::DISCO, &sender),
+        &msg.encode(),
+        nonce,
+    );
+    Frame::Disco {
+        sender,
+        sealed: &sealed,
+    }
+    .to_vec()
+}
+
+/// Opens the body of a `Disco` frame.
+pub fn open_disco(
+    pair_key: &[u8; 32],
+    sender: &PeerKey,
+    sealed: &[u8],
+) -> Result<Disco, WireError> {
+    Disco::decode(&open(pair_key, &frame_aad(kind::DISCO, sender), sealed)?)
+}
+
+/// A member's request to a relay (sealed under their session key).
+///
+/// Every request carries a millisecond timestamp that must grow strictly per member, so a
+/// captured request cannot be replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayRequest {
+    /// Join or refresh: store `announcement` (opaque to the relay) for `network`.
+    Register {
+        network: NetworkId,
+        ts_ms: u64,
+        announcement: Vec<u8>,
+    },
+    /// Leave now (graceful shutdown).
+    Leave { network: NetworkId, ts_ms: u64 },
+    /// Send me every member of `network` again.
+    Sync { network: NetworkId, ts_ms: u64 },
+}
+
+impl RelayRequest {
+    /// The request's replay-protection timestamp.
+    pub fn ts_ms(&self) -> u64 {
+        match self {
+            RelayRequest::Register { ts_ms, .. }
+            | RelayRequest::Leave { ts_ms, .. }
+            | RelayRequest::Sync { ts_ms, .. } => *ts_ms,
+        }
+    }
+
+    /// The network the request is about.
+    pub fn network(&self) -> NetworkId {
+        match self {
+            RelayRequest::Register { network, .. }
+            | RelayRequest::Leave { network, .. }
+            | RelayRequest::Sync { network, .. } => *network,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        match self {
+            RelayRequest::Register {
+                network,
+                ts_ms,
+                announcement,
+            } => {
+                w.u8(1).raw(&network.0).u64(*ts_ms).bytes(announcement);
+            }
+            RelayRequest::Leave { network, ts_ms } => {
+                w.u8(2).raw(&network.0).u64(*ts_ms);
+            }
+            RelayRequest::Sync { network, ts_ms } => {
+                w.u8(3).raw(&network.0).u64(*ts_ms);
+            }
+        }
+        w.buf
+    }
+
+    fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(b);
+        let t = r.u8()?;
+        let network = NetworkId(r.array()?);
+        let ts_ms = r.u64()?;
+        Ok(match t {
+            1 => {
+                let announcement = r.bytes()?.to_vec();
+                if announcement.len() > MAX_ANNOUNCEMENT {
+                    return Err(WireError::Malformed("announcement too large"));
+                }
+                RelayRequest::Register {
+                    network,
+                    ts_ms,
+                    announcement,
+                }
+            }
+            2 => RelayRequest::Leave { network, ts_ms },
+            3 => RelayRequest::Sync { network, ts_ms },
+            other => return Err(WireError::UnknownType("relay request", other)),
+        })
+    }
+}
+
+/// One member as the relay knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberEntry {
+    /// The member's public key.
+    pub key: PeerKey,
+    /// The address the relay sees the member's registrations come from (server-reflexive).
+    pub observed: SocketAddr,
+    /// The member's sealed [`Announcement`], opaque to the relay.
+    pub announcement: Vec<u8>,
+}
+
+/// Position of a [`RelayReply::Member`] within a full membership sync, or a live push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncTag {
+    /// Sync round; 0 marks a single live update rather than part of a full sync.
+    pub generation: u32,
+    /// Index of this entry within the round.
+    pub index: u16,
+    /// Number of entries in the round.
+    pub total: u16,
+}
+
+/// A relay's message to a member (sealed under their session key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayReply {
+    /// The registration with timestamp `echo_ts_ms` was accepted. `digest` summarises the
+    /// member set (see [`membership_digest`]) so the member can tell when it missed an update.
+    RegisterAck {
+        echo_ts_ms: u64,
+        observed: SocketAddr,
+        members: u32,
+        digest: [u8; 8],
+        ttl_s: u16,
+    },
+    /// A member of the network (a live update, or one entry of a full sync).
+    Member { tag: SyncTag, entry: MemberEntry },
+    /// A member left or expired.
+    MemberGone { key: PeerKey },
+    /// A sync round with zero other members (so an empty network is distinguishable from loss).
+    SyncEmpty { generation: u32 },
+    /// The relay refused a request.
+    Error { message: String },
+}
+
+impl RelayReply {
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        match self {
+            RelayReply::RegisterAck {
+                echo_ts_ms,
+                observed,
+                members,
+                digest,
+                ttl_s,
+            } => {
+                w.u8(1)
+                    .u64(*echo_ts_ms)
+                    .addr(observed)
+                    .u32(*members)
+                    .raw(digest)
+                    .u16(*ttl_s);
+            }
+            RelayReply::Member { tag, entry } => {
+                w.u8(2).u32(tag.generation).u16(tag.index).u16(tag.total);
+                w.raw(&entry.key.0)
+                    .addr(&entry.observed)
+                    .bytes(&entry.announcement);
+            }
+            RelayReply::MemberGone { key } => {
+                w.u8(3).raw(&key.0);
+            }
+            RelayReply::SyncEmpty { generation } => {
+                w.u8(4).u32(*generation);
+            }
+            RelayReply::Error { message } => {
+                w.u8(5).str(message);
+            }
+        }
+        w.buf
+    }
+
+    fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(b);
+        Ok(match r.u8()? {
+            1 => RelayReply::RegisterAck {
+                echo_ts_ms: r.u64()?,
+                observed: r.addr()?,
+                members: r.u32()?,
+                digest: r.array()?,
+                ttl_s: r.u16()?,
+            },
+            2 => {
+                let tag = SyncTag {
+                    generation: r.u32()?,
+                    index: r.u16()?,
+                    total: r.u16()?,
+                };
+                let entry = MemberEntry {
+                    key: PeerKey(r.array()?),
+                    observed: r.addr()?,
+                    announcement: r.bytes()?.to_vec(),
+                };
+                RelayReply::Member { tag, entry }
+            }
+            3 => RelayReply::MemberGone {
+                key: PeerKey(r.array()?),
+            },
+            4 => RelayReply::SyncEmpty {
+                generation: r.u32()?,
+            },
+            5 => RelayReply::Error { message: r.str()? },
+            other => return Err(WireError::UnknownType("relay reply", other)),
+        })
+    }
+}
+
+/// Summary of a member set: 8 bytes of BLAKE2s over the entries sorted by key. Relay and
+/// member compute it the same way; a difference means the member missed an update.
+pub fn membership_digest<'a>(entries: impl IntoIterator<Item = &'a MemberEntry>) -> [u8; 8] {
+    let mut sorted: Vec<&MemberEntry> = entries.into_iter().collect();
+    sorted.sort_by_key(|e| e.key);
+    let mut h = Blake2s256::new();
+    for e in sorted {
+        let mut w = Writer::new();
+        w.raw(&e.key.0).addr(&e.observed).bytes(&e.announcement);
+        h.update(&w.buf);
+    }
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&h.finalize()[..8]);
+    out
+}
+
+/// Member-to-member path discovery messages (sealed under the pair's disco key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disco {
+    /// "Are you there on this path?"; `tx` is random and echoed in the pong.
+    Ping { tx: [u8; 12] },
+    /// Answer to a ping; `observed` is the address the ping came from, as the answerer saw it.
+    Pong { tx: [u8; 12], observed: SocketAddr },
+    /// "Probe these addresses of mine now" (sent through the relay so both sides punch together).
+    CallMe { endpoints: Vec<SocketAddr> },
+}
+
+/// At most this many endpoints in an announcement or a call-me.
+pub const MAX_ENDPOINTS: usize = 16;
+
+impl Disco {
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        match self {
+            Disco::Ping { tx } => {
+                w.u8(1).raw(tx);
+            }
+            Disco::Pong { tx, observed } => {
+                w.u8(2).raw(tx).addr(observed);
+            }
+            Disco::CallMe { endpoints } => {
+                w.u8(3).u8(endpoints.len().min(MAX_ENDPOINTS) as u8);
+                for e in endpoints.iter().take(MAX_ENDPOINTS) {
+                    w.addr(e);
+                }
+            }
+        }
+        w.buf
+    }
+
+    fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(b);
+        Ok(match r.u8()? {
+            1 => Disco::Ping { tx: r.array()? },
+            2 => Disco::Pong {
+                tx: r.array()?,
+                observed: r.addr()?,
+            },
+            3 => {
+                let n = usize::from(r.u8()?);
+                if n > MAX_ENDPOINTS {
+                    return Err(WireError::Malformed("too many endpoints"));
+                }
+                let endpoints = (0..n).map(|_| r.addr()).collect::<Result<_, _>>()?;
+                Disco::CallMe { endpoints }
+            }
+            other => return Err(WireError::UnknownType("disco", other)),
+        })
+    }
+}
+
+/// What a member tells the others about itself, sealed with the network's control key.
+///
+/// The key is bound into the associated data, so a relay cannot move an announcement to
+/// another member's entry; `ts_ms` lets receivers refuse an older announcement (replay).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announcement {
+    /// The announcing member's public key.
+    pub key: PeerKey,
+    /// Human-readable node name.
+    pub name: String,
+    /// The member's virtual IPv4 address.
+    pub virtual_ip: Ipv4Addr,
+    /// Milliseconds since the Unix epoch when this announcement was made (grows per member).
+    pub ts_ms: u64,
+    /// The member's own view of where it can be reached (host addresses, mapped ports).
+    pub endpoints: Vec<SocketAddr>,
+}
+
+impl Announcement {
+    fn aad(network: &NetworkId, key: &PeerKey) -> Vec<u8> {
+        let mut aad = b"meshvpn v1 announcement".to_vec();
+        aad.extend_from_slice(&network.0);
+        aad.extend_from_slice(&key.0);
+        aad
+    }
+
+    /// Seals the announcement for the relay to store and forward.
+    pub fn seal(&self, control_key: &[u8; 32], network: &NetworkId, nonce: [u8; 24]) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u8(1)
+            .str(&self.name)
+            .raw(&self.virtual_ip.octets())
+            .u64(self.ts_ms);
+        w.u8(self.endpoints.len().min(MAX_ENDPOINTS) as u8);
+        for e in self.endpoints.iter().take(MAX_ENDPOINTS) {
+            w.addr(e);
+        }
+        seal(control_key, &Self::aad(network, &self.key), &w.buf, nonce)
+    }
+
+    /// Opens an announcement stored under `key`; fails unless sealed by a member for that key.
+    pub fn open(
+        control_key: &[u8; 32],
+        network: &NetworkId,
+        key: PeerKey,
+        sealed: &[u8],
+    ) -> Result<Self, WireError> {
+        let plain = open(control_key, &Self::aad(network, &key), sealed)?;
+        let mut r = Reader::new(&plain);
+        if r.u8()? != 1 {
+            return Err(WireError::Malformed("unknown announcement version"));
+        }
+        let name = r.str()?;
+        let virtual_ip = Ipv4Addr::from(r.array::<4>()?);
+        let ts_ms = r.u64()?;
+        let n = usize::from(r.u8()?);
+        if n > MAX_ENDPOINTS {
+            return Err(WireError::Malformed("too many endpoints"));
+        }
+        let endpoints = (0..n).map(|_| r.addr()).collect::<Result<_, _>>()?;
+        Ok(Self {
+            key,
+            name,
+            virtual_ip,
+            ts_ms,
+            endpoints,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> PeerKey {
+        PeerKey([b; 32])
+    }
+
+    #[test]
+    fn classify_demuxes_the_four_kinds() {
+        assert_eq!(classify(&[1, 0, 0, 0, 9]), DatagramKind::WireGuard);
+        assert_eq!(classify(&[4, 0, 0, 0]), DatagramKind::WireGuard);
+        assert_eq!(classify(&[5, 0, 0, 0]), DatagramKind::Unknown);
+        let mut stun = [0u8; 20];
+        stun[1] = 1;
+        stun[4..8].copy_from_slice(&[0x21, 0x12, 0xA4, 0x42]);
+        assert_eq!(classify(&stun), DatagramKind::Stun);
+        assert_eq!(classify(&Frame::KeyRequest.to_vec()), DatagramKind::Meshvpn);
+        assert_eq!(classify(&[]), DatagramKind::Unknown);
+        assert_eq!(classify(b"GET / HTTP/1.1"), DatagramKind::Unknown);
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let frames = [
+            Frame::KeyRequest,
+            Frame::KeyResponse { relay: key(1) },
+            Frame::ToRelay {
+                sender: key(2),
+                sealed: b"abc",
+            },
+            Frame::FromRelay {
+                relay: key(3),
+                sealed: b"",
+            },
+            Frame::RelaySend {
+                to: key(4),
+                payload: b"payload",
+            },
+            Frame::RelayRecv {
+                from: key(5),
+                payload: b"x",
+            },
+            Frame::Disco {
+                sender: key(6),
+                sealed: b"yz",
+            },
+        ];
+        for f in frames {
+            let bytes = f.to_vec();
+            assert_eq!(Frame::parse(&bytes), Ok(f));
+            for cut in 0..bytes.len().min(HEADER_LEN + 32) {
+                if f == Frame::KeyRequest && cut == HEADER_LEN {
+                    continue;
+                }
+                assert!(Frame::parse(&bytes[..cut]).is_err() || cut >= HEADER_LEN + 32);
+            }
+        }
+        assert_eq!(
+            Frame::parse(&[0xFF, b'm', 9, 1]),
+            Err(WireError::Version(9))
+        );
+        assert_eq!(
+            Frame::parse(&[0xFF, b'm', VERSION, 0x77]),
+            Err(WireError::UnknownType("frame", 0x77))
+        );
+    }
+
+    #[test]
+    fn sealed_relay_messages_round_trip_and_detect_tampering() {
+        let session = [9u8; 32];
+        let network = NetworkId([1; 16]);
+        let req = RelayRequest::Register {
+            network,
+            ts_ms: 42,
+            announcement: vec![1, 2, 3],
+        };
+        let dgram = seal_to_relay(&session, key(7), &req, [0; 24]);
+        let Ok(Frame::ToRelay { sender, sealed }) = Frame::parse(&dgram) else {
+            panic!("parse")
+        };
+        assert_eq!(open_to_relay(&session, &sender, sealed), Ok(req));
+        // Re-attributing the body to another sender fails.
+        assert_eq!(
+            open_to_relay(&session, &key(8), sealed),
+            Err(WireError::Unauthenticated)
+        );
+        let mut bad = dgram.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let Ok(Frame::ToRelay { sender, sealed }) = Frame::parse(&bad) else {
+            panic!("parse")
+        };
+        assert_eq!(
+            open_to_relay(&session, &sender, sealed),
+            Err(WireError::Unauthenticated)
+        );
+
+        let entry = MemberEntry {
+            key: key(3),
+            observed: "198.51.100.2:5000".parse().expect("lit"),
+            announcement: vec![5; 40],
+        };
+        let replies = [
+            RelayReply::RegisterAck {
+                echo_ts_ms: 5,
+                observed: entry.observed,
+                members: 3,
+                digest: [1; 8],
+                ttl_s: 30,
+            },
+            RelayReply::Member {
+                tag: SyncTag {
+                    generation: 2,
+                    index: 1,
+                    total: 3,
+                },
+                entry,
+            },
+            RelayReply::MemberGone { key: key(4) },
+            RelayReply::SyncEmpty { generation: 7 },
+            RelayReply::Error {
+                message: "no".into(),
+            },
+        ];
+        for reply in replies {
+            let dgram = seal_from_relay(&session, key(1), &reply, [3; 24]);
+            let Ok(Frame::FromRelay { relay, sealed }) = Frame::parse(&dgram) else {
+                panic!("parse")
+            };
+            assert_eq!(open_from_relay(&session, &relay, sealed), Ok(reply));
+            assert!(open_from_relay(&[0; 32], &relay, sealed).is_err());
+        }
+    }
+
+    #[test]
+    fn disco_and_announcement_round_trip() {
+        let k = [4u8; 32];
+        for msg in [
+            Disco::Ping { tx: [1; 12] },
+            Disco::Pong {
+                tx: [2; 12],
+                observed: "[2001:db8::5]:9".parse().expect("lit"),
+            },
+            Disco::CallMe {
+                endpoints: vec!["203.0.113.9:1".parse().expect("lit")],
+            },
+        ] {
+            let d = seal_disco(&k, key(1), &msg, [5; 24]);
+            let Ok(Frame::Disco { sender, sealed }) = Frame::parse(&d) else {
+                panic!("parse")
+            };
+            assert_eq!(open_disco(&k, &sender, sealed), Ok(msg));
+        }
+        let network = NetworkId([2; 16]);
+        let a = Announcement {
+            key: key(9),
+            name: "alice".into(),
+            virtual_ip: Ipv4Addr::new(10, 1, 2, 3),
+            ts_ms: 77,
+            endpoints: vec!["192.0.2.1:4000".parse().expect("lit")],
+        };
+        let sealed = a.seal(&k, &network, [6; 24]);
+        assert_eq!(Announcement::open(&k, &network, key(9), &sealed), Ok(a));
+        assert!(Announcement::open(&k, &network, key(8), &sealed).is_err());
+        assert!(Announcement::open(&[0; 32], &network, key(9), &sealed).is_err());
+    }
+
+    #[test]
+    fn digest_is_order_independent() {
+        let e = |b| MemberEntry {
+            key: key(b),
+            observed: "192.0.2.1:1".parse().expect("lit"),
+            announcement: vec![b],
+        };
+        let (a, b) = (e(1), e(2));
+        assert_eq!(membership_digest([&a, &b]), membership_digest([&b, &a]));
+        assert_ne!(membership_digest([&a]), membership_digest([&a, &b]));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut x: u32 = 12345;
+        for len in 0..200usize {
+            let mut buf = vec![0u8; len];
+            for b in buf.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                *b = x as u8;
+            }
+            if len >= 4 {
+                buf[..3].copy_from_slice(&[0xFF, b'm', VERSION]);
+            }
+            let _ = Frame::parse(&buf);
+            let _ = RelayRequest::decode(&buf);
+            let _ = RelayReply::decode(&buf);
+            let _ = Disco::decode(&buf);
+        }
+    }
+}
