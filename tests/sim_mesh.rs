@@ -1,0 +1,189 @@
+//! Deterministic simulation of a relay and many members: membership, packets between every
+//! ordered pair, and departures — with latency and loss, on a virtual clock.
+
+#![allow(clippy::unwrap_used)]
+
+mod simnet;
+
+use std::time::{Duration, Instant};
+
+use meshvpn::node::peer::Path;
+use meshvpn::relay::server::MEMBER_TTL;
+use simnet::Sim;
+
+const MEMBERS: usize = 20;
+
+fn everyone_knows_everyone(sim: &Sim) -> bool {
+    sim.members
+        .iter()
+        .filter(|m| m.alive)
+        .all(|m| m.node.peer_keys().count() == sim.members.iter().filter(|o| o.alive).count() - 1)
+}
+
+/// Sends a tagged packet across every ordered pair, re-sending every second until it arrives;
+/// returns the simulated time until the last pair got through.
+fn every_pair_delivers(sim: &mut Sim, base_tag: u32, limit: Duration) -> Duration {
+    let n = sim.members.len();
+    let pairs: Vec<(usize, usize)> = (0..n)
+        .flat_map(|a| (0..n).map(move |b| (a, b)))
+        .filter(|(a, b)| a != b)
+        .collect();
+    let begin = sim.now;
+    let mut pending = pairs.clone();
+    let mut rounds = 0;
+    while !pending.is_empty() {
+        assert!(
+            sim.now - begin < limit,
+            "{} ordered pairs still undelivered after {limit:?}: {:?}",
+            pending.len(),
+            &pending[..pending.len().min(5)]
+        );
+        rounds += 1;
+        assert!(rounds < 1_000);
+        for &(a, b) in &pending {
+            let tag = base_tag + (a * n + b) as u32;
+            sim.inject(a, b, tag);
+        }
+        sim.run_for(Duration::from_secs(1));
+        pending.retain(|&(a, b)| !sim.received(a, b, base_tag + (a * n + b) as u32));
+    }
+    sim.now - begin
+}
+
+#[test]
+fn twenty_members_mesh_with_latency_and_loss() {
+    let seed = simnet::seed(0x5eed_0001);
+    let wall = Instant::now();
+    let mut sim = Sim::new(seed, (5, 60), 0.02);
+    for _ in 0..MEMBERS {
+        sim.add_member(None);
+    }
+    let t = sim
+        .run_until(Duration::from_secs(60), everyone_knows_everyone)
+        .expect("every member learns every other within 60 s");
+    println!("membership converged after {t:?} (simulated)");
+
+    let t = every_pair_delivers(&mut sim, 1_000, Duration::from_secs(60));
+    println!(
+        "a packet crossed all {} ordered pairs within {t:?} (simulated)",
+        MEMBERS * (MEMBERS - 1)
+    );
+
+    // With every member on a public address, every path ends up direct.
+    let t = sim
+        .run_until(Duration::from_secs(30), |s| {
+            s.members.iter().all(|m| {
+                m.node
+                    .peer_keys()
+                    .all(|k| matches!(m.node.path_to(k), Some(Path::Direct { .. })))
+            })
+        })
+        .expect("all paths direct");
+    println!("all paths direct within a further {t:?}");
+
+    // A member that leaves gracefully disappears at once; one that vanishes within the relay's TTL.
+    let leaver = sim.key(3);
+    let now = sim.now;
+    sim.members[3].node.leave(now);
+    sim.run_for(Duration::from_millis(1));
+    sim.members[3].alive = false;
+    let t = sim
+        .run_until(Duration::from_secs(5), |s| {
+            s.members
+                .iter()
+                .filter(|m| m.alive)
+                .all(|m| m.node.path_to(&leaver).is_none())
+        })
+        .expect("graceful leaver gone from everyone within 5 s");
+    println!("graceful leave seen by all after {t:?}");
+
+    let crashed = sim.key(7);
+    sim.members[7].alive = false;
+    let bound = MEMBER_TTL + meshvpn::node::REGISTER_INTERVAL + Duration::from_secs(5);
+    let t = sim
+        .run_until(bound, |s| {
+            s.members
+                .iter()
+                .filter(|m| m.alive)
+                .all(|m| m.node.path_to(&crashed).is_none())
+        })
+        .expect("crashed member gone from everyone within the documented bound");
+    println!("crashed member gone from all after {t:?} (bound {bound:?})");
+    // The relay counts the TTL from the last refresh, at most one interval before the crash.
+    let earliest = MEMBER_TTL - meshvpn::node::REGISTER_INTERVAL - Duration::from_secs(1);
+    assert!(
+        t >= earliest,
+        "a silent member must not vanish before its TTL: {t:?}"
+    );
+
+    println!(
+        "datagrams delivered {}, lost {}; wall time {:?}",
+        sim.delivered_datagrams,
+        sim.lost_datagrams,
+        wall.elapsed()
+    );
+}
+
+#[test]
+fn relay_carries_every_pair_when_no_direct_path_exists() {
+    let seed = simnet::seed(0x5eed_0002);
+    let mut sim = Sim::new(seed, (10, 30), 0.01);
+    sim.direct_blocked = true;
+    for _ in 0..6 {
+        sim.add_member(None);
+    }
+    sim.run_until(Duration::from_secs(30), everyone_knows_everyone)
+        .expect("membership");
+    let t = every_pair_delivers(&mut sim, 5_000, Duration::from_secs(30));
+    println!("all pairs delivered through the relay within {t:?}");
+    for m in &sim.members {
+        for k in m.node.peer_keys() {
+            assert_eq!(m.node.path_to(k), Some(Path::Relayed));
+        }
+    }
+    // Once direct datagrams pass again, every pair upgrades without losing its session.
+    sim.direct_blocked = false;
+    let t = sim
+        .run_until(
+            meshvpn::node::peer::PROBE_BACKOFF_MAX + Duration::from_secs(5),
+            |s| {
+                s.members.iter().all(|m| {
+                    m.node
+                        .peer_keys()
+                        .all(|k| matches!(m.node.path_to(k), Some(Path::Direct { .. })))
+                })
+            },
+        )
+        .expect("all paths upgrade to direct");
+    println!("all paths upgraded to direct after {t:?}");
+    every_pair_delivers(&mut sim, 7_000, Duration::from_secs(5));
+}
+
+#[test]
+fn a_different_secret_never_joins_the_mesh() {
+    let seed = simnet::seed(0x5eed_0003);
+    let mut sim = Sim::new(seed, (5, 20), 0.0);
+    for _ in 0..3 {
+        sim.add_member(None);
+    }
+    let other = meshvpn::keys::NetworkSecret([0x42; 32]);
+    let intruder = sim.add_member(Some(other));
+    sim.run_for(Duration::from_secs(20));
+    let ikey = sim.key(intruder);
+    for i in 0..3 {
+        assert_eq!(
+            sim.members[i].node.peer_keys().count(),
+            2,
+            "member {i} sees only the real members"
+        );
+        assert!(sim.members[i].node.path_to(&ikey).is_none());
+    }
+    assert_eq!(sim.members[intruder].node.peer_keys().count(), 0);
+    for i in 0..3 {
+        sim.inject(intruder, i, 9_000 + i as u32);
+    }
+    sim.run_for(Duration::from_secs(5));
+    for i in 0..3 {
+        assert!(!sim.received(intruder, i, 9_000 + i as u32));
+    }
+}

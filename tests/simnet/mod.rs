@@ -1,0 +1,302 @@
+//! A deterministic simulated network for the sans-IO core: members ([`Node`]) and a relay
+//! ([`RelayServer`]) exchanging datagrams through a virtual clock, with per-link latency and
+//! random loss drawn from one seeded RNG. No sockets, no real time (except inside boringtun,
+//! whose real-time timers never fire within a simulation's few wall-clock seconds).
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use meshvpn::keys::{NetworkSecret, NodeSecret, PeerKey};
+use meshvpn::node::{Node, NodeConfig, RelayTarget};
+use meshvpn::relay::server::{Link, RelayServer};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+/// The seed: `MESHVPN_SIM_SEED` if set, else `default`. Printed so a failure can be replayed.
+pub fn seed(default: u64) -> u64 {
+    let s = std::env::var("MESHVPN_SIM_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default);
+    println!("simulation seed {s} (replay with MESHVPN_SIM_SEED={s})");
+    s
+}
+
+struct InFlight {
+    src: SocketAddr,
+    dst: SocketAddr,
+    payload: Vec<u8>,
+}
+
+/// One simulated member.
+pub struct Member {
+    pub node: Node,
+    pub addr: SocketAddr,
+    pub alive: bool,
+    /// IP packets the node wrote to its TUN device.
+    pub delivered: Vec<Vec<u8>>,
+}
+
+/// The simulated world.
+pub struct Sim {
+    pub now: Instant,
+    pub start: Instant,
+    pub rng: ChaCha20Rng,
+    pub relay: RelayServer,
+    pub relay_addr: SocketAddr,
+    pub relay_alive: bool,
+    pub members: Vec<Member>,
+    pub secret: NetworkSecret,
+    pub subnet: ipnet::Ipv4Net,
+    /// One-way latency range in milliseconds.
+    pub latency_ms: (u64, u64),
+    /// Probability that any datagram is lost.
+    pub loss: f64,
+    /// Drop every datagram between two members (only relay traffic passes), as when both sit
+    /// behind NATs that no probe can open.
+    pub direct_blocked: bool,
+    queue: BinaryHeap<Reverse<(Instant, u64)>>,
+    in_flight: BTreeMap<u64, InFlight>,
+    seq: u64,
+    pub delivered_datagrams: u64,
+    pub lost_datagrams: u64,
+}
+
+impl Sim {
+    pub fn new(seed: u64, latency_ms: (u64, u64), loss: f64) -> Self {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let relay_key = NodeSecret::generate(&mut rng);
+        let relay = RelayServer::new(relay_key, rng.gen());
+        let start = Instant::now();
+        Self {
+            now: start,
+            start,
+            secret: NetworkSecret::generate(&mut rng),
+            rng,
+            relay,
+            relay_addr: "203.0.113.1:3478".parse().unwrap(),
+            relay_alive: true,
+            members: Vec::new(),
+            subnet: "10.77.0.0/16".parse().unwrap(),
+            latency_ms,
+            loss,
+            direct_blocked: false,
+            queue: BinaryHeap::new(),
+            in_flight: BTreeMap::new(),
+            seq: 0,
+            delivered_datagrams: 0,
+            lost_datagrams: 0,
+        }
+    }
+
+    /// Adds a member on a public address; returns its index.
+    pub fn add_member(&mut self, secret: Option<NetworkSecret>) -> usize {
+        let i = self.members.len();
+        let key = NodeSecret::generate(&mut self.rng);
+        let vip = meshvpn::addressing::derive_virtual_ip(&self.subnet, &key.public(), 0).unwrap();
+        let addr = SocketAddr::new(
+            Ipv4Addr::new(198, 51, 100, 10 + i as u8).into(),
+            40_000 + i as u16,
+        );
+        let cfg = NodeConfig {
+            secret: key,
+            network_secret: secret.unwrap_or_else(|| self.secret.clone()),
+            network_name: "sim".into(),
+            name: format!("m{i}"),
+            virtual_ip: vip,
+            subnet: self.subnet,
+            relay: RelayTarget {
+                key: self.relay.public_key(),
+                addr: self.relay_addr,
+            },
+            seed: self.rng.gen(),
+        };
+        let mut node = Node::new(
+            cfg,
+            self.now,
+            1_700_000_000_000 + self.elapsed().as_millis() as u64,
+        );
+        node.set_local_endpoints(self.now, vec![addr]);
+        self.members.push(Member {
+            node,
+            addr,
+            alive: true,
+            delivered: Vec::new(),
+        });
+        i
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    pub fn key(&self, i: usize) -> PeerKey {
+        self.members[i].node.public_key()
+    }
+
+    fn send(&mut self, src: SocketAddr, dst: SocketAddr, payload: Vec<u8>) {
+        let direct = src != self.relay_addr && dst != self.relay_addr;
+        if (self.direct_blocked && direct) || self.rng.gen_bool(self.loss) {
+            self.lost_datagrams += 1;
+            return;
+        }
+        let (lo, hi) = self.latency_ms;
+        let delay = Duration::from_millis(self.rng.gen_range(lo..=hi));
+        self.seq += 1;
+        self.queue.push(Reverse((self.now + delay, self.seq)));
+        self.in_flight
+            .insert(self.seq, InFlight { src, dst, payload });
+    }
+
+    /// Moves every output of every node and of the relay onto the network.
+    fn drain(&mut self) {
+        loop {
+            let mut moved = false;
+            for i in 0..self.members.len() {
+                let src = self.members[i].addr;
+                while let Some(t) = self.members[i].node.poll_transmit() {
+                    moved = true;
+                    if self.members[i].alive {
+                        self.send(src, t.dst, t.payload);
+                    }
+                }
+                while let Some(p) = self.members[i].node.poll_tun() {
+                    self.members[i].delivered.push(p);
+                }
+                while self.members[i].node.poll_event().is_some() {}
+            }
+            while let Some(t) = self.relay.poll_transmit() {
+                moved = true;
+                if self.relay_alive {
+                    self.send(self.relay_addr, t.link.addr(), t.payload);
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    /// Advances the clock to the next event (delivery or timer) no later than `until`.
+    pub fn step(&mut self, until: Instant) {
+        self.drain();
+        let mut next = until;
+        if let Some(Reverse((t, _))) = self.queue.peek() {
+            next = next.min(*t);
+        }
+        for m in &self.members {
+            if m.alive {
+                next = next.min(m.node.poll_timeout());
+            }
+        }
+        if let Some(t) = self.relay.poll_timeout() {
+            next = next.min(t);
+        }
+        self.now = self.now.max(next);
+        while let Some(Reverse((t, seq))) = self.queue.peek().copied() {
+            if t > self.now {
+                break;
+            }
+            self.queue.pop();
+            let Some(p) = self.in_flight.remove(&seq) else {
+                continue;
+            };
+            self.deliver(p);
+        }
+        let now = self.now;
+        for m in &mut self.members {
+            if m.alive && m.node.poll_timeout() <= now {
+                m.node.handle_timeout(now);
+            }
+        }
+        if self.relay.poll_timeout().is_some_and(|t| t <= now) {
+            self.relay.handle_timeout(now);
+        }
+        self.drain();
+    }
+
+    fn deliver(&mut self, p: InFlight) {
+        if p.dst == self.relay_addr {
+            if self.relay_alive {
+                self.delivered_datagrams += 1;
+                self.relay
+                    .handle_datagram(self.now, Link::Udp(p.src), &p.payload);
+            }
+            return;
+        }
+        let now = self.now;
+        if let Some(m) = self.members.iter_mut().find(|m| m.addr == p.dst && m.alive) {
+            self.delivered_datagrams += 1;
+            m.node.handle_udp(now, p.src, &p.payload);
+        }
+    }
+
+    /// Runs until `cond` holds or `limit` of simulated time passes; returns the time it took.
+    pub fn run_until(
+        &mut self,
+        limit: Duration,
+        mut cond: impl FnMut(&Sim) -> bool,
+    ) -> Option<Duration> {
+        let begin = self.now;
+        let end = self.now + limit;
+        let mut steps = 0u64;
+        while self.now < end {
+            if cond(self) {
+                return Some(self.now - begin);
+            }
+            self.step(end);
+            steps += 1;
+            assert!(steps < 50_000_000, "simulation did not advance");
+        }
+        cond(self).then(|| self.now - begin)
+    }
+
+    /// Runs for `d` of simulated time.
+    pub fn run_for(&mut self, d: Duration) {
+        let _ = self.run_until(d, |_| false);
+    }
+
+    /// Injects an IPv4/UDP-like packet from member `a` to member `b` (through `a`'s TUN) carrying `tag`.
+    pub fn inject(&mut self, a: usize, b: usize, tag: u32) {
+        let src = self.members[a].node.virtual_ip();
+        let dst = self.members[b].node.virtual_ip();
+        let pkt = ipv4_packet(src, dst, tag);
+        let now = self.now;
+        self.members[a].node.handle_tun_packet(now, &pkt);
+        self.drain();
+    }
+
+    /// Whether member `b` received the packet tagged `tag` from member `a`.
+    pub fn received(&self, a: usize, b: usize, tag: u32) -> bool {
+        let src = self.members[a].node.virtual_ip().octets();
+        self.members[b]
+            .delivered
+            .iter()
+            .any(|p| p.len() >= 28 && p[12..16] == src && p[24..28] == tag.to_be_bytes())
+    }
+}
+
+/// A minimal IPv4 packet (protocol 253, "experimental") with a 4-byte payload tag at offset 24.
+pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, tag: u32) -> Vec<u8> {
+    let mut p = vec![0u8; 28];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&28u16.to_be_bytes());
+    p[8] = 64;
+    p[9] = 253;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let mut sum: u32 = 0;
+    for i in (0..20).step_by(2) {
+        sum += u32::from(u16::from_be_bytes([p[i], p[i + 1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    p[24..28].copy_from_slice(&tag.to_be_bytes());
+    p
+}
