@@ -460,6 +460,14 @@ mod tests {
     }
 
     #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../config/example.toml");
+        let c = Config::parse(text, Path::new("config/example.toml")).expect("example parses");
+        assert_eq!(c.network, "example");
+        assert_eq!(c.mtu, DEFAULT_MTU);
+    }
+
+    #[test]
     fn interface_names_fit() {
         assert_eq!(interface_name("demo"), "mvpn-demo");
         assert_eq!(interface_name("abcdefghij"), "mvpn-abcdefghij");
