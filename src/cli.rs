@@ -21,7 +21,7 @@ use crate::{agent, control, relay};
 #[derive(Debug, Parser)]
 #[command(name = "meshvpn", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Directory holding one <network>.toml per network (and the relay's key).
+    /// Directory holding one NETWORK.toml per network (and the relay's key).
     #[arg(
         long,
         global = true,

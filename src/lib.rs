@@ -1,3 +1,51 @@
+//! # meshvpn
+//!
+//! A peer-to-peer overlay VPN: members of a network each run an agent that owns a TUN
+//! interface with a virtual IP, find each other through a small rendezvous/relay server, and
+//! carry IP packets between each other encrypted with WireGuard (boringtun), directly when
+//! possible and through the relay otherwise.
+//!
+//! ## Architecture: sans-IO core, thin drivers
+//!
+//! ```text
+//!              ┌──────────────────────── agent (tokio, src/agent) ────────────────────────┐
+//!  TUN device ─┤ read packet ─▶ Node::handle_tun_packet        Node::poll_tun ─▶ write     ├─ TUN
+//!  UDP socket ─┤ recv ───────▶ Node::handle_udp               Node::poll_transmit ─▶ send ├─ UDP
+//!  timer ──────┤ deadline ───▶ Node::handle_timeout           Node::poll_timeout ─▶ re-arm │
+//!  control ────┤ `status` ───▶ Node::status                   Node::poll_event ─▶ log     │
+//!              └───────────────────────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! - [`node`]: one member's protocol engine — relay session and membership, the peer table,
+//!   cryptokey routing, a WireGuard session per peer, path probing and choice. It reads no
+//!   clock and opens no socket: time and randomness are inputs, outputs are polled.
+//! - [`relay::server`]: the relay's logic, equally sans-IO — registrations (soft state),
+//!   membership pushes and syncs, STUN answers, forwarding relay frames by public key.
+//! - [`agent`] and [`relay::driver`]: the tokio loops that do the I/O for those two.
+//! - [`wire`]: every byte format that crosses a trust boundary (datagram classification, frames,
+//!   sealed messages, STUN, the group token); parsing never panics.
+//! - [`keys`]: static keys and the HKDF derivations from the network secret.
+//! - [`config`], [`control`], [`status`], [`cli`]: the per-network TOML file, the control
+//!   socket, the status snapshot, and the command line.
+//! - [`lab`] and [`demo`]: network-namespace topologies for `meshvpn demo` and the end-to-end tests.
+//!
+//! ## Data flow of one packet
+//!
+//! 1. The kernel routes a packet for `10.x.y.z` into the TUN device; the agent reads it and
+//!    hands it to [`node::Node::handle_tun_packet`].
+//! 2. The node finds the peer owning the destination virtual IP and seals the packet with that
+//!    peer's WireGuard session (`boringtun::noise::Tunn`, with the network's preshared key).
+//! 3. The sealed packet leaves on the peer's current path: straight to the peer's confirmed
+//!    address, or wrapped in a relay frame addressed by the peer's public key.
+//! 4. On the other side the UDP datagram is classified (WireGuard, STUN or meshvpn frame); a
+//!    WireGuard message is matched to its peer (by the initiator's key in a handshake, by the
+//!    receiver index otherwise), opened, and accepted only if its inner source address is that
+//!    peer's virtual IP. Then it is written to the TUN device.
+//!
+//! Paths are found with sealed disco pings to every candidate address of a peer (its announced
+//! host addresses and the address the relay sees); the first answered ping makes the path
+//! direct, and a direct path that goes silent falls back to the relay without touching the
+//! WireGuard session.
 pub mod addressing;
 pub mod agent;
 pub mod cli;
