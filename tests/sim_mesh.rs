@@ -187,3 +187,98 @@ fn a_different_secret_never_joins_the_mesh() {
         assert!(!sim.received(intruder, i, 9_000 + i as u32));
     }
 }
+
+#[test]
+fn members_keep_retrying_an_unreachable_relay_and_register_once_it_is_up() {
+    let seed = simnet::seed(0x5eed_0004);
+    let mut sim = Sim::new(seed, (5, 20), 0.0);
+    sim.relay_alive = false;
+    for _ in 0..3 {
+        sim.add_member(None);
+    }
+    sim.run_for(Duration::from_secs(40));
+    assert!(sim
+        .members
+        .iter()
+        .all(|m| !m.node.is_registered() && m.node.peer_keys().count() == 0));
+    sim.relay_alive = true;
+    let t = sim
+        .run_until(Duration::from_secs(30), everyone_knows_everyone)
+        .expect("registers after the relay comes up");
+    println!(
+        "relay came up; members converged after {t:?} (retry backoff at most {:?})",
+        meshvpn::node::REGISTER_RETRY_MAX
+    );
+    assert!(t <= meshvpn::node::REGISTER_RETRY_MAX + Duration::from_secs(5));
+}
+
+#[test]
+fn a_relay_that_cannot_prove_its_key_is_not_trusted() {
+    let seed = simnet::seed(0x5eed_0005);
+    let mut sim = Sim::new(seed, (5, 20), 0.0);
+    sim.add_member(None);
+    sim.add_member(None);
+    // The members expect the original relay's key; an impostor now answers at its address.
+    let real_key = sim.relay.public_key();
+    sim.relay = meshvpn::relay::server::RelayServer::new(
+        meshvpn::keys::NodeSecret::from_bytes([0x11; 32]),
+        1,
+    );
+    sim.run_for(Duration::from_secs(20));
+    for m in &sim.members {
+        assert!(
+            !m.node.is_registered(),
+            "a member must not accept a relay that cannot prove the token's key"
+        );
+        assert_eq!(m.node.peer_keys().count(), 0);
+    }
+    // An active forger: replies claiming the right key but sealed without it, and replies
+    // under its own key, are both refused.
+    let forged = meshvpn::wire::seal_from_relay(
+        &[7u8; 32],
+        real_key,
+        &meshvpn::wire::RelayReply::SyncEmpty { generation: 1 },
+        [0; 24],
+    );
+    let own = meshvpn::wire::seal_from_relay(
+        &[7u8; 32],
+        sim.relay.public_key(),
+        &meshvpn::wire::RelayReply::SyncEmpty { generation: 2 },
+        [0; 24],
+    );
+    let (now, relay_addr) = (sim.now, sim.relay_addr);
+    sim.members[0].node.handle_udp(now, relay_addr, &forged);
+    sim.members[0].node.handle_udp(now, relay_addr, &own);
+    let status = sim.members[0].node.status(now);
+    assert_eq!(status.dropped.unauthenticated, 2);
+    assert!(!status.relay.registered);
+}
+
+#[test]
+fn cryptokey_routing_drops_spoofed_inner_sources() {
+    let seed = simnet::seed(0x5eed_0006);
+    let mut sim = Sim::new(seed, (5, 20), 0.0);
+    for _ in 0..3 {
+        sim.add_member(None);
+    }
+    sim.run_until(Duration::from_secs(30), everyone_knows_everyone)
+        .expect("membership");
+    every_pair_delivers(&mut sim, 100, Duration::from_secs(10));
+    // Member 0 sends a packet to member 1 claiming member 2's virtual IP as its source.
+    let spoofed = simnet::ipv4_packet(
+        sim.members[2].node.virtual_ip(),
+        sim.members[1].node.virtual_ip(),
+        4242,
+    );
+    let now = sim.now;
+    sim.members[0].node.handle_tun_packet(now, &spoofed);
+    sim.run_for(Duration::from_secs(2));
+    assert!(
+        !sim.received(2, 1, 4242),
+        "a spoofed packet must not reach the TUN"
+    );
+    assert_eq!(
+        sim.members[1].node.status(sim.now).dropped.spoofed_source,
+        1
+    );
+}

@@ -501,3 +501,207 @@ impl RelayServer {
         self.transmits.push_back(Transmit { link, payload });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::NetworkSecret;
+
+    struct Client {
+        secret: NodeSecret,
+        link: Link,
+    }
+
+    impl Client {
+        fn new(b: u8, port: u16) -> Self {
+            Self {
+                secret: NodeSecret::from_bytes([b; 32]),
+                link: Link::Udp(SocketAddr::from(([198, 51, 100, b], port))),
+            }
+        }
+        fn request(&self, relay: &RelayServer, req: &RelayRequest) -> Vec<u8> {
+            let me = self.secret.public();
+            let session = self.secret.relay_session_key(&me, &relay.public_key());
+            wire::seal_to_relay(&session, me, req, [b'n'; 24])
+        }
+        fn replies(&self, relay: &mut RelayServer) -> Vec<RelayReply> {
+            let me = self.secret.public();
+            let session = self.secret.relay_session_key(&me, &relay.public_key());
+            let mut out = Vec::new();
+            let mut others = Vec::new();
+            while let Some(t) = relay.poll_transmit() {
+                if t.link != self.link {
+                    others.push(t);
+                    continue;
+                }
+                if let Ok(Frame::FromRelay { relay: k, sealed }) = Frame::parse(&t.payload) {
+                    out.push(wire::open_from_relay(&session, &k, sealed).expect("sealed for us"));
+                }
+            }
+            relay.transmits.extend(others);
+            out
+        }
+    }
+
+    fn register(network: NetworkId, ts: u64) -> RelayRequest {
+        RelayRequest::Register {
+            network,
+            ts_ms: ts,
+            announcement: vec![1, 2, 3],
+        }
+    }
+
+    #[test]
+    fn registration_sync_forwarding_and_replay() {
+        let now = Instant::now();
+        let mut relay = RelayServer::new(NodeSecret::from_bytes([1; 32]), 7);
+        let net = NetworkSecret([3; 32]).derive().network_id;
+        let (a, b) = (Client::new(10, 1000), Client::new(11, 1001));
+        relay.handle_datagram(now, a.link, &a.request(&relay, &register(net, 5)));
+        let replies = a.replies(&mut relay);
+        assert!(matches!(
+            replies[0],
+            RelayReply::RegisterAck {
+                echo_ts_ms: 5,
+                members: 0,
+                ..
+            }
+        ));
+        assert!(matches!(replies[1], RelayReply::SyncEmpty { .. }));
+
+        relay.handle_datagram(now, b.link, &b.request(&relay, &register(net, 5)));
+        // a is told about b at once.
+        let to_a = a.replies(&mut relay);
+        assert!(
+            matches!(&to_a[..], [RelayReply::Member { entry, .. }] if entry.key == b.secret.public())
+        );
+        let to_b = b.replies(&mut relay);
+        assert!(matches!(
+            to_b[0],
+            RelayReply::RegisterAck { members: 1, .. }
+        ));
+
+        // A replayed registration is refused (no answer at all).
+        relay.handle_datagram(now, b.link, &b.request(&relay, &register(net, 5)));
+        assert!(b.replies(&mut relay).is_empty());
+        assert_eq!(relay.stats().dropped, 1);
+
+        // Relay frames are forwarded by key, from registered links only.
+        relay.handle_datagram(
+            now,
+            a.link,
+            &Frame::RelaySend {
+                to: b.secret.public(),
+                payload: b"wg",
+            }
+            .to_vec(),
+        );
+        let t = relay.poll_transmit().expect("forwarded");
+        assert_eq!(t.link, b.link);
+        assert_eq!(
+            Frame::parse(&t.payload),
+            Ok(Frame::RelayRecv {
+                from: a.secret.public(),
+                payload: b"wg"
+            })
+        );
+        let stranger = Link::Udp("192.0.2.9:9".parse().expect("lit"));
+        relay.handle_datagram(
+            now,
+            stranger,
+            &Frame::RelaySend {
+                to: b.secret.public(),
+                payload: b"x",
+            }
+            .to_vec(),
+        );
+        assert!(relay.poll_transmit().is_none());
+
+        // Expiry: b stops refreshing and a is told.
+        relay.handle_datagram(
+            now + Duration::from_secs(20),
+            a.link,
+            &a.request(&relay, &register(net, 6)),
+        );
+        let _ = a.replies(&mut relay);
+        relay.handle_timeout(now + MEMBER_TTL + Duration::from_millis(1));
+        let to_a = a.replies(&mut relay);
+        assert_eq!(
+            to_a,
+            vec![RelayReply::MemberGone {
+                key: b.secret.public()
+            }]
+        );
+        assert_eq!(relay.member_count(), 1);
+    }
+
+    #[test]
+    fn networks_are_isolated() {
+        let now = Instant::now();
+        let mut relay = RelayServer::new(NodeSecret::from_bytes([1; 32]), 7);
+        let n1 = NetworkSecret([3; 32]).derive().network_id;
+        let n2 = NetworkSecret([4; 32]).derive().network_id;
+        let (a, b) = (Client::new(10, 1000), Client::new(11, 1001));
+        relay.handle_datagram(now, a.link, &a.request(&relay, &register(n1, 1)));
+        relay.handle_datagram(now, b.link, &b.request(&relay, &register(n2, 1)));
+        assert!(a
+            .replies(&mut relay)
+            .iter()
+            .all(|r| !matches!(r, RelayReply::Member { .. })));
+        relay.handle_datagram(
+            now,
+            a.link,
+            &Frame::RelaySend {
+                to: b.secret.public(),
+                payload: b"x",
+            }
+            .to_vec(),
+        );
+        let _ = b.replies(&mut relay);
+        assert!(
+            relay.poll_transmit().is_none(),
+            "no forwarding across networks"
+        );
+        assert_eq!(relay.network_count(), 2);
+    }
+
+    #[test]
+    fn stun_and_key_requests_without_amplification() {
+        let now = Instant::now();
+        let mut relay = RelayServer::new(NodeSecret::from_bytes([1; 32]), 7);
+        let from = Link::Udp("203.0.113.7:5555".parse().expect("lit"));
+        relay.handle_datagram(now, from, &stun::binding_request([9; 12]));
+        let t = relay.poll_transmit().expect("stun answer");
+        assert_eq!(
+            stun::parse(&t.payload),
+            Some(stun::Binding::Response {
+                tx: [9; 12],
+                mapped: from.addr()
+            })
+        );
+        relay.handle_datagram(now, from, &Frame::KeyRequest.to_vec());
+        assert!(
+            relay.poll_transmit().is_none(),
+            "a short key request is not answered"
+        );
+        let mut padded = Frame::KeyRequest.to_vec();
+        padded.resize(wire::RELAY_OVERHEAD, 0);
+        relay.handle_datagram(now, from, &padded);
+        let t = relay.poll_transmit().expect("key answer");
+        assert_eq!(
+            Frame::parse(&t.payload),
+            Ok(Frame::KeyResponse {
+                relay: relay.public_key()
+            })
+        );
+        for garbage in [
+            &b""[..],
+            b"\xff",
+            b"\x01\x00\x00\x00garbage",
+            b"\xffm\x01\x10short",
+        ] {
+            relay.handle_datagram(now, from, garbage);
+        }
+        assert!(relay.poll_transmit().is_none());
+    }
+}
