@@ -237,13 +237,19 @@ fn a_relay_that_cannot_prove_its_key_is_not_trusted() {
     let forged = meshvpn::wire::seal_from_relay(
         &[7u8; 32],
         real_key,
-        &meshvpn::wire::RelayReply::SyncEmpty { generation: 1 },
+        &meshvpn::wire::RelayReply::SyncEmpty {
+            generation: 1,
+            seq: 1,
+        },
         [0; 24],
     );
     let own = meshvpn::wire::seal_from_relay(
         &[7u8; 32],
         sim.relay.public_key(),
-        &meshvpn::wire::RelayReply::SyncEmpty { generation: 2 },
+        &meshvpn::wire::RelayReply::SyncEmpty {
+            generation: 2,
+            seq: 2,
+        },
         [0; 24],
     );
     let (now, relay_addr) = (sim.now, sim.relay_addr);

@@ -183,6 +183,10 @@ pub struct Node {
     by_ip: BTreeMap<Ipv4Addr, PeerKey>,
     by_index: BTreeMap<u32, PeerKey>,
     next_index: u32,
+    /// Change counter (relay's) at which each member entry was last set.
+    learned: BTreeMap<PeerKey, u64>,
+    /// Members removed at a change counter, so an older push or snapshot does not revive them.
+    tombstones: BTreeMap<PeerKey, u64>,
     local_endpoints: Vec<SocketAddr>,
     announcement: Vec<u8>,
     ip_conflict: Option<(Ipv4Addr, PeerKey)>,
@@ -228,6 +232,8 @@ impl Node {
             by_ip: BTreeMap::new(),
             by_index: BTreeMap::new(),
             next_index: 1,
+            learned: BTreeMap::new(),
+            tombstones: BTreeMap::new(),
             local_endpoints: Vec::new(),
             announcement: Vec::new(),
             ip_conflict: None,
@@ -514,6 +520,16 @@ impl Node {
             }
             RelayReply::Member { tag, entry } => {
                 if tag.generation == 0 {
+                    // A live push; ignore it if a newer removal of the same member arrived first.
+                    if self
+                        .tombstones
+                        .get(&entry.key)
+                        .is_some_and(|gone| *gone > tag.seq)
+                    {
+                        return;
+                    }
+                    self.tombstones.remove(&entry.key);
+                    self.learned.insert(entry.key, tag.seq);
                     self.upsert_member(now, entry);
                     return;
                 }
@@ -537,30 +553,47 @@ impl Node {
                         .take()
                         .map(|c| c.entries)
                         .unwrap_or_default();
-                    self.apply_full_sync(now, done.into_values().collect());
+                    self.apply_full_sync(now, tag.seq, done.into_values().collect());
                 }
             }
-            RelayReply::SyncEmpty { .. } => self.apply_full_sync(now, Vec::new()),
-            RelayReply::MemberGone { key } => self.remove_member(key),
+            RelayReply::SyncEmpty { seq, .. } => self.apply_full_sync(now, seq, Vec::new()),
+            RelayReply::MemberGone { key, seq } => {
+                // A re-join that overtook this removal wins.
+                if self.learned.get(&key).is_some_and(|l| *l > seq) {
+                    return;
+                }
+                self.tombstones.insert(key, seq);
+                self.remove_member(key);
+            }
             RelayReply::Error { message } => self.events.push_back(Event::RelayError { message }),
         }
     }
 
-    fn apply_full_sync(&mut self, now: Instant, entries: Vec<MemberEntry>) {
+    /// Applies a snapshot of the member set taken at change counter `seq`. Pushes and removals
+    /// newer than the snapshot (delivered before it) are kept; everything else follows it.
+    fn apply_full_sync(&mut self, now: Instant, seq: u64, entries: Vec<MemberEntry>) {
         self.relay.sync_sent = None;
         let keep: Vec<PeerKey> = entries.iter().map(|e| e.key).collect();
         let gone: Vec<PeerKey> = self
             .entries
             .keys()
-            .filter(|k| !keep.contains(k))
+            .filter(|k| !keep.contains(k) && self.learned.get(*k).is_none_or(|l| *l <= seq))
             .copied()
             .collect();
         for key in gone {
+            self.tombstones.insert(key, seq);
             self.remove_member(key);
         }
         for entry in entries {
+            let newer_removal = self.tombstones.get(&entry.key).is_some_and(|t| *t > seq);
+            let newer_push = self.learned.get(&entry.key).is_some_and(|l| *l > seq);
+            if newer_removal || newer_push {
+                continue;
+            }
+            self.learned.insert(entry.key, seq);
             self.upsert_member(now, entry);
         }
+        self.tombstones.retain(|_, t| *t > seq);
     }
 
     // ----- membership ----------------------------------------------------------------------
@@ -649,6 +682,7 @@ impl Node {
 
     fn remove_member(&mut self, key: PeerKey) {
         self.entries.remove(&key);
+        self.learned.remove(&key);
         if let Some(peer) = self.peers.remove(&key) {
             self.by_index.remove(&peer.index);
             self.events.push_back(Event::PeerLeft {
@@ -732,6 +766,14 @@ impl Node {
                     for c in &p.candidates {
                         out.push((Some(*c), Disco::Ping { tx: [0; 12] }));
                     }
+                    // Ask the peer (through the relay) to probe us at the same moment, so both
+                    // NATs open their mappings towards each other together.
+                    out.push((
+                        None,
+                        Disco::CallMe {
+                            endpoints: Vec::new(),
+                        },
+                    ));
                     p.next_probe = now + p.backoff;
                     p.backoff = (p.backoff * 2).min(peer::PROBE_BACKOFF_MAX);
                 }
@@ -745,7 +787,10 @@ impl Node {
             self.path_changed(key, path);
         }
         for (addr, msg) in out {
-            self.send_ping(now, key, addr, msg);
+            match msg {
+                Disco::CallMe { .. } => self.send_call_me(key),
+                Disco::Ping { .. } | Disco::Pong { .. } => self.send_ping(now, key, addr, msg),
+            }
         }
         self.wireguard_timers(now, key);
     }
@@ -805,6 +850,25 @@ impl Node {
             }),
             None => self.relay_payload(key, &dgram),
         }
+    }
+
+    /// Sends a call-me with every address we know for ourselves through the relay.
+    fn send_call_me(&mut self, key: PeerKey) {
+        let mut endpoints = self.local_endpoints.clone();
+        endpoints.extend(self.relay.observed);
+        endpoints.sort();
+        endpoints.dedup();
+        let nonce = self.nonce();
+        let Some(p) = self.peers.get(&key) else {
+            return;
+        };
+        let dgram = wire::seal_disco(
+            &p.disco_key,
+            self.public,
+            &Disco::CallMe { endpoints },
+            nonce,
+        );
+        self.relay_payload(key, &dgram);
     }
 
     fn path_changed(&mut self, key: PeerKey, path: Path) {
@@ -974,7 +1038,14 @@ impl Node {
                         p.candidates.insert(e);
                     }
                 }
-                p.reset_backoff(now);
+                if matches!(p.path, Path::Relayed) {
+                    // Probe every candidate now, without a call-me of our own (no ping-pong of
+                    // call-mes) and without touching our backoff.
+                    let targets: Vec<SocketAddr> = p.candidates.iter().copied().collect();
+                    for addr in targets {
+                        self.send_ping(now, sender, Some(addr), Disco::Ping { tx: [0; 12] });
+                    }
+                }
             }
         }
     }

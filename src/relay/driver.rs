@@ -42,7 +42,12 @@ pub async fn run(listen: SocketAddr, config_dir: &Path) -> anyhow::Result<()> {
             anyhow::anyhow!("binding UDP {listen}: {e}")
         }
     })?;
-    let mut server = RelayServer::new(key, rand::rngs::OsRng.next_u64());
+    let start_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    let mut server =
+        RelayServer::new(key, rand::rngs::OsRng.next_u64()).with_sequence_start(start_us);
     #[allow(clippy::print_stdout)]
     {
         println!(

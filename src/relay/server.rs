@@ -110,6 +110,8 @@ pub struct RelayServer {
     transmits: VecDeque<Transmit>,
     rng: ChaCha20Rng,
     generation: u32,
+    /// Change counter: grows with every membership change in any network (see [`SyncTag::seq`]).
+    seq: u64,
     stats: RelayStats,
 }
 
@@ -127,8 +129,17 @@ impl RelayServer {
             transmits: VecDeque::new(),
             rng: ChaCha20Rng::seed_from_u64(seed),
             generation: 0,
+            seq: 0,
             stats: RelayStats::default(),
         }
+    }
+
+    /// Starts the change counter at `start`. Pass a clock reading (e.g. Unix microseconds) so a
+    /// restarted relay's counter is above every value its previous run handed out: members
+    /// then drop entries of members that did not come back.
+    pub fn with_sequence_start(mut self, start: u64) -> Self {
+        self.seq = start;
+        self
     }
 
     /// The relay's public key.
@@ -346,6 +357,7 @@ impl RelayServer {
         };
         self.reply(from, &session, ack);
         if changed {
+            self.seq += 1;
             let entry = self.entry(network, sender);
             if let Some(entry) = entry {
                 self.broadcast(
@@ -354,6 +366,7 @@ impl RelayServer {
                     RelayReply::Member {
                         tag: SyncTag {
                             generation: 0,
+                            seq: self.seq,
                             index: 0,
                             total: 1,
                         },
@@ -406,7 +419,8 @@ impl RelayServer {
             return;
         };
         if entries.is_empty() {
-            self.reply(link, &session, RelayReply::SyncEmpty { generation });
+            let seq = self.seq;
+            self.reply(link, &session, RelayReply::SyncEmpty { generation, seq });
             return;
         }
         let total = entries.len() as u16;
@@ -415,6 +429,7 @@ impl RelayServer {
                 generation,
                 index: index as u16,
                 total,
+                seq: self.seq,
             };
             self.reply(link, &session, RelayReply::Member { tag, entry });
         }
@@ -434,7 +449,9 @@ impl RelayServer {
         if self.by_link.get(&member.link) == Some(&key) {
             self.by_link.remove(&member.link);
         }
-        self.broadcast(network, key, RelayReply::MemberGone { key });
+        self.seq += 1;
+        let seq = self.seq;
+        self.broadcast(network, key, RelayReply::MemberGone { key, seq });
     }
 
     fn broadcast(&mut self, network: NetworkId, except: PeerKey, reply: RelayReply) {
@@ -629,6 +646,7 @@ mod tests {
         assert_eq!(
             to_a,
             vec![RelayReply::MemberGone {
+                seq: relay.seq,
                 key: b.secret.public()
             }]
         );

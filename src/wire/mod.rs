@@ -412,6 +412,9 @@ pub struct SyncTag {
     pub index: u16,
     /// Number of entries in the round.
     pub total: u16,
+    /// The relay's change counter when this was sent: orders pushes and snapshots that the
+    /// network delivered out of order.
+    pub seq: u64,
 }
 
 /// A relay's message to a member (sealed under their session key).
@@ -429,9 +432,9 @@ pub enum RelayReply {
     /// A member of the network (a live update, or one entry of a full sync).
     Member { tag: SyncTag, entry: MemberEntry },
     /// A member left or expired.
-    MemberGone { key: PeerKey },
+    MemberGone { key: PeerKey, seq: u64 },
     /// A sync round with zero other members (so an empty network is distinguishable from loss).
-    SyncEmpty { generation: u32 },
+    SyncEmpty { generation: u32, seq: u64 },
     /// The relay refused a request.
     Error { message: String },
 }
@@ -455,16 +458,20 @@ impl RelayReply {
                     .u16(*ttl_s);
             }
             RelayReply::Member { tag, entry } => {
-                w.u8(2).u32(tag.generation).u16(tag.index).u16(tag.total);
+                w.u8(2)
+                    .u32(tag.generation)
+                    .u16(tag.index)
+                    .u16(tag.total)
+                    .u64(tag.seq);
                 w.raw(&entry.key.0)
                     .addr(&entry.observed)
                     .bytes(&entry.announcement);
             }
-            RelayReply::MemberGone { key } => {
-                w.u8(3).raw(&key.0);
+            RelayReply::MemberGone { key, seq } => {
+                w.u8(3).raw(&key.0).u64(*seq);
             }
-            RelayReply::SyncEmpty { generation } => {
-                w.u8(4).u32(*generation);
+            RelayReply::SyncEmpty { generation, seq } => {
+                w.u8(4).u32(*generation).u64(*seq);
             }
             RelayReply::Error { message } => {
                 w.u8(5).str(message);
@@ -488,6 +495,7 @@ impl RelayReply {
                     generation: r.u32()?,
                     index: r.u16()?,
                     total: r.u16()?,
+                    seq: r.u64()?,
                 };
                 let entry = MemberEntry {
                     key: PeerKey(r.array()?),
@@ -498,9 +506,11 @@ impl RelayReply {
             }
             3 => RelayReply::MemberGone {
                 key: PeerKey(r.array()?),
+                seq: r.u64()?,
             },
             4 => RelayReply::SyncEmpty {
                 generation: r.u32()?,
+                seq: r.u64()?,
             },
             5 => RelayReply::Error { message: r.str()? },
             other => return Err(WireError::UnknownType("relay reply", other)),
@@ -765,11 +775,18 @@ mod tests {
                     generation: 2,
                     index: 1,
                     total: 3,
+                    seq: 99,
                 },
                 entry,
             },
-            RelayReply::MemberGone { key: key(4) },
-            RelayReply::SyncEmpty { generation: 7 },
+            RelayReply::MemberGone {
+                key: key(4),
+                seq: 5,
+            },
+            RelayReply::SyncEmpty {
+                generation: 7,
+                seq: 6,
+            },
             RelayReply::Error {
                 message: "no".into(),
             },

@@ -5,6 +5,8 @@
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+pub mod nat;
+
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -37,6 +39,8 @@ pub struct Member {
     pub node: Node,
     pub addr: SocketAddr,
     pub alive: bool,
+    /// Index of the NAT this member sits behind (its `addr` is then private).
+    pub site: Option<usize>,
     /// IP packets the node wrote to its TUN device.
     pub delivered: Vec<Vec<u8>>,
 }
@@ -59,11 +63,14 @@ pub struct Sim {
     /// Drop every datagram between two members (only relay traffic passes), as when both sit
     /// behind NATs that no probe can open.
     pub direct_blocked: bool,
+    /// NAT boxes; members with `site: Some(i)` sit behind `nats[i]`.
+    pub nats: Vec<nat::Nat>,
     queue: BinaryHeap<Reverse<(Instant, u64)>>,
     in_flight: BTreeMap<u64, InFlight>,
     seq: u64,
     pub delivered_datagrams: u64,
     pub lost_datagrams: u64,
+    pub filtered_datagrams: u64,
 }
 
 impl Sim {
@@ -85,23 +92,55 @@ impl Sim {
             latency_ms,
             loss,
             direct_blocked: false,
+            nats: Vec::new(),
             queue: BinaryHeap::new(),
             in_flight: BTreeMap::new(),
             seq: 0,
             delivered_datagrams: 0,
             lost_datagrams: 0,
+            filtered_datagrams: 0,
         }
     }
 
     /// Adds a member on a public address; returns its index.
     pub fn add_member(&mut self, secret: Option<NetworkSecret>) -> usize {
         let i = self.members.len();
-        let key = NodeSecret::generate(&mut self.rng);
-        let vip = meshvpn::addressing::derive_virtual_ip(&self.subnet, &key.public(), 0).unwrap();
         let addr = SocketAddr::new(
             Ipv4Addr::new(198, 51, 100, 10 + i as u8).into(),
             40_000 + i as u16,
         );
+        self.add_member_at(addr, None, secret)
+    }
+
+    /// Adds a member behind a new NAT of kind `spec`; returns its index.
+    pub fn add_member_behind(&mut self, spec: nat::NatSpec) -> usize {
+        let site = self.nats.len();
+        self.nats.push(nat::Nat::new(
+            spec,
+            Ipv4Addr::new(203, 0, 113, 100 + site as u8),
+        ));
+        self.add_member_in_site(site)
+    }
+
+    /// Adds a member behind the existing NAT `site`; returns its index.
+    pub fn add_member_in_site(&mut self, site: usize) -> usize {
+        let i = self.members.len();
+        let addr = SocketAddr::new(
+            Ipv4Addr::new(192, 168, site as u8, 10 + i as u8).into(),
+            40_000 + i as u16,
+        );
+        self.add_member_at(addr, Some(site), None)
+    }
+
+    fn add_member_at(
+        &mut self,
+        addr: SocketAddr,
+        site: Option<usize>,
+        secret: Option<NetworkSecret>,
+    ) -> usize {
+        let i = self.members.len();
+        let key = NodeSecret::generate(&mut self.rng);
+        let vip = meshvpn::addressing::derive_virtual_ip(&self.subnet, &key.public(), 0).unwrap();
         let cfg = NodeConfig {
             secret: key,
             network_secret: secret.unwrap_or_else(|| self.secret.clone()),
@@ -125,6 +164,7 @@ impl Sim {
             node,
             addr,
             alive: true,
+            site,
             delivered: Vec::new(),
         });
         i
@@ -136,6 +176,38 @@ impl Sim {
 
     pub fn key(&self, i: usize) -> PeerKey {
         self.members[i].node.public_key()
+    }
+
+    /// Routes a datagram from member `i` (or the relay, `None`) towards `dst`, through NATs.
+    fn send_from(&mut self, i: Option<usize>, dst: SocketAddr, payload: Vec<u8>) {
+        let src = match i {
+            None => self.relay_addr,
+            Some(i) => {
+                let (addr, site) = (self.members[i].addr, self.members[i].site);
+                match site {
+                    None => addr,
+                    Some(s) => {
+                        let same_lan = self
+                            .members
+                            .iter()
+                            .any(|m| m.site == Some(s) && m.addr == dst);
+                        if same_lan {
+                            addr
+                        } else if dst.ip() == std::net::IpAddr::V4(self.nats[s].public_ip)
+                            && !self.nats[s].spec.hairpin
+                        {
+                            return;
+                        } else if is_private(&dst) {
+                            return; // another site's LAN: unroutable on the internet
+                        } else {
+                            let now = self.now;
+                            self.nats[s].outbound(now, addr, dst, &mut self.rng)
+                        }
+                    }
+                }
+            }
+        };
+        self.send(src, dst, payload);
     }
 
     fn send(&mut self, src: SocketAddr, dst: SocketAddr, payload: Vec<u8>) {
@@ -157,11 +229,10 @@ impl Sim {
         loop {
             let mut moved = false;
             for i in 0..self.members.len() {
-                let src = self.members[i].addr;
                 while let Some(t) = self.members[i].node.poll_transmit() {
                     moved = true;
                     if self.members[i].alive {
-                        self.send(src, t.dst, t.payload);
+                        self.send_from(Some(i), t.dst, t.payload);
                     }
                 }
                 while let Some(p) = self.members[i].node.poll_tun() {
@@ -172,7 +243,7 @@ impl Sim {
             while let Some(t) = self.relay.poll_transmit() {
                 moved = true;
                 if self.relay_alive {
-                    self.send(self.relay_addr, t.link.addr(), t.payload);
+                    self.send_from(None, t.link.addr(), t.payload);
                 }
             }
             if !moved {
@@ -229,7 +300,21 @@ impl Sim {
             return;
         }
         let now = self.now;
-        if let Some(m) = self.members.iter_mut().find(|m| m.addr == p.dst && m.alive) {
+        let mut dst = p.dst;
+        if let Some(nat) = self
+            .nats
+            .iter_mut()
+            .find(|n| std::net::IpAddr::V4(n.public_ip) == p.dst.ip())
+        {
+            match nat.inbound(now, p.src, p.dst.port()) {
+                Some(inside) => dst = inside,
+                None => {
+                    self.filtered_datagrams += 1;
+                    return;
+                }
+            }
+        }
+        if let Some(m) = self.members.iter_mut().find(|m| m.addr == dst && m.alive) {
             self.delivered_datagrams += 1;
             m.node.handle_udp(now, p.src, &p.payload);
         }
@@ -277,6 +362,13 @@ impl Sim {
             .delivered
             .iter()
             .any(|p| p.len() >= 28 && p[12..16] == src && p[24..28] == tag.to_be_bytes())
+    }
+}
+
+fn is_private(a: &SocketAddr) -> bool {
+    match a.ip() {
+        std::net::IpAddr::V4(v4) => v4.is_private(),
+        std::net::IpAddr::V6(_) => false,
     }
 }
 

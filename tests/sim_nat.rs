@@ -1,0 +1,182 @@
+//! Deterministic simulation of NAT traversal: every pair of NAT kinds (RFC 4787 models with
+//! latency and loss), asserting direct-vs-relay against the oracle and printing the simulated
+//! time to the first packet and to the direct path.
+
+#![allow(clippy::unwrap_used)]
+
+mod simnet;
+
+use std::time::Duration;
+
+use meshvpn::node::peer::Path;
+use simnet::nat::{self, NatSpec};
+use simnet::Sim;
+
+const KINDS: [Option<NatSpec>; 7] = [
+    None,
+    Some(NatSpec::FULL_CONE),
+    Some(NatSpec::RESTRICTED_CONE),
+    Some(NatSpec::HOME_ROUTER),
+    Some(NatSpec::SYMMETRIC_PRESERVING),
+    Some(NatSpec::SYMMETRIC_ADDRESS_FILTER),
+    Some(NatSpec::SYMMETRIC),
+];
+
+fn name(k: &Option<NatSpec>) -> &'static str {
+    k.as_ref().map(|s| s.name).unwrap_or("public")
+}
+
+fn add(sim: &mut Sim, k: &Option<NatSpec>) -> usize {
+    match k {
+        None => sim.add_member(None),
+        Some(spec) => sim.add_member_behind(*spec),
+    }
+}
+
+fn both_direct(sim: &Sim, a: usize, b: usize) -> bool {
+    let (ka, kb) = (sim.key(a), sim.key(b));
+    matches!(sim.members[a].node.path_to(&kb), Some(Path::Direct { .. }))
+        && matches!(sim.members[b].node.path_to(&ka), Some(Path::Direct { .. }))
+}
+
+/// Runs one pair; returns (time to first packet both ways, time to direct if any).
+fn run_pair(seed: u64, ka: &Option<NatSpec>, kb: &Option<NatSpec>) -> (Duration, Option<Duration>) {
+    let mut sim = Sim::new(seed, (10, 40), 0.01);
+    let a = add(&mut sim, ka);
+    let b = add(&mut sim, kb);
+    let start = sim.now;
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.members[a].node.peer_keys().count() == 1 && s.members[b].node.peer_keys().count() == 1
+    })
+    .unwrap_or_else(|| panic!("{} and {} never learned each other", name(ka), name(kb)));
+    let mut tag = 1u32;
+    let first = loop {
+        assert!(
+            sim.now - start < Duration::from_secs(40),
+            "{} <-> {}: no packet got through",
+            name(ka),
+            name(kb)
+        );
+        sim.inject(a, b, tag);
+        sim.inject(b, a, tag);
+        sim.run_for(Duration::from_millis(200));
+        if sim.received(a, b, tag) && sim.received(b, a, tag) {
+            break sim.now - start;
+        }
+        tag += 1;
+    };
+    let direct = sim
+        .run_until(Duration::from_secs(40), |s| both_direct(s, a, b))
+        .map(|_| sim.now - start);
+    // Whatever the path, traffic flows on it.
+    for t in 0..5 {
+        let tag = 10_000 + t;
+        sim.inject(a, b, tag);
+        sim.inject(b, a, tag);
+    }
+    sim.run_for(Duration::from_secs(1));
+    let ok = (0..5)
+        .filter(|t| sim.received(a, b, 10_000 + t) && sim.received(b, a, 10_000 + t))
+        .count();
+    assert!(
+        ok >= 3,
+        "{} <-> {}: traffic on the settled path lost ({ok}/5 both ways)",
+        name(ka),
+        name(kb)
+    );
+    // A direct path must also stay direct (keepalives hold the mappings open).
+    if direct.is_some() {
+        sim.run_for(Duration::from_secs(90));
+        assert!(
+            both_direct(&sim, a, b),
+            "{} <-> {}: direct path did not hold for 90 s",
+            name(ka),
+            name(kb)
+        );
+    }
+    (first, direct)
+}
+
+#[test]
+fn every_pair_of_nat_kinds_matches_the_oracle() {
+    let seed = simnet::seed(0x0a7_0001);
+    let mut failures = Vec::new();
+    println!(
+        "{:<26} {:<26} {:>8} {:>12} {:>10}",
+        "A", "B", "expected", "first pkt", "direct"
+    );
+    for (i, ka) in KINDS.iter().enumerate() {
+        for kb in KINDS.iter().skip(i) {
+            let expect = nat::direct_possible(ka.as_ref(), kb.as_ref());
+            let (first, direct) = run_pair(seed + i as u64, ka, kb);
+            println!(
+                "{:<26} {:<26} {:>8} {:>10.2}s {:>10}",
+                name(ka),
+                name(kb),
+                if expect { "direct" } else { "relay" },
+                first.as_secs_f64(),
+                direct
+                    .map(|d| format!("{:.2}s", d.as_secs_f64()))
+                    .unwrap_or_else(|| "relay".into())
+            );
+            if expect != direct.is_some() {
+                failures.push(format!(
+                    "{} <-> {}: expected {}, got {:?}",
+                    name(ka),
+                    name(kb),
+                    if expect { "direct" } else { "relay" },
+                    direct
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "outcomes differ from the oracle:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn two_members_behind_one_nat_connect_over_their_lan() {
+    let seed = simnet::seed(0x0a7_0002);
+    let mut sim = Sim::new(seed, (10, 40), 0.0);
+    let a = sim.add_member_behind(NatSpec::SYMMETRIC);
+    let b = sim.add_member_in_site(0);
+    let t = sim
+        .run_until(Duration::from_secs(30), |s| both_direct(s, a, b))
+        .expect("direct over the LAN");
+    println!("same-LAN pair direct after {t:?}");
+}
+
+#[test]
+fn a_flushed_nat_mapping_recovers() {
+    let seed = simnet::seed(0x0a7_0003);
+    let mut sim = Sim::new(seed, (10, 40), 0.0);
+    let a = sim.add_member_behind(NatSpec::HOME_ROUTER);
+    let b = sim.add_member_behind(NatSpec::HOME_ROUTER);
+    sim.run_until(Duration::from_secs(30), |s| both_direct(s, a, b))
+        .expect("direct first");
+    // The router forgets every mapping (reboot, conntrack flush): the next outbound packets get
+    // new mappings, the direct path goes silent, traffic falls back to the relay and re-punches.
+    sim.nats[0].flush();
+    let flushed = sim.now;
+    let mut tag = 1;
+    let recovered = loop {
+        assert!(
+            sim.now - flushed < Duration::from_secs(60),
+            "traffic never recovered"
+        );
+        sim.inject(a, b, tag);
+        sim.run_for(Duration::from_millis(500));
+        if sim.received(a, b, tag) {
+            break sim.now - flushed;
+        }
+        tag += 1;
+    };
+    println!("after the flush, traffic recovered within {recovered:?}");
+    let t = sim
+        .run_until(Duration::from_secs(60), |s| both_direct(s, a, b))
+        .expect("direct again");
+    println!("direct again {t:?} later");
+}
