@@ -1,0 +1,210 @@
+//! Error messages of the real `meshvpn` binary: one `error: ...` line on stderr and a non-zero
+//! exit. No network namespaces and no network traffic (the token names its relay by key, so
+//! `create` never contacts it).
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{ensure, Context as _, Result};
+
+const EXE: &str = env!("CARGO_BIN_EXE_meshvpn");
+/// A valid relay public key (base64 of the bytes 0..32); the relay is never contacted.
+const RELAY_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+/// A scratch directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<TempDir> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "mvtest-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        for sub in ["config", "run"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        Ok(TempDir(dir))
+    }
+
+    fn config(&self) -> PathBuf {
+        self.0.join("config")
+    }
+
+    fn run(&self) -> PathBuf {
+        self.0.join("run")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `meshvpn --config-dir .. --run-dir .. <args>` with a clean environment for meshvpn's vars.
+fn meshvpn(exe: &Path, dir: &TempDir, args: &[&str]) -> Result<Output> {
+    Command::new(exe)
+        .arg("--config-dir")
+        .arg(dir.config())
+        .arg("--run-dir")
+        .arg(dir.run())
+        .args(args)
+        .env_remove("MESHVPN_CONFIG_DIR")
+        .env_remove("MESHVPN_RUN_DIR")
+        .env_remove("RUST_LOG")
+        .output()
+        .with_context(|| format!("running {} {args:?}", exe.display()))
+}
+
+/// Asserts a failure with exactly one stderr line that starts with `error: ` and contains
+/// `needle`.
+fn assert_one_line_error(out: &Output, needle: &str) -> Result<()> {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("exit {:?}, stderr: {}", out.status.code(), stderr.trim());
+    ensure!(
+        !out.status.success(),
+        "expected failure, got {}",
+        out.status
+    );
+    let lines: Vec<&str> = stderr.trim().lines().collect();
+    ensure!(
+        lines.len() == 1,
+        "expected one stderr line, got {}: {stderr:?}",
+        lines.len()
+    );
+    ensure!(
+        lines[0].starts_with("error: "),
+        "stderr does not start with \"error: \": {stderr:?}"
+    );
+    ensure!(
+        lines[0].contains(needle),
+        "stderr does not contain {needle:?}: {stderr:?}"
+    );
+    Ok(())
+}
+
+fn make_token(dir: &TempDir) -> Result<String> {
+    let relay = format!("{RELAY_KEY}@127.0.0.1:9");
+    let out = meshvpn(EXE.as_ref(), dir, &["create", "x", "--relay", &relay])?;
+    ensure!(
+        out.status.success(),
+        "create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.trim().lines().collect();
+    ensure!(
+        lines.len() == 1 && lines[0].starts_with("mvpn1"),
+        "create should print one token line, printed {stdout:?}"
+    );
+    Ok(lines[0].to_string())
+}
+
+#[test]
+fn mistyped_token_is_a_checksum_mismatch() -> Result<()> {
+    let dir = TempDir::new()?;
+    let token = make_token(&dir)?;
+    // Change one character in the middle to another base64 (URL-safe alphabet) character.
+    let mut chars: Vec<char> = token.chars().collect();
+    let mid = chars.len() / 2;
+    chars[mid] = if chars[mid] == 'A' { 'B' } else { 'A' };
+    let typo: String = chars.into_iter().collect();
+    println!("token: {token}\ntypo:  {typo}");
+    let out = meshvpn(
+        EXE.as_ref(),
+        &dir,
+        &["join", &typo, "--no-start", "--name", "t"],
+    )?;
+    assert_one_line_error(&out, "token checksum mismatch")?;
+    ensure!(
+        std::fs::read_dir(dir.config())?.next().is_none(),
+        "a refused token must not write a config"
+    );
+
+    // The untouched token is accepted (so the failure above is the typo's doing).
+    let out = meshvpn(
+        EXE.as_ref(),
+        &dir,
+        &["join", &token, "--no-start", "--name", "t"],
+    )?;
+    ensure!(
+        out.status.success(),
+        "join --no-start with the real token failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(dir.config().join("x.toml").exists(), "no x.toml written");
+    Ok(())
+}
+
+#[test]
+fn up_without_config_names_the_problem() -> Result<()> {
+    if !is_root() {
+        // As non-root the privilege check comes first (covered by the next test).
+        println!("skipping: needs root (a non-root `up` fails on privileges first)");
+        return Ok(());
+    }
+    let dir = TempDir::new()?;
+    let out = meshvpn(EXE.as_ref(), &dir, &["up", "missingnet"])?;
+    assert_one_line_error(&out, "no configuration for network")
+}
+
+/// Whether `path` and every directory above it are world-executable (and the file readable).
+fn world_executable(path: &Path) -> bool {
+    let mode = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0)
+    };
+    mode(path) & 0o005 == 0o005 && path.ancestors().skip(1).all(|a| mode(a) & 0o001 != 0)
+}
+
+#[test]
+fn up_as_non_root_asks_for_root() -> Result<()> {
+    if !is_root() {
+        println!("skipping: needs root (to switch to an unprivileged user)");
+        return Ok(());
+    }
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        println!("skipping: setpriv (util-linux) not installed");
+        return Ok(());
+    }
+    let dir = TempDir::new()?;
+    let exe = if world_executable(Path::new(EXE)) {
+        PathBuf::from(EXE)
+    } else {
+        let copy = dir.0.join("meshvpn");
+        std::fs::copy(EXE, &copy)?;
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+        copy
+    };
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(&exe)
+        .arg("--config-dir")
+        .arg(dir.config())
+        .arg("--run-dir")
+        .arg(dir.run())
+        .args(["up", "foo"])
+        .env_remove("RUST_LOG")
+        .output()
+        .context("running setpriv")?;
+    assert_one_line_error(&out, "root")
+}
