@@ -86,6 +86,8 @@ struct FileNode {
     mtu: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     log_level: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    stun_servers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -122,6 +124,8 @@ pub struct Config {
     pub mtu: u16,
     /// Log level for this network's agent (overridden by `--log-level` and `RUST_LOG`).
     pub log_level: Option<String>,
+    /// Extra STUN servers (`host:port`) for classifying the NAT, besides the relay.
+    pub stun_servers: Vec<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -166,6 +170,7 @@ impl Config {
             listen_port,
             mtu: DEFAULT_MTU,
             log_level: None,
+            stun_servers: Vec::new(),
         })
     }
 
@@ -254,6 +259,9 @@ impl Config {
                 "at least one [[relay]] is required".into(),
             ));
         }
+        for server in &file.node.stun_servers {
+            token::split_host_port(server).map_err(|e| invalid("node.stun_servers", e))?;
+        }
         let mut relays = Vec::new();
         for r in &file.relays {
             let key = PeerKey::from_base64(&r.public_key).ok_or_else(|| {
@@ -277,6 +285,7 @@ impl Config {
             listen_port: file.node.listen_port,
             mtu: file.node.mtu,
             log_level: file.node.log_level,
+            stun_servers: file.node.stun_servers,
         })
     }
 
@@ -295,6 +304,7 @@ impl Config {
                 listen_port: self.listen_port,
                 mtu: self.mtu,
                 log_level: self.log_level.clone(),
+                stun_servers: self.stun_servers.clone(),
             },
             relays: self
                 .relays
@@ -433,8 +443,7 @@ mod tests {
         let p = Path::new("/etc/meshvpn/lab.toml");
         let unknown = good.replace("[node]\n", "[node]\ncolour = \"blue\"\n");
         let e = Config::parse(&unknown, p)
-            .err()
-            .expect("must fail")
+            .expect_err("must fail")
             .to_string();
         assert!(
             e.contains("/etc/meshvpn/lab.toml") && e.contains("colour") && e.contains("line"),
@@ -442,19 +451,16 @@ mod tests {
         );
         let wrong_type = good.replace("mtu = 1380", "mtu = \"big\"");
         let e = Config::parse(&wrong_type, p)
-            .err()
-            .expect("must fail")
+            .expect_err("must fail")
             .to_string();
         assert!(e.contains("mtu") && e.contains("line"), "{e}");
         let bad_ip = good.replace(&sample().virtual_ip.to_string(), "192.168.1.1");
         let e = Config::parse(&bad_ip, p)
-            .err()
-            .expect("must fail")
+            .expect_err("must fail")
             .to_string();
         assert!(e.contains("node.virtual_ip"), "{e}");
         let e = Config::load(Path::new("/nonexistent-meshvpn"), "x")
-            .err()
-            .expect("missing")
+            .expect_err("missing")
             .to_string();
         assert!(e.contains("no configuration for network"), "{e}");
     }

@@ -19,6 +19,8 @@ pub struct Status {
     pub relay: RelayStatus,
     /// Addresses this member announces (host addresses with its UDP port).
     pub endpoints: Vec<String>,
+    /// This member's NAT as it classified it.
+    pub nat: NatStatus,
     /// Set when another member holds this member's virtual IP (this member gets no traffic).
     pub ip_conflict: Option<String>,
     /// Every other member.
@@ -40,6 +42,22 @@ pub struct RelayStatus {
     pub observed: Option<String>,
 }
 
+/// This member's NAT verdict.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NatStatus {
+    /// Mapping behaviour: "endpoint-independent mapping", "symmetric (endpoint-dependent
+    /// mapping)", "no NAT (public address)", "UDP blocked (relay over TCP)" or "unknown".
+    pub mapping: String,
+    /// One line: the mapping behaviour and the port mapping, if any.
+    pub summary: String,
+    /// This member's address as STUN (or the relay) sees it.
+    pub reflexive: Option<String>,
+    /// A gateway port mapping ("UPnP 203.0.113.2:41641"), if one is held.
+    pub port_mapping: Option<String>,
+    /// Whether UDP to the relay is blocked and the relay is reached over TCP.
+    pub udp_blocked: bool,
+}
+
 /// One peer as this member sees it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PeerStatus {
@@ -49,7 +67,7 @@ pub struct PeerStatus {
     pub public_key: String,
     /// The peer's virtual IPv4 address.
     pub virtual_ip: String,
-    /// `"direct"` or `"relay"`.
+    /// `"direct"`, `"relay"` or `"relay-tcp"`.
     pub path: String,
     /// The underlay `ip:port` packets to this peer go to (the relay's when relayed).
     pub endpoint: Option<String>,
@@ -106,6 +124,7 @@ impl Status {
                 .map(|o| format!(", sees us as {o}"))
                 .unwrap_or_default()
         );
+        let _ = writeln!(out, "nat {}", self.nat.summary);
         if let Some(c) = &self.ip_conflict {
             let _ = writeln!(out, "WARNING: {c}");
         }

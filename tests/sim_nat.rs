@@ -9,6 +9,7 @@ mod simnet;
 use std::time::Duration;
 
 use meshvpn::node::peer::Path;
+use meshvpn::wire::NatKind;
 use simnet::nat::{self, NatSpec};
 use simnet::Sim;
 
@@ -68,6 +69,29 @@ fn run_pair(seed: u64, ka: &Option<NatSpec>, kb: &Option<NatSpec>) -> (Duration,
     let direct = sim
         .run_until(Duration::from_secs(40), |s| both_direct(s, a, b))
         .map(|_| sim.now - start);
+    // Each side classified its own NAT with STUN against the relay's two ports.
+    for (i, k) in [(a, ka), (b, kb)] {
+        let expected = match k {
+            None => NatKind::Public,
+            Some(spec)
+                if spec.mapping == nat::Mapping::EndpointIndependent
+                    || spec.ports == nat::PortAlloc::Preserve =>
+            {
+                NatKind::EndpointIndependent
+            }
+            Some(_) => NatKind::EndpointDependent,
+        };
+        // STUN retries lost requests every few seconds; the verdict settles within 15 s.
+        let settled = sim.run_until(Duration::from_secs(15), |s| {
+            s.members[i].node.nat() == expected
+        });
+        assert!(
+            settled.is_some(),
+            "NAT verdict behind {}: {:?}, expected {expected:?}",
+            name(k),
+            sim.members[i].node.status(sim.now).nat
+        );
+    }
     // Whatever the path, traffic flows on it.
     for t in 0..5 {
         let tag = 10_000 + t;

@@ -82,13 +82,14 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
         .ipv4(cfg.virtual_ip, cfg.subnet.prefix_len(), None)
         .mtu(cfg.mtu)
         .build_async()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::PermissionDenied => {
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
                 anyhow::anyhow!(
                     "creating TUN device {ifname}: permission denied (needs root or CAP_NET_ADMIN)"
                 )
+            } else {
+                anyhow::anyhow!("creating TUN device {ifname}: {e}")
             }
-            _ => anyhow::anyhow!("creating TUN device {ifname}: {e}"),
         })?;
 
     let control_path = control::socket_path(run_dir, &cfg.network);
@@ -113,6 +114,7 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
                 key: relay.key,
                 addr: relay_addr,
             },
+            stun_servers: resolve_stun_servers(&cfg.stun_servers).await,
             seed: rand::rngs::OsRng.next_u64(),
         },
         now,
@@ -245,6 +247,21 @@ fn local_endpoints(port: u16, ifname: &str) -> Vec<SocketAddr> {
         .filter(node::is_announceable)
         .map(|ip| SocketAddr::new(ip, port))
         .collect()
+}
+
+/// Resolves the configured extra STUN servers; ones that do not resolve are skipped (logged).
+async fn resolve_stun_servers(servers: &[String]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for s in servers {
+        match tokio::net::lookup_host(s.as_str()).await {
+            Ok(mut addrs) => match addrs.find(SocketAddr::is_ipv4) {
+                Some(a) => out.push(a),
+                None => tracing::warn!(server = %s, "STUN server has no IPv4 address; skipping it"),
+            },
+            Err(e) => tracing::warn!(server = %s, %e, "cannot resolve STUN server; skipping it"),
+        }
+    }
+    out
 }
 
 /// Resolves the relay's address, retrying with backoff until it resolves.

@@ -34,6 +34,7 @@
 //! Time inside boringtun's `Tunn` is real time; the node additionally re-sends handshakes on its
 //! own clock ([`peer::HANDSHAKE_RETRY`]) so that simulations with loss make progress.
 
+pub mod netcheck;
 pub mod peer;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -47,9 +48,10 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::addressing;
 use crate::keys::{NetworkKeys, NetworkSecret, NodeSecret, PeerKey};
-use crate::status::{DropCounters, PeerStatus, RelayStatus, Status};
+use crate::status::{DropCounters, NatStatus, PeerStatus, RelayStatus, Status};
 use crate::wire::{
-    self, stun, Announcement, DatagramKind, Disco, Frame, MemberEntry, RelayReply, RelayRequest,
+    self, stun, Announcement, DatagramKind, Disco, Frame, MemberEntry, NatKind, RelayReply,
+    RelayRequest,
 };
 use peer::{Path, Peer, PendingPing};
 
@@ -97,6 +99,8 @@ pub struct NodeConfig {
     pub subnet: Ipv4Net,
     /// The relay to register with.
     pub relay: RelayTarget,
+    /// STUN servers to classify the NAT with, besides the relay's two STUN ports.
+    pub stun_servers: Vec<SocketAddr>,
     /// Seed for nonces, transaction ids and jitter.
     pub seed: u64,
 }
@@ -190,6 +194,10 @@ pub struct Node {
     local_endpoints: Vec<SocketAddr>,
     announcement: Vec<u8>,
     ip_conflict: Option<(Ipv4Addr, PeerKey)>,
+    netcheck: netcheck::NetCheck,
+    nat: NatKind,
+    port_mapping: Option<(String, SocketAddr)>,
+    relay_over_tcp: bool,
     next_tick: Instant,
     transmits: VecDeque<Transmit>,
     tun_out: VecDeque<Vec<u8>>,
@@ -205,6 +213,7 @@ impl Node {
         let public = cfg.secret.public();
         let keys = cfg.network_secret.derive();
         let session = cfg.secret.relay_session_key(&public, &cfg.relay.key);
+        let netcheck = netcheck::NetCheck::new(stun_targets(&cfg.relay, &cfg.stun_servers), now);
         let relay = RelaySession {
             target: cfg.relay,
             session,
@@ -237,6 +246,10 @@ impl Node {
             local_endpoints: Vec::new(),
             announcement: Vec::new(),
             ip_conflict: None,
+            netcheck,
+            nat: NatKind::Unknown,
+            port_mapping: None,
+            relay_over_tcp: false,
             next_tick: now,
             transmits: VecDeque::new(),
             tun_out: VecDeque::new(),
@@ -290,7 +303,32 @@ impl Node {
         if self.relay.target.addr != addr {
             self.relay.target.addr = addr;
             self.relay.next_register = now;
+            let targets = stun_targets(&self.relay.target, &self.cfg.stun_servers);
+            self.netcheck.set_targets(targets, now);
         }
+    }
+
+    /// Tells the node about a port mapping on the gateway (UPnP-IGD, NAT-PMP or PCP): the
+    /// external address is announced to peers as a candidate. `label` names the protocol.
+    pub fn set_port_mapping(&mut self, now: Instant, mapping: Option<(String, SocketAddr)>) {
+        if mapping != self.port_mapping {
+            self.port_mapping = mapping;
+            self.reseal_announcement(now);
+            self.relay.next_register = now;
+        }
+    }
+
+    /// Tells the node whether its relay traffic goes over TCP (UDP to the relay is blocked).
+    pub fn set_relay_over_tcp(&mut self, now: Instant, over_tcp: bool) {
+        if over_tcp != self.relay_over_tcp {
+            self.relay_over_tcp = over_tcp;
+            self.update_nat_verdict(now);
+        }
+    }
+
+    /// This member's NAT verdict.
+    pub fn nat(&self) -> NatKind {
+        self.nat
     }
 
     /// Handles one IP packet read from the TUN device.
@@ -330,13 +368,16 @@ impl Node {
         match wire::classify(bytes) {
             DatagramKind::WireGuard => self.handle_wireguard(now, from, None, bytes),
             DatagramKind::Meshvpn => self.handle_frame(now, from, bytes),
-            DatagramKind::Stun => {
-                // Reflexive addresses come from registration acks; STUN answers are not needed
-                // by the core yet, requests to members are not served.
-                if stun::parse(bytes).is_none() {
-                    self.drops.malformed += 1;
+            DatagramKind::Stun => match stun::parse(bytes) {
+                Some(stun::Binding::Response { tx, mapped }) => {
+                    if self.netcheck.handle_response(now, from, tx, mapped) {
+                        self.update_nat_verdict(now);
+                    }
                 }
-            }
+                // Members do not serve STUN.
+                Some(stun::Binding::Request(_)) => {}
+                None => self.drops.malformed += 1,
+            },
             DatagramKind::Unknown => self.drops.malformed += 1,
         }
     }
@@ -348,6 +389,7 @@ impl Node {
         }
         self.next_tick = now + TICK;
         self.relay_timers(now);
+        self.stun_round(now);
         let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
         for key in keys {
             self.peer_timers(now, key);
@@ -390,9 +432,14 @@ impl Node {
             .peers
             .values()
             .map(|p| {
+                let relayed = if self.relay_over_tcp {
+                    "relay-tcp"
+                } else {
+                    "relay"
+                };
                 let (path, endpoint) = match p.path {
                     Path::Direct { addr, .. } => ("direct", addr),
-                    Path::Relayed => ("relay", self.relay.target.addr),
+                    Path::Relayed => (relayed, self.relay.target.addr),
                 };
                 let (since_handshake, _, _, _, _) = p.tunn.stats();
                 PeerStatus {
@@ -425,9 +472,55 @@ impl Node {
             ip_conflict: self.ip_conflict.map(|(ip, owner)| {
                 format!("virtual IP {ip} is also claimed by member {}, which keeps it; this member gets no traffic (choose another address with --ip)", owner.short())
             }),
+            nat: NatStatus {
+                mapping: self.nat.describe().to_string(),
+                summary: self.nat_summary(),
+                reflexive: self.netcheck.reflexive().or(self.relay.observed).map(|a| a.to_string()),
+                port_mapping: self.port_mapping.as_ref().map(|(l, a)| format!("{l} {a}")),
+                udp_blocked: self.relay_over_tcp,
+            },
             peers,
             dropped: self.drops,
         }
+    }
+
+    // ----- NAT classification --------------------------------------------------------------
+
+    fn stun_round(&mut self, now: Instant) {
+        let rng = &mut self.rng;
+        let round = self.netcheck.poll_round(now, || {
+            let mut tx = [0u8; 12];
+            rng.fill_bytes(&mut tx);
+            tx
+        });
+        for (dst, tx) in round {
+            self.transmits.push_back(Transmit {
+                dst,
+                payload: stun::binding_request(tx),
+            });
+        }
+    }
+
+    fn update_nat_verdict(&mut self, now: Instant) {
+        let verdict = if self.relay_over_tcp {
+            NatKind::UdpBlocked
+        } else {
+            self.netcheck.verdict(&self.local_endpoints)
+        };
+        if verdict != self.nat {
+            self.nat = verdict;
+            self.reseal_announcement(now);
+            self.relay.next_register = now;
+        }
+    }
+
+    /// What `status` says about this member's NAT.
+    fn nat_summary(&self) -> String {
+        let mut text = self.nat.describe().to_string();
+        if let Some((label, addr)) = &self.port_mapping {
+            text.push_str(&format!(", {label} mapped {addr}"));
+        }
+        text
     }
 
     // ----- relay session -------------------------------------------------------------------
@@ -1169,7 +1262,13 @@ impl Node {
             name: self.cfg.name.clone(),
             virtual_ip: self.cfg.virtual_ip,
             ts_ms: self.next_ts(now),
-            endpoints: self.local_endpoints.clone(),
+            endpoints: self
+                .local_endpoints
+                .iter()
+                .copied()
+                .chain(self.port_mapping.as_ref().map(|(_, a)| *a))
+                .collect(),
+            nat: self.nat,
         };
         let nonce = self.nonce();
         self.announcement = ann.seal(&self.keys.control_key, &self.keys.network_id, nonce);
@@ -1188,6 +1287,21 @@ impl Node {
         self.rng.fill_bytes(&mut n);
         n
     }
+}
+
+/// The STUN servers the node asks: the relay's port, the relay's second STUN port (port + 1,
+/// so two destinations reveal an endpoint-dependent mapping), then the extra servers.
+fn stun_targets(relay: &RelayTarget, extra: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut alt = relay.addr;
+    alt.set_port(relay.addr.port().wrapping_add(1));
+    let mut targets = vec![relay.addr, alt];
+    targets.extend(
+        extra
+            .iter()
+            .copied()
+            .filter(|a| *a != relay.addr && *a != alt),
+    );
+    targets
 }
 
 /// The destination of an IPv4 packet; `None` for anything else or a truncated header.

@@ -12,6 +12,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use super::server::{Link, RelayServer};
 use crate::config::write_atomic;
 use crate::keys::NodeSecret;
+use crate::wire::stun;
 
 /// File in the config directory that holds the relay's private key.
 pub const KEY_FILE: &str = "relay.key";
@@ -46,12 +47,19 @@ pub async fn run(listen: SocketAddr, config_dir: &Path) -> anyhow::Result<()> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0);
+    // A second port that answers STUN only: two destinations let members tell an
+    // endpoint-independent mapping from a symmetric one.
+    let alt_addr = SocketAddr::new(listen.ip(), listen.port().wrapping_add(1));
+    let alt = UdpSocket::bind(alt_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding the second STUN port UDP {alt_addr}: {e}"))?;
     let mut server =
         RelayServer::new(key, rand::rngs::OsRng.next_u64()).with_sequence_start(start_us);
     #[allow(clippy::print_stdout)]
     {
         println!(
-            "meshvpn relay listening on {listen} (UDP), public key {}",
+            "meshvpn relay listening on {listen} (UDP; STUN also on port {}), public key {}",
+            alt_addr.port(),
             server.public_key()
         );
     }
@@ -59,6 +67,7 @@ pub async fn run(listen: SocketAddr, config_dir: &Path) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut buf = vec![0u8; 65_536];
+    let mut alt_buf = vec![0u8; 1_500];
     loop {
         while let Some(t) = server.poll_transmit() {
             if let Err(e) = socket.send_to(&t.payload, t.link.addr()).await {
@@ -74,6 +83,13 @@ pub async fn run(listen: SocketAddr, config_dir: &Path) -> anyhow::Result<()> {
                 Err(e) => tracing::debug!(%e, "UDP receive failed"),
             },
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => server.handle_timeout(Instant::now()),
+            r = alt.recv_from(&mut alt_buf) => {
+                if let Ok((n, from)) = r {
+                    if let Some(stun::Binding::Request(tx)) = stun::parse(&alt_buf[..n]) {
+                        let _ = alt.send_to(&stun::binding_response(tx, from), from).await;
+                    }
+                }
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }

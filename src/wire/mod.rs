@@ -605,6 +605,57 @@ pub struct Announcement {
     pub ts_ms: u64,
     /// The member's own view of where it can be reached (host addresses, mapped ports).
     pub endpoints: Vec<SocketAddr>,
+    /// The member's NAT as it classified it (lets peers pick a strategy and explain a relay).
+    pub nat: NatKind,
+}
+
+/// A member's own verdict on its NAT, shared in its announcement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NatKind {
+    /// Not classified yet (or STUN got no answer).
+    #[default]
+    Unknown,
+    /// The member's address is public (the reflexive address is one of its own).
+    Public,
+    /// Endpoint-independent mapping: peers see the address the relay sees.
+    EndpointIndependent,
+    /// Endpoint-dependent ("symmetric") mapping: every destination sees another port.
+    EndpointDependent,
+    /// UDP to the relay gets no answer; the member is attached over TCP.
+    UdpBlocked,
+}
+
+impl NatKind {
+    fn to_byte(self) -> u8 {
+        match self {
+            NatKind::Unknown => 0,
+            NatKind::Public => 1,
+            NatKind::EndpointIndependent => 2,
+            NatKind::EndpointDependent => 3,
+            NatKind::UdpBlocked => 4,
+        }
+    }
+
+    fn from_byte(b: u8) -> Self {
+        match b {
+            1 => NatKind::Public,
+            2 => NatKind::EndpointIndependent,
+            3 => NatKind::EndpointDependent,
+            4 => NatKind::UdpBlocked,
+            _ => NatKind::Unknown,
+        }
+    }
+
+    /// Human-readable description.
+    pub fn describe(self) -> &'static str {
+        match self {
+            NatKind::Unknown => "unknown",
+            NatKind::Public => "no NAT (public address)",
+            NatKind::EndpointIndependent => "endpoint-independent mapping",
+            NatKind::EndpointDependent => "symmetric (endpoint-dependent mapping)",
+            NatKind::UdpBlocked => "UDP blocked (relay over TCP)",
+        }
+    }
 }
 
 impl Announcement {
@@ -626,6 +677,7 @@ impl Announcement {
         for e in self.endpoints.iter().take(MAX_ENDPOINTS) {
             w.addr(e);
         }
+        w.u8(self.nat.to_byte());
         seal(control_key, &Self::aad(network, &self.key), &w.buf, nonce)
     }
 
@@ -649,12 +701,14 @@ impl Announcement {
             return Err(WireError::Malformed("too many endpoints"));
         }
         let endpoints = (0..n).map(|_| r.addr()).collect::<Result<_, _>>()?;
+        let nat = NatKind::from_byte(r.u8()?);
         Ok(Self {
             key,
             name,
             virtual_ip,
             ts_ms,
             endpoints,
+            nat,
         })
     }
 }
@@ -827,6 +881,7 @@ mod tests {
             virtual_ip: Ipv4Addr::new(10, 1, 2, 3),
             ts_ms: 77,
             endpoints: vec!["192.0.2.1:4000".parse().expect("lit")],
+            nat: NatKind::EndpointDependent,
         };
         let sealed = a.seal(&k, &network, [6; 24]);
         assert_eq!(Announcement::open(&k, &network, key(9), &sealed), Ok(a));

@@ -152,6 +152,7 @@ impl Sim {
                 key: self.relay.public_key(),
                 addr: self.relay_addr,
             },
+            stun_servers: Vec::new(),
             seed: self.rng.gen(),
         };
         let mut node = Node::new(
@@ -211,7 +212,8 @@ impl Sim {
     }
 
     fn send(&mut self, src: SocketAddr, dst: SocketAddr, payload: Vec<u8>) {
-        let direct = src != self.relay_addr && dst != self.relay_addr;
+        let is_relay = |a: SocketAddr| a.ip() == self.relay_addr.ip();
+        let direct = !is_relay(src) && !is_relay(dst);
         if (self.direct_blocked && direct) || self.rng.gen_bool(self.loss) {
             self.lost_datagrams += 1;
             return;
@@ -291,6 +293,18 @@ impl Sim {
     }
 
     fn deliver(&mut self, p: InFlight) {
+        let mut alt = self.relay_addr;
+        alt.set_port(self.relay_addr.port() + 1);
+        if p.dst == alt {
+            // The relay's second STUN port answers Binding requests only.
+            if let (true, Some(meshvpn::wire::stun::Binding::Request(tx))) =
+                (self.relay_alive, meshvpn::wire::stun::parse(&p.payload))
+            {
+                let reply = meshvpn::wire::stun::binding_response(tx, p.src);
+                self.send(alt, p.src, reply);
+            }
+            return;
+        }
         if p.dst == self.relay_addr {
             if self.relay_alive {
                 self.delivered_datagrams += 1;
