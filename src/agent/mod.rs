@@ -6,6 +6,7 @@
 //! timer. All protocol decisions are the node's.
 
 mod ifaddrs;
+mod relay_link;
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -23,6 +24,7 @@ use crate::config::Config;
 use crate::control::{self, Request};
 use crate::node::{self, Event, Node, NodeConfig, RelayTarget};
 use crate::wire::token::RelayEndpoint;
+use relay_link::{LinkEvent, RelayLink};
 
 /// How often the host's addresses are re-read (a change is re-announced to peers).
 const ENDPOINT_REFRESH: Duration = Duration::from_secs(10);
@@ -134,14 +136,38 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
     let mut udp_buf = vec![0u8; 65_536];
     let mut tun_buf = vec![0u8; 65_536];
     let mut endpoint_timer = tokio::time::interval(ENDPOINT_REFRESH);
+    let mut link = RelayLink::new(relay_addr, Instant::now());
 
     loop {
-        drain(&mut node, &socket, &tun).await;
-        let deadline = tokio::time::Instant::from_std(node.poll_timeout());
+        drain(&mut node, &socket, &tun, &mut link).await;
+        if let Some(over_tcp) = link.poll(Instant::now(), node.is_registered()) {
+            node.set_relay_over_tcp(Instant::now(), over_tcp);
+        }
+        // Wake at least every second so the relay link's fallback decision is timely.
+        let deadline = tokio::time::Instant::from_std(
+            node.poll_timeout()
+                .min(Instant::now() + Duration::from_secs(1)),
+        );
         tokio::select! {
             r = socket.recv_from(&mut udp_buf) => match r {
-                Ok((n, from)) => node.handle_udp(Instant::now(), normalise(from), &udp_buf[..n]),
+                Ok((n, from)) => {
+                    let (now, from) = (Instant::now(), normalise(from));
+                    link.note_udp(from, now);
+                    node.handle_udp(now, from, &udp_buf[..n]);
+                }
                 Err(e) => tracing::debug!(%e, "UDP receive failed"),
+            },
+            ev = link.recv() => match ev {
+                LinkEvent::Datagram(d) => node.handle_udp(Instant::now(), relay_addr, &d),
+                LinkEvent::Connected(result) => {
+                    if link.handle_connected(result) {
+                        node.set_relay_over_tcp(Instant::now(), true);
+                    }
+                }
+                LinkEvent::Closed => {
+                    link.handle_closed(Instant::now());
+                    node.set_relay_over_tcp(Instant::now(), false);
+                }
             },
             r = tun.recv(&mut tun_buf) => match r {
                 Ok(n) => node.handle_tun_packet(Instant::now(), &tun_buf[..n]),
@@ -162,15 +188,27 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
 
     tracing::info!("shutting down: telling the relay we leave");
     node.leave(Instant::now());
-    drain(&mut node, &socket, &tun).await;
+    drain(&mut node, &socket, &tun, &mut link).await;
+    // Give the TCP writer a moment to flush the goodbye.
+    if link.over_tcp() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     drop(tun);
     Ok(())
 }
 
 /// Sends every queued datagram and TUN packet, and logs every event.
-async fn drain(node: &mut Node, socket: &UdpSocket, tun: &tun_rs::AsyncDevice) {
+async fn drain(
+    node: &mut Node,
+    socket: &UdpSocket,
+    tun: &tun_rs::AsyncDevice,
+    link: &mut RelayLink,
+) {
     while let Some(t) = node.poll_transmit() {
-        if let Err(e) = socket.send_to(&t.payload, t.dst).await {
+        let Some(payload) = link.send(t.dst, t.payload) else {
+            continue;
+        };
+        if let Err(e) = socket.send_to(&payload, t.dst).await {
             tracing::debug!(%e, dst = %t.dst, "UDP send failed");
         }
     }

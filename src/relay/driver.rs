@@ -6,10 +6,14 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use rand::RngCore;
-use tokio::net::UdpSocket;
+use std::collections::BTreeMap;
+
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
 
 use super::server::{Link, RelayServer};
+use super::tcp;
 use crate::config::write_atomic;
 use crate::keys::NodeSecret;
 use crate::wire::stun;
@@ -33,6 +37,48 @@ pub fn load_or_create_key(config_dir: &Path) -> anyhow::Result<NodeSecret> {
     }
 }
 
+/// Most members attached over TCP at once (each costs two tasks and a queue).
+const MAX_TCP_CONNECTIONS: usize = 4096;
+/// A TCP member that sends nothing for this long is disconnected; members register every 10 s.
+const TCP_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+enum TcpEvent {
+    Datagram(Link, Vec<u8>),
+    Closed(Link),
+}
+
+/// Runs a TCP member's reader and writer; returns the writer's queue.
+fn spawn_tcp_connection(
+    stream: TcpStream,
+    link: Link,
+    events: mpsc::Sender<TcpEvent>,
+) -> mpsc::Sender<Vec<u8>> {
+    let _ = stream.set_nodelay(true);
+    let (mut read, mut write) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(tcp::QUEUE_DEPTH);
+    tokio::spawn(async move {
+        while let Some(d) = rx.recv().await {
+            if tcp::write_frame(&mut write, &d).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            match tokio::time::timeout(TCP_IDLE_TIMEOUT, tcp::read_frame(&mut read)).await {
+                Ok(Ok(Some(d))) => {
+                    if events.send(TcpEvent::Datagram(link, d)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Ok(None)) | Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        let _ = events.send(TcpEvent::Closed(link)).await;
+    });
+    tx
+}
+
 /// Runs the relay on `listen` until SIGINT or SIGTERM.
 pub async fn run(listen: SocketAddr, config_dir: &Path) -> anyhow::Result<()> {
     let key = load_or_create_key(config_dir)?;
@@ -53,12 +99,20 @@ pub async fn run(listen: SocketAddr, config_dir: &Path) -> anyhow::Result<()> {
     let alt = UdpSocket::bind(alt_addr)
         .await
         .map_err(|e| anyhow::anyhow!("binding the second STUN port UDP {alt_addr}: {e}"))?;
+    // TCP on the same port, for members whose UDP is blocked.
+    let tcp = TcpListener::bind(listen).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::anyhow!("TCP {listen} is already in use (is another relay running?)")
+        } else {
+            anyhow::anyhow!("binding TCP {listen}: {e}")
+        }
+    })?;
     let mut server =
         RelayServer::new(key, rand::rngs::OsRng.next_u64()).with_sequence_start(start_us);
     #[allow(clippy::print_stdout)]
     {
         println!(
-            "meshvpn relay listening on {listen} (UDP; STUN also on port {}), public key {}",
+            "meshvpn relay listening on {listen} (UDP and TCP; STUN also on UDP port {}), public key {}",
             alt_addr.port(),
             server.public_key()
         );
@@ -68,10 +122,23 @@ pub async fn run(listen: SocketAddr, config_dir: &Path) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut buf = vec![0u8; 65_536];
     let mut alt_buf = vec![0u8; 1_500];
+    let (tcp_in_tx, mut tcp_in) = mpsc::channel::<TcpEvent>(1024);
+    let mut tcp_writers: BTreeMap<u64, mpsc::Sender<Vec<u8>>> = BTreeMap::new();
+    let mut next_conn: u64 = 1;
     loop {
         while let Some(t) = server.poll_transmit() {
-            if let Err(e) = socket.send_to(&t.payload, t.link.addr()).await {
-                tracing::debug!(%e, dst = %t.link.addr(), "UDP send failed");
+            match t.link {
+                Link::Udp(dst) => {
+                    if let Err(e) = socket.send_to(&t.payload, dst).await {
+                        tracing::debug!(%e, %dst, "UDP send failed");
+                    }
+                }
+                Link::Tcp { id, .. } => {
+                    // A full queue drops the datagram, as congestion on UDP would.
+                    if let Some(w) = tcp_writers.get(&id) {
+                        let _ = w.try_send(t.payload);
+                    }
+                }
             }
         }
         let deadline = server
@@ -90,6 +157,25 @@ pub async fn run(listen: SocketAddr, config_dir: &Path) -> anyhow::Result<()> {
                     }
                 }
             }
+            r = tcp.accept() => match r {
+                Ok((stream, remote)) if tcp_writers.len() < MAX_TCP_CONNECTIONS => {
+                    let id = next_conn;
+                    next_conn += 1;
+                    let link = Link::Tcp { id, remote };
+                    tcp_writers.insert(id, spawn_tcp_connection(stream, link, tcp_in_tx.clone()));
+                }
+                Ok((_, remote)) => tracing::warn!(%remote, "refusing TCP connection: too many"),
+                Err(e) => tracing::debug!(%e, "TCP accept failed"),
+            },
+            Some(ev) = tcp_in.recv() => match ev {
+                TcpEvent::Datagram(link, bytes) => server.handle_datagram(Instant::now(), link, &bytes),
+                TcpEvent::Closed(link) => {
+                    if let Link::Tcp { id, .. } = link {
+                        tcp_writers.remove(&id);
+                    }
+                    server.handle_link_closed(link);
+                }
+            },
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
