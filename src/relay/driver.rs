@@ -64,14 +64,11 @@ fn spawn_tcp_connection(
         }
     });
     tokio::spawn(async move {
-        loop {
-            match tokio::time::timeout(TCP_IDLE_TIMEOUT, tcp::read_frame(&mut read)).await {
-                Ok(Ok(Some(d))) => {
-                    if events.send(TcpEvent::Datagram(link, d)).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(Ok(None)) | Ok(Err(_)) | Err(_) => break,
+        while let Ok(Ok(Some(d))) =
+            tokio::time::timeout(TCP_IDLE_TIMEOUT, tcp::read_frame(&mut read)).await
+        {
+            if events.send(TcpEvent::Datagram(link, d)).await.is_err() {
+                return;
             }
         }
         let _ = events.send(TcpEvent::Closed(link)).await;
