@@ -137,7 +137,7 @@ fn every_pair_of_nat_kinds_matches_the_oracle() {
                 "{:<26} {:<26} {:>8} {:>10.2}s {:>10}",
                 name(ka),
                 name(kb),
-                if expect { "direct" } else { "relay" },
+                format!("{:?}", nat::outcome(ka.as_ref(), kb.as_ref())).to_lowercase(),
                 first.as_secs_f64(),
                 direct
                     .map(|d| format!("{:.2}s", d.as_secs_f64()))
@@ -203,4 +203,46 @@ fn a_flushed_nat_mapping_recovers() {
         .run_until(Duration::from_secs(60), |s| both_direct(s, a, b))
         .expect("direct again");
     println!("direct again {t:?} later");
+}
+
+#[test]
+fn a_failing_birthday_probe_stays_within_its_budget_and_backs_off() {
+    use meshvpn::node::birthday::{
+        ATTEMPT_DURATION, PROBES_PER_TICK, PROBE_BUDGET, RETRY_MIN, START_AFTER,
+    };
+    let seed = simnet::seed(0x0a7_0004);
+    let mut sim = Sim::new(seed, (10, 40), 0.0);
+    let easy = sim.add_member_behind(NatSpec::HOME_ROUTER);
+    let hard = sim.add_member_behind(NatSpec::SYMMETRIC);
+    sim.run_until(Duration::from_secs(10), |s| {
+        s.members[easy].node.peer_keys().count() == 1
+    })
+    .expect("membership");
+    // Every direct datagram is lost from now on: the probe can never land.
+    sim.direct_blocked = true;
+    let before = sim.members[easy].sent_direct;
+    let window = START_AFTER + ATTEMPT_DURATION + Duration::from_secs(5);
+    sim.run_for(window);
+    let sprayed = sim.members[easy].sent_direct - before;
+    println!("easy side sent {sprayed} direct datagrams in {window:?} (budget {PROBE_BUDGET})");
+    assert!(
+        sprayed >= PROBE_BUDGET as u64 / 2,
+        "the easy side must actually spray ({sprayed})"
+    );
+    // Ordinary probes add at most a few dozen datagrams to the budget.
+    assert!(
+        sprayed <= PROBE_BUDGET as u64 + 100,
+        "budget exceeded: {sprayed}"
+    );
+    // At most PROBES_PER_TICK per tick: the budget cannot be spent in under budget/rate ticks.
+    let min_ticks = u64::from(PROBE_BUDGET / PROBES_PER_TICK);
+    assert!(window.as_millis() as u64 / 250 >= min_ticks);
+    // The next attempt waits for the backoff: nearly nothing is sprayed in the following minute.
+    let before = sim.members[easy].sent_direct;
+    sim.run_for(RETRY_MIN - Duration::from_secs(10));
+    let quiet = sim.members[easy].sent_direct - before;
+    println!("then {quiet} direct datagrams during the backoff");
+    assert!(quiet < 200, "no new spray during the backoff ({quiet})");
+    let k = sim.key(hard);
+    assert_eq!(sim.members[easy].node.path_to(&k), Some(Path::Relayed));
 }

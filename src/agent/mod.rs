@@ -7,6 +7,7 @@
 
 mod ifaddrs;
 mod relay_link;
+mod sockets;
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -25,6 +26,7 @@ use crate::control::{self, Request};
 use crate::node::{self, Event, Node, NodeConfig, RelayTarget};
 use crate::wire::token::RelayEndpoint;
 use relay_link::{LinkEvent, RelayLink};
+use sockets::ExtraSockets;
 
 /// How often the host's addresses are re-read (a change is re-announced to peers).
 const ENDPOINT_REFRESH: Duration = Duration::from_secs(10);
@@ -137,9 +139,10 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
     let mut tun_buf = vec![0u8; 65_536];
     let mut endpoint_timer = tokio::time::interval(ENDPOINT_REFRESH);
     let mut link = RelayLink::new(relay_addr, Instant::now());
+    let (mut extra, mut extra_rx) = ExtraSockets::new();
 
     loop {
-        drain(&mut node, &socket, &tun, &mut link).await;
+        drain(&mut node, &socket, &tun, &mut link, &mut extra).await;
         if let Some(over_tcp) = link.poll(Instant::now(), node.is_registered()) {
             node.set_relay_over_tcp(Instant::now(), over_tcp);
         }
@@ -157,6 +160,7 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
                 }
                 Err(e) => tracing::debug!(%e, "UDP receive failed"),
             },
+            Some((n, from, bytes)) = extra_rx.recv() => node.handle_udp_on(Instant::now(), n, normalise(from), &bytes),
             ev = link.recv() => match ev {
                 LinkEvent::Datagram(d) => node.handle_udp(Instant::now(), relay_addr, &d),
                 LinkEvent::Connected(result) => {
@@ -180,7 +184,10 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
                     let _ = reply.send(serde_json::to_string(&status).unwrap_or_default());
                 }
             },
-            _ = endpoint_timer.tick() => node.set_local_endpoints(Instant::now(), local_endpoints(port, &ifname)),
+            _ = endpoint_timer.tick() => {
+                node.set_local_endpoints(Instant::now(), local_endpoints(port, &ifname));
+                extra.retain(&node.active_sockets());
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -188,7 +195,7 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
 
     tracing::info!("shutting down: telling the relay we leave");
     node.leave(Instant::now());
-    drain(&mut node, &socket, &tun, &mut link).await;
+    drain(&mut node, &socket, &tun, &mut link, &mut extra).await;
     // Give the TCP writer a moment to flush the goodbye.
     if link.over_tcp() {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -203,8 +210,13 @@ async fn drain(
     socket: &UdpSocket,
     tun: &tun_rs::AsyncDevice,
     link: &mut RelayLink,
+    extra: &mut ExtraSockets,
 ) {
     while let Some(t) = node.poll_transmit() {
+        if t.socket != 0 {
+            extra.send(t.socket, t.dst, &t.payload).await;
+            continue;
+        }
         let Some(payload) = link.send(t.dst, t.payload) else {
             continue;
         };

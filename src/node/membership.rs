@@ -76,6 +76,7 @@ impl Node {
         let dgram = wire::seal_to_relay(&self.relay.session, self.public, req, nonce);
         self.transmits.push_back(Transmit {
             dst: self.relay.target.addr,
+            socket: 0,
             payload: dgram,
         });
     }
@@ -255,6 +256,8 @@ impl Node {
             rx_bytes: 0,
             tx_bytes: 0,
             ip_conflict: false,
+            relayed_since: now,
+            birthday: Default::default(),
         };
         peer.refresh_candidates();
         self.events.push_back(Event::PeerJoined {

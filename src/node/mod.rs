@@ -34,6 +34,7 @@
 //! Time inside boringtun's `Tunn` is real time; the node additionally re-sends handshakes on its
 //! own clock ([`peer::HANDSHAKE_RETRY`]) so that simulations with loss make progress.
 
+pub mod birthday;
 mod membership;
 pub mod netcheck;
 mod paths;
@@ -105,11 +106,15 @@ pub struct NodeConfig {
     pub seed: u64,
 }
 
-/// A datagram the node wants sent from its UDP socket.
+/// A datagram the node wants sent from one of its UDP sockets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
     /// Destination address.
     pub dst: SocketAddr,
+    /// Which socket sends it: 0 is the main socket; 1..=256 are the extra sockets of a
+    /// birthday probe, which the driver opens on first use (any free port) and closes when
+    /// [`Node::active_sockets`] no longer lists them.
+    pub socket: u16,
     /// Datagram bytes.
     pub payload: Vec<u8>,
 }
@@ -363,11 +368,16 @@ impl Node {
         }
     }
 
-    /// Handles one datagram received on the UDP socket from `from`.
+    /// Handles one datagram received on the main UDP socket from `from`.
     pub fn handle_udp(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        self.handle_udp_on(now, 0, from, bytes);
+    }
+
+    /// Handles one datagram received on socket `socket` (see [`Transmit::socket`]) from `from`.
+    pub fn handle_udp_on(&mut self, now: Instant, socket: u16, from: SocketAddr, bytes: &[u8]) {
         match wire::classify(bytes) {
-            DatagramKind::WireGuard => self.handle_wireguard(now, from, None, bytes),
-            DatagramKind::Meshvpn => self.handle_frame(now, from, bytes),
+            DatagramKind::WireGuard => self.handle_wireguard(now, from, socket, None, bytes),
+            DatagramKind::Meshvpn => self.handle_frame(now, from, socket, bytes),
             DatagramKind::Stun => match stun::parse(bytes) {
                 Some(stun::Binding::Response { tx, mapped }) => {
                     if self.netcheck.handle_response(now, from, tx, mapped) {
@@ -380,6 +390,21 @@ impl Node {
             },
             DatagramKind::Unknown => self.drops.malformed += 1,
         }
+    }
+
+    /// The sockets the node uses now: the main one (0), the extra sockets of a running
+    /// birthday probe, and the sockets of direct paths. The driver closes any others.
+    pub fn active_sockets(&self) -> std::collections::BTreeSet<u16> {
+        let mut set: std::collections::BTreeSet<u16> = [0].into();
+        for p in self.peers.values() {
+            if p.birthday.is_hard() {
+                set.extend(1..=birthday::SPRAY_SOCKETS);
+            }
+            if let Some((_, socket)) = p.direct() {
+                set.insert(socket);
+            }
+        }
+        set
     }
 
     /// Runs every timer that is due.
@@ -496,6 +521,7 @@ impl Node {
         for (dst, tx) in round {
             self.transmits.push_back(Transmit {
                 dst,
+                socket: 0,
                 payload: stun::binding_request(tx),
             });
         }
@@ -525,7 +551,7 @@ impl Node {
 
     // ----- inbound -------------------------------------------------------------------------
 
-    fn handle_frame(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+    fn handle_frame(&mut self, now: Instant, from: SocketAddr, socket: u16, bytes: &[u8]) {
         let frame = match Frame::parse(bytes) {
             Ok(f) => f,
             Err(e) => {
@@ -567,19 +593,21 @@ impl Node {
                 }
                 match wire::classify(payload) {
                     DatagramKind::WireGuard => {
-                        self.handle_wireguard(now, from, Some(sender), payload)
+                        self.handle_wireguard(now, from, 0, Some(sender), payload)
                     }
                     DatagramKind::Meshvpn => match Frame::parse(payload) {
                         Ok(Frame::Disco {
                             sender: inner,
                             sealed,
-                        }) if inner == sender => self.handle_disco(now, None, sender, sealed),
+                        }) if inner == sender => self.handle_disco(now, None, 0, sender, sealed),
                         _ => self.drops.malformed += 1,
                     },
                     DatagramKind::Stun | DatagramKind::Unknown => self.drops.malformed += 1,
                 }
             }
-            Frame::Disco { sender, sealed } => self.handle_disco(now, Some(from), sender, sealed),
+            Frame::Disco { sender, sealed } => {
+                self.handle_disco(now, Some(from), socket, sender, sealed)
+            }
             Frame::KeyRequest
             | Frame::KeyResponse { .. }
             | Frame::ToRelay { .. }
@@ -592,6 +620,7 @@ impl Node {
         &mut self,
         now: Instant,
         from: SocketAddr,
+        socket: u16,
         via_relay: Option<PeerKey>,
         bytes: &[u8],
     ) {
@@ -657,6 +686,7 @@ impl Node {
                 Some(k) => self.relay_payload(k, &r),
                 None => self.transmits.push_back(Transmit {
                     dst: from,
+                    socket,
                     payload: r,
                 }),
             }
@@ -686,8 +716,12 @@ impl Node {
     // ----- outbound helpers ----------------------------------------------------------------
 
     fn send_to_peer(&mut self, key: PeerKey, payload: Vec<u8>) {
-        match self.peers.get(&key).and_then(|p| p.direct_addr()) {
-            Some(dst) => self.transmits.push_back(Transmit { dst, payload }),
+        match self.peers.get(&key).and_then(|p| p.direct()) {
+            Some((dst, socket)) => self.transmits.push_back(Transmit {
+                dst,
+                socket,
+                payload,
+            }),
             None => self.relay_payload(key, &payload),
         }
     }
@@ -696,6 +730,7 @@ impl Node {
         let dgram = Frame::RelaySend { to, payload }.to_vec();
         self.transmits.push_back(Transmit {
             dst: self.relay.target.addr,
+            socket: 0,
             payload: dgram,
         });
     }

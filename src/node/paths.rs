@@ -13,11 +13,20 @@ use super::{Event, Node, Transmit};
 use crate::keys::PeerKey;
 use crate::wire::{self, Disco};
 
-impl Node {
-    // ----- per-peer timers: probing, keepalive, handshakes ---------------------------------
+/// What a probe round wants sent.
+enum Probe {
+    /// A ping to `addr` from our socket `socket` (`addr` `None`: through the relay).
+    Ping {
+        addr: Option<SocketAddr>,
+        socket: u16,
+    },
+    /// A call-me through the relay.
+    CallMe,
+}
 
+impl Node {
     pub(super) fn peer_timers(&mut self, now: Instant, key: PeerKey) {
-        let mut out: Vec<(Option<SocketAddr>, Disco)> = Vec::new();
+        let mut out: Vec<Probe> = Vec::new();
         let mut changed = None;
         {
             let Some(p) = self.peers.get_mut(&key) else {
@@ -25,53 +34,60 @@ impl Node {
             };
             p.outstanding
                 .retain(|_, ping| now.saturating_duration_since(ping.sent) < peer::PING_EXPIRY);
-            match p.path {
-                Path::Direct {
-                    addr, last_pong, ..
-                } => {
-                    if now.saturating_duration_since(last_pong) > peer::DIRECT_TIMEOUT {
-                        p.path = Path::Relayed;
-                        p.backoff = peer::PROBE_BACKOFF_MIN;
-                        p.next_probe = now;
-                        changed = Some(p.path);
-                    } else if now >= p.next_probe {
-                        p.next_probe = now + peer::DIRECT_PING_INTERVAL;
-                        out.push((Some(addr), Disco::Ping { tx: [0; 12] }));
-                    }
+            if let Path::Direct {
+                addr,
+                socket,
+                last_pong,
+                ..
+            } = p.path
+            {
+                if now.saturating_duration_since(last_pong) > peer::DIRECT_TIMEOUT {
+                    p.path = Path::Relayed;
+                    p.relayed_since = now;
+                    p.backoff = peer::PROBE_BACKOFF_MIN;
+                    p.next_probe = now;
+                    changed = Some(p.path);
+                } else if now >= p.next_probe {
+                    p.next_probe = now + peer::DIRECT_PING_INTERVAL;
+                    out.push(Probe::Ping {
+                        addr: Some(addr),
+                        socket,
+                    });
                 }
-                Path::Relayed => {}
             }
             if matches!(p.path, Path::Relayed) {
                 if now >= p.next_probe {
                     for c in &p.candidates {
-                        out.push((Some(*c), Disco::Ping { tx: [0; 12] }));
+                        out.push(Probe::Ping {
+                            addr: Some(*c),
+                            socket: 0,
+                        });
                     }
                     // Ask the peer (through the relay) to probe us at the same moment, so both
                     // NATs open their mappings towards each other together.
-                    out.push((
-                        None,
-                        Disco::CallMe {
-                            endpoints: Vec::new(),
-                        },
-                    ));
+                    out.push(Probe::CallMe);
                     p.next_probe = now + p.backoff;
                     p.backoff = (p.backoff * 2).min(peer::PROBE_BACKOFF_MAX);
                 }
                 if now >= p.next_relay_ping {
                     p.next_relay_ping = now + peer::RELAY_PING_INTERVAL;
-                    out.push((None, Disco::Ping { tx: [0; 12] }));
+                    out.push(Probe::Ping {
+                        addr: None,
+                        socket: 0,
+                    });
                 }
             }
         }
         if let Some(path) = changed {
             self.path_changed(key, path);
         }
-        for (addr, msg) in out {
-            match msg {
-                Disco::CallMe { .. } => self.send_call_me(key),
-                Disco::Ping { .. } | Disco::Pong { .. } => self.send_ping(now, key, addr, msg),
+        for probe in out {
+            match probe {
+                Probe::CallMe => self.send_call_me(key),
+                Probe::Ping { addr, socket } => self.send_ping(now, key, addr, socket),
             }
         }
+        self.birthday_timers(now, key);
         self.wireguard_timers(now, key);
     }
 
@@ -108,12 +124,13 @@ impl Node {
         }
     }
 
+    /// Sends a ping to `addr` from our socket `socket`, or through the relay if `addr` is `None`.
     pub(super) fn send_ping(
         &mut self,
         now: Instant,
         key: PeerKey,
         addr: Option<SocketAddr>,
-        _template: Disco,
+        socket: u16,
     ) {
         let mut tx = [0u8; 12];
         self.rng.fill_bytes(&mut tx);
@@ -121,34 +138,43 @@ impl Node {
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
-        p.outstanding.insert(tx, PendingPing { addr, sent: now });
+        p.outstanding.insert(
+            tx,
+            PendingPing {
+                addr,
+                socket,
+                sent: now,
+            },
+        );
         let dgram = wire::seal_disco(&p.disco_key, self.public, &Disco::Ping { tx }, nonce);
         match addr {
             Some(dst) => self.transmits.push_back(Transmit {
                 dst,
+                socket,
                 payload: dgram,
             }),
             None => self.relay_payload(key, &dgram),
         }
     }
 
-    /// Sends a call-me with every address we know for ourselves through the relay.
-    pub(super) fn send_call_me(&mut self, key: PeerKey) {
-        let mut endpoints = self.local_endpoints.clone();
-        endpoints.extend(self.relay.observed);
-        endpoints.sort();
-        endpoints.dedup();
+    /// Sends a sealed disco message to `key` through the relay.
+    pub(super) fn send_disco_via_relay(&mut self, key: PeerKey, msg: &Disco) {
         let nonce = self.nonce();
         let Some(p) = self.peers.get(&key) else {
             return;
         };
-        let dgram = wire::seal_disco(
-            &p.disco_key,
-            self.public,
-            &Disco::CallMe { endpoints },
-            nonce,
-        );
+        let dgram = wire::seal_disco(&p.disco_key, self.public, msg, nonce);
         self.relay_payload(key, &dgram);
+    }
+
+    /// Sends a call-me with every address we know for ourselves through the relay.
+    pub(super) fn send_call_me(&mut self, key: PeerKey) {
+        let mut endpoints = self.local_endpoints.clone();
+        endpoints.extend(self.relay.observed);
+        endpoints.extend(self.port_mapping.as_ref().map(|(_, a)| *a));
+        endpoints.sort();
+        endpoints.dedup();
+        self.send_disco_via_relay(key, &Disco::CallMe { endpoints });
     }
 
     pub(super) fn path_changed(&mut self, key: PeerKey, path: Path) {
@@ -161,11 +187,13 @@ impl Node {
         }
     }
 
-    /// A disco message from `sender`, arrived directly from `from` or (if `None`) via the relay.
+    /// A disco message from `sender`, arrived directly from `from` on our socket `socket`, or
+    /// (if `from` is `None`) via the relay.
     pub(super) fn handle_disco(
         &mut self,
         now: Instant,
         from: Option<SocketAddr>,
+        socket: u16,
         sender: PeerKey,
         sealed: &[u8],
     ) {
@@ -195,18 +223,23 @@ impl Node {
                 );
                 let mut punch_back = None;
                 if let Some(addr) = from {
-                    let new =
-                        p.candidates.len() < peer::MAX_CANDIDATES && p.candidates.insert(addr);
+                    let new = socket == 0
+                        && p.candidates.len() < peer::MAX_CANDIDATES
+                        && p.candidates.insert(addr);
                     if matches!(p.path, Path::Relayed) || new {
                         punch_back = Some(addr);
                     }
                 }
                 match from {
-                    Some(dst) => self.transmits.push_back(Transmit { dst, payload: pong }),
+                    Some(dst) => self.transmits.push_back(Transmit {
+                        dst,
+                        socket,
+                        payload: pong,
+                    }),
                     None => self.relay_payload(sender, &pong),
                 }
                 if let Some(addr) = punch_back {
-                    self.send_ping(now, sender, Some(addr), Disco::Ping { tx: [0; 12] });
+                    self.send_ping(now, sender, Some(addr), socket);
                 }
             }
             Disco::Pong { tx, .. } => {
@@ -216,15 +249,16 @@ impl Node {
                 let rtt = now.saturating_duration_since(ping.sent);
                 match (ping.addr, from) {
                     (None, None) => p.relay_rtt = Some(rtt),
-                    (Some(addr), Some(src)) if addr == src => {
+                    (Some(addr), Some(src)) if addr == src && ping.socket == socket => {
                         let switch = match p.path {
                             Path::Relayed => true,
                             Path::Direct {
                                 addr: cur,
+                                socket: cur_socket,
                                 rtt: cur_rtt,
                                 last_pong,
                             } => {
-                                cur == addr
+                                (cur == addr && cur_socket == socket)
                                     || now.saturating_duration_since(last_pong)
                                         > peer::DIRECT_PING_INTERVAL * 2
                                     || rtt.as_secs_f64() < cur_rtt.as_secs_f64() * 0.7
@@ -232,14 +266,16 @@ impl Node {
                         };
                         if switch {
                             let was_relayed = matches!(p.path, Path::Relayed);
-                            let addr_changed = p.direct_addr() != Some(addr);
+                            let moved = p.direct() != Some((addr, socket));
                             p.path = Path::Direct {
                                 addr,
+                                socket,
                                 rtt,
                                 last_pong: now,
                             };
-                            if was_relayed || addr_changed {
+                            if was_relayed || moved {
                                 p.next_probe = now + peer::DIRECT_PING_INTERVAL;
+                                p.birthday.finish(now, true);
                                 let path = p.path;
                                 self.path_changed(sender, path);
                             }
@@ -259,10 +295,11 @@ impl Node {
                     // call-mes) and without touching our backoff.
                     let targets: Vec<SocketAddr> = p.candidates.iter().copied().collect();
                     for addr in targets {
-                        self.send_ping(now, sender, Some(addr), Disco::Ping { tx: [0; 12] });
+                        self.send_ping(now, sender, Some(addr), 0);
                     }
                 }
             }
+            Disco::Spray => self.handle_spray(now, sender),
         }
     }
 }

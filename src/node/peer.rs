@@ -52,9 +52,11 @@ pub const MAX_CANDIDATES: usize = 24;
 pub enum Path {
     /// Through the relay.
     Relayed,
-    /// Straight to `addr`, last confirmed by a pong at `last_pong`.
+    /// Straight to `addr` from our socket `socket` (0 is the main socket; others are the
+    /// extra sockets of a birthday probe), last confirmed by a pong at `last_pong`.
     Direct {
         addr: SocketAddr,
+        socket: u16,
         rtt: Duration,
         last_pong: Instant,
     },
@@ -63,7 +65,10 @@ pub enum Path {
 /// A ping in flight.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PendingPing {
+    /// Where it went (`None`: through the relay).
     pub(crate) addr: Option<SocketAddr>,
+    /// Which of our sockets sent it.
+    pub(crate) socket: u16,
     pub(crate) sent: Instant,
 }
 
@@ -87,6 +92,9 @@ pub(crate) struct Peer {
     pub(crate) rx_bytes: u64,
     pub(crate) tx_bytes: u64,
     pub(crate) ip_conflict: bool,
+    /// Since when the path has been relayed (for starting a birthday probe).
+    pub(crate) relayed_since: Instant,
+    pub(crate) birthday: super::birthday::Birthday,
 }
 
 impl Peer {
@@ -120,10 +128,10 @@ impl Peer {
         }
     }
 
-    /// The direct address, if the path is direct.
-    pub(crate) fn direct_addr(&self) -> Option<SocketAddr> {
+    /// The direct address and our socket for it, if the path is direct.
+    pub(crate) fn direct(&self) -> Option<(SocketAddr, u16)> {
         match self.path {
-            Path::Direct { addr, .. } => Some(addr),
+            Path::Direct { addr, socket, .. } => Some((addr, socket)),
             Path::Relayed => None,
         }
     }

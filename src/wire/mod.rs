@@ -543,6 +543,9 @@ pub enum Disco {
     Pong { tx: [u8; 12], observed: SocketAddr },
     /// "Probe these addresses of mine now" (sent through the relay so both sides punch together).
     CallMe { endpoints: Vec<SocketAddr> },
+    /// "My symmetric NAT now holds many mappings towards you: ping random ports of my address"
+    /// (a birthday probe, see `node::birthday`).
+    Spray,
 }
 
 /// At most this many endpoints in an announcement or a call-me.
@@ -564,6 +567,9 @@ impl Disco {
                     w.addr(e);
                 }
             }
+            Disco::Spray => {
+                w.u8(4);
+            }
         }
         w.buf
     }
@@ -584,6 +590,7 @@ impl Disco {
                 let endpoints = (0..n).map(|_| r.addr()).collect::<Result<_, _>>()?;
                 Disco::CallMe { endpoints }
             }
+            4 => Disco::Spray,
             other => return Err(WireError::UnknownType("disco", other)),
         })
     }

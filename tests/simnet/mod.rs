@@ -41,6 +41,8 @@ pub struct Member {
     pub alive: bool,
     /// Index of the NAT this member sits behind (its `addr` is then private).
     pub site: Option<usize>,
+    /// Datagrams this member sent to anything but the relay.
+    pub sent_direct: u64,
     /// IP packets the node wrote to its TUN device.
     pub delivered: Vec<Vec<u8>>,
 }
@@ -166,6 +168,7 @@ impl Sim {
             addr,
             alive: true,
             site,
+            sent_direct: 0,
             delivered: Vec::new(),
         });
         i
@@ -180,11 +183,13 @@ impl Sim {
     }
 
     /// Routes a datagram from member `i` (or the relay, `None`) towards `dst`, through NATs.
-    fn send_from(&mut self, i: Option<usize>, dst: SocketAddr, payload: Vec<u8>) {
+    /// Member `i`'s socket `socket` sends from port `main port + socket`.
+    fn send_from(&mut self, i: Option<usize>, socket: u16, dst: SocketAddr, payload: Vec<u8>) {
         let src = match i {
             None => self.relay_addr,
             Some(i) => {
-                let (addr, site) = (self.members[i].addr, self.members[i].site);
+                let (mut addr, site) = (self.members[i].addr, self.members[i].site);
+                addr.set_port(addr.port() + socket);
                 match site {
                     None => addr,
                     Some(s) => {
@@ -234,7 +239,10 @@ impl Sim {
                 while let Some(t) = self.members[i].node.poll_transmit() {
                     moved = true;
                     if self.members[i].alive {
-                        self.send_from(Some(i), t.dst, t.payload);
+                        if t.dst.ip() != self.relay_addr.ip() {
+                            self.members[i].sent_direct += 1;
+                        }
+                        self.send_from(Some(i), t.socket, t.dst, t.payload);
                     }
                 }
                 while let Some(p) = self.members[i].node.poll_tun() {
@@ -245,7 +253,7 @@ impl Sim {
             while let Some(t) = self.relay.poll_transmit() {
                 moved = true;
                 if self.relay_alive {
-                    self.send_from(None, t.link.addr(), t.payload);
+                    self.send_from(None, 0, t.link.addr(), t.payload);
                 }
             }
             if !moved {
@@ -328,9 +336,15 @@ impl Sim {
                 }
             }
         }
-        if let Some(m) = self.members.iter_mut().find(|m| m.addr == dst && m.alive) {
+        let owner = |m: &Member| {
+            m.alive
+                && m.addr.ip() == dst.ip()
+                && (m.addr.port()..=m.addr.port() + 256).contains(&dst.port())
+        };
+        if let Some(m) = self.members.iter_mut().find(|m| owner(m)) {
             self.delivered_datagrams += 1;
-            m.node.handle_udp(now, p.src, &p.payload);
+            let socket = dst.port() - m.addr.port();
+            m.node.handle_udp_on(now, socket, p.src, &p.payload);
         }
     }
 

@@ -108,20 +108,38 @@ impl NatSpec {
     }
 }
 
-/// Whether members behind `a` and `b` (None: a public address) can have a direct path,
-/// given that each learns the other's relay-observed address and both probe together.
-pub fn direct_possible(a: Option<&NatSpec>, b: Option<&NatSpec>) -> bool {
+/// How two members behind `a` and `b` (None: a public address) can reach each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Ordinary punching: each side probes the other's relay-observed address together.
+    Punch,
+    /// Only a birthday probe finds a path (one side symmetric, the other port-restricted).
+    Birthday,
+    /// No direct path: both sides have unpredictable mappings.
+    Relay,
+}
+
+/// The oracle: what kind of path members behind `a` and `b` can have.
+pub fn outcome(a: Option<&NatSpec>, b: Option<&NatSpec>) -> Outcome {
     let (Some(a), Some(b)) = (a, b) else {
-        return true;
+        return Outcome::Punch;
     };
+    let easy_filter = |s: &NatSpec| s.filtering != Filtering::AddressAndPortDependent;
     match (a.predictable(), b.predictable()) {
-        (true, true) => true,
+        (true, true) => Outcome::Punch,
         // The predictable side must accept a packet from an unknown port of the other side's
-        // address: after probing that address, only EIF or ADF filtering lets it in.
-        (true, false) => a.filtering != Filtering::AddressAndPortDependent,
-        (false, true) => b.filtering != Filtering::AddressAndPortDependent,
-        (false, false) => false,
+        // address: after probing that address, EIF or ADF filtering lets it in; with APDF only
+        // guessing the port (a birthday probe) does.
+        (true, false) if easy_filter(a) => Outcome::Punch,
+        (false, true) if easy_filter(b) => Outcome::Punch,
+        (true, false) | (false, true) => Outcome::Birthday,
+        (false, false) => Outcome::Relay,
     }
+}
+
+/// Whether a direct path is possible at all (with a birthday probe where needed).
+pub fn direct_possible(a: Option<&NatSpec>, b: Option<&NatSpec>) -> bool {
+    outcome(a, b) != Outcome::Relay
 }
 
 struct Binding {

@@ -1,0 +1,177 @@
+//! Birthday probing: a direct path between an endpoint-independent NAT with port-restricted
+//! filtering (a home router) and an endpoint-dependent ("symmetric") NAT.
+//!
+//! Ordinary punching fails for that pair: the symmetric side shows each destination a new,
+//! unpredictable port, and the home router lets in only what comes from exactly an address and
+//! port it sent to. So both sides guess together:
+//!
+//! 1. The *hard* (symmetric) side opens [`SPRAY_SOCKETS`] extra sockets and pings the easy
+//!    side's reflexive address from each: its NAT now holds that many mappings, each accepting
+//!    packets from exactly the easy side's address. It tells the easy side, through the relay,
+//!    to start ([`Disco::Spray`](crate::wire::Disco::Spray)).
+//! 2. The *easy* side pings random ports of the hard side's public IP from its main socket, at
+//!    most [`PROBES_PER_TICK`] per 250 ms tick (100 per second) and [`PROBE_BUDGET`] in all.
+//!    Each ping hits one of the mappings with probability 256/64512; the chance that 2,000
+//!    pings all miss is (1 − 1/252)^2000 ≈ 0.04 %.
+//! 3. A ping that lands is answered from the extra socket that owns the mapping; the easy side
+//!    has just sent to that exact port, so its NAT lets the answer in. Both sides then have a
+//!    confirmed direct path, the hard side on that extra socket.
+//!
+//! An attempt lasts at most [`ATTEMPT_DURATION`]; a failed one is retried with backoff from
+//! [`RETRY_MIN`] up to [`RETRY_MAX`]. Two symmetric NATs are not attempted: both sides would
+//! have to guess, and the odds per probe become far too small.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use super::peer::Path;
+use super::Node;
+use crate::keys::PeerKey;
+use crate::wire::{Disco, NatKind};
+
+/// Extra sockets the hard side opens (NAT mappings to be hit).
+pub const SPRAY_SOCKETS: u16 = 256;
+/// Pings the easy side sends per 250 ms tick: 100 per second keeps the burst small for any
+/// router on the way.
+pub const PROBES_PER_TICK: u32 = 25;
+/// Most pings the easy side sends in one attempt.
+pub const PROBE_BUDGET: u32 = 2_000;
+/// How long an attempt may last: the budget at the rate above takes 20 s.
+pub const ATTEMPT_DURATION: Duration = Duration::from_secs(25);
+/// Ordinary punching gets this long before a birthday attempt starts.
+pub const START_AFTER: Duration = Duration::from_secs(5);
+/// Wait after a failed attempt; doubles up to [`RETRY_MAX`].
+pub const RETRY_MIN: Duration = Duration::from_secs(60);
+/// Longest wait between attempts.
+pub const RETRY_MAX: Duration = Duration::from_secs(900);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Idle,
+    Hard {
+        until: Instant,
+    },
+    Easy {
+        until: Instant,
+        target: IpAddr,
+        sent: u32,
+    },
+}
+
+/// Per-peer birthday probing state.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Birthday {
+    phase: Phase,
+    next_attempt: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Default for Birthday {
+    fn default() -> Self {
+        Self {
+            phase: Phase::Idle,
+            next_attempt: None,
+            backoff: RETRY_MIN,
+        }
+    }
+}
+
+impl Birthday {
+    /// Ends an attempt (if one runs); a failure schedules the next one with backoff.
+    pub(crate) fn finish(&mut self, now: Instant, success: bool) {
+        if self.phase == Phase::Idle {
+            return;
+        }
+        self.phase = Phase::Idle;
+        if success {
+            self.backoff = RETRY_MIN;
+            self.next_attempt = None;
+        } else {
+            self.next_attempt = Some(now + self.backoff);
+            self.backoff = (self.backoff * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// Whether this peer holds the extra sockets open.
+    pub(crate) fn is_hard(&self) -> bool {
+        matches!(self.phase, Phase::Hard { .. })
+    }
+
+    fn may_start(&self, now: Instant) -> bool {
+        self.phase == Phase::Idle && self.next_attempt.is_none_or(|t| now >= t)
+    }
+}
+
+impl Node {
+    /// Starts, paces and ends birthday attempts with `key`.
+    pub(super) fn birthday_timers(&mut self, now: Instant, key: PeerKey) {
+        let we_are_hard = self.nat == NatKind::EndpointDependent && self.port_mapping.is_none();
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let relayed = matches!(p.path, Path::Relayed);
+        match p.birthday.phase {
+            Phase::Idle => {
+                let easy_peer = p.announcement.nat == NatKind::EndpointIndependent;
+                let waited = now.saturating_duration_since(p.relayed_since) >= START_AFTER;
+                if !(we_are_hard && easy_peer && relayed && waited && p.birthday.may_start(now)) {
+                    return;
+                }
+                p.birthday.phase = Phase::Hard {
+                    until: now + ATTEMPT_DURATION,
+                };
+                let target = p.entry.observed;
+                tracing::debug!(peer = %p.announcement.name, %target, "starting a birthday probe (this side symmetric)");
+                for socket in 1..=SPRAY_SOCKETS {
+                    self.send_ping(now, key, Some(target), socket);
+                }
+                self.send_disco_via_relay(key, &Disco::Spray);
+            }
+            Phase::Hard { until } => {
+                if now >= until || !relayed {
+                    p.birthday.finish(now, !relayed);
+                }
+            }
+            Phase::Easy {
+                until,
+                target,
+                sent,
+            } => {
+                if now >= until || sent >= PROBE_BUDGET || !relayed {
+                    p.birthday.finish(now, !relayed);
+                    return;
+                }
+                let n = PROBES_PER_TICK.min(PROBE_BUDGET - sent);
+                p.birthday.phase = Phase::Easy {
+                    until,
+                    target,
+                    sent: sent + n,
+                };
+                for _ in 0..n {
+                    let port: u16 = self.rng.gen_range(1024..=u16::MAX);
+                    self.send_ping(now, key, Some(SocketAddr::new(target, port)), 0);
+                }
+            }
+        }
+    }
+
+    /// The symmetric peer `sender` opened its mappings: spray its address, if we are the easy side.
+    pub(super) fn handle_spray(&mut self, now: Instant, sender: PeerKey) {
+        let we_are_easy = self.nat == NatKind::EndpointIndependent;
+        let Some(p) = self.peers.get_mut(&sender) else {
+            return;
+        };
+        if !(we_are_easy && matches!(p.path, Path::Relayed) && p.birthday.may_start(now)) {
+            return;
+        }
+        let target = p.entry.observed.ip();
+        tracing::debug!(peer = %p.announcement.name, %target, "birthday probe: spraying the symmetric side's ports");
+        p.birthday.phase = Phase::Easy {
+            until: now + ATTEMPT_DURATION,
+            target,
+            sent: 0,
+        };
+    }
+}
