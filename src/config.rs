@@ -88,6 +88,8 @@ struct FileNode {
     log_level: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     stun_servers: Vec<String>,
+    #[serde(default = "default_true")]
+    port_mapping: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,6 +97,10 @@ struct FileNode {
 struct FileRelay {
     address: String,
     public_key: String,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_mtu() -> u16 {
@@ -126,6 +132,8 @@ pub struct Config {
     pub log_level: Option<String>,
     /// Extra STUN servers (`host:port`) for classifying the NAT, besides the relay.
     pub stun_servers: Vec<String>,
+    /// Whether to ask the gateway for a port mapping (UPnP-IGD, NAT-PMP, PCP).
+    pub port_mapping: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -171,6 +179,7 @@ impl Config {
             mtu: DEFAULT_MTU,
             log_level: None,
             stun_servers: Vec::new(),
+            port_mapping: true,
         })
     }
 
@@ -286,6 +295,7 @@ impl Config {
             mtu: file.node.mtu,
             log_level: file.node.log_level,
             stun_servers: file.node.stun_servers,
+            port_mapping: file.node.port_mapping,
         })
     }
 
@@ -305,6 +315,7 @@ impl Config {
                 mtu: self.mtu,
                 log_level: self.log_level.clone(),
                 stun_servers: self.stun_servers.clone(),
+                port_mapping: self.port_mapping,
             },
             relays: self
                 .relays

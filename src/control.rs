@@ -1,20 +1,24 @@
 //! The control socket: a Unix stream socket per network (`<run-dir>/<network>.sock`, mode 0600)
-//! over which `meshvpn status` asks the running agent for a snapshot.
+//! over which `meshvpn status`, `ping`, `peers`, `netcheck` and `down` talk to the running agent.
 //!
-//! Protocol: the client sends one request line (`status`), the agent answers with one line of
-//! JSON and closes the connection.
+//! Protocol: the client sends one request line, the agent answers with one line of JSON and
+//! closes the connection. Requests: `status`; `ping <peer>` (peer = node name or virtual IP),
+//! answered with a [`PingReply`]; `down`, answered with `{"ok":true}` before the agent leaves.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use crate::status::Status;
 
-/// How long a client waits for the agent's answer.
+/// How long a client waits for the agent's answer (a ping may take up to [`PING_TIMEOUT`]).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the agent waits for a pong before answering a ping request with a timeout.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The control socket path of `network` in `run_dir`.
 pub fn socket_path(run_dir: &Path, network: &str) -> PathBuf {
@@ -22,34 +26,72 @@ pub fn socket_path(run_dir: &Path, network: &str) -> PathBuf {
 }
 
 /// A request on the control socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// A status snapshot.
     Status,
+    /// Ping a peer (by node name or virtual IP) once on its current path.
+    Ping(String),
+    /// Leave the network and stop the agent.
+    Down,
 }
 
 impl Request {
     /// Parses a request line.
     pub fn parse(line: &str) -> Option<Self> {
-        match line.trim() {
-            "status" => Some(Request::Status),
-            _ => None,
+        let line = line.trim();
+        match line.split_once(' ') {
+            Some(("ping", peer)) if !peer.trim().is_empty() => {
+                Some(Request::Ping(peer.trim().to_string()))
+            }
+            Some(_) => None,
+            None => match line {
+                "status" => Some(Request::Status),
+                "down" => Some(Request::Down),
+                _ => None,
+            },
+        }
+    }
+
+    /// The request line.
+    pub fn to_line(&self) -> String {
+        match self {
+            Request::Status => "status\n".into(),
+            Request::Ping(peer) => format!("ping {peer}\n"),
+            Request::Down => "down\n".into(),
         }
     }
 }
 
-/// Asks the agent of `network` for its status.
-pub async fn query_status(run_dir: &Path, network: &str) -> anyhow::Result<Status> {
+/// The answer to a ping request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PingReply {
+    /// The peer's node name.
+    pub peer: String,
+    /// Whether a pong came back within [`PING_TIMEOUT`].
+    pub ok: bool,
+    /// `"direct"`, `"relay"` or `"relay-tcp"`.
+    pub path: Option<String>,
+    /// Where the pong came from when direct.
+    pub endpoint: Option<String>,
+    /// Round-trip time in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Why the ping failed, if it did.
+    pub error: Option<String>,
+}
+
+/// Sends `request` to the agent of `network` and returns its one-line answer.
+pub async fn ask(run_dir: &Path, network: &str, request: &Request) -> anyhow::Result<String> {
     let path = socket_path(run_dir, network);
     let answer = tokio::time::timeout(CLIENT_TIMEOUT, async {
         let mut stream = UnixStream::connect(&path).await?;
-        stream.write_all(b"status\n").await?;
+        stream.write_all(request.to_line().as_bytes()).await?;
         let mut line = String::new();
         BufReader::new(stream).read_line(&mut line).await?;
         Ok::<_, std::io::Error>(line)
     })
     .await;
-    let line = match answer {
+    match answer {
         Err(_) => bail!(
             "the agent of network {network:?} did not answer on {} within {CLIENT_TIMEOUT:?}",
             path.display()
@@ -62,11 +104,44 @@ pub async fn query_status(run_dir: &Path, network: &str) -> anyhow::Result<Statu
         {
             bail!("the agent of network {network:?} is not running (no control socket at {}); start it with `meshvpn up {network}`", path.display())
         }
-        Ok(Err(e)) => {
-            return Err(e).with_context(|| format!("talking to the agent on {}", path.display()))
-        }
-        Ok(Ok(line)) => line,
-    };
+        Ok(Err(e)) => Err(e).with_context(|| format!("talking to the agent on {}", path.display())),
+        Ok(Ok(line)) if line.trim().is_empty() => bail!(
+            "the agent on {} closed the connection without an answer",
+            path.display()
+        ),
+        Ok(Ok(line)) => Ok(line),
+    }
+}
+
+/// Asks the agent of `network` for its status.
+pub async fn query_status(run_dir: &Path, network: &str) -> anyhow::Result<Status> {
+    let line = ask(run_dir, network, &Request::Status).await?;
     serde_json::from_str(&line)
-        .with_context(|| format!("the agent on {} sent an unreadable answer", path.display()))
+        .with_context(|| format!("the agent of network {network:?} sent an unreadable answer"))
+}
+
+/// Whether an agent answers on `network`'s control socket.
+pub async fn is_running(run_dir: &Path, network: &str) -> bool {
+    query_status(run_dir, network).await.is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        for r in [
+            Request::Status,
+            Request::Down,
+            Request::Ping("bob".into()),
+            Request::Ping("10.1.2.3".into()),
+        ] {
+            assert_eq!(Request::parse(&r.to_line()), Some(r));
+        }
+        assert_eq!(Request::parse("ping"), None);
+        assert_eq!(Request::parse("ping "), None);
+        assert_eq!(Request::parse("reboot now"), None);
+        assert_eq!(Request::parse(""), None);
+    }
 }

@@ -55,6 +55,7 @@ pub mod demo;
 pub mod keys;
 pub mod lab;
 pub mod node;
+pub mod overlap;
 pub mod relay;
 pub mod status;
 pub mod wire;

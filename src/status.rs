@@ -81,6 +81,8 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
     /// Set when this peer claims an address another member owns (it gets no route).
     pub ip_conflict: bool,
+    /// Why the path is relayed (absent when direct).
+    pub relay_reason: Option<String>,
 }
 
 /// Drop counters by reason.

@@ -6,6 +6,7 @@
 //! timer. All protocol decisions are the node's.
 
 mod ifaddrs;
+pub(crate) mod portmap;
 mod relay_link;
 mod sockets;
 
@@ -25,6 +26,7 @@ use crate::config::Config;
 use crate::control::{self, Request};
 use crate::node::{self, Event, Node, NodeConfig, RelayTarget};
 use crate::wire::token::RelayEndpoint;
+use portmap::{PortMapper, PortMapping};
 use relay_link::{LinkEvent, RelayLink};
 use sockets::ExtraSockets;
 
@@ -140,9 +142,21 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
     let mut endpoint_timer = tokio::time::interval(ENDPOINT_REFRESH);
     let mut link = RelayLink::new(relay_addr, Instant::now());
     let (mut extra, mut extra_rx) = ExtraSockets::new();
+    let mut pings = PendingPings::default();
+    let (mapper, mut mapping) = if cfg.port_mapping {
+        let (m, rx) = PortMapper::spawn(port);
+        (Some(m), Some(rx))
+    } else {
+        (None, None)
+    };
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("{} on {ifname}, UDP port {port}", cfg.virtual_ip)),
+    ]);
 
     loop {
-        drain(&mut node, &socket, &tun, &mut link, &mut extra).await;
+        drain(&mut node, &socket, &tun, &mut link, &mut extra, &mut pings).await;
+        pings.expire(Instant::now());
         if let Some(over_tcp) = link.poll(Instant::now(), node.is_registered()) {
             node.set_relay_over_tcp(Instant::now(), over_tcp);
         }
@@ -183,7 +197,17 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
                     let status = node.status(Instant::now());
                     let _ = reply.send(serde_json::to_string(&status).unwrap_or_default());
                 }
+                Request::Ping(peer) => pings.start(&mut node, Instant::now(), &peer, reply),
+                Request::Down => {
+                    let _ = reply.send("{\"ok\":true}".into());
+                    tracing::info!("asked to go down over the control socket");
+                    break;
+                }
             },
+            Ok(()) = changed(&mut mapping) => {
+                let current = mapping.as_ref().and_then(|m| *m.borrow());
+                node.set_port_mapping(Instant::now(), current.map(|m| (m.protocol.to_string(), m.external)));
+            }
             _ = endpoint_timer.tick() => {
                 node.set_local_endpoints(Instant::now(), local_endpoints(port, &ifname));
                 extra.retain(&node.active_sockets());
@@ -194,8 +218,12 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
     }
 
     tracing::info!("shutting down: telling the relay we leave");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     node.leave(Instant::now());
-    drain(&mut node, &socket, &tun, &mut link, &mut extra).await;
+    drain(&mut node, &socket, &tun, &mut link, &mut extra, &mut pings).await;
+    if let Some(m) = mapper {
+        m.shutdown().await;
+    }
     // Give the TCP writer a moment to flush the goodbye.
     if link.over_tcp() {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -211,6 +239,7 @@ async fn drain(
     tun: &tun_rs::AsyncDevice,
     link: &mut RelayLink,
     extra: &mut ExtraSockets,
+    pings: &mut PendingPings,
 ) {
     while let Some(t) = node.poll_transmit() {
         if t.socket != 0 {
@@ -230,7 +259,29 @@ async fn drain(
         }
     }
     while let Some(ev) = node.poll_event() {
-        log_event(&ev);
+        match &ev {
+            Event::PingResult {
+                request,
+                rtt,
+                direct,
+                ..
+            } => {
+                let relayed = if link.over_tcp() {
+                    "relay-tcp"
+                } else {
+                    "relay"
+                };
+                pings.answer(*request, *rtt, *direct, relayed);
+            }
+            Event::RelayRegistered { .. }
+            | Event::RelayLost
+            | Event::RelayKeyMismatch { .. }
+            | Event::RelayError { .. }
+            | Event::PeerJoined { .. }
+            | Event::PeerLeft { .. }
+            | Event::PathChanged { .. }
+            | Event::VirtualIpConflict { .. } => log_event(&ev),
+        }
     }
 }
 
@@ -265,6 +316,7 @@ fn log_event(ev: &Event) {
             }
             node::peer::Path::Relayed => tracing::info!(peer = %name, "path via relay"),
         },
+        Event::PingResult { .. } => {}
         Event::VirtualIpConflict {
             ip,
             owner,
@@ -278,6 +330,89 @@ fn log_event(ev: &Event) {
             }
         }
     }
+}
+
+/// Waits for the port mapping to change; pending forever without a port mapper.
+async fn changed(
+    rx: &mut Option<tokio::sync::watch::Receiver<Option<PortMapping>>>,
+) -> Result<(), ()> {
+    match rx {
+        Some(rx) => rx.changed().await.map_err(|_| ()),
+        None => std::future::pending().await,
+    }
+}
+
+/// Control-socket ping requests waiting for their pong.
+#[derive(Default)]
+struct PendingPings {
+    next: u64,
+    waiting: std::collections::BTreeMap<u64, (String, oneshot::Sender<String>, Instant)>,
+}
+
+impl PendingPings {
+    fn start(&mut self, node: &mut Node, now: Instant, peer: &str, reply: oneshot::Sender<String>) {
+        let Some(key) = node.find_peer(peer) else {
+            let _ = reply.send(ping_reply(
+                peer,
+                None,
+                None,
+                "",
+                Some(format!("no member named or addressed {peer:?}")),
+            ));
+            return;
+        };
+        self.next += 1;
+        node.ping_peer(now, &key, self.next);
+        self.waiting.insert(
+            self.next,
+            (peer.to_string(), reply, now + control::PING_TIMEOUT),
+        );
+    }
+
+    fn answer(&mut self, request: u64, rtt: Duration, direct: Option<SocketAddr>, relayed: &str) {
+        if let Some((peer, reply, _)) = self.waiting.remove(&request) {
+            let path = if direct.is_some() { "direct" } else { relayed };
+            let _ = reply.send(ping_reply(&peer, Some(rtt), direct, path, None));
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let late: Vec<u64> = self
+            .waiting
+            .iter()
+            .filter(|(_, (_, _, d))| *d <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            if let Some((peer, reply, _)) = self.waiting.remove(&id) {
+                let _ = reply.send(ping_reply(
+                    &peer,
+                    None,
+                    None,
+                    "",
+                    Some(format!("no answer within {:?}", control::PING_TIMEOUT)),
+                ));
+            }
+        }
+    }
+}
+
+fn ping_reply(
+    peer: &str,
+    rtt: Option<Duration>,
+    direct: Option<SocketAddr>,
+    path: &str,
+    error: Option<String>,
+) -> String {
+    let reply = control::PingReply {
+        peer: peer.to_string(),
+        ok: rtt.is_some(),
+        path: rtt.map(|_| path.to_string()),
+        endpoint: direct.map(|a| a.to_string()),
+        rtt_ms: rtt.map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
+        error,
+    };
+    serde_json::to_string(&reply).unwrap_or_default()
 }
 
 /// IPv4-mapped IPv6 addresses are IPv4 addresses.

@@ -99,6 +99,11 @@ impl Birthday {
         matches!(self.phase, Phase::Hard { .. })
     }
 
+    /// Whether an attempt is running (either side).
+    pub(crate) fn is_running(&self) -> bool {
+        self.phase != Phase::Idle
+    }
+
     fn may_start(&self, now: Instant) -> bool {
         self.phase == Phase::Idle && self.next_attempt.is_none_or(|t| now >= t)
     }

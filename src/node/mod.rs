@@ -148,6 +148,14 @@ pub enum Event {
         name: String,
         path: Path,
     },
+    /// The answer to [`Node::ping_peer`]: `direct` is the address it came from, `None` for
+    /// the relay.
+    PingResult {
+        request: u64,
+        name: String,
+        rtt: Duration,
+        direct: Option<SocketAddr>,
+    },
     /// Two members claim one virtual IP; `owner` keeps it.
     VirtualIpConflict {
         ip: Ipv4Addr,
@@ -407,6 +415,34 @@ impl Node {
         set
     }
 
+    /// Pings member `key` once on its current path (direct or relay), for `meshvpn ping`; the
+    /// answer comes back as [`Event::PingResult`] with `request`. `false` if `key` is unknown.
+    pub fn ping_peer(&mut self, now: Instant, key: &PeerKey, request: u64) -> bool {
+        let Some((addr, socket)) = self.peers.get(key).map(|p| match p.direct() {
+            Some((a, s)) => (Some(a), s),
+            None => (None, 0),
+        }) else {
+            return false;
+        };
+        let tx = self.send_ping(now, *key, addr, socket);
+        if let Some(ping) = self
+            .peers
+            .get_mut(key)
+            .and_then(|p| p.outstanding.get_mut(&tx))
+        {
+            ping.request = Some(request);
+        }
+        true
+    }
+
+    /// Finds a member by node name or virtual IP.
+    pub fn find_peer(&self, name_or_ip: &str) -> Option<PeerKey> {
+        self.peers
+            .values()
+            .find(|p| p.announcement.name == name_or_ip || p.virtual_ip().to_string() == name_or_ip)
+            .map(|p| p.key)
+    }
+
     /// Runs every timer that is due.
     pub fn handle_timeout(&mut self, now: Instant) {
         if now < self.next_tick {
@@ -478,10 +514,11 @@ impl Node {
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
                     ip_conflict: p.ip_conflict,
+                    relay_reason: matches!(p.path, Path::Relayed)
+                        .then(|| self.relay_reason(now, p)),
                 }
             })
             .collect();
-        let _ = now;
         Status {
             network: self.cfg.network_name.clone(),
             name: self.cfg.name.clone(),
@@ -507,6 +544,27 @@ impl Node {
             peers,
             dropped: self.drops,
         }
+    }
+
+    /// Why `p` is relayed, in words for `status` and `netcheck`.
+    fn relay_reason(&self, now: Instant, p: &Peer) -> String {
+        let next = p.next_probe.saturating_duration_since(now).as_secs();
+        if self.relay_over_tcp {
+            return "UDP blocked here (relay over TCP)".into();
+        }
+        if p.announcement.nat == NatKind::UdpBlocked {
+            return "UDP blocked at the peer (it uses the relay over TCP)".into();
+        }
+        let hard = |k: NatKind| k == NatKind::EndpointDependent;
+        if hard(self.nat) && hard(p.announcement.nat) && self.port_mapping.is_none() {
+            return format!(
+                "both sides symmetric, no port mapping; next direct attempt in {next} s"
+            );
+        }
+        if p.birthday.is_running() {
+            return "birthday probe in progress (one side symmetric)".into();
+        }
+        format!("no direct answer yet; next direct attempt in {next} s")
     }
 
     // ----- NAT classification --------------------------------------------------------------

@@ -84,7 +84,9 @@ impl Node {
         for probe in out {
             match probe {
                 Probe::CallMe => self.send_call_me(key),
-                Probe::Ping { addr, socket } => self.send_ping(now, key, addr, socket),
+                Probe::Ping { addr, socket } => {
+                    self.send_ping(now, key, addr, socket);
+                }
             }
         }
         self.birthday_timers(now, key);
@@ -131,12 +133,12 @@ impl Node {
         key: PeerKey,
         addr: Option<SocketAddr>,
         socket: u16,
-    ) {
+    ) -> [u8; 12] {
         let mut tx = [0u8; 12];
         self.rng.fill_bytes(&mut tx);
         let nonce = self.nonce();
         let Some(p) = self.peers.get_mut(&key) else {
-            return;
+            return tx;
         };
         p.outstanding.insert(
             tx,
@@ -144,6 +146,7 @@ impl Node {
                 addr,
                 socket,
                 sent: now,
+                request: None,
             },
         );
         let dgram = wire::seal_disco(&p.disco_key, self.public, &Disco::Ping { tx }, nonce);
@@ -155,6 +158,7 @@ impl Node {
             }),
             None => self.relay_payload(key, &dgram),
         }
+        tx
     }
 
     /// Sends a sealed disco message to `key` through the relay.
@@ -247,6 +251,14 @@ impl Node {
                     return;
                 };
                 let rtt = now.saturating_duration_since(ping.sent);
+                if let Some(request) = ping.request {
+                    self.events.push_back(Event::PingResult {
+                        request,
+                        name: p.announcement.name.clone(),
+                        rtt,
+                        direct: ping.addr,
+                    });
+                }
                 match (ping.addr, from) {
                     (None, None) => p.relay_rtt = Some(rtt),
                     (Some(addr), Some(src)) if addr == src && ping.socket == socket => {

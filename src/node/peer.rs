@@ -70,6 +70,8 @@ pub(crate) struct PendingPing {
     /// Which of our sockets sent it.
     pub(crate) socket: u16,
     pub(crate) sent: Instant,
+    /// Set for pings asked for by the operator (`meshvpn ping`): reported as an event.
+    pub(crate) request: Option<u64>,
 }
 
 /// Everything the node keeps about one other member.

@@ -2,6 +2,8 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod admin;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -78,8 +80,11 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         listen_port: u16,
         /// Only write the config; do not start the agent.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "enable")]
         no_start: bool,
+        /// Enable and start the systemd service meshvpn@NETWORK instead of running here.
+        #[arg(long)]
+        enable: bool,
     },
     /// Run the agent for an existing network config in the foreground.
     Up {
@@ -93,6 +98,45 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Ping a peer (by name or virtual IP) and say whether the answer came direct or via relay.
+    Ping {
+        /// Peer node name or virtual IP.
+        peer: String,
+        /// Network (default: the only configured one).
+        #[arg(short, long)]
+        network: Option<String>,
+        /// Number of pings.
+        #[arg(short, long, default_value_t = 4)]
+        count: u32,
+    },
+    /// List the peers of a network: name, virtual IP, path and RTT.
+    Peers {
+        /// Network (default: the only configured one).
+        name: Option<String>,
+    },
+    /// Show this machine's NAT verdict and why each relayed peer is relayed.
+    Netcheck {
+        /// Network (default: the only configured one).
+        name: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the configured networks and whether each agent is up.
+    List,
+    /// Stop the agent of a network (it tells the relay it leaves).
+    Down {
+        /// Network name.
+        name: String,
+    },
+    /// Leave a network: stop its agent, tell the relay, and delete its config.
+    Leave {
+        /// Network name.
+        name: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
     },
     /// Build a demo mesh on this machine in network namespaces (root), show it, tear it down.
     Demo,
@@ -115,9 +159,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             ip,
             listen_port,
             no_start,
+            enable,
         } => {
             let token = Token::decode(&token)?;
-            if !no_start {
+            if !no_start && !enable {
                 agent::check_privileges()?;
             }
             let path = Config::path(&cli.config_dir, &token.network);
@@ -144,14 +189,30 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if no_start {
                 return Ok(());
             }
+            if enable {
+                return admin::enable_service(&cfg.network);
+            }
             runtime()?.block_on(agent::run(cfg, &cli.run_dir))
         }
         Command::Up { name } => {
             agent::check_privileges()?;
             let cfg = Config::load(&cli.config_dir, &name)?;
+            crate::overlap::check(&cfg, &cli.config_dir)?;
             runtime()?.block_on(agent::run(cfg, &cli.run_dir))
         }
         Command::Status { name, json } => status(&cli.config_dir, &cli.run_dir, name, json),
+        Command::Ping {
+            peer,
+            network,
+            count,
+        } => admin::ping(&cli.config_dir, &cli.run_dir, network, &peer, count),
+        Command::Peers { name } => admin::peers(&cli.config_dir, &cli.run_dir, name),
+        Command::Netcheck { name, json } => {
+            admin::netcheck(&cli.config_dir, &cli.run_dir, name, json)
+        }
+        Command::List => admin::list(&cli.config_dir, &cli.run_dir),
+        Command::Down { name } => admin::down(&cli.run_dir, &name),
+        Command::Leave { name, yes } => admin::leave(&cli.config_dir, &cli.run_dir, &name, yes),
         Command::Demo => {
             let exe = std::env::current_exe().context("finding the meshvpn binary")?;
             crate::demo::run(&exe)
@@ -159,7 +220,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -1,0 +1,369 @@
+//! Administration commands that talk to running agents or to systemd: `ping`, `peers`,
+//! `netcheck`, `list`, `down`, `leave`, and `join --enable`.
+
+use std::io::{BufRead as _, IsTerminal as _, Write as _};
+use std::path::Path;
+use std::process::Command as Process;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use rand::RngCore;
+
+use super::runtime;
+use crate::config::{self, Config};
+use crate::control::{self, PingReply, Request};
+use crate::status::Status;
+use crate::wire::{self, RelayRequest};
+
+/// The network a command is about: the one named, or the only one configured.
+fn resolve_network(config_dir: &Path, name: Option<String>) -> anyhow::Result<String> {
+    if let Some(n) = name {
+        return Ok(n);
+    }
+    let all = config::list_networks(config_dir);
+    match all.as_slice() {
+        [] => bail!(
+            "no networks configured in {} (join one with `meshvpn join TOKEN`)",
+            config_dir.display()
+        ),
+        [one] => Ok(one.clone()),
+        many => bail!(
+            "several networks are configured ({}); name one",
+            many.join(", ")
+        ),
+    }
+}
+
+/// `meshvpn ping PEER`: pings on the current path and reports direct or relay, and the RTT.
+pub(super) fn ping(
+    config_dir: &Path,
+    run_dir: &Path,
+    network: Option<String>,
+    peer: &str,
+    count: u32,
+) -> anyhow::Result<()> {
+    let network = resolve_network(config_dir, network)?;
+    let rt = runtime()?;
+    let mut answered = 0;
+    for i in 0..count.max(1) {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let line = rt.block_on(control::ask(
+            run_dir,
+            &network,
+            &Request::Ping(peer.to_string()),
+        ))?;
+        let reply: PingReply =
+            serde_json::from_str(&line).context("the agent sent an unreadable ping answer")?;
+        match (reply.ok, reply.error) {
+            (true, _) => {
+                answered += 1;
+                let via = match (reply.path.as_deref(), reply.endpoint) {
+                    (Some("direct"), Some(e)) => format!("direct {e}"),
+                    (Some(p), _) => format!("via {p}"),
+                    (None, _) => "?".into(),
+                };
+                println!(
+                    "pong from {} {via} in {:.1} ms",
+                    reply.peer,
+                    reply.rtt_ms.unwrap_or(0.0)
+                );
+            }
+            (false, Some(e)) if e.starts_with("no member") => bail!("{e} in network {network:?}"),
+            (false, e) => println!("no pong from {}: {}", reply.peer, e.unwrap_or_default()),
+        }
+    }
+    if answered == 0 {
+        bail!("{peer} did not answer any of {count} pings");
+    }
+    Ok(())
+}
+
+/// `meshvpn peers`: the peer table only.
+pub(super) fn peers(config_dir: &Path, run_dir: &Path, name: Option<String>) -> anyhow::Result<()> {
+    let network = resolve_network(config_dir, name)?;
+    let status = runtime()?.block_on(control::query_status(run_dir, &network))?;
+    if status.peers.is_empty() {
+        println!("no peers yet");
+    }
+    for p in &status.peers {
+        println!(
+            "{:<20} {:<16} {:<10} {:<22} {}",
+            p.name,
+            p.virtual_ip,
+            p.path,
+            p.endpoint.as_deref().unwrap_or("-"),
+            p.rtt_ms
+                .map(|r| format!("{r:.1} ms"))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    Ok(())
+}
+
+/// `meshvpn netcheck`: the NAT verdict and, per relayed peer, why.
+pub(super) fn netcheck(
+    config_dir: &Path,
+    run_dir: &Path,
+    name: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let network = resolve_network(config_dir, name)?;
+    let status = runtime()?.block_on(control::query_status(run_dir, &network))?;
+    if json {
+        let report = serde_json::json!({
+            "network": status.network,
+            "nat": status.nat,
+            "relay": status.relay,
+            "peers": status.peers.iter().map(|p| serde_json::json!({
+                "name": p.name, "path": p.path, "endpoint": p.endpoint, "relay_reason": p.relay_reason,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    print!("{}", netcheck_text(&status));
+    Ok(())
+}
+
+fn netcheck_text(s: &Status) -> String {
+    let mut out = String::new();
+    let udp = if s.nat.udp_blocked {
+        "blocked: relay reached over TCP"
+    } else {
+        "works"
+    };
+    out.push_str(&format!("network {}\n", s.network));
+    out.push_str(&format!("  NAT mapping:      {}\n", s.nat.mapping));
+    out.push_str(&format!(
+        "  port mapping:     {}\n",
+        s.nat
+            .port_mapping
+            .as_deref()
+            .unwrap_or("none (no UPnP-IGD, NAT-PMP or PCP gateway answered)")
+    ));
+    out.push_str(&format!("  UDP to the relay: {udp}\n"));
+    out.push_str(&format!(
+        "  reflexive addr:   {}\n",
+        s.nat.reflexive.as_deref().unwrap_or("unknown")
+    ));
+    out.push_str(&format!(
+        "  relay:            {} ({})\n",
+        s.relay.address,
+        if s.relay.registered {
+            "registered"
+        } else {
+            "not registered"
+        }
+    ));
+    for p in &s.peers {
+        match &p.relay_reason {
+            Some(reason) => {
+                out.push_str(&format!("  peer {:<16} {:<9} {reason}\n", p.name, p.path))
+            }
+            None => out.push_str(&format!(
+                "  peer {:<16} direct    {}\n",
+                p.name,
+                p.endpoint.as_deref().unwrap_or("-")
+            )),
+        }
+    }
+    out
+}
+
+/// `meshvpn list`: configured networks and whether each agent answers.
+pub(super) fn list(config_dir: &Path, run_dir: &Path) -> anyhow::Result<()> {
+    let networks = config::list_networks(config_dir);
+    if networks.is_empty() {
+        println!("no networks configured in {}", config_dir.display());
+        return Ok(());
+    }
+    let rt = runtime()?;
+    println!(
+        "{:<20} {:<16} {:<18} STATE",
+        "NETWORK", "VIRTUAL IP", "SUBNET"
+    );
+    for n in networks {
+        let (ip, subnet) = match Config::load(config_dir, &n) {
+            Ok(c) => (c.virtual_ip.to_string(), c.subnet.to_string()),
+            Err(_) => ("?".into(), "(config unreadable)".into()),
+        };
+        let state = match rt.block_on(control::query_status(run_dir, &n)) {
+            Ok(s) => format!("up, {} peer(s)", s.peers.len()),
+            Err(_) => "down".into(),
+        };
+        println!("{n:<20} {ip:<16} {subnet:<18} {state}");
+    }
+    Ok(())
+}
+
+/// `meshvpn down NAME`: asks the agent to leave and stop.
+pub(super) fn down(run_dir: &Path, name: &str) -> anyhow::Result<()> {
+    runtime()?.block_on(control::ask(run_dir, name, &Request::Down))?;
+    println!("network {name} is going down");
+    Ok(())
+}
+
+/// `meshvpn leave NAME`: stop the agent (or the service), tell the relay, delete the config.
+pub(super) fn leave(
+    config_dir: &Path,
+    run_dir: &Path,
+    name: &str,
+    yes: bool,
+) -> anyhow::Result<()> {
+    let cfg = Config::load(config_dir, name)?;
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            bail!("leaving deletes the config of network {name:?} (and its key); pass --yes to confirm");
+        }
+        eprint!(
+            "Leave network {name:?} and delete {}? [y/N] ",
+            Config::path(config_dir, name).display()
+        );
+        let _ = std::io::stderr().flush();
+        let mut answer = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut answer)
+            .context("reading the answer")?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            bail!("not leaving network {name:?}");
+        }
+    }
+    let unit = format!("meshvpn@{name}.service");
+    if systemd_available()
+        && Process::new("systemctl")
+            .args(["is-enabled", "--quiet", &unit])
+            .status()
+            .is_ok_and(|s| s.success())
+    {
+        let status = Process::new("systemctl")
+            .args(["disable", "--now", &unit])
+            .status()
+            .context("running systemctl")?;
+        if !status.success() {
+            bail!("systemctl disable --now {unit} failed");
+        }
+    }
+    let rt = runtime()?;
+    if rt
+        .block_on(control::ask(run_dir, name, &Request::Down))
+        .is_err()
+    {
+        // No agent running: tell the relay ourselves.
+        rt.block_on(send_leave(&cfg))?;
+    }
+    std::fs::remove_file(Config::path(config_dir, name))
+        .with_context(|| format!("deleting {}", Config::path(config_dir, name).display()))?;
+    println!("left network {name}");
+    Ok(())
+}
+
+/// Sends a sealed Leave to the first relay (three copies, as UDP may lose one).
+async fn send_leave(cfg: &Config) -> anyhow::Result<()> {
+    let relay = cfg.relays.first().context("the config names no relay")?;
+    let addr = tokio::net::lookup_host(relay.host_port())
+        .await
+        .with_context(|| format!("resolving relay {}", relay.host_port()))?
+        .find(std::net::SocketAddr::is_ipv4)
+        .with_context(|| format!("relay {} has no IPv4 address", relay.host_port()))?;
+    let me = cfg.private_key.public();
+    let session = cfg.private_key.relay_session_key(&me, &relay.key);
+    let ts_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let req = RelayRequest::Leave {
+        network: cfg.secret.derive().network_id,
+        ts_ms,
+    };
+    let mut nonce = [0u8; 24];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let dgram = wire::seal_to_relay(&session, me, &req, nonce);
+    let socket = tokio::net::UdpSocket::bind("0.0.0.0:0")
+        .await
+        .context("binding a UDP socket")?;
+    for _ in 0..3 {
+        let _ = socket.send_to(&dgram, addr).await;
+    }
+    Ok(())
+}
+
+fn systemd_available() -> bool {
+    Path::new("/run/systemd/system").exists()
+}
+
+/// `join --enable`: enable and start meshvpn@NETWORK.
+pub(super) fn enable_service(network: &str) -> anyhow::Result<()> {
+    if !systemd_available() {
+        bail!("--enable needs systemd (no /run/systemd/system here); run `meshvpn up {network}` instead");
+    }
+    let unit = format!("meshvpn@{network}.service");
+    let status = Process::new("systemctl")
+        .args(["enable", "--now", &unit])
+        .status()
+        .context("running systemctl")?;
+    if !status.success() {
+        bail!("systemctl enable --now {unit} failed (see `journalctl -u {unit}`)");
+    }
+    println!("enabled and started {unit}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{DropCounters, NatStatus, PeerStatus, RelayStatus};
+
+    #[test]
+    fn netcheck_explains_relayed_peers() {
+        let s = Status {
+            network: "n".into(),
+            name: "me".into(),
+            virtual_ip: "10.0.0.1".into(),
+            public_key: "k".into(),
+            relay: RelayStatus {
+                address: "198.51.100.1:3478".into(),
+                public_key: "r".into(),
+                registered: true,
+                observed: None,
+            },
+            endpoints: vec![],
+            nat: NatStatus {
+                mapping: "symmetric (endpoint-dependent mapping)".into(),
+                summary: String::new(),
+                reflexive: Some("203.0.113.5:4000".into()),
+                port_mapping: None,
+                udp_blocked: false,
+            },
+            ip_conflict: None,
+            peers: vec![PeerStatus {
+                name: "bob".into(),
+                public_key: "b".into(),
+                virtual_ip: "10.0.0.2".into(),
+                path: "relay".into(),
+                endpoint: None,
+                rtt_ms: None,
+                last_handshake_age_s: None,
+                rx_bytes: 0,
+                tx_bytes: 0,
+                ip_conflict: false,
+                relay_reason: Some(
+                    "both sides symmetric, no port mapping; next direct attempt in 8 s".into(),
+                ),
+            }],
+            dropped: DropCounters::default(),
+        };
+        let text = netcheck_text(&s);
+        assert!(
+            text.contains("symmetric (endpoint-dependent mapping)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("both sides symmetric, no port mapping"),
+            "{text}"
+        );
+        assert!(text.contains("UDP to the relay: works"), "{text}");
+    }
+}
