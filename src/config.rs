@@ -361,6 +361,16 @@ pub fn interface_name(network: &str) -> String {
 
 /// Writes `bytes` to `path` atomically with mode 0600.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_inner(path, bytes, None)
+}
+
+/// [`write_atomic`], optionally stopping dead (as a crash would: no cleanup) after writing
+/// `crash_after` bytes of the temporary file. Tests use the crash to show the old file survives.
+fn write_atomic_inner(
+    path: &Path,
+    bytes: &[u8],
+    crash_after: Option<usize>,
+) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     if !dir.as_os_str().is_empty() && !dir.exists() {
         fs::create_dir_all(dir)?;
@@ -378,13 +388,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
+        if let Some(n) = crash_after {
+            f.write_all(&bytes[..n.min(bytes.len())])?;
+            return Err(std::io::Error::other("simulated crash"));
+        }
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
         fs::rename(&tmp, path)?;
         fs::File::open(dir)?.sync_all()
     })();
-    if result.is_err() {
+    if result.is_err() && crash_after.is_none() {
         let _ = fs::remove_file(&tmp);
     }
     result
@@ -474,6 +488,69 @@ mod tests {
             .expect_err("missing")
             .to_string();
         assert!(e.contains("no configuration for network"), "{e}");
+    }
+
+    #[test]
+    fn a_crash_mid_write_leaves_the_old_file_intact() {
+        let dir = std::env::temp_dir().join(format!("meshvpn-crash-test-{}", std::process::id()));
+        let old = sample();
+        let path = old.save(&dir).expect("save");
+        let mut new = sample();
+        new.name = "renamed".into();
+        let text = new.to_toml();
+        for cut in [0, 1, text.len() / 2, text.len() - 1] {
+            assert!(write_atomic_inner(&path, text.as_bytes(), Some(cut)).is_err());
+            let back = Config::load(&dir, "lab").expect("the old file still parses");
+            assert_eq!(back.name, "alice", "crash after {cut} bytes");
+        }
+        // The leftover temporary file is not mistaken for a network.
+        assert_eq!(list_networks(&dir), vec!["lab".to_string()]);
+        new.save(&dir).expect("a later save works");
+        assert_eq!(Config::load(&dir, "lab").expect("load").name, "renamed");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn every_invalid_value_is_named() {
+        let good = sample().to_toml();
+        let p = Path::new("x.toml");
+        let cases: [(&str, &str, &str); 8] = [
+            ("name = \"lab\"", "name = \"Bad Name\"", "network.name"),
+            (
+                "subnet = \"10.99.0.0/16\"",
+                "subnet = \"10.99.0.0/40\"",
+                "network.subnet",
+            ),
+            ("name = \"alice\"", "name = \"\"", "node.name"),
+            ("mtu = 1380", "mtu = 100", "node.mtu"),
+            (
+                "address = \"198.51.100.1:3478\"",
+                "address = \"no-port\"",
+                "relay.address",
+            ),
+            ("secret = \"", "secret = \"x", "network.secret"),
+            ("private_key = \"", "private_key = \"x", "node.private_key"),
+            ("public_key = \"", "public_key = \"x", "relay.public_key"),
+        ];
+        for (from, to, field) in cases {
+            assert!(good.contains(from), "fixture lacks {from}");
+            let bad = good.replacen(from, to, 1);
+            let e = Config::parse(&bad, p).expect_err(field).to_string();
+            assert!(e.contains(field) && e.contains("x.toml"), "{field}: {e}");
+        }
+        let no_relay: String = good
+            .split("[[relay]]")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let e = Config::parse(&no_relay, p)
+            .expect_err("no relay")
+            .to_string();
+        assert!(e.contains("relay"), "{e}");
+        let e = Config::parse("not toml at all [", p)
+            .expect_err("syntax")
+            .to_string();
+        assert!(e.contains("line 1"), "{e}");
     }
 
     #[test]
