@@ -3,19 +3,32 @@
 use std::io::IsTerminal as _;
 
 use clap::Parser as _;
+use meshvpn::cli::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
-    let cli = meshvpn::cli::Cli::parse();
+    let cli = Cli::parse();
+    // RUST_LOG wins, then --log-level, then the network config's log_level, then "info".
     let filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.is_empty() => EnvFilter::new(v),
-        _ => EnvFilter::new(cli.log_level.clone().unwrap_or_else(|| "info".into())),
+        _ => EnvFilter::new(
+            cli.log_level
+                .clone()
+                .or_else(|| config_log_level(&cli))
+                .unwrap_or_else(|| "info".into()),
+        ),
     };
-    tracing_subscriber::fmt()
+    // Under systemd, journald adds its own timestamps.
+    let under_systemd = std::env::var_os("INVOCATION_ID").is_some();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_ansi(std::io::stderr().is_terminal());
+    if under_systemd {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
     match meshvpn::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -24,4 +37,12 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The `log_level` of the network an `up` command is about, if its config sets one.
+fn config_log_level(cli: &Cli) -> Option<String> {
+    let Command::Up { name } = &cli.command else {
+        return None;
+    };
+    meshvpn::config::Config::load(&cli.config_dir, name).ok()?.log_level
 }

@@ -7,6 +7,7 @@
 
 mod ifaddrs;
 pub(crate) mod portmap;
+mod progress;
 mod relay_link;
 mod sockets;
 
@@ -27,6 +28,7 @@ use crate::control::{self, Request};
 use crate::node::{self, Event, Node, NodeConfig, RelayTarget};
 use crate::wire::token::RelayEndpoint;
 use portmap::{PortMapper, PortMapping};
+use progress::Progress;
 use relay_link::{LinkEvent, RelayLink};
 use sockets::ExtraSockets;
 
@@ -143,6 +145,7 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
     let mut link = RelayLink::new(relay_addr, Instant::now());
     let (mut extra, mut extra_rx) = ExtraSockets::new();
     let mut pings = PendingPings::default();
+    let mut progress = Progress::new(Instant::now(), &relay.host_port());
     let (mapper, mut mapping) = if cfg.port_mapping {
         let (m, rx) = PortMapper::spawn(port);
         (Some(m), Some(rx))
@@ -155,8 +158,18 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
     ]);
 
     loop {
-        drain(&mut node, &socket, &tun, &mut link, &mut extra, &mut pings).await;
+        drain(
+            &mut node,
+            &socket,
+            &tun,
+            &mut link,
+            &mut extra,
+            &mut pings,
+            &mut progress,
+        )
+        .await;
         pings.expire(Instant::now());
+        progress.tick(Instant::now());
         if let Some(over_tcp) = link.poll(Instant::now(), node.is_registered()) {
             node.set_relay_over_tcp(Instant::now(), over_tcp);
         }
@@ -220,7 +233,16 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
     tracing::info!("shutting down: telling the relay we leave");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     node.leave(Instant::now());
-    drain(&mut node, &socket, &tun, &mut link, &mut extra, &mut pings).await;
+    drain(
+        &mut node,
+        &socket,
+        &tun,
+        &mut link,
+        &mut extra,
+        &mut pings,
+        &mut progress,
+    )
+    .await;
     if let Some(m) = mapper {
         m.shutdown().await;
     }
@@ -240,6 +262,7 @@ async fn drain(
     link: &mut RelayLink,
     extra: &mut ExtraSockets,
     pings: &mut PendingPings,
+    progress: &mut Progress,
 ) {
     while let Some(t) = node.poll_transmit() {
         if t.socket != 0 {
@@ -259,6 +282,7 @@ async fn drain(
         }
     }
     while let Some(ev) = node.poll_event() {
+        progress.on_event(&ev);
         match &ev {
             Event::PingResult {
                 request,
