@@ -44,5 +44,7 @@ fn config_log_level(cli: &Cli) -> Option<String> {
     let Command::Up { name } = &cli.command else {
         return None;
     };
-    meshvpn::config::Config::load(&cli.config_dir, name).ok()?.log_level
+    meshvpn::config::Config::load(&cli.config_dir, name)
+        .ok()?
+        .log_level
 }

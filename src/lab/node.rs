@@ -1,0 +1,360 @@
+//! Driving `meshvpn` inside the lab: [`Node`] (one relay or member instance) and [`Status`]
+//! (the parsed `meshvpn status --json`).
+
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Output};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::{wait_until, Host, Lab, Signal, EXEC_TIMEOUT};
+
+/// One `meshvpn` instance (a relay or a member) living on a lab [`Host`], with its own config
+/// and run directories under the lab's scratch directory.
+///
+/// Every command is run as `<exe> --config-dir <config_dir> --run-dir <run_dir> [--log-level
+/// <level>] <args>` inside the host's namespace. The log level comes from the environment
+/// variable `MESHVPN_LAB_LOG_LEVEL` (default `debug`; empty to pass none).
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// A label for messages and the log file name (e.g. `alice`, `relay`).
+    pub name: String,
+    /// Where it runs.
+    pub host: Host,
+    /// The meshvpn binary.
+    pub exe: PathBuf,
+    /// Its `--config-dir`.
+    pub config_dir: PathBuf,
+    /// Its `--run-dir`.
+    pub run_dir: PathBuf,
+    /// The log of its long-running process (relay or agent); appended to on every start.
+    pub log: PathBuf,
+    /// PID of its long-running process, if started.
+    pub pid: Option<u32>,
+}
+
+impl Node {
+    /// Prepares a node called `name` on `host`; creates `<lab dir>/<name>/{config,run}`.
+    pub fn new(lab: &Lab, exe: &Path, host: &Host, name: &str) -> Result<Node> {
+        let base = lab.dir().join(name);
+        let config_dir = base.join("config");
+        let run_dir = base.join("run");
+        for d in [&config_dir, &run_dir] {
+            fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        Ok(Node {
+            name: name.to_string(),
+            host: host.clone(),
+            exe: exe.to_path_buf(),
+            config_dir,
+            run_dir,
+            log: base.join(format!("{name}.log")),
+            pid: None,
+        })
+    }
+
+    /// The full argument list (after the program) for `meshvpn <args>` with this node's dirs.
+    pub fn args<S: AsRef<OsStr>>(&self, args: &[S]) -> Vec<OsString> {
+        let mut v: Vec<OsString> = vec![
+            "--config-dir".into(),
+            self.config_dir.clone().into(),
+            "--run-dir".into(),
+            self.run_dir.clone().into(),
+        ];
+        let level = std::env::var("MESHVPN_LAB_LOG_LEVEL").unwrap_or_else(|_| "debug".into());
+        if !level.is_empty() {
+            v.push("--log-level".into());
+            v.push(level.into());
+        }
+        v.extend(args.iter().map(|a| a.as_ref().to_os_string()));
+        v
+    }
+
+    /// Runs a short `meshvpn <args>` command in the node's namespace; output whatever the exit
+    /// status (fails only on timeout / interrupt / spawn failure).
+    pub fn run<S: AsRef<OsStr>>(&self, lab: &Lab, args: &[S], timeout: Duration) -> Result<Output> {
+        let mut full: Vec<OsString> = vec![self.exe.clone().into()];
+        full.extend(self.args(args));
+        lab.run(&self.host, &full, timeout)
+    }
+
+    /// Like [`run`](Self::run) with [`EXEC_TIMEOUT`], failing on a non-zero exit (error
+    /// carries stderr).
+    pub fn exec<S: AsRef<OsStr>>(&self, lab: &Lab, args: &[S]) -> Result<Output> {
+        let mut full: Vec<OsString> = vec![self.exe.clone().into()];
+        full.extend(self.args(args));
+        lab.exec(&self.host, &full)
+    }
+
+    /// Starts a long-running `meshvpn <args>` (relay, join, up) in the background.
+    pub fn spawn<S: AsRef<OsStr>>(&mut self, lab: &Lab, args: &[S]) -> Result<u32> {
+        if let Some(pid) = self.pid {
+            if lab.is_running(pid) {
+                bail!("{}: already running as pid {pid}", self.name);
+            }
+        }
+        let pid = lab.spawn(&self.host, &self.exe, &self.args(args), &self.log)?;
+        self.pid = Some(pid);
+        Ok(pid)
+    }
+
+    /// Starts `meshvpn relay --listen 0.0.0.0:<port>` and waits (up to 10 s) until the UDP
+    /// port is bound. Returns the relay's address on the internet.
+    pub fn start_relay(&mut self, lab: &Lab, port: u16) -> Result<SocketAddrV4> {
+        let pid = self.spawn(lab, &["relay", "--listen", &format!("0.0.0.0:{port}")])?;
+        wait_until(
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            "the relay to listen",
+            || {
+                if !lab.is_running(pid) {
+                    bail!(
+                        "relay exited early ({:?}); see {}",
+                        lab.exit_status(pid),
+                        self.log.display()
+                    );
+                }
+                lab.udp_listening(&self.host, port)
+            },
+        )?;
+        Ok(SocketAddrV4::new(self.host.public_addr, port))
+    }
+
+    /// Kills the relay (or agent) with SIGKILL, as a crash or power loss would: no goodbye to
+    /// anyone. Its config directory (and so the relay's key) stays.
+    pub fn kill(&mut self, lab: &Lab) -> Result<Option<ExitStatus>> {
+        self.stop(lab, Signal::Kill)
+    }
+
+    /// Starts the relay again on `port` with the same config directory (so the same key),
+    /// killing the old process first if it still runs. Returns its address.
+    pub fn restart_relay(&mut self, lab: &Lab, port: u16) -> Result<SocketAddrV4> {
+        if self.is_running(lab) {
+            self.kill(lab)?;
+        }
+        self.pid = None;
+        self.start_relay(lab, port)
+    }
+
+    /// `meshvpn create <network> --relay <relay> [--subnet <subnet>]`, retried for up to 10 s
+    /// while it fails (the relay may still be starting). Returns the token line.
+    pub fn create_token(
+        &self,
+        lab: &Lab,
+        network: &str,
+        relay: &str,
+        subnet: Option<&str>,
+    ) -> Result<String> {
+        let mut args = vec!["create", network, "--relay", relay];
+        if let Some(s) = subnet {
+            args.extend(["--subnet", s]);
+        }
+        let mut token = String::new();
+        wait_until(
+            Duration::from_secs(10),
+            Duration::from_millis(300),
+            "`meshvpn create`",
+            || {
+                let out = self.run(lab, &args, EXEC_TIMEOUT)?;
+                if !out.status.success() {
+                    bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+                }
+                let text = String::from_utf8_lossy(&out.stdout);
+                let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+                match lines.as_slice() {
+                    [one] if one.trim().starts_with("mvpn") => {
+                        token = one.trim().to_string();
+                        Ok(true)
+                    }
+                    other => bail!("`meshvpn create` printed {other:?}, expected one token line"),
+                }
+            },
+        )?;
+        Ok(token)
+    }
+
+    /// Starts `meshvpn join <token> --name <name> [extra...]` in the background.
+    pub fn join(&mut self, lab: &Lab, token: &str, extra: &[&str]) -> Result<u32> {
+        let name = self.name.clone();
+        let mut args = vec!["join", token, "--name", &name];
+        args.extend_from_slice(extra);
+        self.spawn(lab, &args)
+    }
+
+    /// Starts `meshvpn up <network>` in the background.
+    pub fn up(&mut self, lab: &Lab, network: &str) -> Result<u32> {
+        self.spawn(lab, &["up", network])
+    }
+
+    /// Stops the long-running process with `signal` (bounded, SIGKILL after [`STOP_GRACE`](super::STOP_GRACE)).
+    pub fn stop(&mut self, lab: &Lab, signal: Signal) -> Result<Option<ExitStatus>> {
+        match self.pid.take() {
+            Some(pid) => lab.stop(pid, signal).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether the long-running process is alive.
+    pub fn is_running(&self, lab: &Lab) -> bool {
+        self.pid.is_some_and(|pid| lab.is_running(pid))
+    }
+
+    /// `meshvpn status <network> --json`, parsed.
+    pub fn status(&self, lab: &Lab, network: &str) -> Result<Status> {
+        let out = self.exec(lab, &["status", network, "--json"])?;
+        Status::parse(&String::from_utf8_lossy(&out.stdout))
+            .with_context(|| format!("{}: parsing `meshvpn status --json`", self.name))
+    }
+
+    /// `meshvpn status <network>` (the human table).
+    pub fn status_table(&self, lab: &Lab, network: &str) -> Result<String> {
+        let out = self.exec(lab, &["status", network])?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// The parsed output of `meshvpn status --json` (lenient: unknown fields are ignored and kept
+/// in `raw`).
+#[derive(Clone, Debug)]
+pub struct Status {
+    /// Network name.
+    pub network: String,
+    /// This member's virtual IP.
+    pub virtual_ip: Ipv4Addr,
+    /// This member's public key (base64).
+    pub public_key: String,
+    /// The other members it knows.
+    pub peers: Vec<PeerStatus>,
+    /// The whole JSON object.
+    pub raw: serde_json::Value,
+}
+
+/// One peer in [`Status`].
+#[derive(Clone, Debug)]
+pub struct PeerStatus {
+    /// The peer's node name (empty if it has none).
+    pub name: String,
+    /// Its public key (base64).
+    pub public_key: String,
+    /// Its virtual IP.
+    pub virtual_ip: Ipv4Addr,
+    /// `direct`, `relay` or `relay-tcp`.
+    pub path: String,
+    /// Its current UDP endpoint (`ip:port`), if known.
+    pub endpoint: Option<String>,
+    /// Last measured round-trip time.
+    pub rtt_ms: Option<f64>,
+    /// Seconds since the last WireGuard handshake.
+    pub last_handshake_age_s: Option<f64>,
+    /// Bytes received from it.
+    pub rx_bytes: u64,
+    /// Bytes sent to it.
+    pub tx_bytes: u64,
+}
+
+fn parse_ip(v: &serde_json::Value, what: &str) -> Result<Ipv4Addr> {
+    let s = v
+        .as_str()
+        .ok_or_else(|| anyhow!("{what}: missing or not a string"))?;
+    let s = s.split('/').next().unwrap_or(s);
+    s.parse()
+        .with_context(|| format!("{what}: bad IPv4 address {s:?}"))
+}
+
+fn str_field(v: &serde_json::Value, key: &str) -> String {
+    v.get(key)
+        .and_then(|x| x.as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+impl Status {
+    /// Parses the JSON printed by `meshvpn status --json`.
+    pub fn parse(text: &str) -> Result<Status> {
+        let raw: serde_json::Value = serde_json::from_str(text.trim()).context("not JSON")?;
+        let peers = raw
+            .get("peers")
+            .and_then(|p| p.as_array())
+            .ok_or_else(|| anyhow!("no \"peers\" array"))?
+            .iter()
+            .map(|p| {
+                Ok(PeerStatus {
+                    name: str_field(p, "name"),
+                    public_key: str_field(p, "public_key"),
+                    virtual_ip: parse_ip(&p["virtual_ip"], "peer virtual_ip")?,
+                    path: str_field(p, "path"),
+                    endpoint: p
+                        .get("endpoint")
+                        .and_then(|x| x.as_str())
+                        .map(str::to_string),
+                    rtt_ms: p.get("rtt_ms").and_then(serde_json::Value::as_f64),
+                    last_handshake_age_s: p
+                        .get("last_handshake_age_s")
+                        .and_then(serde_json::Value::as_f64),
+                    rx_bytes: p
+                        .get("rx_bytes")
+                        .and_then(serde_json::Value::as_u64)
+                        .unwrap_or(0),
+                    tx_bytes: p
+                        .get("tx_bytes")
+                        .and_then(serde_json::Value::as_u64)
+                        .unwrap_or(0),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Status {
+            network: str_field(&raw, "network"),
+            virtual_ip: parse_ip(&raw["virtual_ip"], "virtual_ip")?,
+            public_key: str_field(&raw, "public_key"),
+            peers,
+            raw,
+        })
+    }
+
+    /// The peer called `name`, if listed.
+    pub fn peer(&self, name: &str) -> Option<&PeerStatus> {
+        self.peers.iter().find(|p| p.name == name)
+    }
+
+    /// The peer with virtual IP `ip`, if listed.
+    pub fn peer_by_ip(&self, ip: Ipv4Addr) -> Option<&PeerStatus> {
+        self.peers.iter().find(|p| p.virtual_ip == ip)
+    }
+
+    /// The peers' names, sorted.
+    pub fn peer_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.peers.iter().map(|p| p.name.clone()).collect();
+        v.sort();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_status_json() -> Result<()> {
+        let s = Status::parse(
+            r#"{"network":"demo","virtual_ip":"10.1.2.3","public_key":"k","peers":[
+                {"name":"bob","public_key":"b","virtual_ip":"10.1.2.4","path":"direct",
+                 "endpoint":"198.51.100.6:4000","rtt_ms":0.5,"last_handshake_age_s":3,
+                 "rx_bytes":10,"tx_bytes":20},
+                {"name":"carol","public_key":"c","virtual_ip":"10.1.2.5/16","path":"relay",
+                 "endpoint":null,"rtt_ms":null,"last_handshake_age_s":null,"rx_bytes":0,"tx_bytes":0}]}"#,
+        )?;
+        assert_eq!(s.virtual_ip, Ipv4Addr::new(10, 1, 2, 3));
+        assert_eq!(s.peer_names(), ["bob", "carol"]);
+        let carol = s.peer("carol").ok_or_else(|| anyhow!("no carol"))?;
+        assert_eq!(carol.virtual_ip, Ipv4Addr::new(10, 1, 2, 5));
+        assert_eq!(carol.endpoint, None);
+        assert_eq!(
+            s.peer_by_ip(Ipv4Addr::new(10, 1, 2, 4)).map(|p| p.rtt_ms),
+            Some(Some(0.5))
+        );
+        Ok(())
+    }
+}
