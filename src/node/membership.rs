@@ -12,6 +12,14 @@ use super::{
     Event, Node, SyncCollector, Transmit, REGISTER_INTERVAL, REGISTER_RETRY_MAX,
     REGISTER_RETRY_MIN, RELAY_LOST_AFTER, SYNC_RETRY,
 };
+
+/// A registration not acknowledged within this time counts as unanswered (relay RTTs are far
+/// below it).
+const ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// A member missing from a relay snapshot while its direct path still answers is kept this
+/// long: a restarted relay forgets everyone until they re-register (within
+/// [`REGISTER_INTERVAL`] plus retries), and a working direct path must not be torn down by that.
+pub(super) const STALE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 use crate::addressing;
 use crate::keys::PeerKey;
 use crate::wire::{self, Announcement, MemberEntry, RelayReply, RelayRequest};
@@ -30,9 +38,21 @@ impl Node {
             self.relay.backoff = REGISTER_RETRY_MIN;
             self.events.push_back(Event::RelayLost);
         }
+        // A registration the relay did not answer: retry soon with backoff instead of after a
+        // full interval, so a restarted relay learns about us within seconds.
+        if !self.relay.unanswered
+            && self.relay.pending_ts.is_some()
+            && self
+                .relay
+                .register_sent
+                .is_some_and(|t| now.saturating_duration_since(t) >= ACK_TIMEOUT)
+        {
+            self.relay.unanswered = true;
+            self.relay.next_register = now;
+        }
         if now >= self.relay.next_register {
             self.register(now);
-            self.relay.next_register = if self.relay.registered {
+            self.relay.next_register = if self.relay.registered && !self.relay.unanswered {
                 now + REGISTER_INTERVAL
             } else {
                 let wait = self.relay.backoff;
@@ -51,6 +71,7 @@ impl Node {
     pub(super) fn register(&mut self, now: Instant) {
         let ts = self.next_ts(now);
         self.relay.pending_ts = Some(ts);
+        self.relay.register_sent = Some(now);
         let req = RelayRequest::Register {
             network: self.keys.network_id,
             ts_ms: ts,
@@ -93,6 +114,7 @@ impl Node {
                     return;
                 }
                 self.relay.pending_ts = None;
+                self.relay.unanswered = false;
                 self.relay.last_ack = Some(now);
                 self.relay.backoff = REGISTER_RETRY_MIN;
                 let was = self.relay.registered;
@@ -170,7 +192,23 @@ impl Node {
             .collect();
         for key in gone {
             self.tombstones.insert(key, seq);
-            self.remove_member(key);
+            let direct_alive = self.peers.get(&key).is_some_and(|p| match p.path {
+                Path::Direct { last_pong, .. } => {
+                    now.saturating_duration_since(last_pong) < peer::DIRECT_TIMEOUT
+                }
+                Path::Relayed => false,
+            });
+            if direct_alive {
+                // Keep the peer (and its session and path) for a grace period; the relay may
+                // just have restarted and not heard from it yet.
+                self.entries.remove(&key);
+                self.learned.remove(&key);
+                if let Some(p) = self.peers.get_mut(&key) {
+                    p.stale_since.get_or_insert(now);
+                }
+            } else {
+                self.remove_member(key);
+            }
         }
         for entry in entries {
             let newer_removal = self.tombstones.get(&entry.key).is_some_and(|t| *t > seq);
@@ -209,6 +247,7 @@ impl Node {
             return;
         }
         if let Some(peer) = self.peers.get_mut(&entry.key) {
+            peer.stale_since = None;
             if ann.ts_ms < peer.announcement.ts_ms {
                 return;
             }
@@ -257,6 +296,7 @@ impl Node {
             tx_bytes: 0,
             ip_conflict: false,
             relayed_since: now,
+            stale_since: None,
             birthday: Default::default(),
         };
         peer.refresh_candidates();

@@ -65,7 +65,7 @@ pub const REGISTER_INTERVAL: Duration = Duration::from_secs(10);
 /// First retry delay while the relay does not answer; doubles up to [`REGISTER_RETRY_MAX`].
 pub const REGISTER_RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest retry delay while the relay does not answer.
-pub const REGISTER_RETRY_MAX: Duration = Duration::from_secs(16);
+pub const REGISTER_RETRY_MAX: Duration = Duration::from_secs(8);
 /// Without an acknowledgement for this long the relay counts as unreachable (two refreshes
 /// and a half lost).
 pub const RELAY_LOST_AFTER: Duration = Duration::from_secs(25);
@@ -171,6 +171,8 @@ struct RelaySession {
     next_register: Instant,
     backoff: Duration,
     pending_ts: Option<u64>,
+    register_sent: Option<Instant>,
+    unanswered: bool,
     last_ack: Option<Instant>,
     registered: bool,
     observed: Option<SocketAddr>,
@@ -233,6 +235,8 @@ impl Node {
             next_register: now,
             backoff: REGISTER_RETRY_MIN,
             pending_ts: None,
+            register_sent: None,
+            unanswered: false,
             last_ack: None,
             registered: false,
             observed: None,

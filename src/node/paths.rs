@@ -26,6 +26,16 @@ enum Probe {
 
 impl Node {
     pub(super) fn peer_timers(&mut self, now: Instant, key: PeerKey) {
+        let expired = self.peers.get(&key).is_some_and(|p| {
+            p.stale_since.is_some_and(|t| {
+                now.saturating_duration_since(t) > super::membership::STALE_GRACE
+                    || matches!(p.path, Path::Relayed)
+            })
+        });
+        if expired {
+            self.remove_member(key);
+            return;
+        }
         let mut out: Vec<Probe> = Vec::new();
         let mut changed = None;
         {

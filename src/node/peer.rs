@@ -97,6 +97,9 @@ pub(crate) struct Peer {
     /// Since when the path has been relayed (for starting a birthday probe).
     pub(crate) relayed_since: Instant,
     pub(crate) birthday: super::birthday::Birthday,
+    /// Set when the relay's member list stopped listing this peer while its direct path
+    /// still answered (see `membership::STALE_GRACE`).
+    pub(crate) stale_since: Option<Instant>,
 }
 
 impl Peer {

@@ -451,7 +451,12 @@ impl RelayServer {
         }
         self.seq += 1;
         let seq = self.seq;
-        self.broadcast(network, key, RelayReply::MemberGone { key, seq });
+        // Sent twice: a lost goodbye would otherwise leave the member listed until the next
+        // registration's digest triggers a sync (up to one register interval); the second copy
+        // is idempotent.
+        for _ in 0..2 {
+            self.broadcast(network, key, RelayReply::MemberGone { key, seq });
+        }
     }
 
     fn broadcast(&mut self, network: NetworkId, except: PeerKey, reply: RelayReply) {
@@ -643,13 +648,11 @@ mod tests {
         let _ = a.replies(&mut relay);
         relay.handle_timeout(now + MEMBER_TTL + Duration::from_millis(1));
         let to_a = a.replies(&mut relay);
-        assert_eq!(
-            to_a,
-            vec![RelayReply::MemberGone {
-                seq: relay.seq,
-                key: b.secret.public()
-            }]
-        );
+        let gone = RelayReply::MemberGone {
+            seq: relay.seq,
+            key: b.secret.public(),
+        };
+        assert_eq!(to_a, vec![gone.clone(), gone], "the goodbye goes out twice");
         assert_eq!(relay.member_count(), 1);
     }
 
