@@ -283,10 +283,10 @@ async fn fetch_relay_key(host_port: &str) -> anyhow::Result<crate::keys::PeerKey
     request.resize(wire::RELAY_OVERHEAD, 0);
     let mut buf = [0u8; 1500];
     for _ in 0..3 {
-        socket
-            .send_to(&request, addr)
-            .await
-            .with_context(|| format!("sending to relay {addr}"))?;
+        if socket.send_to(&request, addr).await.is_err() {
+            // A firewall refusing UDP outright: go straight to TCP.
+            break;
+        }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
         while let Ok(r) = tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await {
             let Ok((n, from)) = r else { break };
@@ -297,7 +297,18 @@ async fn fetch_relay_key(host_port: &str) -> anyhow::Result<crate::keys::PeerKey
             }
         }
     }
-    bail!("relay {host_port} did not answer (is `meshvpn relay` running there and its UDP port reachable?)")
+    // UDP may be blocked here: ask over TCP on the same port.
+    let tcp = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        crate::relay::tcp::write_frame(&mut stream, &request).await?;
+        crate::relay::tcp::read_frame(&mut stream).await
+    };
+    if let Ok(Ok(Some(reply))) = tokio::time::timeout(Duration::from_secs(3), tcp).await {
+        if let Ok(Frame::KeyResponse { relay }) = Frame::parse(&reply) {
+            return Ok(relay);
+        }
+    }
+    bail!("relay {host_port} did not answer over UDP or TCP (is `meshvpn relay` running there and its port reachable?)")
 }
 
 fn status(
