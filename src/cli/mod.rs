@@ -178,6 +178,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let key = NodeSecret::generate(&mut rand::rngs::OsRng);
             let cfg = Config::from_token(&token, name, key, ip, listen_port)
                 .map_err(anyhow::Error::msg)?;
+            crate::overlap::check(&cfg, &cli.config_dir)?;
             let path = cfg.save(&cli.config_dir)?;
             eprintln!(
                 "joined network {} as {} with virtual IP {} (config: {})",
