@@ -52,6 +52,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod generate;
 pub mod keys;
 pub mod lab;
 pub mod node;

@@ -104,6 +104,12 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
     let listener = bind_control(run_dir, &control_path).await?;
     let _cleanup = RemoveOnDrop(control_path.clone());
 
+    // Ready once the TUN, the socket and the control socket exist: resolving the relay may
+    // wait for DNS, and the agent keeps retrying that on its own.
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("{} on {ifname}, UDP port {port}", cfg.virtual_ip)),
+    ]);
     let relay_addr = resolve_relay(&relay).await;
     let now = Instant::now();
     let unix_ms = SystemTime::now()
@@ -152,10 +158,6 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
     } else {
         (None, None)
     };
-    let _ = sd_notify::notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&format!("{} on {ifname}, UDP port {port}", cfg.virtual_ip)),
-    ]);
 
     loop {
         drain(

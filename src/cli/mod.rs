@@ -140,6 +140,13 @@ pub enum Command {
     },
     /// Build a demo mesh on this machine in network namespaces (root), show it, tear it down.
     Demo,
+    /// Write man pages and shell completions into a directory (for packaging).
+    #[command(hide = true)]
+    Generate {
+        /// Output directory (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// Runs the parsed command line.
@@ -214,6 +221,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List => admin::list(&cli.config_dir, &cli.run_dir),
         Command::Down { name } => admin::down(&cli.run_dir, &name),
         Command::Leave { name, yes } => admin::leave(&cli.config_dir, &cli.run_dir, &name, yes),
+        Command::Generate { out } => crate::generate::write_all(&out),
         Command::Demo => {
             let exe = std::env::current_exe().context("finding the meshvpn binary")?;
             crate::demo::run(&exe)
