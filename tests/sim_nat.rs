@@ -246,3 +246,81 @@ fn a_failing_birthday_probe_stays_within_its_budget_and_backs_off() {
     let k = sim.key(hard);
     assert_eq!(sim.members[easy].node.path_to(&k), Some(Path::Relayed));
 }
+
+#[test]
+fn hairpinning_connects_isolated_members_behind_one_nat() {
+    for hairpin in [true, false] {
+        let seed = simnet::seed(0x0a7_0005);
+        let mut sim = Sim::new(seed, (10, 40), 0.0);
+        sim.lan_blocked = true;
+        let spec = NatSpec {
+            hairpin,
+            ..NatSpec::HOME_ROUTER
+        };
+        let a = sim.add_member_behind(spec);
+        let b = sim.add_member_in_site(0);
+        let direct = sim.run_until(Duration::from_secs(30), |s| both_direct(s, a, b));
+        println!("hairpin {hairpin}: direct after {direct:?}");
+        assert_eq!(
+            direct.is_some(),
+            hairpin,
+            "a direct path exists exactly when the NAT hairpins"
+        );
+        // Either way the pair talks (through the relay without hairpinning).
+        let mut tag = 1;
+        while !sim.received(a, b, tag) {
+            tag += 1;
+            assert!(tag < 100, "no packet got through");
+            sim.inject(a, b, tag);
+            sim.run_for(Duration::from_millis(300));
+        }
+    }
+}
+
+#[test]
+fn a_claimed_virtual_ip_is_resolved_the_same_way_everywhere() {
+    use std::net::Ipv4Addr;
+    let seed = simnet::seed(0x0a7_0006);
+    let mut sim = Sim::new(seed, (5, 20), 0.0);
+    let ip = Ipv4Addr::new(10, 77, 1, 1);
+    let observer = sim.add_member(None);
+    sim.next_virtual_ip = Some(ip);
+    let x = sim.add_member(None);
+    sim.next_virtual_ip = Some(ip);
+    let y = sim.add_member(None);
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.members.iter().all(|m| m.node.peer_keys().count() == 2)
+    })
+    .expect("membership");
+    // Both claims are static, so the lower key owns the address.
+    let (kx, ky) = (sim.key(x), sim.key(y));
+    let (owner, loser) = if kx < ky { (x, y) } else { (y, x) };
+    let now = sim.now;
+    let loser_status = sim.members[loser].node.status(now);
+    let owner_status = sim.members[owner].node.status(now);
+    assert!(
+        loser_status
+            .ip_conflict
+            .as_deref()
+            .is_some_and(|c| c.contains("10.77.1.1")),
+        "{loser_status:?}"
+    );
+    assert!(owner_status.ip_conflict.is_none());
+    let seen = sim.members[observer].node.status(now);
+    let flagged: Vec<&str> = seen
+        .peers
+        .iter()
+        .filter(|p| p.ip_conflict)
+        .map(|p| p.public_key.as_str())
+        .collect();
+    assert_eq!(
+        flagged,
+        vec![sim.key(loser).to_base64().as_str()],
+        "the observer flags the loser only"
+    );
+    // Traffic for the address goes to the owner.
+    sim.inject(observer, owner, 77);
+    sim.run_for(Duration::from_secs(2));
+    assert!(sim.received(observer, owner, 77));
+    assert!(!sim.received(observer, loser, 77));
+}

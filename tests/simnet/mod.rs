@@ -65,6 +65,11 @@ pub struct Sim {
     /// Drop every datagram between two members (only relay traffic passes), as when both sit
     /// behind NATs that no probe can open.
     pub direct_blocked: bool,
+    /// Members behind one NAT cannot reach each other on their LAN (client isolation), so
+    /// only hairpinning through the NAT's public address can connect them directly.
+    pub lan_blocked: bool,
+    /// If set, the next member added claims this virtual IP instead of a derived one.
+    pub next_virtual_ip: Option<Ipv4Addr>,
     /// NAT boxes; members with `site: Some(i)` sit behind `nats[i]`.
     pub nats: Vec<nat::Nat>,
     queue: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -94,6 +99,8 @@ impl Sim {
             latency_ms,
             loss,
             direct_blocked: false,
+            lan_blocked: false,
+            next_virtual_ip: None,
             nats: Vec::new(),
             queue: BinaryHeap::new(),
             in_flight: BTreeMap::new(),
@@ -142,7 +149,10 @@ impl Sim {
     ) -> usize {
         let i = self.members.len();
         let key = NodeSecret::generate(&mut self.rng);
-        let vip = meshvpn::addressing::derive_virtual_ip(&self.subnet, &key.public(), 0).unwrap();
+        let vip = match self.next_virtual_ip.take() {
+            Some(ip) => ip,
+            None => meshvpn::addressing::derive_virtual_ip(&self.subnet, &key.public(), 0).unwrap(),
+        };
         let cfg = NodeConfig {
             secret: key,
             network_secret: secret.unwrap_or_else(|| self.secret.clone()),
@@ -197,14 +207,14 @@ impl Sim {
                             .members
                             .iter()
                             .any(|m| m.site == Some(s) && m.addr == dst);
-                        if same_lan {
+                        let hairpin_refused = dst.ip()
+                            == std::net::IpAddr::V4(self.nats[s].public_ip)
+                            && !self.nats[s].spec.hairpin;
+                        if same_lan && !self.lan_blocked {
                             addr
-                        } else if dst.ip() == std::net::IpAddr::V4(self.nats[s].public_ip)
-                            && !self.nats[s].spec.hairpin
-                        {
+                        } else if same_lan || hairpin_refused || is_private(&dst) {
+                            // Isolated LAN, no hairpinning, or another site's LAN (unroutable).
                             return;
-                        } else if is_private(&dst) {
-                            return; // another site's LAN: unroutable on the internet
                         } else {
                             let now = self.now;
                             self.nats[s].outbound(now, addr, dst, &mut self.rng)
