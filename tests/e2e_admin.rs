@@ -281,5 +281,39 @@ fn meshvpn_ping_and_netcheck_report_paths_and_nat() -> Result<()> {
         text.contains("UDP blocked at the peer"),
         "alice explains why dave is relayed: {text}"
     );
+
+    // `list` shows the network up; `down` stops bob, who leaves the others' status at once;
+    // `leave --yes` stops carol, tells the relay and deletes her config.
+    let list = String::from_utf8_lossy(&mesh.member("alice")?.exec(&mesh.lab, &["list"])?.stdout)
+        .to_string();
+    ensure!(
+        list.contains("adm") && list.contains("up, 3 peer(s)"),
+        "list: {list}"
+    );
+    mesh.member("bob")?.exec(&mesh.lab, &["down", "adm"])?;
+    let t = wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        "bob to leave",
+        || Ok(mesh.status("alice")?.peer("bob").is_none()),
+    )?;
+    println!("after meshvpn down, bob left alice's status in {t:.1?}");
+    let carol = mesh.member("carol")?;
+    let config = carol.config_dir.join("adm.toml");
+    ensure!(config.exists());
+    carol.exec(&mesh.lab, &["leave", "adm", "--yes"])?;
+    ensure!(!config.exists(), "leave deletes the config");
+    let t = wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        "carol to leave",
+        || Ok(mesh.status("alice")?.peer("carol").is_none()),
+    )?;
+    println!("after meshvpn leave --yes, carol left alice's status in {t:.1?}");
+    let list = String::from_utf8_lossy(&carol.exec(&mesh.lab, &["list"])?.stdout).to_string();
+    ensure!(
+        list.contains("no networks configured"),
+        "carol's list after leaving: {list}"
+    );
     mesh.shutdown()
 }
