@@ -1,8 +1,8 @@
-//! The host's IPv4 addresses (via `getifaddrs`), for host candidates.
+//! The host's IP addresses (via `getifaddrs`), for host candidates.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// Up, non-loopback IPv4 addresses of every interface except `skip` (our own TUN).
+/// Up, non-loopback IPv4 and IPv6 addresses of every interface except `skip` (our own TUN).
 pub(crate) fn host_addresses(skip: &str) -> Vec<IpAddr> {
     let mut out = Vec::new();
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -31,6 +31,13 @@ pub(crate) fn host_addresses(skip: &str) -> Vec<IpAddr> {
             let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
             if !ip.is_loopback() {
                 out.push(IpAddr::V4(ip));
+            }
+        } else if family == libc::AF_INET6 {
+            // SAFETY: the family is AF_INET6, so the sockaddr is a sockaddr_in6.
+            let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            if !ip.is_loopback() {
+                out.push(IpAddr::V6(ip));
             }
         }
     }

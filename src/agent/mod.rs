@@ -73,7 +73,7 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
         .clone();
     let ifname = cfg.interface_name();
 
-    let socket = UdpSocket::bind(("0.0.0.0", cfg.listen_port)).await.map_err(|e| {
+    let (socket, dual_stack) = bind_udp(cfg.listen_port).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             anyhow::anyhow!("UDP port {} is already in use (another agent or program holds it); set a different node.listen_port", cfg.listen_port)
         } else {
@@ -134,7 +134,7 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
         now,
         unix_ms,
     );
-    node.set_local_endpoints(now, local_endpoints(port, &ifname));
+    node.set_local_endpoints(now, local_endpoints(port, &ifname, dual_stack));
     tracing::info!(
         network = %cfg.network, name = %cfg.name, virtual_ip = %cfg.virtual_ip, interface = %ifname, udp_port = port,
         relay = %relay_addr, public_key = %node.public_key(), "agent started"
@@ -162,7 +162,7 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
     loop {
         drain(
             &mut node,
-            &socket,
+            (&socket, dual_stack),
             &tun,
             &mut link,
             &mut extra,
@@ -224,7 +224,7 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
                 node.set_port_mapping(Instant::now(), current.map(|m| (m.protocol.to_string(), m.external)));
             }
             _ = endpoint_timer.tick() => {
-                node.set_local_endpoints(Instant::now(), local_endpoints(port, &ifname));
+                node.set_local_endpoints(Instant::now(), local_endpoints(port, &ifname, dual_stack));
                 extra.retain(&node.active_sockets());
             }
             _ = sigterm.recv() => break,
@@ -237,7 +237,7 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
     node.leave(Instant::now());
     drain(
         &mut node,
-        &socket,
+        (&socket, dual_stack),
         &tun,
         &mut link,
         &mut extra,
@@ -259,7 +259,7 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
 /// Sends every queued datagram and TUN packet, and logs every event.
 async fn drain(
     node: &mut Node,
-    socket: &UdpSocket,
+    (socket, dual_stack): (&UdpSocket, bool),
     tun: &tun_rs::AsyncDevice,
     link: &mut RelayLink,
     extra: &mut ExtraSockets,
@@ -274,7 +274,7 @@ async fn drain(
         let Some(payload) = link.send(t.dst, t.payload) else {
             continue;
         };
-        if let Err(e) = socket.send_to(&payload, t.dst).await {
+        if let Err(e) = socket.send_to(&payload, on_socket(t.dst, dual_stack)).await {
             tracing::debug!(%e, dst = %t.dst, "UDP send failed");
         }
     }
@@ -441,6 +441,37 @@ fn ping_reply(
     serde_json::to_string(&reply).unwrap_or_default()
 }
 
+/// Binds the main UDP socket: dual-stack `[::]:port` (IPv4 arrives v4-mapped) where IPv6
+/// exists, else `0.0.0.0:port`. Returns whether it is dual-stack.
+fn bind_udp(port: u16) -> std::io::Result<(UdpSocket, bool)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    if let Ok(s) = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)) {
+        if s.set_only_v6(false).is_ok() {
+            s.set_nonblocking(true)?;
+            let addr = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port);
+            match s.bind(&addr.into()) {
+                Ok(()) => return Ok((UdpSocket::from_std(s.into())?, true)),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(e),
+                // No IPv6 on this host: fall back to IPv4 only.
+                Err(_) => {}
+            }
+        }
+    }
+    let s = std::net::UdpSocket::bind(("0.0.0.0", port))?;
+    s.set_nonblocking(true)?;
+    Ok((UdpSocket::from_std(s)?, false))
+}
+
+/// The destination as the socket needs it: IPv4 becomes v4-mapped on a dual-stack socket.
+fn on_socket(dst: SocketAddr, dual_stack: bool) -> SocketAddr {
+    match dst {
+        SocketAddr::V4(v4) if dual_stack => {
+            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+        }
+        SocketAddr::V4(_) | SocketAddr::V6(_) => dst,
+    }
+}
+
 /// IPv4-mapped IPv6 addresses are IPv4 addresses.
 fn normalise(a: SocketAddr) -> SocketAddr {
     match a.ip() {
@@ -452,10 +483,10 @@ fn normalise(a: SocketAddr) -> SocketAddr {
     }
 }
 
-fn local_endpoints(port: u16, ifname: &str) -> Vec<SocketAddr> {
+fn local_endpoints(port: u16, ifname: &str, dual_stack: bool) -> Vec<SocketAddr> {
     ifaddrs::host_addresses(ifname)
         .into_iter()
-        .filter(node::is_announceable)
+        .filter(|ip| node::is_announceable(ip) && (dual_stack || ip.is_ipv4()))
         .map(|ip| SocketAddr::new(ip, port))
         .collect()
 }

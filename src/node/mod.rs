@@ -855,12 +855,19 @@ fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
     ))
 }
 
-/// Whether an address is worth announcing as a host candidate.
+/// Whether an address is worth announcing as a host candidate: IPv4 other than loopback and
+/// link-local; IPv6 global or unique-local (link-local needs a scope id peers cannot use).
 pub fn is_announceable(ip: &IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
             !v4.is_loopback() && !v4.is_unspecified() && !v4.is_link_local() && !v4.is_multicast()
         }
-        IpAddr::V6(_) => false,
+        IpAddr::V6(v6) => {
+            !v6.is_loopback()
+                && !v6.is_unspecified()
+                && !v6.is_multicast()
+                && !v6.is_unicast_link_local()
+                && v6.to_ipv4_mapped().is_none()
+        }
     }
 }
