@@ -147,6 +147,20 @@ impl Mesh {
         })
     }
 
+    /// Turns on IPv6 between the public hosts ([`Lab::enable_ipv6`]) and refreshes the hosts
+    /// of the relay and the members (so their [`Host::addr6`] is set). Call it before the
+    /// members join, so their agents see the IPv6 addresses from the start. The relay stays
+    /// reachable over IPv4 at [`relay_addr`](Self::relay_addr).
+    pub fn enable_ipv6(&mut self) -> Result<()> {
+        self.lab.enable_ipv6()?;
+        for node in std::iter::once(&mut self.relay).chain(self.members.iter_mut()) {
+            if let Some(h) = self.lab.hosts().iter().find(|h| h.ns == node.host.ns) {
+                node.host = h.clone();
+            }
+        }
+        Ok(())
+    }
+
     /// `meshvpn create <network> --relay <relay>`, run on the relay's host (the operator's
     /// machine: it needs UDP to the relay, which some members may not have).
     pub fn create_network(&mut self, network: &str, subnet: Option<&str>) -> Result<&str> {

@@ -15,6 +15,13 @@
 //! The internet router only knows its directly connected /30s: it has no route to any LAN or
 //! carrier (100.64/10) network, so nothing reaches a NATed host except through its NAT.
 //!
+//! IPv6 is opt-in: after [`Lab::enable_ipv6`] the internet router also forwards IPv6 and every
+//! public host (those added before and after the call) gets a unique-local address
+//! `fd6d:<link>::2/64` on its link (the router is `fd6d:<link>::1`, the host's default IPv6
+//! route; see [`Host::addr6`]), so public hosts reach each other over IPv6 too. Duplicate
+//! address detection is off in those namespaces, so the addresses work at once. NATed hosts
+//! and their routers stay IPv4-only.
+//!
 //! [`Lab::probe_nat`] measures what a NAT really does (mapping and filtering behaviour, after
 //! RFC 4787) with plain UDP sockets opened inside the namespaces, and [`Lab::natpmp_map`] asks a
 //! UPnP router for a port mapping; the lab's unit tests check every [`Nat`] kind this way.
@@ -61,7 +68,7 @@ pub use probe::{Filtering, Mapping, NatBehavior, PingLog, PingRun};
 use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
@@ -201,6 +208,9 @@ pub struct Host {
     pub carrier_ns: Option<String>,
     /// For a NATed host: its default gateway (the LAN address of `router_ns`).
     pub gateway: Option<Ipv4Addr>,
+    /// For a public host once [`Lab::enable_ipv6`] ran: its IPv6 address (`fd6d:<link>::2`,
+    /// unique-local, reachable from every other public host with IPv6).
+    pub addr6: Option<Ipv6Addr>,
 }
 
 /// A set of network namespaces wired into a small internet, plus the processes running in them.
@@ -215,6 +225,10 @@ pub struct Lab {
     procs: Mutex<Vec<Proc>>,
     next_link: u32,
     next_site: u32,
+    /// Whether [`Lab::enable_ipv6`] ran.
+    ipv6: bool,
+    /// The internet link number of each public host, by namespace (for IPv6).
+    public_links: Vec<(String, u32)>,
     torn_down: bool,
 }
 
@@ -262,6 +276,8 @@ impl Lab {
             procs: Mutex::new(Vec::new()),
             next_link: 1,
             next_site: 1,
+            ipv6: false,
+            public_links: Vec::new(),
             torn_down: false,
         };
         let inet = lab.inet.clone();
@@ -285,6 +301,38 @@ impl Lab {
         &self.hosts
     }
 
+    /// The host called `name` as it is now (e.g. with the [`Host::addr6`] that
+    /// [`enable_ipv6`](Self::enable_ipv6) gave it after it was added).
+    pub fn host(&self, name: &str) -> Option<&Host> {
+        self.hosts.iter().find(|h| h.name == name)
+    }
+
+    /// Whether [`enable_ipv6`](Self::enable_ipv6) ran.
+    pub fn ipv6_enabled(&self) -> bool {
+        self.ipv6
+    }
+
+    /// Turns on IPv6 between public hosts: IPv6 forwarding in the internet router and an
+    /// address `fd6d:<link>::2/64` (router `fd6d:<link>::1`, the default IPv6 route) on every
+    /// public host, those already added (updated in [`hosts`](Self::hosts); re-read copies with
+    /// [`host`](Self::host)) and those added later. DAD is off (`accept_dad=0`, `nodad`), so the
+    /// addresses are usable at once. NATed hosts stay IPv4-only. Idempotent.
+    pub fn enable_ipv6(&mut self) -> Result<()> {
+        if self.ipv6 {
+            return Ok(());
+        }
+        self.ipv6_sysctls(&self.inet, true, &[])
+            .context("enabling IPv6 forwarding in the internet router")?;
+        self.ipv6 = true;
+        for (ns, link) in self.public_links.clone() {
+            let addr6 = self.attach_ipv6(&ns, "eth0", link)?;
+            if let Some(h) = self.hosts.iter_mut().find(|h| h.ns == ns) {
+                h.addr6 = Some(addr6);
+            }
+        }
+        Ok(())
+    }
+
     /// Adds a host with a public address directly on the internet.
     ///
     /// `name`: 1–15 chars of `a-z`, `0-9`, `-`, unique within the lab. The host's interface is
@@ -293,7 +341,13 @@ impl Lab {
         self.check_new_name(name)?;
         let ns = format!("{}-{name}", self.prefix);
         self.add_namespace(&ns)?;
+        if self.ipv6 {
+            // Before the interface exists, so it never runs DAD.
+            self.ipv6_sysctls(&ns, false, &[])?;
+        }
+        let link = self.next_link;
         let (router_ip, host_ip) = self.attach_to_internet(&ns, "eth0", None)?;
+        self.public_links.push((ns.clone(), link));
         self.ip(&[
             "-n",
             &ns,
@@ -303,6 +357,11 @@ impl Lab {
             "via",
             &router_ip.to_string(),
         ])?;
+        let addr6 = if self.ipv6 {
+            Some(self.attach_ipv6(&ns, "eth0", link)?)
+        } else {
+            None
+        };
         let host = Host {
             name: name.to_string(),
             ns,
@@ -312,6 +371,7 @@ impl Lab {
             nat: None,
             carrier_ns: None,
             gateway: None,
+            addr6,
         };
         self.hosts.push(host.clone());
         Ok(host)
@@ -498,9 +558,20 @@ impl Lab {
     /// Pings `to` from `from` (`count` echo requests, `timeout` for each reply, rounded up to
     /// whole seconds); true if any reply came back.
     pub fn ping(&self, from: &Host, to: Ipv4Addr, count: u32, timeout: Duration) -> bool {
+        self.ping_ip(from, to.into(), count, timeout)
+    }
+
+    /// [`ping`](Self::ping) over IPv6 (`ping -6`), e.g. to another public host's
+    /// [`Host::addr6`] after [`enable_ipv6`](Self::enable_ipv6).
+    pub fn ping6(&self, from: &Host, to: Ipv6Addr, count: u32, timeout: Duration) -> bool {
+        self.ping_ip(from, to.into(), count, timeout)
+    }
+
+    fn ping_ip(&self, from: &Host, to: IpAddr, count: u32, timeout: Duration) -> bool {
         let secs = timeout.as_secs_f64().ceil().max(1.0) as u64;
         let args = [
             "ping".to_string(),
+            if to.is_ipv6() { "-6" } else { "-4" }.into(),
             "-n".into(),
             "-q".into(),
             "-c".into(),
@@ -655,6 +726,63 @@ impl Lab {
         )
         .with_context(|| format!("enabling forwarding in {ns}"))?;
         Ok(())
+    }
+
+    /// Sets IPv6 sysctls in `ns` by writing `/proc/sys` inside it: duplicate address detection
+    /// off (`all`, `default` and each of `ifaces`), and with `forward` IPv6 forwarding on.
+    fn ipv6_sysctls(&self, ns: &str, forward: bool, ifaces: &[&str]) -> Result<()> {
+        let mut script = String::from("set -e; d=/proc/sys/net/ipv6/conf");
+        for conf in ["all", "default"].iter().chain(ifaces) {
+            script.push_str(&format!("; echo 0 > $d/{conf}/accept_dad"));
+            if forward {
+                script.push_str(&format!("; echo 1 > $d/{conf}/forwarding"));
+            }
+        }
+        run_checked(
+            Command::new("ip").args(["netns", "exec", ns, "sh", "-c", &script]),
+            SETUP_TIMEOUT,
+        )
+        .with_context(|| format!("setting IPv6 sysctls in {ns}"))?;
+        Ok(())
+    }
+
+    /// Gives public host namespace `ns` (interface `ifname`, internet link `link`) the address
+    /// `fd6d:<link>::2/64`, the internet router `fd6d:<link>::1/64` on its end of the link, and
+    /// `ns` a default IPv6 route via the router. Returns the host's address.
+    fn attach_ipv6(&self, ns: &str, ifname: &str, link: u32) -> Result<Ipv6Addr> {
+        let link16 = u16::try_from(link).context("lab: link number out of range")?;
+        let router = Ipv6Addr::new(0xfd6d, link16, 0, 0, 0, 0, 0, 1);
+        let host = Ipv6Addr::new(0xfd6d, link16, 0, 0, 0, 0, 0, 2);
+        let inet_if = format!("h{link}");
+        self.ipv6_sysctls(&self.inet, true, &[&inet_if])?;
+        self.ipv6_sysctls(ns, false, &[ifname])?;
+        for (ns, ifname, addr) in [(self.inet.as_str(), &*inet_if, router), (ns, ifname, host)] {
+            self.ip(&[
+                "-n",
+                ns,
+                "-6",
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                ifname,
+                "nodad",
+            ])
+            .with_context(|| format!("adding {addr} in {ns}"))?;
+        }
+        self.ip(&[
+            "-n",
+            ns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &router.to_string(),
+            "dev",
+            ifname,
+        ])?;
+        Ok(host)
     }
 
     fn ip(&self, args: &[&str]) -> Result<()> {

@@ -286,6 +286,7 @@ impl Lab {
             nat: Some(nat),
             carrier_ns,
             gateway: Some(lan_router),
+            addr6: None,
         };
         if nat == Nat::Upnp {
             self.start_miniupnpd(&host, site8)?;

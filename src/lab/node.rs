@@ -3,7 +3,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Output};
 use std::time::Duration;
@@ -271,6 +271,21 @@ fn str_field(v: &serde_json::Value, key: &str) -> String {
         .to_string()
 }
 
+impl PeerStatus {
+    /// The endpoint as a socket address (`ip:port` or `[ipv6]:port`), if known and parseable.
+    pub fn endpoint_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.as_deref()?.parse().ok()
+    }
+
+    /// Whether the endpoint is an IPv6 socket address (not an IPv4-mapped one).
+    pub fn endpoint_is_ipv6(&self) -> bool {
+        match self.endpoint_addr() {
+            Some(SocketAddr::V6(a)) => a.ip().to_ipv4_mapped().is_none(),
+            _ => false,
+        }
+    }
+}
+
 impl Status {
     /// Parses the JSON printed by `meshvpn status --json`.
     pub fn parse(text: &str) -> Result<Status> {
@@ -351,6 +366,15 @@ mod tests {
         let carol = s.peer("carol").ok_or_else(|| anyhow!("no carol"))?;
         assert_eq!(carol.virtual_ip, Ipv4Addr::new(10, 1, 2, 5));
         assert_eq!(carol.endpoint, None);
+        assert!(!carol.endpoint_is_ipv6());
+        let bob = s.peer("bob").ok_or_else(|| anyhow!("no bob"))?;
+        assert_eq!(bob.endpoint_addr(), Some("198.51.100.6:4000".parse()?));
+        assert!(!bob.endpoint_is_ipv6());
+        let mut v6 = bob.clone();
+        v6.endpoint = Some("[fd6d:3::2]:41641".into());
+        assert!(v6.endpoint_is_ipv6());
+        v6.endpoint = Some("[::ffff:198.51.100.6]:41641".into());
+        assert!(!v6.endpoint_is_ipv6(), "an IPv4-mapped address is IPv4");
         assert_eq!(
             s.peer_by_ip(Ipv4Addr::new(10, 1, 2, 4)).map(|p| p.rtt_ms),
             Some(Some(0.5))

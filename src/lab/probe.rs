@@ -5,7 +5,7 @@
 use std::fs;
 use std::io::ErrorKind;
 use std::net::{
-    Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, ToSocketAddrs, UdpSocket,
+    Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, ToSocketAddrs, UdpSocket,
 };
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -162,6 +162,15 @@ impl Lab {
         in_netns(&host.ns, || {
             UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
                 .with_context(|| format!("binding UDP port {port} in {}", host.name))
+        })
+    }
+
+    /// A dual-stack UDP socket bound to `[::]:port` inside `host` (`port` 0: any free port):
+    /// IPv6, and IPv4 as IPv4-mapped addresses. For IPv6 after [`Lab::enable_ipv6`].
+    pub fn udp_socket6(&self, host: &Host, port: u16) -> Result<UdpSocket> {
+        in_netns(&host.ns, || {
+            UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port))
+                .with_context(|| format!("binding UDP port [::]:{port} in {}", host.name))
         })
     }
 

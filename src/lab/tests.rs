@@ -91,6 +91,81 @@ fn lab_routes_nats_and_cleans_up() -> Result<()> {
     Ok(())
 }
 
+/// IPv6 between public hosts: a host added before [`Lab::enable_ipv6`] and one added after
+/// both get a usable (not tentative) ULA address at once and ping each other with `ping -6`
+/// through the internet router; a NATed host stays IPv4-only. Needs root (skips otherwise).
+#[test]
+fn lab_ipv6_between_public_hosts() -> Result<()> {
+    if !is_root() {
+        println!("skipping: needs root");
+        return Ok(());
+    }
+    let mut lab = Lab::new("ipv6")?;
+    let a = lab.add_public_host("a")?;
+    assert_eq!(a.addr6, None, "IPv6 is opt-in");
+    let t = std::time::Instant::now();
+    lab.enable_ipv6()?;
+    assert!(lab.ipv6_enabled());
+    lab.enable_ipv6()?;
+    let b = lab.add_public_host("b")?;
+    let home = lab.add_natted_host("home", Nat::HomeRouter)?;
+    let a = lab.host("a").context("no host a")?.clone();
+    let a6 = a.addr6.context("a got no IPv6 address")?;
+    let b6 = b.addr6.context("b got no IPv6 address")?;
+    assert_eq!(home.addr6, None, "NATed hosts stay IPv4-only");
+    assert_ne!(a6, b6);
+    assert_eq!(a6.segments()[0], 0xfd6d, "a unique-local address: {a6}");
+    for h in [&a, &b] {
+        let out = lab.exec(h, &["ip", "-6", "addr", "show", "dev", "eth0"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !text.contains("tentative"),
+            "{}: addresses still in DAD: {text}",
+            h.name
+        );
+    }
+    assert!(
+        lab.ping6(&a, b6, 1, Duration::from_secs(2)),
+        "a -> b over IPv6"
+    );
+    assert!(
+        lab.ping6(&b, a6, 1, Duration::from_secs(2)),
+        "b -> a over IPv6"
+    );
+    println!(
+        "IPv6 {a6} <-> {b6}: set up and pinged both ways in {:.2?}",
+        t.elapsed()
+    );
+    assert!(
+        lab.ping(&a, b.addr, 1, Duration::from_secs(1)),
+        "IPv4 still works"
+    );
+    // UDP over IPv6 between dual-stack sockets, and IPv4 into one (as a v4-mapped source).
+    let sa = lab.udp_socket6(&a, 0)?;
+    let sb = lab.udp_socket6(&b, 0)?;
+    sb.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let to_b = std::net::SocketAddr::from((b6, sb.local_addr()?.port()));
+    let mut buf = [0u8; 16];
+    sa.send_to(b"six", to_b)?;
+    let (n, from) = sb.recv_from(&mut buf)?;
+    assert_eq!((&buf[..n], from.ip()), (&b"six"[..], IpAddr::V6(a6)));
+    sa.send_to(b"four", SocketAddrV4::new(b.addr, sb.local_addr()?.port()))?;
+    let (n, from) = sb.recv_from(&mut buf)?;
+    let mapped = match from.ip() {
+        IpAddr::V6(ip) => ip.to_ipv4_mapped(),
+        IpAddr::V4(ip) => Some(ip),
+    };
+    assert_eq!((&buf[..n], mapped), (&b"four"[..], Some(a.addr)));
+    assert!(
+        !lab.ping6(&home, a6, 1, Duration::from_secs(1)),
+        "a NATed host has no IPv6"
+    );
+    let routes = lab.exec_in_ns(lab.internet_ns(), &["ip", "-6", "route"], SETUP_TIMEOUT)?;
+    let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
+    assert!(routes.contains("fd6d:"), "router has the links: {routes}");
+    Ok(())
+}
+
 /// A lab dropped during a panic still stops its processes and deletes its namespaces.
 #[test]
 fn lab_cleans_up_on_panic() {
