@@ -447,3 +447,31 @@ fn nat_mapping_change_mid_ping_run() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn udp_blocked_mid_session_moves_to_relay_over_tcp() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let tag = "e2e-udp-midway";
+    let (mesh, report) = pair(tag, ("alice", None), ("bob", None), DIRECT_BOUND)?;
+    expect_direct(tag, &report)?;
+    // A firewall on alice's host starts dropping all outbound UDP except DNS.
+    let host = mesh.host("alice")?.clone();
+    let nft = "table inet midway { chain out { type filter hook output priority 0; udp dport != 53 drop; }; }";
+    mesh.lab.exec(&host, &["nft", nft])?;
+    let blocked = Instant::now();
+    let t = lab::wait_until(
+        Duration::from_secs(40),
+        Duration::from_millis(200),
+        "alice on relay-tcp",
+        || Ok(mesh.path("alice", "bob")?.as_deref() == Some("relay-tcp")),
+    )?;
+    println!("[{tag}] UDP blocked mid-session: alice on relay-tcp after {t:.1?}");
+    mesh.ping_until("alice", report.ip_b, Duration::from_secs(20))?;
+    println!(
+        "[{tag}] pings flow again {:.1?} after the block",
+        blocked.elapsed()
+    );
+    mesh.shutdown()
+}

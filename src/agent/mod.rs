@@ -172,7 +172,7 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
         .await;
         pings.expire(Instant::now());
         progress.tick(Instant::now());
-        if let Some(over_tcp) = link.poll(Instant::now(), node.is_registered()) {
+        if let Some(over_tcp) = link.poll(Instant::now(), node.relay_answering()) {
             node.set_relay_over_tcp(Instant::now(), over_tcp);
         }
         // Wake at least every second so the relay link's fallback decision is timely.
@@ -184,7 +184,7 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
             r = socket.recv_from(&mut udp_buf) => match r {
                 Ok((n, from)) => {
                     let (now, from) = (Instant::now(), normalise(from));
-                    link.note_udp(from, now);
+                    link.note_udp(from, &udp_buf[..n], now);
                     node.handle_udp(now, from, &udp_buf[..n]);
                 }
                 Err(e) => tracing::debug!(%e, "UDP receive failed"),

@@ -1,11 +1,12 @@
 //! How the agent reaches its relay: UDP on the one socket, or TCP when UDP is blocked.
 //!
-//! The agent starts on UDP. When the relay has not acknowledged a registration and no UDP
-//! datagram has come from the relay's address for [`UDP_FALLBACK_AFTER`], it connects to the
-//! relay over TCP (same port) and sends every relay-bound datagram through that stream; the
-//! relay bridges TCP- and UDP-attached members. While on TCP the node keeps sending STUN over
-//! UDP; as soon as a UDP answer from the relay arrives, the agent drops the stream and goes
-//! back to UDP (direct paths need UDP anyway).
+//! The agent starts on UDP. When the relay has answered neither a registration nor a STUN
+//! request over UDP for [`UDP_FALLBACK_AFTER`] (at start-up, or later when UDP gets blocked),
+//! it connects to the relay over TCP (same port) and sends every relay-bound datagram through
+//! that stream; the relay bridges TCP- and UDP-attached members. While on TCP the node keeps
+//! sending STUN over UDP; as soon as a STUN answer from the relay arrives over UDP, the agent
+//! drops the stream and goes back to UDP (direct paths need UDP anyway). Only STUN answers
+//! count as proof, since relayed traffic may still trickle in through an old NAT mapping.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::relay::tcp::TcpRelayClient;
+use crate::wire::{self, DatagramKind};
 
 /// Unanswered UDP for this long means UDP to the relay is blocked: three registration
 /// attempts (at 0, 1 and 3 s) have gone unanswered by then.
@@ -63,9 +65,10 @@ impl RelayLink {
         self.tcp.is_some()
     }
 
-    /// Notes a UDP datagram from `from` (proof that UDP to the relay works).
-    pub(crate) fn note_udp(&mut self, from: SocketAddr, now: Instant) {
-        if from.ip() == self.relay.ip() {
+    /// Notes a UDP datagram from `from`: a STUN answer from the relay's address proves that
+    /// UDP to the relay works both ways.
+    pub(crate) fn note_udp(&mut self, from: SocketAddr, bytes: &[u8], now: Instant) {
+        if from.ip() == self.relay.ip() && wire::classify(bytes) == DatagramKind::Stun {
             self.last_udp = Some(now);
         }
     }
@@ -86,9 +89,10 @@ impl RelayLink {
         }
     }
 
-    /// Decides, once per loop turn, whether to start a TCP connection or to drop back to UDP.
-    /// Returns `Some(over_tcp)` when the transport changed.
-    pub(crate) fn poll(&mut self, now: Instant, registered: bool) -> Option<bool> {
+    /// Decides, once per loop turn, whether to start a TCP connection or to drop back to UDP;
+    /// `answering` says whether the relay answers our registrations. Returns `Some(over_tcp)`
+    /// when the transport changed.
+    pub(crate) fn poll(&mut self, now: Instant, answering: bool) -> Option<bool> {
         let udp_recent = self
             .last_udp
             .is_some_and(|t| now.saturating_duration_since(t) < UDP_WORKS_WITHIN);
@@ -101,7 +105,7 @@ impl RelayLink {
             }
             return None;
         }
-        if registered || udp_recent {
+        if answering || udp_recent {
             self.quiet_since = now;
             return None;
         }

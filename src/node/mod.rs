@@ -293,6 +293,13 @@ impl Node {
         self.relay.registered
     }
 
+    /// Whether the relay answers now: registered, and the latest registration did not go
+    /// unanswered (a relay that stopped answering is noticed within seconds, long before the
+    /// registration is considered lost).
+    pub fn relay_answering(&self) -> bool {
+        self.relay.registered && !self.relay.unanswered
+    }
+
     /// Keys of the members this node currently knows.
     pub fn peer_keys(&self) -> impl Iterator<Item = &PeerKey> {
         self.peers.keys()
@@ -388,7 +395,7 @@ impl Node {
     /// Handles one datagram received on socket `socket` (see [`Transmit::socket`]) from `from`.
     pub fn handle_udp_on(&mut self, now: Instant, socket: u16, from: SocketAddr, bytes: &[u8]) {
         match wire::classify(bytes) {
-            DatagramKind::WireGuard => self.handle_wireguard(now, from, socket, None, bytes),
+            DatagramKind::WireGuard => self.handle_wireguard(from, socket, None, bytes),
             DatagramKind::Meshvpn => self.handle_frame(now, from, socket, bytes),
             DatagramKind::Stun => match stun::parse(bytes) {
                 Some(stun::Binding::Response { tx, mapped }) => {
@@ -655,7 +662,7 @@ impl Node {
                 }
                 match wire::classify(payload) {
                     DatagramKind::WireGuard => {
-                        self.handle_wireguard(now, from, 0, Some(sender), payload)
+                        self.handle_wireguard(from, 0, Some(sender), payload)
                     }
                     DatagramKind::Meshvpn => match Frame::parse(payload) {
                         Ok(Frame::Disco {
@@ -680,7 +687,6 @@ impl Node {
     /// A WireGuard message from `from`, relayed on behalf of `via_relay` if set.
     fn handle_wireguard(
         &mut self,
-        now: Instant,
         from: SocketAddr,
         socket: u16,
         via_relay: Option<PeerKey>,
@@ -741,7 +747,6 @@ impl Node {
                 p.want_session_since = None;
             }
         }
-        let _ = now;
         for r in replies {
             // Answer the way the message came, so handshakes complete even before a path is known.
             match via_relay {
