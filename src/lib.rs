@@ -58,5 +58,6 @@ pub mod lab;
 pub mod node;
 pub mod overlap;
 pub mod relay;
+pub mod sockaddr;
 pub mod status;
 pub mod wire;

@@ -11,7 +11,7 @@ mod progress;
 mod relay_link;
 mod sockets;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::Config;
 use crate::control::{self, Request};
 use crate::node::{self, Event, Node, NodeConfig, RelayTarget};
+use crate::sockaddr;
 use crate::wire::token::RelayEndpoint;
 use portmap::{PortMapper, PortMapping};
 use progress::Progress;
@@ -183,13 +184,13 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
         tokio::select! {
             r = socket.recv_from(&mut udp_buf) => match r {
                 Ok((n, from)) => {
-                    let (now, from) = (Instant::now(), normalise(from));
+                    let (now, from) = (Instant::now(), sockaddr::unmap(from));
                     link.note_udp(from, &udp_buf[..n], now);
                     node.handle_udp(now, from, &udp_buf[..n]);
                 }
                 Err(e) => tracing::debug!(%e, "UDP receive failed"),
             },
-            Some((n, from, bytes)) = extra_rx.recv() => node.handle_udp_on(Instant::now(), n, normalise(from), &bytes),
+            Some((n, from, bytes)) = extra_rx.recv() => node.handle_udp_on(Instant::now(), n, sockaddr::unmap(from), &bytes),
             ev = link.recv() => match ev {
                 LinkEvent::Datagram(d) => node.handle_udp(Instant::now(), relay_addr, &d),
                 LinkEvent::Connected(result) => {
@@ -274,7 +275,10 @@ async fn drain(
         let Some(payload) = link.send(t.dst, t.payload) else {
             continue;
         };
-        if let Err(e) = socket.send_to(&payload, on_socket(t.dst, dual_stack)).await {
+        if let Err(e) = socket
+            .send_to(&payload, sockaddr::for_socket(t.dst, dual_stack))
+            .await
+        {
             tracing::debug!(%e, dst = %t.dst, "UDP send failed");
         }
     }
@@ -460,27 +464,6 @@ fn bind_udp(port: u16) -> std::io::Result<(UdpSocket, bool)> {
     let s = std::net::UdpSocket::bind(("0.0.0.0", port))?;
     s.set_nonblocking(true)?;
     Ok((UdpSocket::from_std(s)?, false))
-}
-
-/// The destination as the socket needs it: IPv4 becomes v4-mapped on a dual-stack socket.
-fn on_socket(dst: SocketAddr, dual_stack: bool) -> SocketAddr {
-    match dst {
-        SocketAddr::V4(v4) if dual_stack => {
-            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-        }
-        SocketAddr::V4(_) | SocketAddr::V6(_) => dst,
-    }
-}
-
-/// IPv4-mapped IPv6 addresses are IPv4 addresses.
-fn normalise(a: SocketAddr) -> SocketAddr {
-    match a.ip() {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(|v4| SocketAddr::new(IpAddr::V4(v4), a.port()))
-            .unwrap_or(a),
-        IpAddr::V4(_) => a,
-    }
 }
 
 fn local_endpoints(port: u16, ifname: &str, dual_stack: bool) -> Vec<SocketAddr> {

@@ -16,6 +16,7 @@ use super::server::{Link, RelayServer};
 use super::tcp;
 use crate::config::write_atomic;
 use crate::keys::NodeSecret;
+use crate::sockaddr;
 use crate::wire::stun;
 
 /// File in the config directory that holds the relay's private key.
@@ -104,6 +105,8 @@ pub async fn run(listen: SocketAddr, config_dir: &Path) -> anyhow::Result<()> {
             anyhow::anyhow!("binding TCP {listen}: {e}")
         }
     })?;
+    // `--listen [::]:3478` gives a dual-stack socket: IPv4 members arrive IPv4-mapped.
+    let dual_stack = listen.is_ipv6();
     let mut server =
         RelayServer::new(key, rand::rngs::OsRng.next_u64()).with_sequence_start(start_us);
     #[allow(clippy::print_stdout)]
@@ -126,7 +129,10 @@ pub async fn run(listen: SocketAddr, config_dir: &Path) -> anyhow::Result<()> {
         while let Some(t) = server.poll_transmit() {
             match t.link {
                 Link::Udp(dst) => {
-                    if let Err(e) = socket.send_to(&t.payload, dst).await {
+                    if let Err(e) = socket
+                        .send_to(&t.payload, sockaddr::for_socket(dst, dual_stack))
+                        .await
+                    {
                         tracing::debug!(%e, %dst, "UDP send failed");
                     }
                 }
@@ -143,14 +149,14 @@ pub async fn run(listen: SocketAddr, config_dir: &Path) -> anyhow::Result<()> {
             .unwrap_or_else(|| Instant::now() + std::time::Duration::from_secs(3600));
         tokio::select! {
             r = socket.recv_from(&mut buf) => match r {
-                Ok((n, from)) => server.handle_datagram(Instant::now(), Link::Udp(from), &buf[..n]),
+                Ok((n, from)) => server.handle_datagram(Instant::now(), Link::Udp(sockaddr::unmap(from)), &buf[..n]),
                 Err(e) => tracing::debug!(%e, "UDP receive failed"),
             },
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => server.handle_timeout(Instant::now()),
             r = alt.recv_from(&mut alt_buf) => {
                 if let Ok((n, from)) = r {
                     if let Some(stun::Binding::Request(tx)) = stun::parse(&alt_buf[..n]) {
-                        let _ = alt.send_to(&stun::binding_response(tx, from), from).await;
+                        let _ = alt.send_to(&stun::binding_response(tx, sockaddr::unmap(from)), from).await;
                     }
                 }
             }
@@ -158,7 +164,7 @@ pub async fn run(listen: SocketAddr, config_dir: &Path) -> anyhow::Result<()> {
                 Ok((stream, remote)) if tcp_writers.len() < MAX_TCP_CONNECTIONS => {
                     let id = next_conn;
                     next_conn += 1;
-                    let link = Link::Tcp { id, remote };
+                    let link = Link::Tcp { id, remote: sockaddr::unmap(remote) };
                     tcp_writers.insert(id, spawn_tcp_connection(stream, link, tcp_in_tx.clone()));
                 }
                 Ok((_, remote)) => tracing::warn!(%remote, "refusing TCP connection: too many"),
