@@ -1,13 +1,13 @@
 //! End-to-end: the real `meshvpn` binary in network namespaces (needs root; skips otherwise).
 //!
-//! Each test builds its own [`Lab`] (relay host + member hosts on a private lab "internet") and
+//! Each test builds its own [`Mesh`] (relay host + member hosts on a private lab "internet") and
 //! tears it down on drop, even when it fails. Only lab addresses are ever contacted.
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
-use meshvpn::lab::{self, Lab, Node, Signal, Status};
+use meshvpn::lab::{self, Mesh, Nat, Signal, Status};
 
 const EXE: &str = env!("CARGO_BIN_EXE_meshvpn");
 const RELAY_PORT: u16 = 3478;
@@ -26,109 +26,51 @@ fn skip() -> bool {
     true
 }
 
-/// A lab with a running relay and some members that joined one network.
-struct Mesh {
-    // Field order: nodes first, the lab last (its Drop stops everything).
-    relay: Node,
-    members: Vec<Node>,
-    relay_addr: String,
-    lab: Lab,
+/// A [`Mesh`] with a running relay and one public host per name (members not started yet).
+fn new_mesh(tag: &str, names: &[&str]) -> Result<Mesh> {
+    let t = Instant::now();
+    let members: Vec<(&str, Option<Nat>)> = names.iter().map(|n| (*n, None)).collect();
+    let mesh = Mesh::new(tag, EXE.as_ref(), &members, RELAY_PORT)?;
+    println!(
+        "[{tag}] lab + relay at {} up in {:.1?}",
+        mesh.relay_addr,
+        t.elapsed()
+    );
+    Ok(mesh)
 }
 
-impl Mesh {
-    /// Lab + relay + one public host per name (members not started yet).
-    fn new(tag: &str, names: &[&str]) -> Result<Mesh> {
-        let t = Instant::now();
-        let mut lab = Lab::new(tag)?;
-        let relay_host = lab.add_public_host("relay")?;
-        let mut members = Vec::new();
-        for name in names {
-            let host = lab.add_public_host(name)?;
-            members.push(Node::new(&lab, EXE.as_ref(), &host, name)?);
-        }
-        let mut relay = Node::new(&lab, EXE.as_ref(), &relay_host, "relay")?;
-        let relay_addr = relay.start_relay(&lab, RELAY_PORT)?.to_string();
-        println!(
-            "[{tag}] lab + relay at {relay_addr} up in {:.1?}",
-            t.elapsed()
-        );
-        Ok(Mesh {
-            relay,
-            members,
-            relay_addr,
-            lab,
-        })
-    }
+/// [`Mesh::converge`] within [`CONVERGE`], printing how long it took; returns the statuses in
+/// `names` order.
+fn converge(mesh: &Mesh, names: &[&str]) -> Result<Vec<Status>> {
+    let t = Instant::now();
+    let statuses = mesh.converge(names, CONVERGE)?;
+    println!("{names:?} see each other after {:.1?}", t.elapsed());
+    Ok(statuses)
+}
 
-    fn member(&self, name: &str) -> Result<&Node> {
-        self.members
-            .iter()
-            .find(|m| m.name == name)
-            .with_context(|| format!("no member {name}"))
-    }
-
-    /// Waits until every member in `names` lists exactly the others in `names` (by name);
-    /// returns their statuses in `names` order.
-    fn converge(&self, network: &str, names: &[&str]) -> Result<Vec<Status>> {
-        let mut last: Vec<Option<Status>> = vec![None; names.len()];
-        let took = lab::wait_until(
-            CONVERGE,
-            Duration::from_millis(200),
-            &format!("{names:?} to see each other"),
-            || {
-                for (i, name) in names.iter().enumerate() {
-                    let m = self.member(name)?;
-                    ensure!(
-                        m.is_running(&self.lab),
-                        "{name} is not running; see {}",
-                        m.log.display()
-                    );
-                    last[i] = Some(m.status(&self.lab, network)?);
+/// Pings `to` from `from` until the first reply (bounded); returns the time it took.
+fn first_ping(mesh: &Mesh, from: &str, to: &str, ip: Ipv4Addr) -> Result<Duration> {
+    let host = mesh.host(from)?;
+    let mut rtt = Duration::ZERO;
+    let took = lab::wait_until(
+        FIRST_PING,
+        Duration::from_millis(100),
+        &format!("a ping from {from} to {to} ({ip})"),
+        || {
+            Ok(match mesh.lab.ping_rtt(host, ip, Duration::from_secs(1)) {
+                Some(r) => {
+                    rtt = r;
+                    true
                 }
-                Ok(last.iter().enumerate().all(|(i, s)| {
-                    s.as_ref().is_some_and(|s| {
-                        let mut want: Vec<String> = names
-                            .iter()
-                            .enumerate()
-                            .filter(|(j, _)| *j != i)
-                            .map(|(_, n)| n.to_string())
-                            .collect();
-                        want.sort();
-                        s.peer_names() == want
-                    })
-                }))
-            },
-        )?;
-        println!("{names:?} see each other after {took:.1?}");
-        last.into_iter().map(|s| s.context("no status")).collect()
-    }
-
-    /// Pings `to` from `from` until the first reply (bounded); returns the time it took.
-    fn first_ping(&self, from: &str, to: &str, ip: Ipv4Addr) -> Result<Duration> {
-        let node = self.member(from)?;
-        let mut rtt = Duration::ZERO;
-        let took = lab::wait_until(
-            FIRST_PING,
-            Duration::from_millis(100),
-            &format!("a ping from {from} to {to} ({ip})"),
-            || {
-                Ok(
-                    match self.lab.ping_rtt(&node.host, ip, Duration::from_secs(1)) {
-                        Some(r) => {
-                            rtt = r;
-                            true
-                        }
-                        None => false,
-                    },
-                )
-            },
-        )?;
-        println!(
-            "  ping {from:>6} -> {to:<6} {ip:<15} first reply after {took:>8.1?} (rtt {:.2} ms)",
-            rtt.as_secs_f64() * 1000.0
-        );
-        Ok(took)
-    }
+                None => false,
+            })
+        },
+    )?;
+    println!(
+        "  ping {from:>6} -> {to:<6} {ip:<15} first reply after {took:>8.1?} (rtt {:.2} ms)",
+        rtt.as_secs_f64() * 1000.0
+    );
+    Ok(took)
 }
 
 /// Checks that each status lists the other members with the virtual IPs they report themselves.
@@ -172,14 +114,12 @@ fn three_members_mesh_leave_and_return() -> Result<()> {
     let t0 = Instant::now();
     let network = "e2e";
     let names = ["alice", "bob", "carol"];
-    let mut mesh = Mesh::new("e2e-mesh", &names)?;
-    let token =
-        mesh.members[0].create_token(&mesh.lab, network, &mesh.relay_addr, Some("10.77.0.0/16"))?;
-    for i in 0..mesh.members.len() {
-        let (lab, m) = (&mesh.lab, &mut mesh.members[i]);
-        m.join(lab, &token, &[])?;
+    let mut mesh = new_mesh("e2e-mesh", &names)?;
+    mesh.create_network(network, Some("10.77.0.0/16"))?;
+    for name in names {
+        mesh.join(name)?;
     }
-    let statuses = mesh.converge(network, &names)?;
+    let statuses = converge(&mesh, &names)?;
     check_peer_ips(&names, &statuses)?;
     let ips: Vec<Ipv4Addr> = statuses.iter().map(|s| s.virtual_ip).collect();
     for (n, ip) in names.iter().zip(&ips) {
@@ -190,7 +130,7 @@ fn three_members_mesh_leave_and_return() -> Result<()> {
     for (i, from) in names.iter().enumerate() {
         for (j, to) in names.iter().enumerate() {
             if i != j {
-                mesh.first_ping(from, to, ips[j])?;
+                first_ping(&mesh, from, to, ips[j])?;
             }
         }
     }
@@ -208,8 +148,8 @@ fn three_members_mesh_leave_and_return() -> Result<()> {
         Duration::from_millis(200),
         "carol to disappear from alice's and bob's status",
         || {
-            for m in &mesh.members[..2] {
-                if m.status(&mesh.lab, network)?.peer("carol").is_some() {
+            for name in ["alice", "bob"] {
+                if mesh.status(name)?.peer("carol").is_some() {
                     return Ok(false);
                 }
             }
@@ -224,7 +164,7 @@ fn three_members_mesh_leave_and_return() -> Result<()> {
         m.up(lab, network)?;
     }
     let t = Instant::now();
-    let again = mesh.converge(network, &names)?;
+    let again = converge(&mesh, &names)?;
     println!(
         "carol back in the mesh {:.1?} after `meshvpn up`",
         t.elapsed()
@@ -237,14 +177,14 @@ fn three_members_mesh_leave_and_return() -> Result<()> {
         ips[carol]
     );
     for other in [0, 1] {
-        mesh.first_ping("carol", names[other], ips[other])?;
-        mesh.first_ping(names[other], "carol", ips[carol])?;
+        first_ping(&mesh, "carol", names[other], ips[other])?;
+        first_ping(&mesh, names[other], "carol", ips[carol])?;
     }
 
     let relay_status = mesh.relay.stop(&mesh.lab, Signal::Term)?;
     println!("relay stopped: {relay_status:?}");
     println!("three_members_mesh_leave_and_return: {:.1?}", t0.elapsed());
-    Ok(())
+    mesh.shutdown()
 }
 
 #[test]
@@ -256,23 +196,25 @@ fn intruder_with_same_name_and_subnet_is_isolated() -> Result<()> {
     let network = "e2e";
     let subnet = "10.78.0.0/16";
     let members = ["alice", "bob"];
-    let mut mesh = Mesh::new("e2e-intruder", &["alice", "bob", "mallory"])?;
-    let token = mesh.members[0].create_token(&mesh.lab, network, &mesh.relay_addr, Some(subnet))?;
-    for i in 0..2 {
-        let (lab, m) = (&mesh.lab, &mut mesh.members[i]);
-        m.join(lab, &token, &[])?;
+    let mut mesh = new_mesh("e2e-intruder", &["alice", "bob", "mallory"])?;
+    let token = mesh.create_network(network, Some(subnet))?.to_string();
+    for name in members {
+        mesh.join(name)?;
     }
-    let statuses = mesh.converge(network, &members)?;
+    let statuses = converge(&mesh, &members)?;
     check_peer_ips(&members, &statuses)?;
     let ips: Vec<Ipv4Addr> = statuses.iter().map(|s| s.virtual_ip).collect();
     // Sanity: the members reach each other, so a failed intruder ping means something.
-    mesh.first_ping("alice", "bob", ips[1])?;
-    mesh.first_ping("bob", "alice", ips[0])?;
+    first_ping(&mesh, "alice", "bob", ips[1])?;
+    first_ping(&mesh, "bob", "alice", ips[0])?;
 
     // Same name, same subnet, same relay, but a fresh secret.
-    let evil =
-        mesh.member("mallory")?
-            .create_token(&mesh.lab, network, &mesh.relay_addr, Some(subnet))?;
+    let evil = mesh.member("mallory")?.create_token(
+        &mesh.lab,
+        network,
+        &mesh.relay_addr.to_string(),
+        Some(subnet),
+    )?;
     ensure!(
         evil != token,
         "a second `meshvpn create` gave the same token"
@@ -287,7 +229,10 @@ fn intruder_with_same_name_and_subnet_is_isolated() -> Result<()> {
     .context("no free address for the intruder")?;
     let evil_ip_text = evil_ip.to_string();
     {
-        let (lab, m) = (&mesh.lab, &mut mesh.members[2]);
+        // `Mesh::join` joins with the mesh's token; the intruder uses its own.
+        let i = mesh.members.iter().position(|m| m.name == "mallory");
+        let i = i.context("no member mallory")?;
+        let (lab, m) = (&mesh.lab, &mut mesh.members[i]);
         m.join(lab, &evil, &["--ip", &evil_ip_text])?;
     }
     let mallory = mesh.member("mallory")?;
@@ -297,7 +242,7 @@ fn intruder_with_same_name_and_subnet_is_isolated() -> Result<()> {
         "the intruder's agent to register with the relay",
         || {
             ensure!(mallory.is_running(&mesh.lab), "the intruder's agent exited");
-            let s = mallory.status(&mesh.lab, network)?;
+            let s = mesh.status("mallory")?;
             Ok(s.raw
                 .pointer("/relay/registered")
                 .and_then(serde_json::Value::as_bool)
@@ -323,7 +268,7 @@ fn intruder_with_same_name_and_subnet_is_isolated() -> Result<()> {
                 .ping(&node.host, evil_ip, 1, Duration::from_secs(1)),
             "{name} reached the intruder at {evil_ip}"
         );
-        let s = node.status(&mesh.lab, network)?;
+        let s = mesh.status(name)?;
         ensure!(
             s.peer("mallory").is_none() && s.peer_by_ip(evil_ip).is_none(),
             "{name} lists the intruder: {:?}",
@@ -335,7 +280,7 @@ fn intruder_with_same_name_and_subnet_is_isolated() -> Result<()> {
             s.peers
         );
     }
-    let s = mallory.status(&mesh.lab, network)?;
+    let s = mesh.status("mallory")?;
     ensure!(
         s.peers.is_empty(),
         "the intruder lists members: {:?}",
@@ -346,5 +291,5 @@ fn intruder_with_same_name_and_subnet_is_isolated() -> Result<()> {
         "intruder_with_same_name_and_subnet_is_isolated: {:.1?}",
         t0.elapsed()
     );
-    Ok(())
+    mesh.shutdown()
 }
