@@ -48,6 +48,45 @@ pub const MAX_NETWORKS: usize = 65_536;
 /// its old registrations.
 const REPLAY_MEMORY: Duration = Duration::from_secs(600);
 
+/// Requests under a not-yet-known key one source address may send per second (each costs an
+/// X25519); a whole network of members starting behind one NAT stays far below it.
+const NEW_KEY_RATE: f64 = 20.0;
+/// Burst of such requests one source address may send at once.
+const NEW_KEY_BURST: f64 = 40.0;
+/// Most source addresses tracked by the budget (bounds its memory); when full, it is reset.
+const BUDGET_SOURCES: usize = 65_536;
+
+/// A token bucket per source IP address.
+#[derive(Default)]
+struct SourceBudget {
+    buckets: BTreeMap<std::net::IpAddr, (f64, Instant)>,
+}
+
+impl SourceBudget {
+    fn allow(&mut self, now: Instant, ip: std::net::IpAddr) -> bool {
+        if self.buckets.len() >= BUDGET_SOURCES && !self.buckets.contains_key(&ip) {
+            self.buckets.clear();
+        }
+        let (tokens, last) = self.buckets.entry(ip).or_insert((NEW_KEY_BURST, now));
+        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * NEW_KEY_RATE)
+            .min(NEW_KEY_BURST);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Drops buckets that have refilled completely (nothing to remember).
+    fn forget_idle(&mut self, now: Instant) {
+        let full_after = std::time::Duration::from_secs_f64(NEW_KEY_BURST / NEW_KEY_RATE);
+        self.buckets
+            .retain(|_, (_, last)| now.saturating_duration_since(*last) < full_after);
+    }
+}
+
 /// Where a message came from or goes to: a UDP address or a TCP connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Link {
@@ -110,6 +149,7 @@ pub struct RelayServer {
     transmits: VecDeque<Transmit>,
     rng: ChaCha20Rng,
     generation: u32,
+    new_key_budget: SourceBudget,
     /// Change counter: grows with every membership change in any network (see [`SyncTag::seq`]).
     seq: u64,
     stats: RelayStats,
@@ -129,6 +169,7 @@ impl RelayServer {
             transmits: VecDeque::new(),
             rng: ChaCha20Rng::seed_from_u64(seed),
             generation: 0,
+            new_key_budget: SourceBudget::default(),
             seq: 0,
             stats: RelayStats::default(),
         }
@@ -196,6 +237,7 @@ impl RelayServer {
         }
         self.last_ts
             .retain(|_, (_, seen)| now.saturating_duration_since(*seen) < REPLAY_MEMORY);
+        self.new_key_budget.forget_idle(now);
     }
 
     /// Earliest member expiry, if any member is registered.
@@ -245,7 +287,18 @@ impl RelayServer {
     }
 
     fn handle_request(&mut self, now: Instant, from: Link, sender: PeerKey, sealed: &[u8]) {
-        let session = self.session_key(&sender);
+        let session = match self.cached_session(&sender) {
+            Some(s) => s,
+            None => {
+                // A key the relay has no session for costs one X25519: bound how often any one
+                // source address can make the relay pay that.
+                if !self.new_key_budget.allow(now, from.addr().ip()) {
+                    self.stats.dropped += 1;
+                    return;
+                }
+                self.secret.relay_session_key(&sender, &self.public)
+            }
+        };
         let request = match wire::open_to_relay(&session, &sender, sealed) {
             Ok(r) => r,
             Err(e) => {
@@ -500,16 +553,12 @@ impl RelayServer {
         })
     }
 
-    fn session_key(&self, member: &PeerKey) -> [u8; 32] {
-        if let Some(m) = self
-            .member_network
+    fn cached_session(&self, member: &PeerKey) -> Option<[u8; 32]> {
+        self.member_network
             .get(member)
             .and_then(|n| self.networks.get(n))
             .and_then(|m| m.get(member))
-        {
-            return m.session;
-        }
-        self.secret.relay_session_key(member, &self.public)
+            .map(|m| m.session)
     }
 
     fn reply(&mut self, link: Link, session: &[u8; 32], reply: RelayReply) {
@@ -654,6 +703,45 @@ mod tests {
         };
         assert_eq!(to_a, vec![gone.clone(), gone], "the goodbye goes out twice");
         assert_eq!(relay.member_count(), 1);
+    }
+
+    #[test]
+    fn requests_under_unknown_keys_are_rate_limited_per_source() {
+        let now = Instant::now();
+        let mut relay = RelayServer::new(NodeSecret::from_bytes([1; 32]), 7);
+        let net = NetworkSecret([3; 32]).derive().network_id;
+        // A flood of forged requests from one address: only the burst is even looked at.
+        let attacker = Link::Udp("192.0.2.66:4000".parse().expect("lit"));
+        for i in 0..200u8 {
+            let mut forged = Frame::ToRelay {
+                sender: PeerKey([i; 32]),
+                sealed: &[0u8; 64],
+            }
+            .to_vec();
+            forged.push(i);
+            relay.handle_datagram(now, attacker, &forged);
+        }
+        assert_eq!(relay.stats().dropped, 200);
+        // A genuine member from another address is unaffected.
+        let a = Client::new(10, 1000);
+        relay.handle_datagram(now, a.link, &a.request(&relay, &register(net, 1)));
+        assert!(matches!(
+            a.replies(&mut relay)[0],
+            RelayReply::RegisterAck { .. }
+        ));
+        // And one from the flooding address gets through once its bucket refills.
+        let b = Client {
+            secret: NodeSecret::from_bytes([11; 32]),
+            link: attacker,
+        };
+        relay.handle_datagram(now, b.link, &b.request(&relay, &register(net, 1)));
+        assert!(b.replies(&mut relay).is_empty(), "budget spent");
+        let later = now + std::time::Duration::from_secs(1);
+        relay.handle_datagram(later, b.link, &b.request(&relay, &register(net, 2)));
+        assert!(matches!(
+            b.replies(&mut relay).first(),
+            Some(RelayReply::RegisterAck { .. })
+        ));
     }
 
     #[test]
