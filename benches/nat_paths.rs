@@ -17,7 +17,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use meshvpn::lab::{self, Mesh, Nat, PairReport};
+use meshvpn_lab::{self as lab, Mesh, Nat, PairReport};
 
 const EXE: &str = env!("CARGO_BIN_EXE_meshvpn");
 const RELAY_PORT: u16 = 3478;
@@ -125,7 +125,7 @@ fn one_run(case: &Case, run: u64, direct_bound: Duration) -> anyhow::Result<Samp
     Ok(Sample {
         first_ping,
         direct,
-        paths: format!("{}/{}", r.path_a, r.path_b),
+        paths: format!("{}/{}", r.path_labels().0, r.path_labels().1),
     })
 }
 

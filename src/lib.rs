@@ -54,7 +54,6 @@ pub mod control;
 pub mod demo;
 pub mod generate;
 pub mod keys;
-pub mod lab;
 pub mod node;
 pub mod overlap;
 pub mod relay;

@@ -45,12 +45,12 @@
 //! printed to stderr first; set `MESHVPN_LAB_KEEP=1` to keep the scratch directory.
 //!
 //! The rest drives the `meshvpn` binary inside the lab: a [`Node`] is one `meshvpn` instance
-//! (relay or member) with its own config and run directories, [`Status`] is the parsed form of
-//! `meshvpn status --json`, and a [`Mesh`] is a lab with a relay and some members (the building
+//! (relay or member) with its own config and run directories, [`Status`] (the product's own
+//! schema, from the `meshvpn-status` crate) is what `meshvpn status --json` parses into, and a [`Mesh`] is a lab with a relay and some members (the building
 //! block of the demo, the NAT end-to-end tests and the benchmark).
 //!
 //! Submodules: `cmd` (bounded commands, signals), `nat` (the NAT routers), `probe` (sockets in
-//! namespaces, NAT probing, ping runs), `node` ([`Node`], [`Status`]), `mesh` ([`Mesh`]).
+//! namespaces, NAT probing, ping runs), `node` ([`Node`]), `mesh` ([`Mesh`]).
 
 mod cmd;
 mod mesh;
@@ -60,9 +60,10 @@ mod probe;
 #[cfg(test)]
 mod tests;
 
-pub use mesh::{Mesh, PairReport, PathKind};
+pub use mesh::{Mesh, PairReport};
+pub use meshvpn_status::{self as status, NatMapping, PeerPath, PeerStatus, Status};
 pub use nat::Nat;
-pub use node::{Node, PeerStatus, Status};
+pub use node::Node;
 pub use probe::{Filtering, Mapping, NatBehavior, PingLog, PingRun};
 
 use std::ffi::OsStr;
