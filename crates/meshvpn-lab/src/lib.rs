@@ -49,10 +49,13 @@
 //! schema, from the `meshvpn-status` crate) is what `meshvpn status --json` parses into, and a [`Mesh`] is a lab with a relay and some members (the building
 //! block of the demo, the NAT end-to-end tests and the benchmark).
 //!
-//! Submodules: `cmd` (bounded commands, signals), `nat` (the NAT routers), `probe` (sockets in
-//! namespaces, NAT probing, ping runs), `node` ([`Node`]), `mesh` ([`Mesh`]).
+//! Submodules: `cmd` (bounded commands, signals), `nat` (the NAT routers), `gateway`
+//! (port-mapping gateways: [`Lab::add_upnp_host`] with `miniupnpd` or no service), `probe`
+//! (sockets and code in namespaces, NAT probing, ping runs), `node` ([`Node`]), `mesh`
+//! ([`Mesh`]).
 
 mod cmd;
+mod gateway;
 mod mesh;
 mod nat;
 mod node;
@@ -60,6 +63,7 @@ mod probe;
 #[cfg(test)]
 mod tests;
 
+pub use gateway::PortMapService;
 pub use mesh::{Mesh, PairReport};
 pub use meshvpn_status::{self as status, NatMapping, PeerPath, PeerStatus, Status};
 pub use nat::Nat;
