@@ -10,6 +10,8 @@
 //! keep only the pairs whose label contains one of them.
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
+#![allow(clippy::disallowed_methods)]
+// a benchmark: real time and real processes
 // Until Cargo.toml declares this bench with `harness = false`, cargo builds it with the test
 // harness, where `main` is unused.
 #![cfg_attr(test, allow(dead_code))]

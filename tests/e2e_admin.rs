@@ -4,6 +4,8 @@
 //! Each test builds its own lab and tears it down on drop, even when it fails. Only lab
 //! addresses are ever contacted.
 
+#![allow(clippy::print_stdout)] // an end-to-end test reports its progress
+
 use std::net::Ipv4Addr;
 use std::time::Duration;
 

@@ -15,6 +15,7 @@
 //! Both print their timings (from the join) and the endpoints.
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
+#![allow(clippy::disallowed_methods)] // an end-to-end test: real time and real processes
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};

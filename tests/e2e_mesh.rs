@@ -3,6 +3,8 @@
 //! Each test builds its own [`Mesh`] (relay host + member hosts on a private lab "internet") and
 //! tears it down on drop, even when it fails. Only lab addresses are ever contacted.
 
+#![allow(clippy::disallowed_methods, clippy::print_stdout)] // an end-to-end test: real time, real processes, progress on stdout
+
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 

@@ -13,6 +13,7 @@
 //! (conntrack flush, then a new public port) in the middle of a ping run.
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
+#![allow(clippy::disallowed_methods)] // an end-to-end test: real time and real processes
 
 use std::time::{Duration, Instant, SystemTime};
 
