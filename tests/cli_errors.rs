@@ -2,6 +2,8 @@
 //! exit. No network namespaces and no network traffic (the token names its relay by key, so
 //! `create` never contacts it).
 
+#![allow(clippy::print_stdout)] // shows what each command printed, or why a test skipped
+
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -2,6 +2,7 @@
 //! ordered pair, and departures — with latency and loss, on a virtual clock.
 
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::disallowed_methods, clippy::print_stdout)] // wall-clock timing and the printed seed
 
 mod simnet;
 

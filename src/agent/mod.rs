@@ -5,6 +5,8 @@
 //! deadline, signal), feed it to the node with `Instant::now()`, drain every output, re-arm the
 //! timer. All protocol decisions are the node's.
 
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)] // the driver: owns the clock, tasks and sockets
+
 mod ifaddrs;
 pub(crate) mod portmap;
 mod progress;

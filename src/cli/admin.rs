@@ -314,7 +314,7 @@ pub(super) fn enable_service(network: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{DropCounters, NatStatus, PeerStatus, RelayStatus};
+    use crate::status::{DropCounters, NatMapping, NatStatus, PeerPath, PeerStatus, RelayStatus};
 
     #[test]
     fn netcheck_explains_relayed_peers() {
@@ -331,7 +331,7 @@ mod tests {
             },
             endpoints: vec![],
             nat: NatStatus {
-                mapping: "symmetric (endpoint-dependent mapping)".into(),
+                mapping: NatMapping::EndpointDependent,
                 summary: String::new(),
                 reflexive: Some("203.0.113.5:4000".into()),
                 port_mapping: None,
@@ -342,7 +342,7 @@ mod tests {
                 name: "bob".into(),
                 public_key: "b".into(),
                 virtual_ip: "10.0.0.2".into(),
-                path: "relay".into(),
+                path: PeerPath::Relay,
                 endpoint: None,
                 rtt_ms: None,
                 last_handshake_age_s: None,

@@ -1,15 +1,19 @@
 //! The command line: argument definitions (clap) and what each command does.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)] // the CLI: wall-clock timestamps, new keys from OS randomness, the demo's timings
 
 mod admin;
+pub mod demo;
+pub mod generate;
+pub mod overlap;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use ipnet::Ipv4Net;
 use rand::Rng;
 
@@ -185,7 +189,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let key = NodeSecret::generate(&mut rand::rngs::OsRng);
             let cfg = Config::from_token(&token, name, key, ip, listen_port)
                 .map_err(anyhow::Error::msg)?;
-            crate::overlap::check(&cfg, &cli.config_dir)?;
+            overlap::check(&cfg, &cli.config_dir)?;
             let path = cfg.save(&cli.config_dir)?;
             eprintln!(
                 "joined network {} as {} with virtual IP {} (config: {})",
@@ -205,7 +209,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up { name } => {
             agent::check_privileges()?;
             let cfg = Config::load(&cli.config_dir, &name)?;
-            crate::overlap::check(&cfg, &cli.config_dir)?;
+            overlap::check(&cfg, &cli.config_dir)?;
             runtime()?.block_on(agent::run(cfg, &cli.run_dir))
         }
         Command::Status { name, json } => status(&cli.config_dir, &cli.run_dir, name, json),
@@ -221,10 +225,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List => admin::list(&cli.config_dir, &cli.run_dir),
         Command::Down { name } => admin::down(&cli.run_dir, &name),
         Command::Leave { name, yes } => admin::leave(&cli.config_dir, &cli.run_dir, &name, yes),
-        Command::Generate { out } => crate::generate::write_all(&out),
+        Command::Generate { out } => generate::write_all(Cli::command(), &out),
         Command::Demo => {
             let exe = std::env::current_exe().context("finding the meshvpn binary")?;
-            crate::demo::run(&exe)
+            demo::run(&exe)
         }
     }
 }

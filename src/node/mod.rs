@@ -50,7 +50,7 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use crate::keys::{NetworkKeys, NetworkSecret, NodeSecret, PeerKey};
-use crate::status::{DropCounters, NatStatus, PeerStatus, RelayStatus, Status};
+use crate::status::{DropCounters, NatStatus, PeerPath, PeerStatus, RelayStatus, Status};
 use crate::wire::{
     self, stun, Announcement, DatagramKind, Frame, MemberEntry, NatKind, RelayRequest,
 };
@@ -505,12 +505,12 @@ impl Node {
             .values()
             .map(|p| {
                 let relayed = if self.relay_over_tcp {
-                    "relay-tcp"
+                    PeerPath::RelayTcp
                 } else {
-                    "relay"
+                    PeerPath::Relay
                 };
                 let (path, endpoint) = match p.path {
-                    Path::Direct { addr, .. } => ("direct", addr),
+                    Path::Direct { addr, .. } => (PeerPath::Direct, addr),
                     Path::Relayed => (relayed, self.relay.target.addr),
                 };
                 let (since_handshake, _, _, _, _) = p.tunn.stats();
@@ -518,7 +518,7 @@ impl Node {
                     name: p.announcement.name.clone(),
                     public_key: p.key.to_base64(),
                     virtual_ip: p.virtual_ip().to_string(),
-                    path: path.to_string(),
+                    path,
                     endpoint: Some(endpoint.to_string()),
                     rtt_ms: p.rtt().map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
                     last_handshake_age_s: since_handshake.map(|d| d.as_secs()),
@@ -546,7 +546,7 @@ impl Node {
                 format!("virtual IP {ip} is also claimed by member {}, which keeps it; this member gets no traffic (choose another address with --ip)", owner.short())
             }),
             nat: NatStatus {
-                mapping: self.nat.describe().to_string(),
+                mapping: self.nat.into(),
                 summary: self.nat_summary(),
                 reflexive: self.netcheck.reflexive().or(self.relay.observed).map(|a| a.to_string()),
                 port_mapping: self.port_mapping.as_ref().map(|(l, a)| format!("{l} {a}")),

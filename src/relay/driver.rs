@@ -1,5 +1,7 @@
 //! The relay's tokio driver: one UDP socket feeding [`RelayServer`].
 
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)] // the driver: owns the clock, tasks, sockets and the key's randomness
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Instant;
