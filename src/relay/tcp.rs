@@ -115,16 +115,25 @@ pub async fn write_frame<W: AsyncWriteExt + Unpin>(
     w: &mut W,
     datagram: &[u8],
 ) -> std::io::Result<()> {
-    let len = u16::try_from(datagram.len()).map_err(|_| {
-        std::io::Error::new(
+    let mut frame = Vec::with_capacity(PREFIX_LEN + datagram.len());
+    if !encode_frame(&mut frame, datagram) {
+        return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "datagram too large for a frame",
-        )
-    })?;
-    let mut frame = Vec::with_capacity(2 + datagram.len());
-    frame.extend_from_slice(&len.to_be_bytes());
-    frame.extend_from_slice(datagram);
+        ));
+    }
     w.write_all(&frame).await
+}
+
+/// Appends `datagram` as one frame to `out`; `false` (and nothing appended) if it is longer
+/// than [`MAX_FRAME`].
+pub fn encode_frame(out: &mut Vec<u8>, datagram: &[u8]) -> bool {
+    let Ok(len) = u16::try_from(datagram.len()) else {
+        return false;
+    };
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(datagram);
+    true
 }
 
 /// A member's TCP connection to its relay.
