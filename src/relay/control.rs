@@ -148,3 +148,51 @@ pub async fn query_status(run_dir: &Path) -> anyhow::Result<RelayStatus> {
             .with_context(|| format!("the relay on {} sent an unreadable answer", path.display())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[tokio::test]
+    async fn status_is_served_on_a_private_socket() {
+        let dir = TempDir(
+            std::env::temp_dir().join(format!("meshvpn-relay-control-{}", std::process::id())),
+        );
+        let run_dir = dir.0.join("run");
+        let listener = bind(&run_dir).await.expect("bind");
+        let mode = std::fs::metadata(socket_path(&run_dir))
+            .expect("socket exists")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (tx, mut rx) = mpsc::channel::<StatusRequest>(1);
+        let server = tokio::spawn(serve(listener, tx));
+        let relay_loop = tokio::spawn(async move {
+            while let Some(reply) = rx.recv().await {
+                let _ = reply.send(crate::relay::status::sample());
+            }
+        });
+        let status = query_status(&run_dir).await.expect("status");
+        assert_eq!(status, crate::relay::status::sample());
+        let err = bind(&run_dir)
+            .await
+            .expect_err("a second relay must not start");
+        assert!(err.to_string().contains("another relay"), "{err:#}");
+        server.abort();
+        relay_loop.abort();
+        let _ = server.await;
+        let err = query_status(&dir.0.join("elsewhere"))
+            .await
+            .expect_err("no relay there");
+        assert!(err.to_string().contains("no relay is running"), "{err:#}");
+    }
+}

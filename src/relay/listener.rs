@@ -222,3 +222,95 @@ pub async fn serve_connection(
     }
     let _ = events.send(ConnEvent::Closed { id }).await;
 }
+
+#[cfg(test)]
+// "Any other event" is exactly what these tests mean to reject.
+#[allow(clippy::wildcard_enum_match_arm)]
+mod tests {
+    use super::*;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (client, server)
+    }
+
+    async fn next(events: &mut mpsc::Receiver<ConnEvent>) -> ConnEvent {
+        tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("an event within 5 s")
+            .expect("task alive")
+    }
+
+    #[tokio::test]
+    async fn frames_in_batches_out_and_an_oversized_length_closes() {
+        let (mut client, server) = pair().await;
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let (ev_tx, mut events) = mpsc::channel(16);
+        let task = tokio::spawn(serve_connection(server, 7, 100, out_rx, ev_tx));
+
+        let mut two = Vec::new();
+        encode_frame(&mut two, b"one");
+        encode_frame(&mut two, b"two");
+        client.write_all(&two).await.expect("write");
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            match next(&mut events).await {
+                ConnEvent::Frames { id: 7, frames } => got.extend(frames),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, vec![b"one".to_vec(), b"two".to_vec()]);
+
+        for d in [&b"a"[..], b"bc", b"def"] {
+            out_tx.send(d.to_vec()).expect("queue");
+        }
+        let mut sent = 0;
+        while sent < 6 {
+            match next(&mut events).await {
+                ConnEvent::Sent { id: 7, bytes } => sent += bytes,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let mut back = [0u8; 12];
+        client.read_exact(&mut back).await.expect("read");
+        assert_eq!(&back, b"\x00\x01a\x00\x02bc\x00\x03def");
+
+        client.write_all(&[0x01, 0x00]).await.expect("write");
+        match next(&mut events).await {
+            ConnEvent::FrameTooLong { id: 7, announced } => assert_eq!(announced, 256),
+            other => panic!("unexpected {other:?}"),
+        }
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("task ends")
+            .expect("task ok");
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+            .await
+            .expect("eof within 5 s")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the stream is closed");
+    }
+
+    #[tokio::test]
+    async fn dropping_the_queue_closes_the_connection() {
+        let (mut client, server) = pair().await;
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let (ev_tx, mut events) = mpsc::channel(16);
+        tokio::spawn(serve_connection(server, 3, 100, out_rx, ev_tx));
+        drop(out_tx);
+        match next(&mut events).await {
+            ConnEvent::Closed { id: 3 } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+            .await
+            .expect("eof within 5 s")
+            .expect("clean eof");
+        assert_eq!(n, 0);
+    }
+}

@@ -137,36 +137,42 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, Strin
     }
 }
 
+/// A status as a test relay would report it.
+#[cfg(test)]
+pub(crate) fn sample() -> RelayStatus {
+    RelayStatus {
+        public_key: "key".into(),
+        listen: "0.0.0.0:3478".into(),
+        uptime_s: 5,
+        members: 2,
+        networks: 1,
+        descriptors: Descriptors {
+            soft_at_start: 1024,
+            hard: 1024,
+            soft: 1024,
+        },
+        tcp: TcpStatus {
+            connections: 3,
+            registered: 1,
+            sources: 2,
+            limits: TcpLimits::for_descriptors(1024),
+            counters: TcpCounters {
+                refused_per_source: 2985,
+                ..TcpCounters::default()
+            },
+        },
+        udp: UdpCounters::default(),
+        server: ServerCounters::default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn status_round_trips_and_prints_every_counter() {
-        let status = RelayStatus {
-            public_key: "key".into(),
-            listen: "0.0.0.0:3478".into(),
-            uptime_s: 5,
-            members: 2,
-            networks: 1,
-            descriptors: Descriptors {
-                soft_at_start: 1024,
-                hard: 1024,
-                soft: 1024,
-            },
-            tcp: TcpStatus {
-                connections: 3,
-                registered: 1,
-                sources: 2,
-                limits: TcpLimits::for_descriptors(1024),
-                counters: TcpCounters {
-                    refused_per_source: 2985,
-                    ..TcpCounters::default()
-                },
-            },
-            udp: UdpCounters::default(),
-            server: ServerCounters::default(),
-        };
+        let status = sample();
         let json = serde_json::to_string(&status).expect("serialise");
         let back: RelayStatus = serde_json::from_str(&json).expect("parse");
         assert_eq!(back, status);
