@@ -38,8 +38,8 @@ pub fn socket_path(run_dir: &Path) -> PathBuf {
     run_dir.join(SOCKET_NAME)
 }
 
-/// Binds the control socket in `run_dir` (created 0755 if missing), refusing to start if
-/// another relay answers on it and replacing a stale one.
+/// Binds the control socket in `run_dir` (created 0755 if missing), replacing a stale one; fails
+/// if another relay answers on it.
 pub async fn bind(run_dir: &Path) -> anyhow::Result<UnixListener> {
     if !run_dir.exists() {
         std::fs::create_dir_all(run_dir)

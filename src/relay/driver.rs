@@ -138,8 +138,17 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
             anyhow::anyhow!("binding TCP {listen}: {e}")
         }
     })?;
-    let control_listener = control::bind(&opts.run_dir).await?;
+    // Without its control socket the relay still relays; only `relay-status` is lost.
     let control_path = control::socket_path(&opts.run_dir);
+    let control_listener = match control::bind(&opts.run_dir).await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(
+                "no control socket, so `meshvpn relay-status` cannot reach this relay: {e:#} (pass a writable --run-dir)"
+            );
+            None
+        }
+    };
     let mut relay = Relay {
         server: RelayServer::new(key, rand::rngs::OsRng.next_u64()).with_sequence_start(start_us),
         table: ConnTable::new(limits),
@@ -171,7 +180,7 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
     let (accept_tx, mut accepted) = mpsc::channel::<Accepted>(ACCEPT_QUEUE);
     let accept_task = tokio::spawn(listener::accept_loop(tcp, accept_tx));
     let (status_tx, mut status_requests) = mpsc::channel::<StatusRequest>(8);
-    let control_task = tokio::spawn(control::serve(control_listener, status_tx));
+    let control_task = control_listener.map(|l| tokio::spawn(control::serve(l, status_tx)));
     let (event_tx, mut events) = mpsc::channel::<ConnEvent>(CONN_EVENT_QUEUE);
     let mut buf = vec![0u8; 65_536];
     let mut alt_buf = vec![0u8; 1_500];
@@ -216,12 +225,14 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
         }
     }
     accept_task.abort();
-    control_task.abort();
     for conn in relay.conns.values() {
         conn.task.abort();
     }
-    if let Err(e) = std::fs::remove_file(&control_path) {
-        tracing::debug!(%e, path = %control_path.display(), "removing the control socket");
+    if let Some(task) = control_task {
+        task.abort();
+        if let Err(e) = std::fs::remove_file(&control_path) {
+            tracing::debug!(%e, path = %control_path.display(), "removing the control socket");
+        }
     }
     let s = relay.server.stats();
     tracing::info!(
