@@ -23,14 +23,14 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::control::{self, StatusRequest};
-use super::limits::{CloseReason, ConnTable, Limit, LogLimiter, TcpLimits};
+use super::limits::{self, CloseReason, ConnTable, Limit, LogLimiter, TcpLimits};
 use super::listener::{self, Accepted, ConnEvent};
 use super::server::{Link, RelayServer, Transmit};
 use super::status::{Descriptors, RelayStatus, TcpStatus, UdpCounters};
 use crate::config::write_atomic;
 use crate::keys::NodeSecret;
 use crate::sockaddr;
-use crate::wire::{stun, Frame};
+use crate::wire::stun;
 
 /// File in the config directory that holds the relay's private key.
 pub const KEY_FILE: &str = "relay.key";
@@ -319,10 +319,6 @@ impl Relay {
                     let Some(remote) = self.conns.get(&id).map(|c| c.remote) else {
                         return;
                     };
-                    if let Err(reason) = self.table.handle_frame(id) {
-                        self.close(now, id, reason);
-                        break;
-                    }
                     let link = Link::Tcp { id, remote };
                     self.server.handle_datagram(now, link, &frame);
                     if self.flush(socket).await {
@@ -351,10 +347,7 @@ impl Relay {
     async fn flush(&mut self, socket: &UdpSocket) -> bool {
         let mut member_traffic = false;
         while let Some(Transmit { link, payload }) = self.server.poll_transmit() {
-            member_traffic |= matches!(
-                Frame::parse(&payload),
-                Ok(Frame::FromRelay { .. } | Frame::RelayRecv { .. })
-            );
+            member_traffic |= limits::proves_member(&payload);
             match link {
                 Link::Udp(dst) => {
                     if let Err(e) = socket

@@ -11,8 +11,10 @@
 //! - one source holds at most [`TcpLimits::per_source`] of them (an IPv4 address, or an IPv6
 //!   /64, which one host usually owns whole): by default `max(8, slots / 64)`, so at least 64
 //!   hosts are needed to fill the table;
-//! - a connection must *register* within [`TcpLimits::register_deadline`], and may send at most
-//!   [`TcpLimits::unregistered_frames`] frames before it does;
+//! - a connection must *register* within [`TcpLimits::register_deadline`]. The frames it sends
+//!   before that are not limited in number: a member that moves to TCP in the middle of a
+//!   session sends its traffic before its next registration, and the relay server drops frames
+//!   from unregistered links cheaply (and budgets the key agreements they could cost);
 //! - a registered connection is closed after [`TcpLimits::idle_timeout`] without valid traffic.
 //!   Only frames the relay acted on as coming from a member restart that timer, never
 //!   arbitrary bytes;
@@ -27,7 +29,6 @@
 //! # Driving contract
 //! - [`ConnTable::handle_accept`] for every accepted stream: `Ok(id)` serves it under that id,
 //!   `Err(refusal)` closes it at once.
-//! - [`ConnTable::handle_frame`] for every frame received; `Err(reason)` closes the connection.
 //! - [`ConnTable::handle_valid`] once the server acted on a frame as a member's.
 //! - [`ConnTable::handle_enqueue`] before queueing a datagram (`false`: drop it), and
 //!   [`ConnTable::handle_sent`] once the writer wrote those bytes.
@@ -42,6 +43,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+use crate::wire::Frame;
 
 /// Descriptors kept out of the connection budget: the UDP sockets, the listener, the control
 /// socket and its clients, the runtime's epoll and event descriptors, stdio and the key file,
@@ -74,9 +77,6 @@ pub const QUEUE_BYTES: usize = 256 * 1024;
 /// nonce, tag and signature. 4 KiB leaves room for the protocol to grow; anything longer is not
 /// ours and the connection is closed before buffering it.
 pub const MAX_INBOUND_FRAME: usize = 4096;
-/// Frames a connection may send before it registers: a key request, a few registration attempts
-/// and a cookie round trip fit easily; a stream of garbage does not.
-pub const UNREGISTERED_FRAMES: u32 = 16;
 /// A limit that trips writes at most one log line per this interval (with the number of trips
 /// it did not log), so a flood cannot flood the log too.
 pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -98,8 +98,6 @@ pub struct TcpLimits {
     pub queue_bytes: usize,
     /// Longest frame accepted from a connection.
     pub max_frame: usize,
-    /// Frames accepted before registering.
-    pub unregistered_frames: u32,
 }
 
 impl TcpLimits {
@@ -117,7 +115,6 @@ impl TcpLimits {
             idle_timeout: IDLE_TIMEOUT,
             queue_bytes: QUEUE_BYTES,
             max_frame: MAX_INBOUND_FRAME,
-            unregistered_frames: UNREGISTERED_FRAMES,
         }
     }
 
@@ -153,8 +150,6 @@ pub enum CloseReason {
     RegisterDeadline,
     /// It registered, then sent nothing valid for too long.
     Idle,
-    /// It sent too many frames before registering.
-    UnregisteredFrames,
     /// It announced a frame longer than the cap.
     FrameTooLong,
 }
@@ -170,8 +165,6 @@ pub enum Limit {
     RegisterDeadline,
     /// A registered connection went idle.
     Idle,
-    /// A connection sent too many frames before registering.
-    UnregisteredFrames,
     /// A connection announced an oversized frame.
     FrameTooLong,
     /// A connection's outbound queue was full.
@@ -188,9 +181,6 @@ impl Limit {
             Limit::PerSource => "refusing TCP connections: source holds its share of the slots",
             Limit::RegisterDeadline => "closing TCP connections that did not register in time",
             Limit::Idle => "closing idle TCP connections",
-            Limit::UnregisteredFrames => {
-                "closing TCP connections that sent too many frames before registering"
-            }
             Limit::FrameTooLong => "closing TCP connections that announced oversized frames",
             Limit::QueueFull => "dropping datagrams for TCP connections with full queues",
             Limit::Descriptors => "out of file descriptors; backing off accepts",
@@ -212,7 +202,6 @@ impl From<CloseReason> for Limit {
         match r {
             CloseReason::RegisterDeadline => Limit::RegisterDeadline,
             CloseReason::Idle => Limit::Idle,
-            CloseReason::UnregisteredFrames => Limit::UnregisteredFrames,
             CloseReason::FrameTooLong => Limit::FrameTooLong,
         }
     }
@@ -231,8 +220,6 @@ pub struct TcpCounters {
     pub closed_register_deadline: u64,
     /// Registered connections closed for idleness.
     pub closed_idle: u64,
-    /// Connections closed for too many frames before registering.
-    pub closed_unregistered_frames: u64,
     /// Connections closed for announcing a frame over the cap.
     pub closed_frame_too_long: u64,
     /// Datagrams dropped because a connection's queue was full.
@@ -283,8 +270,8 @@ struct Conn {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ConnState {
-    /// Connected, not registered yet; counts the frames it sent.
-    Registering { frames: u32 },
+    /// Connected, not registered yet.
+    Registering,
     /// The relay acted on one of its frames as a member's.
     Registered,
 }
@@ -359,7 +346,7 @@ impl ConnTable {
             id,
             Conn {
                 source,
-                state: ConnState::Registering { frames: 0 },
+                state: ConnState::Registering,
                 deadline,
                 queued: 0,
             },
@@ -368,21 +355,6 @@ impl ConnTable {
         *self.per_source.entry(source).or_insert(0) += 1;
         self.counters.accepted += 1;
         Ok(id)
-    }
-
-    /// A frame arrived on `id`; `Err` closes the connection (already removed from the table).
-    pub fn handle_frame(&mut self, id: u64) -> Result<(), CloseReason> {
-        let Some(conn) = self.conns.get_mut(&id) else {
-            return Ok(());
-        };
-        if let ConnState::Registering { frames } = &mut conn.state {
-            *frames += 1;
-            if *frames > self.limits.unregistered_frames {
-                self.close(id, CloseReason::UnregisteredFrames);
-                return Err(CloseReason::UnregisteredFrames);
-            }
-        }
-        Ok(())
     }
 
     /// The relay acted on a frame from `id` as a member's: `id` counts as registered and its
@@ -456,7 +428,7 @@ impl ConnTable {
             }
             let reason = match self.conns.get(&id).map(|c| c.state) {
                 Some(ConnState::Registered) => CloseReason::Idle,
-                Some(ConnState::Registering { .. }) | None => CloseReason::RegisterDeadline,
+                Some(ConnState::Registering) | None => CloseReason::RegisterDeadline,
             };
             self.close(id, reason);
             closed.push((id, reason));
@@ -474,7 +446,6 @@ impl ConnTable {
         let counter = match reason {
             CloseReason::RegisterDeadline => &mut self.counters.closed_register_deadline,
             CloseReason::Idle => &mut self.counters.closed_idle,
-            CloseReason::UnregisteredFrames => &mut self.counters.closed_unregistered_frames,
             CloseReason::FrameTooLong => &mut self.counters.closed_frame_too_long,
         };
         *counter += 1;
@@ -492,6 +463,17 @@ impl ConnTable {
             }
         }
     }
+}
+
+/// Whether an output of the relay server shows that the input which caused it came from a
+/// member: a sealed reply (sent only once a request was authenticated) or a forwarded packet
+/// (forwarded only from the link its sender registered from). STUN answers, key responses and
+/// silence prove nothing. The driver calls [`ConnTable::handle_valid`] on this.
+pub fn proves_member(output: &[u8]) -> bool {
+    matches!(
+        Frame::parse(output),
+        Ok(Frame::FromRelay { .. } | Frame::RelayRecv { .. })
+    )
 }
 
 /// Keeps each [`Limit`]'s log line to one per [`LOG_INTERVAL`].
@@ -637,10 +619,6 @@ mod tests {
         let idle = t.handle_accept(t0, addr("198.51.100.1:1")).expect("slot");
         let member = t.handle_accept(t0, addr("198.51.100.2:1")).expect("slot");
         assert_eq!(t.poll_timeout(), Some(t0 + REGISTER_DEADLINE));
-        // Frames alone register nothing and move no deadline.
-        for _ in 0..5 {
-            t.handle_frame(idle).expect("within the budget");
-        }
         t.handle_valid(t0 + Duration::from_secs(2), member);
         assert_eq!(t.registered(), 1);
         assert!(t
@@ -664,11 +642,8 @@ mod tests {
         let mut t = ConnTable::new(small());
         let id = t.handle_accept(t0, addr("198.51.100.1:1")).expect("slot");
         t.handle_valid(t0, id);
-        // Arbitrary frames after registering do not keep the connection alive.
-        for _ in 1..60 {
-            t.handle_frame(id)
-                .expect("registered connections have no frame budget");
-        }
+        // Nothing but handle_valid moves the deadline (the driver calls it only when
+        // `proves_member` holds for an output; see the test below).
         assert_eq!(
             t.handle_timeout(t0 + IDLE_TIMEOUT),
             vec![(id, CloseReason::Idle)]
@@ -681,17 +656,62 @@ mod tests {
     }
 
     #[test]
-    fn too_many_frames_before_registering_close_the_connection() {
+    fn only_answered_or_forwarded_frames_prove_a_member() {
+        use crate::keys::{NodeSecret, PeerKey};
+        use crate::relay::server::{Link, RelayServer};
+        use crate::wire::{self, stun};
+
+        let key = PeerKey([7; 32]);
+        assert!(proves_member(
+            &Frame::FromRelay {
+                relay: key,
+                sealed: &[1, 2, 3]
+            }
+            .to_vec()
+        ));
+        assert!(proves_member(
+            &Frame::RelayRecv {
+                from: key,
+                payload: &[1, 2, 3]
+            }
+            .to_vec()
+        ));
+        assert!(!proves_member(&Frame::KeyResponse { relay: key }.to_vec()));
+        assert!(!proves_member(b"garbage"));
+
+        // What a stranger on a TCP link can make the server say proves nothing.
         let now = Instant::now();
-        let mut t = ConnTable::new(small());
-        let id = t.handle_accept(now, addr("198.51.100.1:1")).expect("slot");
-        for _ in 0..UNREGISTERED_FRAMES {
-            t.handle_frame(id).expect("within the budget");
+        let mut server = RelayServer::new(NodeSecret::from_bytes([1; 32]), 7);
+        let link = Link::Tcp {
+            id: 1,
+            remote: addr("198.51.100.9:4000"),
+        };
+        let mut key_request = Frame::KeyRequest.to_vec();
+        key_request.resize(wire::RELAY_OVERHEAD, 0);
+        let relay_send = Frame::RelaySend {
+            to: key,
+            payload: &[0; 64],
         }
-        assert_eq!(t.handle_frame(id), Err(CloseReason::UnregisteredFrames));
-        assert!(!t.contains(id));
-        assert_eq!(t.poll_timeout(), None);
-        assert_eq!(t.counters().closed_unregistered_frames, 1);
+        .to_vec();
+        let stun_request = stun::binding_request([9; 12]);
+        let inputs: [&[u8]; 4] = [
+            b"\xFFm\x01garbage",
+            &key_request,
+            &relay_send,
+            &stun_request,
+        ];
+        let mut outputs = 0;
+        for input in inputs {
+            server.handle_datagram(now, link, input);
+            while let Some(t) = server.poll_transmit() {
+                outputs += 1;
+                assert!(!proves_member(&t.payload), "{:?}", t.payload);
+            }
+        }
+        assert!(
+            outputs >= 2,
+            "the key request and STUN request are answered"
+        );
     }
 
     #[test]
