@@ -12,6 +12,10 @@
 //!   path is printed and bounded, the relay's CPU use over that time is printed and bounded (a
 //!   relay spinning on failing accepts would show 100 %), and `meshvpn relay-status` must show
 //!   the per-source cap at work.
+//! - A relay whose descriptors run out under its own connection cap (it inherits 60 open files
+//!   and runs under a 96-file limit with the per-source cap lifted) keeps its CPU low while
+//!   `accept` fails with `EMFILE` (it backs off), counts the failures, and serves again once
+//!   the connections go.
 //!
 //! Every loop is bounded in count and time; traffic only goes to addresses inside the lab's
 //! namespaces; the lab (and every process it started) is torn down on drop, also on failure.
@@ -48,6 +52,10 @@ const HOG_CONNECTIONS: usize = 3_000;
 const HOG_OPEN_BOUND: Duration = Duration::from_secs(60);
 /// Time the UDP-blocked member may take from its join to its first ping answered.
 const ATTACH_BOUND: Duration = Duration::from_secs(20);
+/// Connections the hog opens against the relay that runs out of descriptors.
+const EMFILE_CONNECTIONS: usize = 100;
+/// How long that relay's CPU is watched while it is out of descriptors.
+const EMFILE_WATCH: Duration = Duration::from_secs(5);
 /// Relay CPU share (of one core) over the attach above which the relay counts as spinning.
 const CPU_BOUND: f64 = 0.5;
 
@@ -220,7 +228,7 @@ fn idle_tcp_connections_from_one_host_do_not_lock_out_a_udp_blocked_member() -> 
     mesh.create_network("abuse", Some("10.93.0.0/16"))?;
     mesh.join("bob")?;
 
-    let hog = Hog::start(&hog_host.ns, relay_addr)?;
+    let hog = Hog::start(&hog_host.ns, relay_addr, HOG_CONNECTIONS)?;
     let opened = hog.wait_opened(HOG_OPEN_BOUND)?;
     println!("[{tag}] hog opened {opened} idle connections");
     let held = counter(&relay_status(&mesh.lab, &mesh.relay)?, "/tcp/connections")?;
@@ -264,6 +272,89 @@ fn idle_tcp_connections_from_one_host_do_not_lock_out_a_udp_blocked_member() -> 
         "[{tag}] per-source cap not at work: {held} held, {refused} refused, cap {per_source}"
     );
     mesh.shutdown()
+}
+
+#[test]
+fn a_relay_out_of_descriptors_backs_off_instead_of_spinning() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let tag = "abuse-emfile";
+    let mut lab = Lab::new(tag)?;
+    let relay_host = lab.add_public_host("relay")?;
+    let hog_host = lab.add_public_host("hog")?;
+    let relay = Node::new(&lab, EXE.as_ref(), &relay_host, "relay")?;
+    // 60 descriptors the relay inherits (not close-on-exec) but does not know about, under a
+    // 96-file limit: its table allows 32 connections, the descriptors run out before that.
+    let script = "for i in $(seq 60); do exec {fd}<>/dev/null; done; \
+                  exec prlimit --nofile=96:96 \"$0\" \"$@\"";
+    let mut args: Vec<std::ffi::OsString> = vec!["-c".into(), script.into(), EXE.into()];
+    args.extend(relay.args(&[
+        "relay",
+        "--tcp-per-source",
+        "1000",
+        "--listen",
+        &format!("0.0.0.0:{RELAY_PORT}"),
+    ]));
+    let pid = lab.spawn(&relay_host, "bash", &args, &relay.log)?;
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        "the relay to listen",
+        || {
+            ensure!(
+                lab.is_running(pid),
+                "relay exited; see {}",
+                relay.log.display()
+            );
+            lab.udp_listening(&relay_host, RELAY_PORT)
+        },
+    )?;
+    let relay_addr = SocketAddrV4::new(relay_host.public_addr, RELAY_PORT);
+    let hog = Hog::start(&hog_host.ns, relay_addr, EMFILE_CONNECTIONS)?;
+    let opened = hog.wait_opened(HOG_OPEN_BOUND)?;
+    let cpu_before = cpu_ticks(pid)?;
+    let t0 = Instant::now();
+    thread::sleep(EMFILE_WATCH);
+    let cpu = cpu_share(pid, cpu_before, t0.elapsed())?;
+    let running = lab.is_running(pid);
+    hog.stop()?;
+    println!(
+        "[{tag}] hog opened {opened} connections; relay CPU {:.0} % over {EMFILE_WATCH:?} out of descriptors",
+        cpu * 100.0
+    );
+    ensure!(
+        running,
+        "[{tag}] the relay died; see {}",
+        relay.log.display()
+    );
+    // Once the hog is gone the relay frees its descriptors and answers again.
+    let mut status = serde_json::Value::Null;
+    wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        "the relay to serve its control socket again",
+        || {
+            status = relay_status(&lab, &relay)?;
+            Ok(counter(&status, "/tcp/connections")? == 0)
+        },
+    )?;
+    let errors = counter(&status, "/tcp/counters/accept_descriptor_errors")?;
+    println!(
+        "[{tag}] relay counted {errors} accepts failing for lack of descriptors, accepted {}",
+        counter(&status, "/tcp/counters/accepted")?
+    );
+    let log = std::fs::read_to_string(&relay.log)?;
+    ensure!(
+        errors > 0 && log.contains("out of file descriptors"),
+        "[{tag}] the relay never ran out of descriptors: the test did not test anything"
+    );
+    ensure!(
+        cpu < CPU_BOUND,
+        "[{tag}] relay used {:.0} % CPU while out of descriptors",
+        cpu * 100.0
+    );
+    Ok(())
 }
 
 /// Reads `meshvpn relay-status --json` of the relay node.
@@ -488,7 +579,7 @@ impl Hog {
     const CHURN_EVERY: Duration = Duration::from_millis(100);
     const CHURN_BATCH: usize = 200;
 
-    fn start(ns: &str, relay: SocketAddrV4) -> Result<Hog> {
+    fn start(ns: &str, relay: SocketAddrV4, connections: usize) -> Result<Hog> {
         let stop = Arc::new(AtomicBool::new(false));
         let (opened_tx, opened) = std::sync::mpsc::channel();
         let ns = ns.to_string();
@@ -500,8 +591,8 @@ impl Hog {
             }
             let t0 = Instant::now();
             let to = SocketAddr::V4(relay);
-            let mut held: Vec<TcpStream> = Vec::with_capacity(HOG_CONNECTIONS);
-            while held.len() < HOG_CONNECTIONS && t0.elapsed() < HOG_OPEN_BOUND {
+            let mut held: Vec<TcpStream> = Vec::with_capacity(connections);
+            while held.len() < connections && t0.elapsed() < HOG_OPEN_BOUND {
                 if let Ok(s) = TcpStream::connect_timeout(&to, Self::CONNECT_TIMEOUT) {
                     let _ = s.set_nonblocking(true);
                     held.push(s);
@@ -512,7 +603,7 @@ impl Hog {
             while !flag.load(Ordering::SeqCst) && t0.elapsed() < Self::LIMIT {
                 held.retain(is_open);
                 let mut round = 0;
-                while held.len() < HOG_CONNECTIONS && round < Self::CHURN_BATCH {
+                while held.len() < connections && round < Self::CHURN_BATCH {
                     round += 1;
                     if let Ok(s) = TcpStream::connect_timeout(&to, Self::CONNECT_TIMEOUT) {
                         let _ = s.set_nonblocking(true);
