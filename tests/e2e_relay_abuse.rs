@@ -54,6 +54,9 @@ const HOG_OPEN_BOUND: Duration = Duration::from_secs(60);
 const ATTACH_BOUND: Duration = Duration::from_secs(20);
 /// Connections the hog opens against the relay that runs out of descriptors.
 const EMFILE_CONNECTIONS: usize = 100;
+/// Failed accepts a second above which the relay is not backing off (its 100 ms pause allows
+/// about 10).
+const MAX_FAILED_ACCEPTS_PER_S: f64 = 50.0;
 /// How long that relay's CPU is watched while it is out of descriptors.
 const EMFILE_WATCH: Duration = Duration::from_secs(5);
 /// Relay CPU share (of one core) over the attach above which the relay counts as spinning.
@@ -311,6 +314,7 @@ fn a_relay_out_of_descriptors_backs_off_instead_of_spinning() -> Result<()> {
         },
     )?;
     let relay_addr = SocketAddrV4::new(relay_host.public_addr, RELAY_PORT);
+    let hog_started = Instant::now();
     let hog = Hog::start(&hog_host.ns, relay_addr, EMFILE_CONNECTIONS)?;
     let opened = hog.wait_opened(HOG_OPEN_BOUND)?;
     let cpu_before = cpu_ticks(pid)?;
@@ -319,6 +323,7 @@ fn a_relay_out_of_descriptors_backs_off_instead_of_spinning() -> Result<()> {
     let cpu = cpu_share(pid, cpu_before, t0.elapsed())?;
     let running = lab.is_running(pid);
     hog.stop()?;
+    let starved = hog_started.elapsed();
     println!(
         "[{tag}] hog opened {opened} connections; relay CPU {:.0} % over {EMFILE_WATCH:?} out of descriptors",
         cpu * 100.0
@@ -340,8 +345,9 @@ fn a_relay_out_of_descriptors_backs_off_instead_of_spinning() -> Result<()> {
         },
     )?;
     let errors = counter(&status, "/tcp/counters/accept_descriptor_errors")?;
+    let rate = errors as f64 / starved.as_secs_f64();
     println!(
-        "[{tag}] relay counted {errors} accepts failing for lack of descriptors, accepted {}",
+        "[{tag}] relay counted {errors} accepts failing for lack of descriptors ({rate:.0}/s over {starved:.1?}), accepted {}",
         counter(&status, "/tcp/counters/accepted")?
     );
     let log = std::fs::read_to_string(&relay.log)?;
@@ -353,6 +359,10 @@ fn a_relay_out_of_descriptors_backs_off_instead_of_spinning() -> Result<()> {
         cpu < CPU_BOUND,
         "[{tag}] relay used {:.0} % CPU while out of descriptors",
         cpu * 100.0
+    );
+    ensure!(
+        rate < MAX_FAILED_ACCEPTS_PER_S,
+        "[{tag}] {rate:.0} failed accepts a second: the relay retries without backing off"
     );
     Ok(())
 }
