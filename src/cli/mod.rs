@@ -58,6 +58,20 @@ pub enum Command {
         /// UDP address to listen on.
         #[arg(long, default_value = "0.0.0.0:3478")]
         listen: SocketAddr,
+        /// Most TCP connections at once (default and ceiling: what the open-file limit allows).
+        #[arg(long, value_name = "N")]
+        tcp_max_connections: Option<usize>,
+        /// Most TCP connections from one IPv4 address or IPv6 /64 (default: 1/64 of the
+        /// connection slots, at least 8).
+        #[arg(long, value_name = "N")]
+        tcp_per_source: Option<usize>,
+    },
+    /// Show a running relay's members, connections and limit counters (via its control socket
+    /// in --run-dir).
+    RelayStatus {
+        /// Print JSON instead of one `name  value` line per counter.
+        #[arg(long)]
+        json: bool,
     },
     /// Create a network and print its group token (one line on stdout).
     Create {
@@ -156,8 +170,25 @@ pub enum Command {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Relay { listen } => {
-            runtime()?.block_on(relay::driver::run(listen, &cli.config_dir))
+        Command::Relay {
+            listen,
+            tcp_max_connections,
+            tcp_per_source,
+        } => runtime()?.block_on(relay::driver::run(&relay::driver::RelayOptions {
+            listen,
+            config_dir: cli.config_dir,
+            run_dir: cli.run_dir,
+            tcp_max_connections,
+            tcp_per_source,
+        })),
+        Command::RelayStatus { json } => {
+            let status = runtime()?.block_on(relay::control::query_status(&cli.run_dir))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.to_text());
+            }
+            Ok(())
         }
         Command::Create {
             name,
