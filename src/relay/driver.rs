@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
-use super::server::{Link, RelayServer};
+use super::server::{Link, RelayServer, UnixClock};
 use super::tcp;
 use crate::config::write_atomic;
 use crate::keys::NodeSecret;
@@ -107,8 +107,15 @@ pub async fn run(listen: SocketAddr, config_dir: &Path) -> anyhow::Result<()> {
     })?;
     // `--listen [::]:3478` gives a dual-stack socket: IPv4 members arrive IPv4-mapped.
     let dual_stack = listen.is_ipv6();
-    let mut server =
-        RelayServer::new(key, rand::rngs::OsRng.next_u64()).with_sequence_start(start_us);
+    let mut server = RelayServer::new(
+        key,
+        rand::rngs::OsRng.next_u64(),
+        UnixClock {
+            at: Instant::now(),
+            unix_ms: start_us / 1000,
+        },
+    )
+    .with_sequence_start(start_us);
     #[allow(clippy::print_stdout)]
     {
         println!(
@@ -155,8 +162,8 @@ pub async fn run(listen: SocketAddr, config_dir: &Path) -> anyhow::Result<()> {
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => server.handle_timeout(Instant::now()),
             r = alt.recv_from(&mut alt_buf) => {
                 if let Ok((n, from)) = r {
-                    if let Some(stun::Binding::Request(tx)) = stun::parse(&alt_buf[..n]) {
-                        let _ = alt.send_to(&stun::binding_response(tx, sockaddr::unmap(from)), from).await;
+                    if let Some(answer) = stun::answer(&alt_buf[..n], sockaddr::unmap(from)) {
+                        let _ = alt.send_to(&answer, from).await;
                     }
                 }
             }
@@ -183,7 +190,7 @@ pub async fn run(listen: SocketAddr, config_dir: &Path) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
         }
     }
-    let s = server.stats();
+    let s = server.counters();
     tracing::info!(
         members = server.member_count(),
         forwarded = s.forwarded,
