@@ -199,14 +199,9 @@ impl<'a> Frame<'a> {
 
     /// Appends the encoded frame to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        if let Frame::CookieReply { echo, cookie } = self {
-            out.extend_from_slice(&[MAGIC[0], MAGIC[1], VERSION, kind::COOKIE_REPLY]);
-            out.extend_from_slice(echo);
-            out.extend_from_slice(cookie);
-            return;
-        }
         let (k, key, body): (u8, Option<&PeerKey>, &[u8]) = match self {
-            Frame::KeyRequest | Frame::CookieReply { .. } => (kind::KEY_REQUEST, None, &[]),
+            Frame::KeyRequest => (kind::KEY_REQUEST, None, &[]),
+            Frame::CookieReply { echo, .. } => (kind::COOKIE_REPLY, None, echo),
             Frame::KeyResponse { relay } => (kind::KEY_RESPONSE, Some(relay), &[]),
             Frame::ToRelay { sender, sealed, .. } => (kind::TO_RELAY, Some(sender), sealed),
             Frame::FromRelay { relay, sealed } => (kind::FROM_RELAY, Some(relay), sealed),
@@ -219,10 +214,14 @@ impl<'a> Frame<'a> {
         if let Some(key) = key {
             out.extend_from_slice(&key.0);
         }
+        // The cookie follows the key in a request and the echo in a cookie reply.
         if let Frame::ToRelay { cookie, .. } = self {
             out.extend_from_slice(cookie);
         }
         out.extend_from_slice(body);
+        if let Frame::CookieReply { cookie, .. } = self {
+            out.extend_from_slice(cookie);
+        }
     }
 
     /// The encoded frame as a new vector.
