@@ -5,8 +5,9 @@
 //! loopback port, registers every member the way a member does (signed request, cookie round
 //! trip, acknowledgement), spread over 1,000 loopback source addresses (127.1.x.y: the relay
 //! budgets expensive work per source address), keeps them refreshed, then has
-//! `MESHVPN_BENCH_PAIRS` (default 500) pairs send relay frames of 1,000 bytes for
-//! `MESHVPN_BENCH_FORWARD_S` (default 5) seconds. It prints registrations per second, the
+//! `MESHVPN_BENCH_PAIRS` (default 500) pairs send relay frames of 1,000 bytes, together
+//! `MESHVPN_BENCH_RATE` frames a second (default 20,000), for `MESHVPN_BENCH_FORWARD_S`
+//! (default 5) seconds. It prints registrations per second, the
 //! relay's RSS (from /proc/PID/status) and CPU (from /proc/PID/stat) per phase, and the
 //! forwarding rate and loss. It asserts nothing. `MESHVPN_BENCH_MEMBERS` and
 //! `MESHVPN_BENCH_PER_NETWORK` (default 10,000 and 10) change the population.
@@ -150,6 +151,7 @@ impl Member {
 
 /// One member's life: register (cookie round trip), then refresh and count relayed frames.
 async fn run_member(m: Arc<Member>, shared: Arc<Shared>, permits: Arc<Semaphore>, seed: u64) {
+    let mut permit = Some(permits.acquire_owned().await.unwrap());
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
     let me = m.public();
     let session = m.secret.relay_session_key(&me, &shared.relay_key);
@@ -158,7 +160,6 @@ async fn run_member(m: Arc<Member>, shared: Arc<Shared>, permits: Arc<Semaphore>
     rng.fill_bytes(&mut announcement);
     let mut last_ts = 0u64;
     let mut buf = vec![0u8; 2048];
-    let mut permit = Some(permits.acquire_owned().await.unwrap());
     let mut registered = false;
     let mut pending: Option<u64> = None;
     let mut next_send = tokio::time::Instant::now();
@@ -216,11 +217,23 @@ async fn run_member(m: Arc<Member>, shared: Arc<Shared>, permits: Arc<Semaphore>
     }
 }
 
+/// The load to generate (from the environment, see the module doc).
+struct Load {
+    members_total: usize,
+    per_network: usize,
+    pairs: usize,
+    forward_s: u64,
+    rate: usize,
+}
+
 fn main() {
-    let members_total = env_usize("MESHVPN_BENCH_MEMBERS", 10_000);
-    let per_network = env_usize("MESHVPN_BENCH_PER_NETWORK", 10).max(2);
-    let pairs = env_usize("MESHVPN_BENCH_PAIRS", 500);
-    let forward_s = env_usize("MESHVPN_BENCH_FORWARD_S", 5) as u64;
+    let load = Load {
+        members_total: env_usize("MESHVPN_BENCH_MEMBERS", 10_000).max(2),
+        per_network: env_usize("MESHVPN_BENCH_PER_NETWORK", 10).max(2),
+        pairs: env_usize("MESHVPN_BENCH_PAIRS", 500).max(1),
+        forward_s: env_usize("MESHVPN_BENCH_FORWARD_S", 5) as u64,
+        rate: env_usize("MESHVPN_BENCH_RATE", 20_000),
+    };
     raise_fd_limit();
     let dir = std::env::temp_dir().join(format!("meshvpn-relay-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -231,15 +244,7 @@ fn main() {
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(bench(
-            pid,
-            relay,
-            relay_key,
-            members_total,
-            per_network,
-            pairs,
-            forward_s,
-        ));
+        rt.block_on(bench(pid, relay, relay_key, &load));
     });
     // SAFETY: kill on the PID of the child this process started.
     unsafe {
@@ -252,15 +257,14 @@ fn main() {
     }
 }
 
-async fn bench(
-    pid: u32,
-    relay: SocketAddr,
-    relay_key: PeerKey,
-    members_total: usize,
-    per_network: usize,
-    pairs: usize,
-    forward_s: u64,
-) {
+async fn bench(pid: u32, relay: SocketAddr, relay_key: PeerKey, load: &Load) {
+    let Load {
+        members_total,
+        per_network,
+        pairs,
+        forward_s,
+        rate,
+    } = *load;
     let networks = members_total.div_ceil(per_network);
     println!(
         "relay load: {members_total} members in {networks} networks against the relay at {relay} (pid {pid})"
@@ -358,21 +362,26 @@ async fn bench(
             .to_vec()
         })
         .collect();
+    // Paced in 1 ms ticks: bursts larger than the relay's socket buffer would measure the
+    // buffer, not the relay.
+    let mut next = 0usize;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
     while fwd_start.elapsed() < Duration::from_secs(forward_s) {
-        for ((a, _), frame) in pairs.iter().zip(&frames) {
-            if a.socket.try_send_to(frame, relay).is_ok() {
-                sent += 1;
-            }
+        tick.tick().await;
+        let due = (rate as f64 * fwd_start.elapsed().as_secs_f64()) as u64;
+        while sent < due {
+            let (a, _) = &pairs[next % pairs.len()];
+            let _ = a.socket.try_send_to(&frames[next % pairs.len()], relay);
+            next += 1;
+            sent += 1;
         }
-        // Let the receivers drain (and pace the senders to what one core can take).
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let fwd_time = fwd_start.elapsed();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let got = shared.received.load(Ordering::Relaxed) - received0;
     let (rss2, cpu2) = usage(pid);
     println!(
-        "  forwarding ({} pairs, {PAYLOAD}-byte frames, {:.1} s): sent {sent}, delivered {got} ({:.1} % loss): {:.0} frames/s, {:.0} Mbit/s",
+        "  forwarding ({} pairs, {PAYLOAD}-byte frames offered at {rate}/s for {:.1} s): sent {sent}, delivered {got} ({:.1} % loss): {:.0} frames/s, {:.0} Mbit/s",
         pairs.len(),
         fwd_time.as_secs_f64(),
         100.0 * (sent.saturating_sub(got)) as f64 / sent.max(1) as f64,
