@@ -380,8 +380,7 @@ fn unproven_addresses_never_get_more_than_they_sent() {
     for bytes in &requests {
         let from = fresh();
         ledger.deliver(&mut relay, now, from, bytes);
-        // And again, echoing whatever cookie the relay gave: a spoofer cannot, but a real host
-        // at that address could; still nothing but proven answers.
+        // Each from a fresh address; some are answered (small answers), most not at all.
         answered += usize::from(ledger.0[&from].1 > 0);
     }
     ledger.assert_no_amplification(&proven);
