@@ -109,7 +109,7 @@ fn make_token(dir: &TempDir) -> Result<String> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = stdout.trim().lines().collect();
     ensure!(
-        lines.len() == 1 && lines[0].starts_with("mvpn1"),
+        lines.len() == 1 && lines[0].starts_with("mvpn2"),
         "create should print one token line, printed {stdout:?}"
     );
     Ok(lines[0].to_string())

@@ -13,7 +13,7 @@ use super::runtime;
 use crate::config::{self, Config};
 use crate::control::{self, PingReply, Request};
 use crate::status::Status;
-use crate::wire::{self, RelayRequest};
+use crate::wire::{admission, RelayRequest};
 
 /// The network a command is about: the one named, or the only one configured.
 fn resolve_network(config_dir: &Path, name: Option<String>) -> anyhow::Result<String> {
@@ -274,13 +274,22 @@ async fn send_leave(cfg: &Config) -> anyhow::Result<()> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
+    let keys = cfg.secret.derive();
     let req = RelayRequest::Leave {
-        network: cfg.secret.derive().network_id,
+        network: keys.network_id,
         ts_ms,
     };
     let mut nonce = [0u8; 24];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
-    let dgram = wire::seal_to_relay(&session, me, &req, nonce);
+    let dgram = admission::seal_request(
+        &session,
+        me,
+        &relay.key,
+        &keys.signing,
+        [0; 16],
+        &req,
+        nonce,
+    );
     let socket = tokio::net::UdpSocket::bind("0.0.0.0:0")
         .await
         .context("binding a UDP socket")?;

@@ -65,6 +65,15 @@ pub enum Command {
         /// connection slots, at least 8).
         #[arg(long, value_name = "N")]
         tcp_per_source: Option<usize>,
+        /// Most members registered at once, over all networks.
+        #[arg(long, value_name = "N", default_value_t = relay::server::ServerConfig::default().max_members)]
+        max_members: usize,
+        /// Most members registered at once in one network.
+        #[arg(long, value_name = "N", default_value_t = relay::server::ServerConfig::default().max_members_per_network)]
+        max_members_per_network: usize,
+        /// Most networks with members at once.
+        #[arg(long, value_name = "N", default_value_t = relay::server::ServerConfig::default().max_networks)]
+        max_networks: usize,
     },
     /// Show a running relay's members, connections and limit counters (via its control socket
     /// in --run-dir).
@@ -174,12 +183,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             tcp_max_connections,
             tcp_per_source,
+            max_members,
+            max_members_per_network,
+            max_networks,
         } => runtime()?.block_on(relay::driver::run(&relay::driver::RelayOptions {
             listen,
             config_dir: cli.config_dir,
             run_dir: cli.run_dir,
             tcp_max_connections,
             tcp_per_source,
+            server: relay::server::ServerConfig {
+                max_members,
+                max_members_per_network,
+                max_networks,
+                ..relay::server::ServerConfig::default()
+            },
         })),
         Command::RelayStatus { json } => {
             let status = runtime()?.block_on(relay::control::query_status(&cli.run_dir))?;

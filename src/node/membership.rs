@@ -94,7 +94,10 @@ impl Node {
 
     pub(super) fn send_to_relay(&mut self, req: &RelayRequest) {
         let nonce = self.nonce();
-        let dgram = wire::seal_to_relay(&self.relay.session, self.public, req, nonce);
+        let dgram = self
+            .relay
+            .admission
+            .seal(&self.relay.session, self.public, req, nonce);
         self.transmits.push_back(Transmit {
             dst: self.relay.target.addr,
             socket: 0,

@@ -179,6 +179,7 @@ struct RelaySession {
     sync_sent: Option<Instant>,
     sync: Option<SyncCollector>,
     key_mismatch_reported: bool,
+    admission: wire::admission::AdmissionClient,
 }
 
 struct SyncCollector {
@@ -243,6 +244,7 @@ impl Node {
             sync_sent: None,
             sync: None,
             key_mismatch_reported: false,
+            admission: wire::admission::AdmissionClient::new(keys.signing.clone(), cfg.relay.key),
         };
         let mut node = Self {
             rng: ChaCha20Rng::seed_from_u64(cfg.seed),
@@ -677,9 +679,24 @@ impl Node {
             Frame::Disco { sender, sealed } => {
                 self.handle_disco(now, Some(from), socket, sender, sealed)
             }
+            Frame::CookieReply { echo, cookie } if from == self.relay.target.addr => {
+                let (session, nonce) = (self.relay.session, self.nonce());
+                let admission = &mut self.relay.admission;
+                if let Some(payload) =
+                    admission.handle_cookie_reply(echo, cookie, &session, self.public, nonce)
+                {
+                    let dst = self.relay.target.addr;
+                    self.transmits.push_back(Transmit {
+                        dst,
+                        socket: 0,
+                        payload,
+                    });
+                }
+            }
             Frame::KeyRequest
             | Frame::KeyResponse { .. }
             | Frame::ToRelay { .. }
+            | Frame::CookieReply { .. }
             | Frame::RelaySend { .. } => self.drops.malformed += 1,
         }
     }

@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use super::control::{self, StatusRequest};
 use super::limits::{self, CloseReason, ConnTable, Limit, LogLimiter, TcpLimits};
 use super::listener::{self, Accepted, ConnEvent};
-use super::server::{Link, RelayServer, Transmit};
+use super::server::{Link, RelayServer, Transmit, UnixClock};
 use super::status::{Descriptors, RelayStatus, TcpStatus, UdpCounters};
 use crate::config::write_atomic;
 use crate::keys::NodeSecret;
@@ -81,6 +81,8 @@ pub struct RelayOptions {
     pub tcp_max_connections: Option<usize>,
     /// Cap on TCP connections from one source (default: `max(8, slots / 64)`).
     pub tcp_per_source: Option<usize>,
+    /// Member, network and budget caps of the server.
+    pub server: super::server::ServerConfig,
 }
 
 /// One open TCP connection as the loop holds it.
@@ -152,7 +154,16 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
         }
     };
     let mut relay = Relay {
-        server: RelayServer::new(key, rand::rngs::OsRng.next_u64()).with_sequence_start(start_us),
+        server: RelayServer::new(
+            key,
+            rand::rngs::OsRng.next_u64(),
+            UnixClock {
+                at: Instant::now(),
+                unix_ms: start_us / 1000,
+            },
+        )
+        .with_sequence_start(start_us)
+        .with_config(opts.server.clone()),
         table: ConnTable::new(limits),
         conns: BTreeMap::new(),
         log: LogLimiter::default(),
@@ -206,9 +217,9 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
             }
             r = alt.recv_from(&mut alt_buf) => {
                 if let Ok((n, from)) = r {
-                    if let Some(stun::Binding::Request(tx)) = stun::parse(&alt_buf[..n]) {
+                    if let Some(answer) = stun::answer(&alt_buf[..n], sockaddr::unmap(from)) {
                         relay.udp.alt_stun_answered += 1;
-                        let _ = alt.send_to(&stun::binding_response(tx, sockaddr::unmap(from)), from).await;
+                        let _ = alt.send_to(&answer, from).await;
                     } else {
                         relay.udp.alt_dropped += 1;
                     }
@@ -236,7 +247,7 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
             tracing::debug!(%e, path = %control_path.display(), "removing the control socket");
         }
     }
-    let s = relay.server.stats();
+    let s = relay.server.counters();
     tracing::info!(
         members = relay.server.member_count(),
         forwarded = s.forwarded,
@@ -433,7 +444,7 @@ impl Relay {
                 counters: self.table.counters(),
             },
             udp: self.udp,
-            server: self.server.stats().into(),
+            server: self.server.counters(),
         }
     }
 }

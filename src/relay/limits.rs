@@ -681,7 +681,14 @@ mod tests {
 
         // What a stranger on a TCP link can make the server say proves nothing.
         let now = Instant::now();
-        let mut server = RelayServer::new(NodeSecret::from_bytes([1; 32]), 7);
+        let mut server = RelayServer::new(
+            NodeSecret::from_bytes([1; 32]),
+            7,
+            crate::relay::server::UnixClock {
+                at: now,
+                unix_ms: 1_700_000_000_000,
+            },
+        );
         let link = Link::Tcp {
             id: 1,
             remote: addr("198.51.100.9:4000"),

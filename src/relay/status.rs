@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::limits::{TcpCounters, TcpLimits};
-use super::server::RelayStats;
+use super::server::Counters as ServerCounters;
 
 /// A snapshot of a running relay.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,36 +71,6 @@ pub struct UdpCounters {
     pub alt_stun_answered: u64,
     /// Datagrams on the second port that were not STUN Binding requests.
     pub alt_dropped: u64,
-}
-
-/// The relay server's counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServerCounters {
-    /// STUN Binding requests answered.
-    pub stun_answered: u64,
-    /// Registrations accepted (new and refresh).
-    pub registrations: u64,
-    /// Relay data frames forwarded.
-    pub forwarded: u64,
-    /// Bytes of relay data forwarded.
-    pub forwarded_bytes: u64,
-    /// Datagrams dropped: garbage, unauthenticated, replayed, unknown sender or target.
-    pub dropped: u64,
-    /// Members dropped because they stopped refreshing.
-    pub expired: u64,
-}
-
-impl From<RelayStats> for ServerCounters {
-    fn from(s: RelayStats) -> Self {
-        Self {
-            stun_answered: s.stun_answered,
-            registrations: s.registrations,
-            forwarded: s.forwarded,
-            forwarded_bytes: s.forwarded_bytes,
-            dropped: s.dropped,
-            expired: s.expired,
-        }
-    }
 }
 
 impl RelayStatus {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use meshvpn::keys::{NetworkSecret, NodeSecret, PeerKey};
 use meshvpn::node::{Node, NodeConfig, RelayTarget};
-use meshvpn::relay::server::{Link, RelayServer};
+use meshvpn::relay::server::{Link, RelayServer, UnixClock};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
@@ -84,8 +84,8 @@ impl Sim {
     pub fn new(seed: u64, latency_ms: (u64, u64), loss: f64) -> Self {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let relay_key = NodeSecret::generate(&mut rng);
-        let relay = RelayServer::new(relay_key, rng.gen());
         let start = Instant::now();
+        let relay = RelayServer::new(relay_key, rng.gen(), unix_clock(start, start));
         Self {
             now: start,
             start,
@@ -170,7 +170,7 @@ impl Sim {
         let mut node = Node::new(
             cfg,
             self.now,
-            1_700_000_000_000 + self.elapsed().as_millis() as u64,
+            SIM_UNIX_MS + self.elapsed().as_millis() as u64,
         );
         node.set_local_endpoints(self.now, vec![addr]);
         self.members.push(Member {
@@ -182,6 +182,11 @@ impl Sim {
             delivered: Vec::new(),
         });
         i
+    }
+
+    /// The Unix clock a relay (re)started now reads (the members' clocks agree with it).
+    pub fn relay_clock(&self) -> UnixClock {
+        unix_clock(self.start, self.now)
     }
 
     pub fn elapsed(&self) -> Duration {
@@ -429,4 +434,14 @@ pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, tag: u32) -> Vec<u8> {
     p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
     p[24..28].copy_from_slice(&tag.to_be_bytes());
     p
+}
+
+/// The Unix time (ms) at which every simulation starts.
+pub const SIM_UNIX_MS: u64 = 1_700_000_000_000;
+
+fn unix_clock(start: Instant, now: Instant) -> UnixClock {
+    UnixClock {
+        at: now,
+        unix_ms: SIM_UNIX_MS + (now - start).as_millis() as u64,
+    }
 }
