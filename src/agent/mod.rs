@@ -179,6 +179,7 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
         // Wake at least every second so the relay link's fallback decision is timely.
         let deadline = tokio::time::Instant::from_std(
             node.poll_timeout()
+                .map_or(Instant::now() + Duration::from_secs(1), |(at, _)| at)
                 .min(Instant::now() + Duration::from_secs(1)),
         );
         tokio::select! {
@@ -267,23 +268,28 @@ async fn drain(
     pings: &mut PendingPings,
     progress: &mut Progress,
 ) {
-    while let Some(t) = node.poll_transmit() {
-        if t.socket != 0 {
-            extra.send(t.socket, t.dst, &t.payload).await;
+    let mut buf = Vec::new();
+    while let Some(t) = node.poll_transmit(&mut buf) {
+        let (socket_n, dst) = match t.transport {
+            node::Transport::Udp { socket, dst } => (socket, dst),
+            node::Transport::Stream { .. } => continue,
+        };
+        if socket_n != 0 {
+            extra.send(socket_n, dst, &buf).await;
             continue;
         }
-        let Some(payload) = link.send(t.dst, t.payload) else {
+        let Some(payload) = link.send(dst, &buf) else {
             continue;
         };
         if let Err(e) = socket
-            .send_to(&payload, sockaddr::for_socket(t.dst, dual_stack))
+            .send_to(payload, sockaddr::for_socket(dst, dual_stack))
             .await
         {
-            tracing::debug!(%e, dst = %t.dst, "UDP send failed");
+            tracing::debug!(%e, %dst, "UDP send failed");
         }
     }
-    while let Some(pkt) = node.poll_tun() {
-        if let Err(e) = tun.send(&pkt).await {
+    while node.poll_tun(&mut buf).is_some() {
+        if let Err(e) = tun.send(&buf).await {
             tracing::debug!(%e, "TUN write failed");
         }
     }

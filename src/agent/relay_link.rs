@@ -74,13 +74,13 @@ impl RelayLink {
     }
 
     /// Sends a relay-bound datagram over TCP if attached; otherwise hands it back for UDP.
-    pub(crate) fn send(&mut self, dst: SocketAddr, payload: Vec<u8>) -> Option<Vec<u8>> {
+    pub(crate) fn send<'a>(&mut self, dst: SocketAddr, payload: &'a [u8]) -> Option<&'a [u8]> {
         if dst != self.relay {
             return Some(payload);
         }
         match &self.tcp {
             Some(tcp) => {
-                if !tcp.send(payload) {
+                if !tcp.send(payload.to_vec()) {
                     self.tcp = None;
                 }
                 None

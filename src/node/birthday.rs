@@ -26,16 +26,19 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use super::peer::Path;
+use super::peer::{Path, Peer};
 use super::Node;
 use crate::keys::PeerKey;
 use crate::wire::{Disco, NatKind};
 
 /// Extra sockets the hard side opens (NAT mappings to be hit).
 pub const SPRAY_SOCKETS: u16 = 256;
-/// Pings the easy side sends per 250 ms tick: 100 per second keeps the burst small for any
-/// router on the way.
+/// Pings the easy side sends per [`BURST_INTERVAL`]: 100 per second keeps the burst small for
+/// any router on the way.
 pub const PROBES_PER_TICK: u32 = 25;
+/// Time between two bursts of the easy side: short enough that the budget is spent within
+/// the attempt, long enough that each burst is small.
+pub const BURST_INTERVAL: Duration = Duration::from_millis(250);
 /// Most pings the easy side sends in one attempt.
 pub const PROBE_BUDGET: u32 = 2_000;
 /// How long an attempt may last: the budget at the rate above takes 20 s.
@@ -57,6 +60,7 @@ enum Phase {
         until: Instant,
         target: IpAddr,
         sent: u32,
+        next_burst: Instant,
     },
 }
 
@@ -110,9 +114,33 @@ impl Birthday {
 }
 
 impl Node {
+    /// Whether this side is the hard (symmetric, unmapped) one.
+    fn we_are_hard(&self) -> bool {
+        self.nat == NatKind::EndpointDependent && self.port_mapping.is_none()
+    }
+
+    /// When the birthday probe with `p` next needs to act, if at all.
+    pub(super) fn birthday_deadline(&self, p: &Peer) -> Option<Instant> {
+        let relayed = matches!(p.path, Path::Relayed);
+        match p.birthday.phase {
+            Phase::Idle => {
+                let easy_peer = p.announcement.nat == NatKind::EndpointIndependent;
+                if !(self.we_are_hard() && easy_peer && relayed) {
+                    return None;
+                }
+                let waited = p.relayed_since + START_AFTER;
+                Some(p.birthday.next_attempt.map_or(waited, |t| t.max(waited)))
+            }
+            Phase::Hard { until } => Some(until),
+            Phase::Easy {
+                until, next_burst, ..
+            } => Some(until.min(next_burst)),
+        }
+    }
+
     /// Starts, paces and ends birthday attempts with `key`.
     pub(super) fn birthday_timers(&mut self, now: Instant, key: PeerKey) {
-        let we_are_hard = self.nat == NatKind::EndpointDependent && self.port_mapping.is_none();
+        let we_are_hard = self.we_are_hard();
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
@@ -143,9 +171,13 @@ impl Node {
                 until,
                 target,
                 sent,
+                next_burst,
             } => {
                 if now >= until || sent >= PROBE_BUDGET || !relayed {
                     p.birthday.finish(now, !relayed);
+                    return;
+                }
+                if now < next_burst {
                     return;
                 }
                 let n = PROBES_PER_TICK.min(PROBE_BUDGET - sent);
@@ -153,6 +185,7 @@ impl Node {
                     until,
                     target,
                     sent: sent + n,
+                    next_burst: now + BURST_INTERVAL,
                 };
                 for _ in 0..n {
                     let port: u16 = self.rng.gen_range(1024..=u16::MAX);
@@ -177,6 +210,7 @@ impl Node {
             until: now + ATTEMPT_DURATION,
             target,
             sent: 0,
+            next_burst: now,
         };
     }
 }

@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
-use boringtun::noise::Tunn;
+use super::link::PeerLink;
 
 use super::peer::{self, Path, Peer};
 use super::{
-    Event, Node, SyncCollector, Transmit, REGISTER_INTERVAL, REGISTER_RETRY_MAX,
-    REGISTER_RETRY_MIN, RELAY_LOST_AFTER, SYNC_RETRY,
+    Event, Node, SyncCollector, REGISTER_INTERVAL, REGISTER_RETRY_MAX, REGISTER_RETRY_MIN,
+    RELAY_LOST_AFTER, SYNC_RETRY,
 };
 
 /// A registration not acknowledged within this time counts as unanswered (relay RTTs are far
@@ -32,11 +32,11 @@ impl Node {
             && self
                 .relay
                 .last_ack
-                .is_none_or(|t| now.saturating_duration_since(t) > RELAY_LOST_AFTER)
+                .is_none_or(|t| now.saturating_duration_since(t) >= RELAY_LOST_AFTER)
         {
             self.relay.registered = false;
             self.relay.backoff = REGISTER_RETRY_MIN;
-            self.events.push_back(Event::RelayLost);
+            self.out.event(Event::RelayLost);
         }
         // A registration the relay did not answer: retry soon with backoff instead of after a
         // full interval, so a restarted relay learns about us within seconds.
@@ -61,11 +61,28 @@ impl Node {
             };
         }
         if let Some(sent) = self.relay.sync_sent {
-            if now.saturating_duration_since(sent) > SYNC_RETRY {
+            if now.saturating_duration_since(sent) >= SYNC_RETRY {
                 self.relay.sync_sent = None;
                 self.request_sync(now);
             }
         }
+    }
+
+    /// The relay session's next deadline: registration, acknowledgement timeout, relay loss,
+    /// sync retry, whichever comes first.
+    pub(super) fn relay_deadline(&self) -> Instant {
+        let r = &self.relay;
+        let mut at = r.next_register;
+        if let (true, Some(ack)) = (r.registered, r.last_ack) {
+            at = at.min(ack + RELAY_LOST_AFTER);
+        }
+        if let (false, Some(_), Some(sent)) = (r.unanswered, r.pending_ts, r.register_sent) {
+            at = at.min(sent + ACK_TIMEOUT);
+        }
+        if let Some(sent) = r.sync_sent {
+            at = at.min(sent + SYNC_RETRY);
+        }
+        at
     }
 
     pub(super) fn register(&mut self, now: Instant) {
@@ -95,11 +112,7 @@ impl Node {
     pub(super) fn send_to_relay(&mut self, req: &RelayRequest) {
         let nonce = self.nonce();
         let dgram = wire::seal_to_relay(&self.relay.session, self.public, req, nonce);
-        self.transmits.push_back(Transmit {
-            dst: self.relay.target.addr,
-            socket: 0,
-            payload: dgram,
-        });
+        self.out.for_relay(&dgram);
     }
 
     pub(super) fn handle_relay_reply(&mut self, now: Instant, reply: RelayReply) {
@@ -122,7 +135,7 @@ impl Node {
                 self.relay.next_register = now + REGISTER_INTERVAL;
                 if !was || self.relay.observed != Some(observed) {
                     self.relay.observed = Some(observed);
-                    self.events.push_back(Event::RelayRegistered { observed });
+                    self.out.event(Event::RelayRegistered { observed });
                 }
                 if wire::membership_digest(self.entries.values()) != digest {
                     self.request_sync(now);
@@ -175,7 +188,7 @@ impl Node {
                 self.tombstones.insert(key, seq);
                 self.remove_member(key);
             }
-            RelayReply::Error { message } => self.events.push_back(Event::RelayError { message }),
+            RelayReply::Error { message } => self.out.event(Event::RelayError { message }),
         }
     }
 
@@ -264,13 +277,11 @@ impl Node {
         }
         let index = self.next_index;
         self.next_index = (self.next_index + 1) & 0x00FF_FFFF;
-        let tunn = Tunn::new(
+        let link = PeerLink::new(
             self.cfg.secret.to_static(),
-            entry.key.to_public(),
-            Some(self.keys.preshared_key),
-            None,
+            entry.key,
+            self.keys.preshared_key,
             index,
-            None,
         );
         let disco_key = self
             .cfg
@@ -280,8 +291,7 @@ impl Node {
             key: entry.key,
             entry,
             announcement: ann,
-            index,
-            tunn: Box::new(tunn),
+            link,
             disco_key,
             path: Path::Relayed,
             candidates: Default::default(),
@@ -290,17 +300,13 @@ impl Node {
             backoff: peer::PROBE_BACKOFF_MIN,
             next_relay_ping: now,
             relay_rtt: None,
-            want_session_since: None,
-            last_init_sent: None,
-            rx_bytes: 0,
-            tx_bytes: 0,
             ip_conflict: false,
             relayed_since: now,
             stale_since: None,
             birthday: Default::default(),
         };
         peer.refresh_candidates();
-        self.events.push_back(Event::PeerJoined {
+        self.out.event(Event::PeerJoined {
             key: peer.key,
             name: peer.announcement.name.clone(),
             virtual_ip: peer.virtual_ip(),
@@ -314,8 +320,8 @@ impl Node {
         self.entries.remove(&key);
         self.learned.remove(&key);
         if let Some(peer) = self.peers.remove(&key) {
-            self.by_index.remove(&peer.index);
-            self.events.push_back(Event::PeerLeft {
+            self.by_index.remove(&peer.link.index());
+            self.out.event(Event::PeerLeft {
                 key,
                 name: peer.announcement.name,
             });
@@ -353,7 +359,7 @@ impl Node {
                     p.ip_conflict = true;
                 }
                 if previous_conflict.is_none() || *loser != self.public {
-                    self.events.push_back(Event::VirtualIpConflict {
+                    self.out.event(Event::VirtualIpConflict {
                         ip,
                         owner,
                         loser: *loser,

@@ -35,30 +35,41 @@
 //! own clock ([`peer::HANDSHAKE_RETRY`]) so that simulations with loss make progress.
 
 pub mod birthday;
+mod link;
 mod membership;
 pub mod netcheck;
+mod outbox;
 mod paths;
 pub mod peer;
+mod report;
+mod timers;
 
-use std::collections::{BTreeMap, VecDeque};
+pub use link::{HANDSHAKE_GIVE_UP, HANDSHAKE_RETRY, SESSION_FRESH};
+pub use outbox::{Transmit, Transport};
+pub use timers::{Timer, TimerTable};
+
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use boringtun::noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult};
+use boringtun::noise::{handshake::parse_handshake_anon, Packet, Tunn};
 use ipnet::Ipv4Net;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use crate::keys::{NetworkKeys, NetworkSecret, NodeSecret, PeerKey};
-use crate::status::{DropCounters, NatStatus, PeerStatus, RelayStatus, Status};
+use crate::status::DropCounters;
 use crate::wire::{
     self, stun, Announcement, DatagramKind, Frame, MemberEntry, NatKind, RelayRequest,
 };
+use link::LinkOutput;
+use outbox::Outbox;
 use peer::{Path, Peer};
 
-/// Base tick: boringtun wants `update_timers` about every 250 ms, and every other timer of the
-/// node (probes, registration) is checked at this granularity.
-pub const TICK: Duration = Duration::from_millis(250);
+/// boringtun wants `update_timers` about every 250 ms (its keepalive and rekey timers have
+/// that resolution); it runs only while the node has peers. Every other timer of the node is a
+/// real deadline in the [`TimerTable`].
+pub const WIREGUARD_TICK: Duration = Duration::from_millis(250);
 /// Re-registration interval; a third of the relay's member TTL (30 s), so two lost refreshes
 /// never drop a live member.
 pub const REGISTER_INTERVAL: Duration = Duration::from_secs(10);
@@ -104,19 +115,6 @@ pub struct NodeConfig {
     pub stun_servers: Vec<SocketAddr>,
     /// Seed for nonces, transaction ids and jitter.
     pub seed: u64,
-}
-
-/// A datagram the node wants sent from one of its UDP sockets.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transmit {
-    /// Destination address.
-    pub dst: SocketAddr,
-    /// Which socket sends it: 0 is the main socket; 1..=256 are the extra sockets of a
-    /// birthday probe, which the driver opens on first use (any free port) and closes when
-    /// [`Node::active_sockets`] no longer lists them.
-    pub socket: u16,
-    /// Datagram bytes.
-    pub payload: Vec<u8>,
 }
 
 /// Things worth telling the operator about.
@@ -213,12 +211,21 @@ pub struct Node {
     nat: NatKind,
     port_mapping: Option<(String, SocketAddr)>,
     relay_over_tcp: bool,
-    next_tick: Instant,
-    transmits: VecDeque<Transmit>,
-    tun_out: VecDeque<Vec<u8>>,
-    events: VecDeque<Event>,
+    timers: TimerTable,
+    /// The latest time any input carried; `poll_timeout` answers it while output is queued.
+    now: Instant,
+    out: Outbox,
     drops: DropCounters,
+    /// Scratch space boringtun seals and opens into.
     buf: Vec<u8>,
+}
+
+/// Whether an input touched only the data path (no deadline can have moved except the peer
+/// link's, which the data path arms itself) or control state (recompute the timer table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handled {
+    Data,
+    Control,
 }
 
 impl Node {
@@ -228,6 +235,7 @@ impl Node {
         let public = cfg.secret.public();
         let keys = cfg.network_secret.derive();
         let session = cfg.secret.relay_session_key(&public, &cfg.relay.key);
+        let cfg_relay_addr = cfg.relay.addr;
         let netcheck = netcheck::NetCheck::new(stun_targets(&cfg.relay, &cfg.stun_servers), now);
         let relay = RelaySession {
             target: cfg.relay,
@@ -267,14 +275,17 @@ impl Node {
             nat: NatKind::Unknown,
             port_mapping: None,
             relay_over_tcp: false,
-            next_tick: now,
-            transmits: VecDeque::new(),
-            tun_out: VecDeque::new(),
-            events: VecDeque::new(),
+            timers: TimerTable::default(),
+            now,
+            out: Outbox::new(Transport::Udp {
+                socket: 0,
+                dst: cfg_relay_addr,
+            }),
             drops: DropCounters::default(),
             buf: vec![0u8; BUF_LEN],
         };
         node.reseal_announcement(now);
+        node.refresh_timers();
         node
     }
 
@@ -312,6 +323,7 @@ impl Node {
 
     /// Tells the node which local addresses (with its UDP port) it can be reached at.
     pub fn set_local_endpoints(&mut self, now: Instant, mut endpoints: Vec<SocketAddr>) {
+        self.now = self.now.max(now);
         endpoints.sort();
         endpoints.dedup();
         endpoints.truncate(wire::MAX_ENDPOINTS);
@@ -319,34 +331,47 @@ impl Node {
             self.local_endpoints = endpoints;
             self.reseal_announcement(now);
             self.relay.next_register = now;
+            self.refresh_timers();
         }
     }
 
     /// Moves the relay to a new address (after re-resolving its host name).
     pub fn set_relay_addr(&mut self, now: Instant, addr: SocketAddr) {
+        self.now = self.now.max(now);
         if self.relay.target.addr != addr {
             self.relay.target.addr = addr;
             self.relay.next_register = now;
+            if let Transport::Udp { .. } = self.out.relay_transport() {
+                self.out.set_relay_transport(Transport::Udp {
+                    socket: 0,
+                    dst: addr,
+                });
+            }
             let targets = stun_targets(&self.relay.target, &self.cfg.stun_servers);
             self.netcheck.set_targets(targets, now);
+            self.refresh_timers();
         }
     }
 
     /// Tells the node about a port mapping on the gateway (UPnP-IGD, NAT-PMP or PCP): the
     /// external address is announced to peers as a candidate. `label` names the protocol.
     pub fn set_port_mapping(&mut self, now: Instant, mapping: Option<(String, SocketAddr)>) {
+        self.now = self.now.max(now);
         if mapping != self.port_mapping {
             self.port_mapping = mapping;
             self.reseal_announcement(now);
             self.relay.next_register = now;
+            self.refresh_timers();
         }
     }
 
     /// Tells the node whether its relay traffic goes over TCP (UDP to the relay is blocked).
     pub fn set_relay_over_tcp(&mut self, now: Instant, over_tcp: bool) {
+        self.now = self.now.max(now);
         if over_tcp != self.relay_over_tcp {
             self.relay_over_tcp = over_tcp;
             self.update_nat_verdict(now);
+            self.refresh_timers();
         }
     }
 
@@ -355,8 +380,9 @@ impl Node {
         self.nat
     }
 
-    /// Handles one IP packet read from the TUN device.
+    /// Handles one IP packet read from the TUN device. The data path: nothing here allocates.
     pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8]) {
+        self.now = self.now.max(now);
         let Some(dst) = ipv4_destination(packet) else {
             // IPv6 (router solicitations, MLD) and non-IP: not routed in the overlay yet.
             return;
@@ -368,22 +394,11 @@ impl Node {
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
-        peer.tx_bytes += packet.len() as u64;
-        match peer.tunn.encapsulate(packet, &mut self.buf) {
-            TunnResult::WriteToNetwork(bytes) => {
-                if bytes.first() == Some(&1) {
-                    peer.want_session_since.get_or_insert(now);
-                    peer.last_init_sent = Some(now);
-                }
-                let bytes = bytes.to_vec();
-                self.send_to_peer(key, bytes);
-            }
-            TunnResult::Done => {
-                // Queued inside boringtun until the handshake completes.
-                peer.want_session_since.get_or_insert(now);
-            }
-            TunnResult::Err(e) => tracing::debug!(?e, peer = %key.short(), "encapsulate failed"),
-            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+        if let Some(bytes) = peer.link.encapsulate(now, packet, &mut self.buf) {
+            self.out.for_peer(peer.direct(), key, bytes);
+        }
+        if let Some(at) = peer.link.poll_timeout() {
+            self.timers.arm_earliest(Timer::Handshake, at);
         }
     }
 
@@ -394,19 +409,27 @@ impl Node {
 
     /// Handles one datagram received on socket `socket` (see [`Transmit::socket`]) from `from`.
     pub fn handle_udp_on(&mut self, now: Instant, socket: u16, from: SocketAddr, bytes: &[u8]) {
+        self.now = self.now.max(now);
         match wire::classify(bytes) {
             DatagramKind::WireGuard => self.handle_wireguard(from, socket, None, bytes),
-            DatagramKind::Meshvpn => self.handle_frame(now, from, socket, bytes),
-            DatagramKind::Stun => match stun::parse(bytes) {
-                Some(stun::Binding::Response { tx, mapped }) => {
-                    if self.netcheck.handle_response(now, from, tx, mapped) {
-                        self.update_nat_verdict(now);
-                    }
+            DatagramKind::Meshvpn => {
+                if self.handle_frame(now, from, socket, bytes) == Handled::Control {
+                    self.refresh_timers();
                 }
-                // Members do not serve STUN.
-                Some(stun::Binding::Request(_)) => {}
-                None => self.drops.malformed += 1,
-            },
+            }
+            DatagramKind::Stun => {
+                match stun::parse(bytes) {
+                    Some(stun::Binding::Response { tx, mapped }) => {
+                        if self.netcheck.handle_response(now, from, tx, mapped) {
+                            self.update_nat_verdict(now);
+                        }
+                    }
+                    // Members do not serve STUN.
+                    Some(stun::Binding::Request(_)) => {}
+                    None => self.drops.malformed += 1,
+                }
+                self.refresh_timers();
+            }
             DatagramKind::Unknown => self.drops.malformed += 1,
         }
     }
@@ -429,6 +452,7 @@ impl Node {
     /// Pings member `key` once on its current path (direct or relay), for `meshvpn ping`; the
     /// answer comes back as [`Event::PingResult`] with `request`. `false` if `key` is unknown.
     pub fn ping_peer(&mut self, now: Instant, key: &PeerKey, request: u64) -> bool {
+        self.now = self.now.max(now);
         let Some((addr, socket)) = self.peers.get(key).map(|p| match p.direct() {
             Some((a, s)) => (Some(a), s),
             None => (None, 0),
@@ -454,128 +478,108 @@ impl Node {
             .map(|p| p.key)
     }
 
-    /// Runs every timer that is due.
+    /// Runs every timer that is due at `now` (calling it early is harmless: nothing is due).
     pub fn handle_timeout(&mut self, now: Instant) {
-        if now < self.next_tick {
-            return;
+        self.now = self.now.max(now);
+        for timer in Timer::ALL {
+            if self.timers.get(timer).is_none_or(|at| at > now) {
+                continue;
+            }
+            match timer {
+                Timer::WireGuardTick => self.wireguard_tick(now),
+                Timer::Handshake => self.handshake_timers(now),
+                Timer::Relay => self.relay_timers(now),
+                Timer::Stun => self.stun_round(now),
+                Timer::Paths => self.path_timers(now),
+            }
         }
-        self.next_tick = now + TICK;
-        self.relay_timers(now);
-        self.stun_round(now);
-        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
-        for key in keys {
-            self.peer_timers(now, key);
+        self.refresh_timers();
+    }
+
+    /// When the node next needs [`Node::handle_timeout`], and why. While output is queued this
+    /// is the latest time the node has seen ("now"), so a driver that forgot to drain wakes at
+    /// once.
+    pub fn poll_timeout(&self) -> Option<(Instant, &'static str)> {
+        if !self.out.is_empty() {
+            return Some((self.now, "output queued"));
         }
+        self.timers.next().map(|(at, timer)| (at, timer.reason()))
     }
 
-    /// When the node next needs [`Node::handle_timeout`].
-    pub fn poll_timeout(&self) -> Instant {
-        self.next_tick
+    /// Moves the next datagram to send into `buf` (whose old contents are recycled, so the
+    /// driver allocates nothing by reusing one `Vec`); `None` when nothing is queued.
+    pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> Option<Transmit> {
+        self.out.pop_transmit(buf)
     }
 
-    /// Next datagram to send.
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
-    }
-
-    /// Next packet to write to the TUN device.
-    pub fn poll_tun(&mut self) -> Option<Vec<u8>> {
-        self.tun_out.pop_front()
+    /// Moves the next packet for the TUN device into `buf` and returns its length.
+    pub fn poll_tun(&mut self, buf: &mut Vec<u8>) -> Option<usize> {
+        self.out.pop_tun(buf)
     }
 
     /// Next event.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        self.out.pop_event()
+    }
+
+    /// Recomputes every slot of the timer table from the sub-machines' deadlines.
+    fn refresh_timers(&mut self) {
+        let wireguard = match self.timers.get(Timer::WireGuardTick) {
+            _ if self.peers.is_empty() => None,
+            Some(at) => Some(at),
+            None => Some(self.now + WIREGUARD_TICK),
+        };
+        self.timers.set(Timer::WireGuardTick, wireguard);
+        let handshake = self
+            .peers
+            .values()
+            .filter_map(|p| p.link.poll_timeout())
+            .min();
+        self.timers.set(Timer::Handshake, handshake);
+        self.timers.set(Timer::Relay, Some(self.relay_deadline()));
+        self.timers
+            .set(Timer::Stun, Some(self.netcheck.next_round()));
+        let paths = self
+            .peers
+            .values()
+            .filter_map(|p| self.path_deadline(p))
+            .min();
+        self.timers.set(Timer::Paths, paths);
+    }
+
+    /// boringtun's periodic timers on every peer link.
+    fn wireguard_tick(&mut self, now: Instant) {
+        self.timers
+            .set(Timer::WireGuardTick, Some(now + WIREGUARD_TICK));
+        for (key, p) in &mut self.peers {
+            if let Some(bytes) = p.link.handle_tick(&mut self.buf) {
+                self.out.for_peer(p.direct(), *key, bytes);
+            }
+        }
+    }
+
+    /// The node-side handshake retries of the links that are due.
+    fn handshake_timers(&mut self, now: Instant) {
+        for (key, p) in &mut self.peers {
+            if p.link.poll_timeout().is_none_or(|at| at > now) {
+                continue;
+            }
+            if let Some(bytes) = p.link.handle_timeout(now, &mut self.buf) {
+                self.out.for_peer(p.direct(), *key, bytes);
+            }
+        }
     }
 
     /// Tells the relay this member leaves (graceful shutdown); send what this queues.
     pub fn leave(&mut self, now: Instant) {
+        self.now = self.now.max(now);
         let ts = self.next_ts(now);
         let req = RelayRequest::Leave {
             network: self.keys.network_id,
             ts_ms: ts,
         };
         self.send_to_relay(&req);
-    }
-
-    /// A snapshot for `meshvpn status`.
-    pub fn status(&self, now: Instant) -> Status {
-        let peers = self
-            .peers
-            .values()
-            .map(|p| {
-                let relayed = if self.relay_over_tcp {
-                    "relay-tcp"
-                } else {
-                    "relay"
-                };
-                let (path, endpoint) = match p.path {
-                    Path::Direct { addr, .. } => ("direct", addr),
-                    Path::Relayed => (relayed, self.relay.target.addr),
-                };
-                let (since_handshake, _, _, _, _) = p.tunn.stats();
-                PeerStatus {
-                    name: p.announcement.name.clone(),
-                    public_key: p.key.to_base64(),
-                    virtual_ip: p.virtual_ip().to_string(),
-                    path: path.to_string(),
-                    endpoint: Some(endpoint.to_string()),
-                    rtt_ms: p.rtt().map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
-                    last_handshake_age_s: since_handshake.map(|d| d.as_secs()),
-                    rx_bytes: p.rx_bytes,
-                    tx_bytes: p.tx_bytes,
-                    ip_conflict: p.ip_conflict,
-                    relay_reason: matches!(p.path, Path::Relayed)
-                        .then(|| self.relay_reason(now, p)),
-                }
-            })
-            .collect();
-        Status {
-            network: self.cfg.network_name.clone(),
-            name: self.cfg.name.clone(),
-            virtual_ip: self.cfg.virtual_ip.to_string(),
-            public_key: self.public.to_base64(),
-            relay: RelayStatus {
-                address: self.relay.target.addr.to_string(),
-                public_key: self.relay.target.key.to_base64(),
-                registered: self.relay.registered,
-                observed: self.relay.observed.map(|a| a.to_string()),
-            },
-            endpoints: self.local_endpoints.iter().map(ToString::to_string).collect(),
-            ip_conflict: self.ip_conflict.map(|(ip, owner)| {
-                format!("virtual IP {ip} is also claimed by member {}, which keeps it; this member gets no traffic (choose another address with --ip)", owner.short())
-            }),
-            nat: NatStatus {
-                mapping: self.nat.describe().to_string(),
-                summary: self.nat_summary(),
-                reflexive: self.netcheck.reflexive().or(self.relay.observed).map(|a| a.to_string()),
-                port_mapping: self.port_mapping.as_ref().map(|(l, a)| format!("{l} {a}")),
-                udp_blocked: self.relay_over_tcp,
-            },
-            peers,
-            dropped: self.drops,
-        }
-    }
-
-    /// Why `p` is relayed, in words for `status` and `netcheck`.
-    fn relay_reason(&self, now: Instant, p: &Peer) -> String {
-        let next = p.next_probe.saturating_duration_since(now).as_secs();
-        if self.relay_over_tcp {
-            return "UDP blocked here (relay over TCP)".into();
-        }
-        if p.announcement.nat == NatKind::UdpBlocked {
-            return "UDP blocked at the peer (it uses the relay over TCP)".into();
-        }
-        let hard = |k: NatKind| k == NatKind::EndpointDependent;
-        if hard(self.nat) && hard(p.announcement.nat) && self.port_mapping.is_none() {
-            return format!(
-                "both sides symmetric, no port mapping; next direct attempt in {next} s"
-            );
-        }
-        if p.birthday.is_running() {
-            return "birthday probe in progress (one side symmetric)".into();
-        }
-        format!("no direct answer yet; next direct attempt in {next} s")
+        self.refresh_timers();
     }
 
     // ----- NAT classification --------------------------------------------------------------
@@ -587,12 +591,9 @@ impl Node {
             rng.fill_bytes(&mut tx);
             tx
         });
+        // STUN always goes over UDP: an answer over UDP is what proves UDP works.
         for (dst, tx) in round {
-            self.transmits.push_back(Transmit {
-                dst,
-                socket: 0,
-                payload: stun::binding_request(tx),
-            });
+            self.out.udp(0, dst, &stun::binding_request(tx));
         }
     }
 
@@ -609,43 +610,40 @@ impl Node {
         }
     }
 
-    /// What `status` says about this member's NAT.
-    fn nat_summary(&self) -> String {
-        let mut text = self.nat.describe().to_string();
-        if let Some((label, addr)) = &self.port_mapping {
-            text.push_str(&format!(", {label} mapped {addr}"));
-        }
-        text
-    }
-
     // ----- inbound -------------------------------------------------------------------------
 
-    fn handle_frame(&mut self, now: Instant, from: SocketAddr, socket: u16, bytes: &[u8]) {
+    fn handle_frame(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        socket: u16,
+        bytes: &[u8],
+    ) -> Handled {
         let frame = match Frame::parse(bytes) {
             Ok(f) => f,
             Err(e) => {
                 tracing::trace!(%e, %from, "dropping frame");
                 self.drops.malformed += 1;
-                return;
+                return Handled::Data;
             }
         };
         match frame {
             Frame::FromRelay { relay, sealed } => {
                 if from != self.relay.target.addr {
                     self.drops.unauthenticated += 1;
-                    return;
+                    return Handled::Data;
                 }
                 if relay != self.relay.target.key {
                     if !self.relay.key_mismatch_reported {
                         self.relay.key_mismatch_reported = true;
-                        self.events.push_back(Event::RelayKeyMismatch {
+                        self.out.event(Event::RelayKeyMismatch {
                             addr: from,
                             expected: self.relay.target.key,
                             got: relay,
                         });
                     }
                     self.drops.unauthenticated += 1;
-                    return;
+                    return Handled::Data;
                 }
                 match wire::open_from_relay(&self.relay.session, &relay, sealed) {
                     Ok(reply) => self.handle_relay_reply(now, reply),
@@ -658,11 +656,12 @@ impl Node {
             } => {
                 if from != self.relay.target.addr {
                     self.drops.unauthenticated += 1;
-                    return;
+                    return Handled::Data;
                 }
                 match wire::classify(payload) {
                     DatagramKind::WireGuard => {
-                        self.handle_wireguard(from, 0, Some(sender), payload)
+                        self.handle_wireguard(from, 0, Some(sender), payload);
+                        return Handled::Data;
                     }
                     DatagramKind::Meshvpn => match Frame::parse(payload) {
                         Ok(Frame::Disco {
@@ -682,9 +681,11 @@ impl Node {
             | Frame::ToRelay { .. }
             | Frame::RelaySend { .. } => self.drops.malformed += 1,
         }
+        Handled::Control
     }
 
-    /// A WireGuard message from `from`, relayed on behalf of `via_relay` if set.
+    /// A WireGuard message from `from` on our socket `socket`, relayed on behalf of
+    /// `via_relay` if set. The data path: nothing here allocates.
     fn handle_wireguard(
         &mut self,
         from: SocketAddr,
@@ -700,66 +701,29 @@ impl Node {
             self.drops.wireguard += 1;
             return;
         };
-        let mut replies: Vec<Vec<u8>> = Vec::new();
-        let mut queued: Vec<Vec<u8>> = Vec::new();
-        {
-            let Some(p) = self.peers.get_mut(&key) else {
-                self.drops.wireguard += 1;
-                return;
-            };
-            let vip = p.virtual_ip();
-            let mut result = p.tunn.decapsulate(Some(from.ip()), bytes, &mut self.buf);
-            let mut first = true;
-            loop {
-                match result {
-                    TunnResult::WriteToNetwork(b) => {
-                        if first {
-                            replies.push(b.to_vec());
-                        } else {
-                            queued.push(b.to_vec());
-                        }
-                        first = false;
-                        result = p.tunn.decapsulate(None, &[], &mut self.buf);
-                    }
-                    TunnResult::WriteToTunnelV4(pkt, src) => {
-                        if src == vip {
-                            p.rx_bytes += pkt.len() as u64;
-                            self.tun_out.push_back(pkt.to_vec());
-                        } else {
-                            self.drops.spoofed_source += 1;
-                        }
-                        break;
-                    }
-                    TunnResult::WriteToTunnelV6(..) => {
-                        self.drops.spoofed_source += 1;
-                        break;
-                    }
-                    TunnResult::Done => break,
-                    TunnResult::Err(e) => {
-                        tracing::trace!(?e, peer = %key.short(), "decapsulate failed");
-                        self.drops.wireguard += 1;
-                        break;
-                    }
-                }
-            }
-            let (hs, ..) = p.tunn.stats();
-            if hs.is_some_and(|d| d < Duration::from_secs(180)) {
-                p.want_session_since = None;
-            }
-        }
-        for r in replies {
-            // Answer the way the message came, so handshakes complete even before a path is known.
-            match via_relay {
-                Some(k) => self.relay_payload(k, &r),
-                None => self.transmits.push_back(Transmit {
-                    dst: from,
-                    socket,
-                    payload: r,
-                }),
-            }
-        }
-        for q in queued {
-            self.send_to_peer(key, q);
+        let Some(p) = self.peers.get_mut(&key) else {
+            self.drops.wireguard += 1;
+            return;
+        };
+        let (vip, direct, out) = (p.virtual_ip(), p.direct(), &mut self.out);
+        p.link.decapsulate(
+            from.ip(),
+            bytes,
+            vip,
+            &mut self.buf,
+            &mut self.drops,
+            |o| match o {
+                // Answer the way the message came, so handshakes complete before a path exists.
+                LinkOutput::Reply(b) => match via_relay {
+                    Some(k) => out.relay_to_peer(k, b),
+                    None => out.udp(socket, from, b),
+                },
+                LinkOutput::Send(b) => out.for_peer(direct, key, b),
+                LinkOutput::Tun(b) => out.tun(b),
+            },
+        );
+        if let Some(at) = p.link.poll_timeout() {
+            self.timers.arm_earliest(Timer::Handshake, at);
         }
     }
 
@@ -782,24 +746,9 @@ impl Node {
 
     // ----- outbound helpers ----------------------------------------------------------------
 
-    fn send_to_peer(&mut self, key: PeerKey, payload: Vec<u8>) {
-        match self.peers.get(&key).and_then(|p| p.direct()) {
-            Some((dst, socket)) => self.transmits.push_back(Transmit {
-                dst,
-                socket,
-                payload,
-            }),
-            None => self.relay_payload(key, &payload),
-        }
-    }
-
+    /// Sends `payload` to peer `to` through the relay.
     fn relay_payload(&mut self, to: PeerKey, payload: &[u8]) {
-        let dgram = Frame::RelaySend { to, payload }.to_vec();
-        self.transmits.push_back(Transmit {
-            dst: self.relay.target.addr,
-            socket: 0,
-            payload: dgram,
-        });
+        self.out.relay_to_peer(to, payload);
     }
 
     fn reseal_announcement(&mut self, now: Instant) {

@@ -3,13 +3,12 @@
 //! (see the [`super::peer`] module doc for the path state machine).
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use boringtun::noise::TunnResult;
 use rand::RngCore;
 
-use super::peer::{self, Path, PendingPing};
-use super::{Event, Node, Transmit};
+use super::peer::{self, Path, Peer, PendingPing};
+use super::{Event, Node};
 use crate::keys::PeerKey;
 use crate::wire::{self, Disco};
 
@@ -25,10 +24,44 @@ enum Probe {
 }
 
 impl Node {
-    pub(super) fn peer_timers(&mut self, now: Instant, key: PeerKey) {
+    /// Runs path selection for every peer whose deadline has come.
+    pub(super) fn path_timers(&mut self, now: Instant) {
+        let due: Vec<PeerKey> = self
+            .peers
+            .values()
+            .filter(|p| self.path_deadline(p).is_some_and(|at| at <= now))
+            .map(|p| p.key)
+            .collect();
+        for key in due {
+            self.peer_timers(now, key);
+        }
+    }
+
+    /// When path selection next needs to act for `p`: a probe round, a keepalive ping, a
+    /// direct path timing out, a stale member's grace ending, or its birthday probe.
+    pub(super) fn path_deadline(&self, p: &Peer) -> Option<Instant> {
+        let relayed = matches!(p.path, Path::Relayed);
+        let stale = p.stale_since.map(|t| {
+            if relayed {
+                t
+            } else {
+                t + super::membership::STALE_GRACE
+            }
+        });
+        let own = match p.path {
+            Path::Direct { last_pong, .. } => p.next_probe.min(last_pong + peer::DIRECT_TIMEOUT),
+            Path::Relayed => p.next_probe.min(p.next_relay_ping),
+        };
+        [Some(own), stale, self.birthday_deadline(p)]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn peer_timers(&mut self, now: Instant, key: PeerKey) {
         let expired = self.peers.get(&key).is_some_and(|p| {
             p.stale_since.is_some_and(|t| {
-                now.saturating_duration_since(t) > super::membership::STALE_GRACE
+                now.saturating_duration_since(t) >= super::membership::STALE_GRACE
                     || matches!(p.path, Path::Relayed)
             })
         });
@@ -51,7 +84,7 @@ impl Node {
                 ..
             } = p.path
             {
-                if now.saturating_duration_since(last_pong) > peer::DIRECT_TIMEOUT {
+                if now.saturating_duration_since(last_pong) >= peer::DIRECT_TIMEOUT {
                     p.path = Path::Relayed;
                     p.relayed_since = now;
                     p.backoff = peer::PROBE_BACKOFF_MIN;
@@ -100,40 +133,6 @@ impl Node {
             }
         }
         self.birthday_timers(now, key);
-        self.wireguard_timers(now, key);
-    }
-
-    pub(super) fn wireguard_timers(&mut self, now: Instant, key: PeerKey) {
-        let mut sends: Vec<Vec<u8>> = Vec::new();
-        {
-            let Some(p) = self.peers.get_mut(&key) else {
-                return;
-            };
-            if let Some(since) = p.want_session_since {
-                let (hs, ..) = p.tunn.stats();
-                let established = hs.is_some_and(|d| d < Duration::from_secs(180));
-                if established || now.saturating_duration_since(since) > peer::HANDSHAKE_GIVE_UP {
-                    p.want_session_since = None;
-                } else if p
-                    .last_init_sent
-                    .is_none_or(|t| now.saturating_duration_since(t) >= peer::HANDSHAKE_RETRY)
-                {
-                    if let TunnResult::WriteToNetwork(b) =
-                        p.tunn.format_handshake_initiation(&mut self.buf, true)
-                    {
-                        sends.push(b.to_vec());
-                    }
-                    p.last_init_sent = Some(now);
-                }
-            }
-            // update_timers emits at most one packet (keepalive or handshake) per call.
-            if let TunnResult::WriteToNetwork(b) = p.tunn.update_timers(&mut self.buf) {
-                sends.push(b.to_vec());
-            }
-        }
-        for b in sends {
-            self.send_to_peer(key, b);
-        }
     }
 
     /// Sends a ping to `addr` from our socket `socket`, or through the relay if `addr` is `None`.
@@ -161,11 +160,7 @@ impl Node {
         );
         let dgram = wire::seal_disco(&p.disco_key, self.public, &Disco::Ping { tx }, nonce);
         match addr {
-            Some(dst) => self.transmits.push_back(Transmit {
-                dst,
-                socket,
-                payload: dgram,
-            }),
+            Some(dst) => self.out.udp(socket, dst, &dgram),
             None => self.relay_payload(key, &dgram),
         }
         tx
@@ -193,7 +188,7 @@ impl Node {
 
     pub(super) fn path_changed(&mut self, key: PeerKey, path: Path) {
         if let Some(p) = self.peers.get(&key) {
-            self.events.push_back(Event::PathChanged {
+            self.out.event(Event::PathChanged {
                 key,
                 name: p.announcement.name.clone(),
                 path,
@@ -245,11 +240,7 @@ impl Node {
                     }
                 }
                 match from {
-                    Some(dst) => self.transmits.push_back(Transmit {
-                        dst,
-                        socket,
-                        payload: pong,
-                    }),
+                    Some(dst) => self.out.udp(socket, dst, &pong),
                     None => self.relay_payload(sender, &pong),
                 }
                 if let Some(addr) = punch_back {
@@ -260,9 +251,12 @@ impl Node {
                 let Some(ping) = p.outstanding.remove(&tx) else {
                     return;
                 };
+                if now.saturating_duration_since(ping.sent) >= peer::PING_EXPIRY {
+                    return;
+                }
                 let rtt = now.saturating_duration_since(ping.sent);
                 if let Some(request) = ping.request {
-                    self.events.push_back(Event::PingResult {
+                    self.out.event(Event::PingResult {
                         request,
                         name: p.announcement.name.clone(),
                         rtt,
@@ -283,7 +277,8 @@ impl Node {
                                 (cur == addr && cur_socket == socket)
                                     || now.saturating_duration_since(last_pong)
                                         > peer::DIRECT_PING_INTERVAL * 2
-                                    || rtt.as_secs_f64() < cur_rtt.as_secs_f64() * 0.7
+                                    || rtt.as_secs_f64()
+                                        < cur_rtt.as_secs_f64() * peer::SWITCH_RTT_RATIO
                             }
                         };
                         if switch {

@@ -246,17 +246,21 @@ impl Sim {
         loop {
             let mut moved = false;
             for i in 0..self.members.len() {
-                while let Some(t) = self.members[i].node.poll_transmit() {
+                let mut buf = Vec::new();
+                while let Some(t) = self.members[i].node.poll_transmit(&mut buf) {
                     moved = true;
+                    let meshvpn::node::Transport::Udp { socket, dst } = t.transport else {
+                        continue;
+                    };
                     if self.members[i].alive {
-                        if t.dst.ip() != self.relay_addr.ip() {
+                        if dst.ip() != self.relay_addr.ip() {
                             self.members[i].sent_direct += 1;
                         }
-                        self.send_from(Some(i), t.socket, t.dst, t.payload);
+                        self.send_from(Some(i), socket, dst, buf.clone());
                     }
                 }
-                while let Some(p) = self.members[i].node.poll_tun() {
-                    self.members[i].delivered.push(p);
+                while self.members[i].node.poll_tun(&mut buf).is_some() {
+                    self.members[i].delivered.push(buf.clone());
                 }
                 while self.members[i].node.poll_event().is_some() {}
             }
@@ -281,7 +285,9 @@ impl Sim {
         }
         for m in &self.members {
             if m.alive {
-                next = next.min(m.node.poll_timeout());
+                if let Some((at, _)) = m.node.poll_timeout() {
+                    next = next.min(at);
+                }
             }
         }
         if let Some(t) = self.relay.poll_timeout() {
@@ -300,7 +306,7 @@ impl Sim {
         }
         let now = self.now;
         for m in &mut self.members {
-            if m.alive && m.node.poll_timeout() <= now {
+            if m.alive && m.node.poll_timeout().is_some_and(|(at, _)| at <= now) {
                 m.node.handle_timeout(now);
             }
         }
