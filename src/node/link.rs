@@ -211,6 +211,14 @@ impl PeerLink {
         Some(retry.min(give_up))
     }
 
+    /// The path to the peer changed: a handshake in progress went to the old path, so the
+    /// next retry is due at once instead of after [`HANDSHAKE_RETRY`].
+    pub(crate) fn handle_path_change(&mut self) {
+        if self.want_session_since.is_some() {
+            self.last_init_sent = None;
+        }
+    }
+
     /// Runs the handshake retry if due: a fresh session or a long wait ends the attempt,
     /// otherwise a new initiation is returned, to be sent on the current path.
     pub(crate) fn handle_timeout<'b>(

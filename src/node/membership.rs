@@ -1,201 +1,61 @@
-//! Membership: the relay session (registration with backoff, acknowledgements, syncs) and the
-//! member table built from the relay's pushes and snapshots (see the [`super`] module doc).
+//! Membership: the member table built from the relay's pushes and snapshots, removed-member
+//! records (so an older push or snapshot never revives a member), and the virtual-IP routing
+//! table with its deterministic conflict resolution (see the [`super`] module doc).
+//!
+//! # Algorithm
+//! Every entry carries the relay's change counter at which it was set (`learned`); removals
+//! leave a tombstone at their counter. A push applies unless a newer tombstone exists; a
+//! removal applies unless a newer push exists; a snapshot taken at counter `seq` replaces
+//! everything not newer than `seq`. A member missing from a snapshot while its direct path still
+//! answers is kept for [`STALE_GRACE`] (the relay may just have restarted). After any change
+//! the routing table is rebuilt: each virtual IP goes to the claimant ranked first by
+//! `addressing::owner_rank`, the same on every member, so all members agree without talking.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use super::link::PeerLink;
-
 use super::peer::{self, Path, Peer};
-use super::{
-    Event, Node, SyncCollector, REGISTER_INTERVAL, REGISTER_RETRY_MAX, REGISTER_RETRY_MIN,
-    RELAY_LOST_AFTER, SYNC_RETRY,
-};
+use super::{Event, Node};
 
-/// A registration not acknowledged within this time counts as unanswered (relay RTTs are far
-/// below it).
-const ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// A member missing from a relay snapshot while its direct path still answers is kept this
 /// long: a restarted relay forgets everyone until they re-register (within
-/// [`REGISTER_INTERVAL`] plus retries), and a working direct path must not be torn down by that.
+/// [`super::REGISTER_INTERVAL`] plus retries), and a working direct path must not be torn down by that.
 pub(super) const STALE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 use crate::addressing;
 use crate::keys::PeerKey;
-use crate::wire::{self, Announcement, MemberEntry, RelayReply, RelayRequest};
+use crate::wire::{Announcement, MemberEntry};
 
 impl Node {
-    // ----- relay session -------------------------------------------------------------------
-
-    pub(super) fn relay_timers(&mut self, now: Instant) {
-        if self.relay.registered
-            && self
-                .relay
-                .last_ack
-                .is_none_or(|t| now.saturating_duration_since(t) >= RELAY_LOST_AFTER)
+    /// A live push of `entry` at change counter `seq`; ignored if a newer removal of the same
+    /// member arrived first.
+    pub(super) fn apply_push(&mut self, now: Instant, seq: u64, entry: MemberEntry) {
+        if self
+            .tombstones
+            .get(&entry.key)
+            .is_some_and(|gone| *gone > seq)
         {
-            self.relay.registered = false;
-            self.relay.backoff = REGISTER_RETRY_MIN;
-            self.out.event(Event::RelayLost);
-        }
-        // A registration the relay did not answer: retry soon with backoff instead of after a
-        // full interval, so a restarted relay learns about us within seconds.
-        if !self.relay.unanswered
-            && self.relay.pending_ts.is_some()
-            && self
-                .relay
-                .register_sent
-                .is_some_and(|t| now.saturating_duration_since(t) >= ACK_TIMEOUT)
-        {
-            self.relay.unanswered = true;
-            self.relay.next_register = now;
-        }
-        if now >= self.relay.next_register {
-            self.register(now);
-            self.relay.next_register = if self.relay.registered && !self.relay.unanswered {
-                now + REGISTER_INTERVAL
-            } else {
-                let wait = self.relay.backoff;
-                self.relay.backoff = (self.relay.backoff * 2).min(REGISTER_RETRY_MAX);
-                now + wait
-            };
-        }
-        if let Some(sent) = self.relay.sync_sent {
-            if now.saturating_duration_since(sent) >= SYNC_RETRY {
-                self.relay.sync_sent = None;
-                self.request_sync(now);
-            }
-        }
-    }
-
-    /// The relay session's next deadline: registration, acknowledgement timeout, relay loss,
-    /// sync retry, whichever comes first.
-    pub(super) fn relay_deadline(&self) -> Instant {
-        let r = &self.relay;
-        let mut at = r.next_register;
-        if let (true, Some(ack)) = (r.registered, r.last_ack) {
-            at = at.min(ack + RELAY_LOST_AFTER);
-        }
-        if let (false, Some(_), Some(sent)) = (r.unanswered, r.pending_ts, r.register_sent) {
-            at = at.min(sent + ACK_TIMEOUT);
-        }
-        if let Some(sent) = r.sync_sent {
-            at = at.min(sent + SYNC_RETRY);
-        }
-        at
-    }
-
-    pub(super) fn register(&mut self, now: Instant) {
-        let ts = self.next_ts(now);
-        self.relay.pending_ts = Some(ts);
-        self.relay.register_sent = Some(now);
-        let req = RelayRequest::Register {
-            network: self.keys.network_id,
-            ts_ms: ts,
-            announcement: self.announcement.clone(),
-        };
-        self.send_to_relay(&req);
-    }
-
-    pub(super) fn request_sync(&mut self, now: Instant) {
-        if self.relay.sync_sent.is_some() {
             return;
         }
-        self.relay.sync_sent = Some(now);
-        let ts = self.next_ts(now);
-        self.send_to_relay(&RelayRequest::Sync {
-            network: self.keys.network_id,
-            ts_ms: ts,
-        });
+        self.tombstones.remove(&entry.key);
+        self.learned.insert(entry.key, seq);
+        self.upsert_member(now, entry);
     }
 
-    pub(super) fn send_to_relay(&mut self, req: &RelayRequest) {
-        let nonce = self.nonce();
-        let dgram = wire::seal_to_relay(&self.relay.session, self.public, req, nonce);
-        self.out.for_relay(&dgram);
-    }
-
-    pub(super) fn handle_relay_reply(&mut self, now: Instant, reply: RelayReply) {
-        match reply {
-            RelayReply::RegisterAck {
-                echo_ts_ms,
-                observed,
-                digest,
-                ..
-            } => {
-                if self.relay.pending_ts != Some(echo_ts_ms) {
-                    return;
-                }
-                self.relay.pending_ts = None;
-                self.relay.unanswered = false;
-                self.relay.last_ack = Some(now);
-                self.relay.backoff = REGISTER_RETRY_MIN;
-                let was = self.relay.registered;
-                self.relay.registered = true;
-                self.relay.next_register = now + REGISTER_INTERVAL;
-                if !was || self.relay.observed != Some(observed) {
-                    self.relay.observed = Some(observed);
-                    self.out.event(Event::RelayRegistered { observed });
-                }
-                if wire::membership_digest(self.entries.values()) != digest {
-                    self.request_sync(now);
-                }
-            }
-            RelayReply::Member { tag, entry } => {
-                if tag.generation == 0 {
-                    // A live push; ignore it if a newer removal of the same member arrived first.
-                    if self
-                        .tombstones
-                        .get(&entry.key)
-                        .is_some_and(|gone| *gone > tag.seq)
-                    {
-                        return;
-                    }
-                    self.tombstones.remove(&entry.key);
-                    self.learned.insert(entry.key, tag.seq);
-                    self.upsert_member(now, entry);
-                    return;
-                }
-                let collector = self.relay.sync.get_or_insert_with(|| SyncCollector {
-                    generation: tag.generation,
-                    total: tag.total,
-                    entries: BTreeMap::new(),
-                });
-                if collector.generation != tag.generation {
-                    *collector = SyncCollector {
-                        generation: tag.generation,
-                        total: tag.total,
-                        entries: BTreeMap::new(),
-                    };
-                }
-                collector.entries.insert(tag.index, entry);
-                if collector.entries.len() >= usize::from(collector.total) {
-                    let done = self
-                        .relay
-                        .sync
-                        .take()
-                        .map(|c| c.entries)
-                        .unwrap_or_default();
-                    self.apply_full_sync(now, tag.seq, done.into_values().collect());
-                }
-            }
-            RelayReply::SyncEmpty { seq, .. } => self.apply_full_sync(now, seq, Vec::new()),
-            RelayReply::MemberGone { key, seq } => {
-                // A re-join that overtook this removal wins.
-                if self.learned.get(&key).is_some_and(|l| *l > seq) {
-                    return;
-                }
-                self.tombstones.insert(key, seq);
-                self.remove_member(key);
-            }
-            RelayReply::Error { message } => self.out.event(Event::RelayError { message }),
+    /// A removal of `key` at change counter `seq`; a re-join that overtook it wins.
+    pub(super) fn apply_removal(&mut self, key: PeerKey, seq: u64) {
+        if self.learned.get(&key).is_some_and(|l| *l > seq) {
+            return;
         }
+        self.tombstones.insert(key, seq);
+        self.remove_member(key);
     }
 
     /// Applies a snapshot of the member set taken at change counter `seq`. Pushes and removals
     /// newer than the snapshot (delivered before it) are kept; everything else follows it.
     pub(super) fn apply_full_sync(&mut self, now: Instant, seq: u64, entries: Vec<MemberEntry>) {
-        self.relay.sync_sent = None;
+        self.relay.sync_done();
         let keep: Vec<PeerKey> = entries.iter().map(|e| e.key).collect();
         let gone: Vec<PeerKey> = self
             .entries

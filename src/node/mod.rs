@@ -35,17 +35,23 @@
 //! own clock ([`peer::HANDSHAKE_RETRY`]) so that simulations with loss make progress.
 
 pub mod birthday;
+pub mod driver;
 mod link;
 mod membership;
 pub mod netcheck;
 mod outbox;
 mod paths;
 pub mod peer;
+mod registration;
+pub mod relay_session;
 mod report;
 mod timers;
 
 pub use link::{HANDSHAKE_GIVE_UP, HANDSHAKE_RETRY, SESSION_FRESH};
 pub use outbox::{Transmit, Transport};
+pub use relay_session::{
+    REGISTER_INTERVAL, REGISTER_RETRY_MAX, REGISTER_RETRY_MIN, RELAY_LOST_AFTER, UDP_FALLBACK_AFTER,
+};
 pub use timers::{Timer, TimerTable};
 
 use std::collections::BTreeMap;
@@ -70,18 +76,6 @@ use peer::{Path, Peer};
 /// that resolution); it runs only while the node has peers. Every other timer of the node is a
 /// real deadline in the [`TimerTable`].
 pub const WIREGUARD_TICK: Duration = Duration::from_millis(250);
-/// Re-registration interval; a third of the relay's member TTL (30 s), so two lost refreshes
-/// never drop a live member.
-pub const REGISTER_INTERVAL: Duration = Duration::from_secs(10);
-/// First retry delay while the relay does not answer; doubles up to [`REGISTER_RETRY_MAX`].
-pub const REGISTER_RETRY_MIN: Duration = Duration::from_secs(1);
-/// Longest retry delay while the relay does not answer.
-pub const REGISTER_RETRY_MAX: Duration = Duration::from_secs(8);
-/// Without an acknowledgement for this long the relay counts as unreachable (two refreshes
-/// and a half lost).
-pub const RELAY_LOST_AFTER: Duration = Duration::from_secs(25);
-/// A sync request with no complete answer is repeated after this long.
-const SYNC_RETRY: Duration = Duration::from_secs(3);
 /// Largest IP packet handled (TUN MTU is far smaller; the rest is headroom for WireGuard).
 const BUF_LEN: usize = 65_535 + 64;
 
@@ -163,28 +157,6 @@ pub enum Event {
     },
 }
 
-struct RelaySession {
-    target: RelayTarget,
-    session: [u8; 32],
-    next_register: Instant,
-    backoff: Duration,
-    pending_ts: Option<u64>,
-    register_sent: Option<Instant>,
-    unanswered: bool,
-    last_ack: Option<Instant>,
-    registered: bool,
-    observed: Option<SocketAddr>,
-    sync_sent: Option<Instant>,
-    sync: Option<SyncCollector>,
-    key_mismatch_reported: bool,
-}
-
-struct SyncCollector {
-    generation: u32,
-    total: u16,
-    entries: BTreeMap<u16, MemberEntry>,
-}
-
 /// One member's protocol engine (see the module doc for the driving contract).
 pub struct Node {
     cfg: NodeConfig,
@@ -194,7 +166,7 @@ pub struct Node {
     epoch: Instant,
     epoch_unix_ms: u64,
     last_ts: u64,
-    relay: RelaySession,
+    relay: relay_session::RelaySession,
     entries: BTreeMap<PeerKey, MemberEntry>,
     peers: BTreeMap<PeerKey, Peer>,
     by_ip: BTreeMap<Ipv4Addr, PeerKey>,
@@ -210,7 +182,6 @@ pub struct Node {
     netcheck: netcheck::NetCheck,
     nat: NatKind,
     port_mapping: Option<(String, SocketAddr)>,
-    relay_over_tcp: bool,
     timers: TimerTable,
     /// The latest time any input carried; `poll_timeout` answers it while output is queued.
     now: Instant,
@@ -237,21 +208,7 @@ impl Node {
         let session = cfg.secret.relay_session_key(&public, &cfg.relay.key);
         let cfg_relay_addr = cfg.relay.addr;
         let netcheck = netcheck::NetCheck::new(stun_targets(&cfg.relay, &cfg.stun_servers), now);
-        let relay = RelaySession {
-            target: cfg.relay,
-            session,
-            next_register: now,
-            backoff: REGISTER_RETRY_MIN,
-            pending_ts: None,
-            register_sent: None,
-            unanswered: false,
-            last_ack: None,
-            registered: false,
-            observed: None,
-            sync_sent: None,
-            sync: None,
-            key_mismatch_reported: false,
-        };
+        let relay = relay_session::RelaySession::new(0, cfg.relay, session, now);
         let mut node = Self {
             rng: ChaCha20Rng::seed_from_u64(cfg.seed),
             cfg,
@@ -274,7 +231,6 @@ impl Node {
             netcheck,
             nat: NatKind::Unknown,
             port_mapping: None,
-            relay_over_tcp: false,
             timers: TimerTable::default(),
             now,
             out: Outbox::new(Transport::Udp {
@@ -301,14 +257,14 @@ impl Node {
 
     /// Whether the relay has acknowledged a registration recently.
     pub fn is_registered(&self) -> bool {
-        self.relay.registered
+        self.relay.is_registered()
     }
 
     /// Whether the relay answers now: registered, and the latest registration did not go
     /// unanswered (a relay that stopped answering is noticed within seconds, long before the
     /// registration is considered lost).
     pub fn relay_answering(&self) -> bool {
-        self.relay.registered && !self.relay.unanswered
+        self.relay.answering()
     }
 
     /// Keys of the members this node currently knows.
@@ -330,7 +286,7 @@ impl Node {
         if endpoints != self.local_endpoints {
             self.local_endpoints = endpoints;
             self.reseal_announcement(now);
-            self.relay.next_register = now;
+            self.relay.register_now(now);
             self.refresh_timers();
         }
     }
@@ -338,16 +294,9 @@ impl Node {
     /// Moves the relay to a new address (after re-resolving its host name).
     pub fn set_relay_addr(&mut self, now: Instant, addr: SocketAddr) {
         self.now = self.now.max(now);
-        if self.relay.target.addr != addr {
-            self.relay.target.addr = addr;
-            self.relay.next_register = now;
-            if let Transport::Udp { .. } = self.out.relay_transport() {
-                self.out.set_relay_transport(Transport::Udp {
-                    socket: 0,
-                    dst: addr,
-                });
-            }
-            let targets = stun_targets(&self.relay.target, &self.cfg.stun_servers);
+        if self.relay.set_addr(now, addr) {
+            self.out.set_relay_transport(self.relay.transport());
+            let targets = stun_targets(&self.relay.target(), &self.cfg.stun_servers);
             self.netcheck.set_targets(targets, now);
             self.refresh_timers();
         }
@@ -360,17 +309,7 @@ impl Node {
         if mapping != self.port_mapping {
             self.port_mapping = mapping;
             self.reseal_announcement(now);
-            self.relay.next_register = now;
-            self.refresh_timers();
-        }
-    }
-
-    /// Tells the node whether its relay traffic goes over TCP (UDP to the relay is blocked).
-    pub fn set_relay_over_tcp(&mut self, now: Instant, over_tcp: bool) {
-        self.now = self.now.max(now);
-        if over_tcp != self.relay_over_tcp {
-            self.relay_over_tcp = over_tcp;
-            self.update_nat_verdict(now);
+            self.relay.register_now(now);
             self.refresh_timers();
         }
     }
@@ -394,11 +333,15 @@ impl Node {
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
+        let direct = peer.direct();
         if let Some(bytes) = peer.link.encapsulate(now, packet, &mut self.buf) {
-            self.out.for_peer(peer.direct(), key, bytes);
+            self.out.for_peer(direct, key, bytes);
         }
         if let Some(at) = peer.link.poll_timeout() {
             self.timers.arm_earliest(Timer::Handshake, at);
+        }
+        if direct.is_none() && self.relay.check_if_silent(now) {
+            self.timers.arm_earliest(Timer::Relay, now);
         }
     }
 
@@ -407,8 +350,20 @@ impl Node {
         self.handle_udp_on(now, 0, from, bytes);
     }
 
-    /// Handles one datagram received on socket `socket` (see [`Transmit::socket`]) from `from`.
+    /// Handles one datagram received on socket `socket` (see [`Transport::Udp`]) from `from`.
     pub fn handle_udp_on(&mut self, now: Instant, socket: u16, from: SocketAddr, bytes: &[u8]) {
+        self.handle_datagram(now, socket, from, bytes, false);
+    }
+
+    /// One datagram from `from`, on UDP socket `socket` or (`from_stream`) the relay stream.
+    fn handle_datagram(
+        &mut self,
+        now: Instant,
+        socket: u16,
+        from: SocketAddr,
+        bytes: &[u8],
+        from_stream: bool,
+    ) {
         self.now = self.now.max(now);
         match wire::classify(bytes) {
             DatagramKind::WireGuard => self.handle_wireguard(from, socket, None, bytes),
@@ -420,6 +375,10 @@ impl Node {
             DatagramKind::Stun => {
                 match stun::parse(bytes) {
                     Some(stun::Binding::Response { tx, mapped }) => {
+                        // Only an answer that really came over UDP proves UDP works.
+                        if !from_stream && self.relay.handle_udp_stun(now, from) {
+                            self.relay_transport_changed(now);
+                        }
                         if self.netcheck.handle_response(now, from, tx, mapped) {
                             self.update_nat_verdict(now);
                         }
@@ -536,7 +495,8 @@ impl Node {
             .filter_map(|p| p.link.poll_timeout())
             .min();
         self.timers.set(Timer::Handshake, handshake);
-        self.timers.set(Timer::Relay, Some(self.relay_deadline()));
+        self.timers
+            .set(Timer::Relay, Some(self.relay.poll_timeout()));
         self.timers
             .set(Timer::Stun, Some(self.netcheck.next_round()));
         let paths = self
@@ -598,7 +558,7 @@ impl Node {
     }
 
     fn update_nat_verdict(&mut self, now: Instant) {
-        let verdict = if self.relay_over_tcp {
+        let verdict = if self.relay.on_stream() {
             NatKind::UdpBlocked
         } else {
             self.netcheck.verdict(&self.local_endpoints)
@@ -606,7 +566,7 @@ impl Node {
         if verdict != self.nat {
             self.nat = verdict;
             self.reseal_announcement(now);
-            self.relay.next_register = now;
+            self.relay.register_now(now);
         }
     }
 
@@ -629,35 +589,17 @@ impl Node {
         };
         match frame {
             Frame::FromRelay { relay, sealed } => {
-                if from != self.relay.target.addr {
-                    self.drops.unauthenticated += 1;
-                    return Handled::Data;
-                }
-                if relay != self.relay.target.key {
-                    if !self.relay.key_mismatch_reported {
-                        self.relay.key_mismatch_reported = true;
-                        self.out.event(Event::RelayKeyMismatch {
-                            addr: from,
-                            expected: self.relay.target.key,
-                            got: relay,
-                        });
-                    }
-                    self.drops.unauthenticated += 1;
-                    return Handled::Data;
-                }
-                match wire::open_from_relay(&self.relay.session, &relay, sealed) {
-                    Ok(reply) => self.handle_relay_reply(now, reply),
-                    Err(_) => self.drops.unauthenticated += 1,
-                }
+                return self.handle_from_relay(now, from, relay, sealed)
             }
             Frame::RelayRecv {
                 from: sender,
                 payload,
             } => {
-                if from != self.relay.target.addr {
+                if from != self.relay.target().addr {
                     self.drops.unauthenticated += 1;
                     return Handled::Data;
                 }
+                self.relay.note_heard(now);
                 match wire::classify(payload) {
                     DatagramKind::WireGuard => {
                         self.handle_wireguard(from, 0, Some(sender), payload);

@@ -79,11 +79,6 @@ impl Outbox {
         self.relay = relay;
     }
 
-    /// How relay-bound datagrams travel now.
-    pub(crate) fn relay_transport(&self) -> Transport {
-        self.relay
-    }
-
     /// Whether anything waits to be drained.
     pub(crate) fn is_empty(&self) -> bool {
         self.transmits.is_empty() && self.tun.is_empty() && self.events.is_empty()

@@ -71,6 +71,7 @@ impl Node {
         }
         let mut out: Vec<Probe> = Vec::new();
         let mut changed = None;
+        let mut missed_pong = false;
         {
             let Some(p) = self.peers.get_mut(&key) else {
                 return;
@@ -85,6 +86,7 @@ impl Node {
             } = p.path
             {
                 if now.saturating_duration_since(last_pong) >= peer::DIRECT_TIMEOUT {
+                    p.link.handle_path_change();
                     p.path = Path::Relayed;
                     p.relayed_since = now;
                     p.backoff = peer::PROBE_BACKOFF_MIN;
@@ -92,6 +94,10 @@ impl Node {
                     changed = Some(p.path);
                 } else if now >= p.next_probe {
                     p.next_probe = now + peer::DIRECT_PING_INTERVAL;
+                    // The previous keepalive went unanswered: perhaps our network changed
+                    // (UDP blocked); find out whether the relay still answers.
+                    missed_pong =
+                        now.saturating_duration_since(last_pong) > peer::DIRECT_PING_INTERVAL;
                     out.push(Probe::Ping {
                         addr: Some(addr),
                         socket,
@@ -123,6 +129,9 @@ impl Node {
         }
         if let Some(path) = changed {
             self.path_changed(key, path);
+        }
+        if missed_pong {
+            self.relay.check_if_silent(now);
         }
         for probe in out {
             match probe {
@@ -179,7 +188,7 @@ impl Node {
     /// Sends a call-me with every address we know for ourselves through the relay.
     pub(super) fn send_call_me(&mut self, key: PeerKey) {
         let mut endpoints = self.local_endpoints.clone();
-        endpoints.extend(self.relay.observed);
+        endpoints.extend(self.relay.observed());
         endpoints.extend(self.port_mapping.as_ref().map(|(_, a)| *a));
         endpoints.sort();
         endpoints.dedup();
@@ -219,7 +228,7 @@ impl Node {
         };
         match msg {
             Disco::Ping { tx } => {
-                let observed = from.unwrap_or(self.relay.target.addr);
+                let observed = from.unwrap_or(self.relay.target().addr);
                 let nonce = self.nonce();
                 let Some(p) = self.peers.get_mut(&sender) else {
                     return;

@@ -15,14 +15,14 @@ impl Node {
             .peers
             .values()
             .map(|p| {
-                let relayed = if self.relay_over_tcp {
+                let relayed = if self.relay.on_stream() {
                     "relay-tcp"
                 } else {
                     "relay"
                 };
                 let (path, endpoint) = match p.path {
                     Path::Direct { addr, .. } => ("direct", addr),
-                    Path::Relayed => (relayed, self.relay.target.addr),
+                    Path::Relayed => (relayed, self.relay.target().addr),
                 };
                 let (rx_bytes, tx_bytes) = p.link.byte_counts();
                 PeerStatus {
@@ -47,10 +47,10 @@ impl Node {
             virtual_ip: self.cfg.virtual_ip.to_string(),
             public_key: self.public.to_base64(),
             relay: RelayStatus {
-                address: self.relay.target.addr.to_string(),
-                public_key: self.relay.target.key.to_base64(),
-                registered: self.relay.registered,
-                observed: self.relay.observed.map(|a| a.to_string()),
+                address: self.relay.target().addr.to_string(),
+                public_key: self.relay.target().key.to_base64(),
+                registered: self.relay.is_registered(),
+                observed: self.relay.observed().map(|a| a.to_string()),
             },
             endpoints: self.local_endpoints.iter().map(ToString::to_string).collect(),
             ip_conflict: self.ip_conflict.map(|(ip, owner)| {
@@ -59,9 +59,9 @@ impl Node {
             nat: NatStatus {
                 mapping: self.nat.describe().to_string(),
                 summary: self.nat_summary(),
-                reflexive: self.netcheck.reflexive().or(self.relay.observed).map(|a| a.to_string()),
+                reflexive: self.netcheck.reflexive().or(self.relay.observed()).map(|a| a.to_string()),
                 port_mapping: self.port_mapping.as_ref().map(|(l, a)| format!("{l} {a}")),
-                udp_blocked: self.relay_over_tcp,
+                udp_blocked: self.relay.on_stream(),
             },
             peers,
             dropped: self.drops,
@@ -71,7 +71,7 @@ impl Node {
     /// Why `p` is relayed, in words for `status` and `netcheck`.
     fn relay_reason(&self, now: Instant, p: &Peer) -> String {
         let next = p.next_probe.saturating_duration_since(now).as_secs();
-        if self.relay_over_tcp {
+        if self.relay.on_stream() {
             return "UDP blocked here (relay over TCP)".into();
         }
         if p.announcement.nat == NatKind::UdpBlocked {
