@@ -65,9 +65,7 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::keys::{NetworkKeys, NetworkSecret, NodeSecret, PeerKey};
 use crate::status::DropCounters;
-use crate::wire::{
-    self, stun, Announcement, DatagramKind, Frame, MemberEntry, NatKind, RelayRequest,
-};
+use crate::wire::{self, stun, Announcement, DatagramKind, Frame, NatKind, RelayRequest};
 use link::LinkOutput;
 use outbox::Outbox;
 use peer::{Path, Peer};
@@ -167,18 +165,11 @@ pub struct Node {
     epoch_unix_ms: u64,
     last_ts: u64,
     relay: relay_session::RelaySession,
-    entries: BTreeMap<PeerKey, MemberEntry>,
+    /// The member table, removal records and routing tables.
+    members: membership::Membership,
     peers: BTreeMap<PeerKey, Peer>,
-    by_ip: BTreeMap<Ipv4Addr, PeerKey>,
-    by_index: BTreeMap<u32, PeerKey>,
-    next_index: u32,
-    /// Change counter (relay's) at which each member entry was last set.
-    learned: BTreeMap<PeerKey, u64>,
-    /// Members removed at a change counter, so an older push or snapshot does not revive them.
-    tombstones: BTreeMap<PeerKey, u64>,
     local_endpoints: Vec<SocketAddr>,
     announcement: Vec<u8>,
-    ip_conflict: Option<(Ipv4Addr, PeerKey)>,
     netcheck: netcheck::NetCheck,
     nat: NatKind,
     port_mapping: Option<(String, SocketAddr)>,
@@ -209,6 +200,7 @@ impl Node {
         let cfg_relay_addr = cfg.relay.addr;
         let netcheck = netcheck::NetCheck::new(stun_targets(&cfg.relay, &cfg.stun_servers), now);
         let relay = relay_session::RelaySession::new(0, cfg.relay, session, now);
+        let members = membership::Membership::new(public, cfg.virtual_ip, cfg.subnet);
         let mut node = Self {
             rng: ChaCha20Rng::seed_from_u64(cfg.seed),
             cfg,
@@ -218,16 +210,10 @@ impl Node {
             epoch_unix_ms: unix_ms,
             last_ts: 0,
             relay,
-            entries: BTreeMap::new(),
+            members,
             peers: BTreeMap::new(),
-            by_ip: BTreeMap::new(),
-            by_index: BTreeMap::new(),
-            next_index: 1,
-            learned: BTreeMap::new(),
-            tombstones: BTreeMap::new(),
             local_endpoints: Vec::new(),
             announcement: Vec::new(),
-            ip_conflict: None,
             netcheck,
             nat: NatKind::Unknown,
             port_mapping: None,
@@ -326,7 +312,7 @@ impl Node {
             // IPv6 (router solicitations, MLD) and non-IP: not routed in the overlay yet.
             return;
         };
-        let Some(key) = self.by_ip.get(&dst).copied() else {
+        let Some(key) = self.members.route(dst) else {
             self.drops.no_route += 1;
             return;
         };
@@ -680,9 +666,9 @@ impl Node {
                 let key = PeerKey(half.peer_static_public);
                 self.peers.contains_key(&key).then_some(key)
             }
-            Packet::HandshakeResponse(p) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
-            Packet::PacketCookieReply(p) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
-            Packet::PacketData(p) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
+            Packet::HandshakeResponse(p) => self.members.by_index(p.receiver_idx >> 8),
+            Packet::PacketCookieReply(p) => self.members.by_index(p.receiver_idx >> 8),
+            Packet::PacketData(p) => self.members.by_index(p.receiver_idx >> 8),
         }
     }
 

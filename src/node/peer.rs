@@ -86,7 +86,6 @@ pub(crate) struct Peer {
     pub(crate) backoff: Duration,
     pub(crate) next_relay_ping: Instant,
     pub(crate) relay_rtt: Option<Duration>,
-    pub(crate) ip_conflict: bool,
     /// Since when the path has been relayed (for starting a birthday probe).
     pub(crate) relayed_since: Instant,
     pub(crate) birthday: super::birthday::Birthday,

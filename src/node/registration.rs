@@ -119,7 +119,7 @@ impl Node {
                     }
                     Ack::Accepted { news: false } => {}
                 }
-                if wire::membership_digest(self.entries.values()) != digest {
+                if self.members.digest() != digest {
                     self.request_sync(now);
                 }
             }

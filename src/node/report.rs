@@ -35,7 +35,7 @@ impl Node {
                     last_handshake_age_s: p.link.handshake_age().map(|d| d.as_secs()),
                     rx_bytes,
                     tx_bytes,
-                    ip_conflict: p.ip_conflict,
+                    ip_conflict: self.members.is_conflicted(&p.key),
                     relay_reason: matches!(p.path, Path::Relayed)
                         .then(|| self.relay_reason(now, p)),
                 }
@@ -53,7 +53,7 @@ impl Node {
                 observed: self.relay.observed().map(|a| a.to_string()),
             },
             endpoints: self.local_endpoints.iter().map(ToString::to_string).collect(),
-            ip_conflict: self.ip_conflict.map(|(ip, owner)| {
+            ip_conflict: self.members.conflict().map(|(ip, owner)| {
                 format!("virtual IP {ip} is also claimed by member {}, which keeps it; this member gets no traffic (choose another address with --ip)", owner.short())
             }),
             nat: NatStatus {
