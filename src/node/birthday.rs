@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use super::peer::{Path, Peer};
+use super::peer::Peer;
 use super::Node;
 use crate::keys::PeerKey;
 use crate::wire::{Disco, NatKind};
@@ -121,15 +121,20 @@ impl Node {
 
     /// When the birthday probe with `p` next needs to act, if at all.
     pub(super) fn birthday_deadline(&self, p: &Peer) -> Option<Instant> {
-        let relayed = matches!(p.path, Path::Relayed);
-        match p.birthday.phase {
+        let relayed = p.paths.is_relayed();
+        match p.paths.birthday.phase {
             Phase::Idle => {
                 let easy_peer = p.announcement.nat == NatKind::EndpointIndependent;
                 if !(self.we_are_hard() && easy_peer && relayed) {
                     return None;
                 }
-                let waited = p.relayed_since + START_AFTER;
-                Some(p.birthday.next_attempt.map_or(waited, |t| t.max(waited)))
+                let waited = p.paths.relayed_since() + START_AFTER;
+                Some(
+                    p.paths
+                        .birthday
+                        .next_attempt
+                        .map_or(waited, |t| t.max(waited)),
+                )
             }
             Phase::Hard { until } => Some(until),
             Phase::Easy {
@@ -144,15 +149,20 @@ impl Node {
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
-        let relayed = matches!(p.path, Path::Relayed);
-        match p.birthday.phase {
+        let relayed = p.paths.is_relayed();
+        match p.paths.birthday.phase {
             Phase::Idle => {
                 let easy_peer = p.announcement.nat == NatKind::EndpointIndependent;
-                let waited = now.saturating_duration_since(p.relayed_since) >= START_AFTER;
-                if !(we_are_hard && easy_peer && relayed && waited && p.birthday.may_start(now)) {
+                let waited = now.saturating_duration_since(p.paths.relayed_since()) >= START_AFTER;
+                if !(we_are_hard
+                    && easy_peer
+                    && relayed
+                    && waited
+                    && p.paths.birthday.may_start(now))
+                {
                     return;
                 }
-                p.birthday.phase = Phase::Hard {
+                p.paths.birthday.phase = Phase::Hard {
                     until: now + ATTEMPT_DURATION,
                 };
                 let target = p.entry.observed;
@@ -164,7 +174,7 @@ impl Node {
             }
             Phase::Hard { until } => {
                 if now >= until || !relayed {
-                    p.birthday.finish(now, !relayed);
+                    p.paths.birthday.finish(now, !relayed);
                 }
             }
             Phase::Easy {
@@ -174,14 +184,14 @@ impl Node {
                 next_burst,
             } => {
                 if now >= until || sent >= PROBE_BUDGET || !relayed {
-                    p.birthday.finish(now, !relayed);
+                    p.paths.birthday.finish(now, !relayed);
                     return;
                 }
                 if now < next_burst {
                     return;
                 }
                 let n = PROBES_PER_TICK.min(PROBE_BUDGET - sent);
-                p.birthday.phase = Phase::Easy {
+                p.paths.birthday.phase = Phase::Easy {
                     until,
                     target,
                     sent: sent + n,
@@ -201,12 +211,12 @@ impl Node {
         let Some(p) = self.peers.get_mut(&sender) else {
             return;
         };
-        if !(we_are_easy && matches!(p.path, Path::Relayed) && p.birthday.may_start(now)) {
+        if !(we_are_easy && p.paths.is_relayed() && p.paths.birthday.may_start(now)) {
             return;
         }
         let target = p.entry.observed.ip();
         tracing::debug!(peer = %p.announcement.name, %target, "birthday probe: spraying the symmetric side's ports");
-        p.birthday.phase = Phase::Easy {
+        p.paths.birthday.phase = Phase::Easy {
             until: now + ATTEMPT_DURATION,
             target,
             sent: 0,

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 use ipnet::Ipv4Net;
 
 use super::link::PeerLink;
-use super::peer::{self, Path, Peer};
+use super::path_selection::PathSelection;
+use super::peer::Peer;
 use super::{Event, Node};
 use crate::addressing;
 use crate::keys::PeerKey;
@@ -252,13 +253,7 @@ impl Node {
             let Some(p) = self.peers.get_mut(&key) else {
                 continue;
             };
-            let direct_alive = match p.path {
-                Path::Direct { last_pong, .. } => {
-                    now.saturating_duration_since(last_pong) < peer::DIRECT_TIMEOUT
-                }
-                Path::Relayed => false,
-            };
-            if direct_alive {
+            if p.paths.direct_alive(now) {
                 // Keep the peer (and its session and path) for a grace period; the relay may
                 // just have restarted and not heard from it yet.
                 p.stale_since.get_or_insert(now);
@@ -306,7 +301,7 @@ impl Node {
             peer.announcement = ann;
             if endpoints_changed {
                 peer.refresh_candidates();
-                peer.reset_backoff(now);
+                peer.paths.reset_backoff(now);
             }
             self.resolve_addresses();
             return;
@@ -328,16 +323,8 @@ impl Node {
             announcement: ann,
             link,
             disco_key,
-            path: Path::Relayed,
-            candidates: Default::default(),
-            outstanding: BTreeMap::new(),
-            next_probe: now,
-            backoff: peer::PROBE_BACKOFF_MIN,
-            next_relay_ping: now,
-            relay_rtt: None,
-            relayed_since: now,
+            paths: PathSelection::new(now),
             stale_since: None,
-            birthday: Default::default(),
         };
         peer.refresh_candidates();
         self.out.event(Event::PeerJoined {

@@ -40,6 +40,7 @@ mod link;
 mod membership;
 pub mod netcheck;
 mod outbox;
+mod path_selection;
 mod paths;
 pub mod peer;
 mod registration;
@@ -260,7 +261,7 @@ impl Node {
 
     /// The current path to `key`, if it is a known member.
     pub fn path_to(&self, key: &PeerKey) -> Option<Path> {
-        self.peers.get(key).map(|p| p.path)
+        self.peers.get(key).map(|p| p.paths.path())
     }
 
     /// Tells the node which local addresses (with its UDP port) it can be reached at.
@@ -384,7 +385,7 @@ impl Node {
     pub fn active_sockets(&self) -> std::collections::BTreeSet<u16> {
         let mut set: std::collections::BTreeSet<u16> = [0].into();
         for p in self.peers.values() {
-            if p.birthday.is_hard() {
+            if p.paths.birthday.is_hard() {
                 set.extend(1..=birthday::SPRAY_SOCKETS);
             }
             if let Some((_, socket)) = p.direct() {
@@ -405,12 +406,8 @@ impl Node {
             return false;
         };
         let tx = self.send_ping(now, *key, addr, socket);
-        if let Some(ping) = self
-            .peers
-            .get_mut(key)
-            .and_then(|p| p.outstanding.get_mut(&tx))
-        {
-            ping.request = Some(request);
+        if let Some(p) = self.peers.get_mut(key) {
+            p.paths.set_request(&tx, request);
         }
         true
     }

@@ -14,11 +14,11 @@
 //! address a candidate (peer-reflexive) and is answered with a ping of our own at once, which is
 //! what opens both NATs' mappings when both sides probe together.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::link::PeerLink;
+use super::path_selection::PathSelection;
 use crate::keys::PeerKey;
 use crate::wire::{Announcement, MemberEntry};
 
@@ -60,7 +60,7 @@ pub enum Path {
 }
 
 /// A ping in flight.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PendingPing {
     /// Where it went (`None`: through the relay).
     pub(crate) addr: Option<SocketAddr>,
@@ -79,16 +79,8 @@ pub(crate) struct Peer {
     /// The WireGuard session (the only owner of boringtun's `Tunn`).
     pub(crate) link: PeerLink,
     pub(crate) disco_key: [u8; 32],
-    pub(crate) path: Path,
-    pub(crate) candidates: BTreeSet<SocketAddr>,
-    pub(crate) outstanding: BTreeMap<[u8; 12], PendingPing>,
-    pub(crate) next_probe: Instant,
-    pub(crate) backoff: Duration,
-    pub(crate) next_relay_ping: Instant,
-    pub(crate) relay_rtt: Option<Duration>,
-    /// Since when the path has been relayed (for starting a birthday probe).
-    pub(crate) relayed_since: Instant,
-    pub(crate) birthday: super::birthday::Birthday,
+    /// Path selection for this peer (its path, candidates, probes, birthday probing).
+    pub(crate) paths: PathSelection,
     /// Set when the relay's member list stopped listing this peer while its direct path
     /// still answered (see `membership::STALE_GRACE`).
     pub(crate) stale_since: Option<Instant>,
@@ -99,50 +91,16 @@ impl Peer {
         self.announcement.virtual_ip
     }
 
-    /// Replaces the candidate set from the peer's announcement and relay-observed address,
+    /// Adds the peer's announced endpoints and relay-observed address to its candidates,
     /// keeping addresses learned from its pings. Returns whether anything new appeared.
     pub(crate) fn refresh_candidates(&mut self) -> bool {
-        let before = self.candidates.len();
-        let announced = self
-            .announcement
-            .endpoints
-            .iter()
-            .copied()
-            .chain([self.entry.observed]);
-        for a in announced {
-            if self.candidates.len() < MAX_CANDIDATES && usable_candidate(&a) {
-                self.candidates.insert(a);
-            }
-        }
-        self.candidates.len() != before
-    }
-
-    /// Starts probing again soon (new information about the peer).
-    pub(crate) fn reset_backoff(&mut self, now: Instant) {
-        self.backoff = PROBE_BACKOFF_MIN;
-        if matches!(self.path, Path::Relayed) {
-            self.next_probe = now;
-        }
+        let announced = self.announcement.endpoints.iter().copied();
+        self.paths
+            .add_candidates(announced.chain([self.entry.observed]))
     }
 
     /// The direct address and our socket for it, if the path is direct.
     pub(crate) fn direct(&self) -> Option<(SocketAddr, u16)> {
-        match self.path {
-            Path::Direct { addr, socket, .. } => Some((addr, socket)),
-            Path::Relayed => None,
-        }
+        self.paths.direct()
     }
-
-    /// RTT on the current path.
-    pub(crate) fn rtt(&self) -> Option<Duration> {
-        match self.path {
-            Path::Direct { rtt, .. } => Some(rtt),
-            Path::Relayed => self.relay_rtt,
-        }
-    }
-}
-
-/// Addresses worth probing: not unspecified, not multicast, port non-zero.
-fn usable_candidate(a: &SocketAddr) -> bool {
-    a.port() != 0 && !a.ip().is_unspecified() && !a.ip().is_multicast()
 }

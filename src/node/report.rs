@@ -20,7 +20,7 @@ impl Node {
                 } else {
                     "relay"
                 };
-                let (path, endpoint) = match p.path {
+                let (path, endpoint) = match p.paths.path() {
                     Path::Direct { addr, .. } => ("direct", addr),
                     Path::Relayed => (relayed, self.relay.target().addr),
                 };
@@ -31,13 +31,15 @@ impl Node {
                     virtual_ip: p.virtual_ip().to_string(),
                     path: path.to_string(),
                     endpoint: Some(endpoint.to_string()),
-                    rtt_ms: p.rtt().map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
+                    rtt_ms: p
+                        .paths
+                        .rtt()
+                        .map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
                     last_handshake_age_s: p.link.handshake_age().map(|d| d.as_secs()),
                     rx_bytes,
                     tx_bytes,
                     ip_conflict: self.members.is_conflicted(&p.key),
-                    relay_reason: matches!(p.path, Path::Relayed)
-                        .then(|| self.relay_reason(now, p)),
+                    relay_reason: p.paths.is_relayed().then(|| self.relay_reason(now, p)),
                 }
             })
             .collect();
@@ -70,7 +72,11 @@ impl Node {
 
     /// Why `p` is relayed, in words for `status` and `netcheck`.
     fn relay_reason(&self, now: Instant, p: &Peer) -> String {
-        let next = p.next_probe.saturating_duration_since(now).as_secs();
+        let next = p
+            .paths
+            .next_probe()
+            .saturating_duration_since(now)
+            .as_secs();
         if self.relay.on_stream() {
             return "UDP blocked here (relay over TCP)".into();
         }
@@ -83,7 +89,7 @@ impl Node {
                 "both sides symmetric, no port mapping; next direct attempt in {next} s"
             );
         }
-        if p.birthday.is_running() {
+        if p.paths.birthday.is_running() {
             return "birthday probe in progress (one side symmetric)".into();
         }
         format!("no direct answer yet; next direct attempt in {next} s")
