@@ -1,9 +1,12 @@
 //! The member agent: the thin tokio driver around [`crate::node::Node`].
 //!
-//! It owns the I/O — the TUN device, the one UDP socket, the control socket, signals and the
-//! timer — and runs one loop: wait for the first of (TUN packet, datagram, control request,
-//! deadline, signal), feed it to the node with `Instant::now()`, drain every output, re-arm the
-//! timer. All protocol decisions are the node's.
+//! It owns the I/O — the TUN device, the one UDP socket (and a birthday probe's extra
+//! sockets), the TCP stream to the relay when the node asks for one, the control socket,
+//! signals and the timer — and runs one loop: wait for the first of (TUN packet, datagram,
+//! stream frame, control request, deadline, signal), feed it to the node with
+//! `Instant::now()`, drain every output through the shared [`crate::node::driver::Step`],
+//! re-arm the timer at the node's deadline. All protocol decisions are the node's, including
+//! when to use the stream.
 
 mod ifaddrs;
 pub(crate) mod portmap;

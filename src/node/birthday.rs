@@ -8,9 +8,9 @@
 //! 1. The *hard* (symmetric) side opens [`SPRAY_SOCKETS`] extra sockets and pings the easy
 //!    side's reflexive address from each: its NAT now holds that many mappings, each accepting
 //!    packets from exactly the easy side's address. It tells the easy side, through the relay,
-//!    to start ([`Disco::Spray`](crate::wire::Disco::Spray)).
+//!    to start ([`Disco::Spray`]).
 //! 2. The *easy* side pings random ports of the hard side's public IP from its main socket, at
-//!    most [`PROBES_PER_TICK`] per 250 ms tick (100 per second) and [`PROBE_BUDGET`] in all.
+//!    most [`PROBES_PER_TICK`] per [`BURST_INTERVAL`] (100 per second) and [`PROBE_BUDGET`] in all.
 //!    Each ping hits one of the mappings with probability 256/64512; the chance that 2,000
 //!    pings all miss is (1 − 1/252)^2000 ≈ 0.04 %.
 //! 3. A ping that lands is answered from the extra socket that owns the mapping; the easy side

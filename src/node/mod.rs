@@ -1,28 +1,48 @@
 //! The member's protocol engine: a sans-IO state machine for one member of one network.
 //!
+//! # Shape
+//! A [`Node`] routes inputs to smaller machines that own their state, and drains their output
+//! through one outbox of [`Transmit`]s, TUN packets and [`Event`]s (the shape of firezone's
+//! snownet `Node` and quinn-proto's `Connection`):
+//! - the **relay session** (`relay_session`): registration, acknowledgements, syncs, relay
+//!   loss, and whether relay traffic takes UDP or the stream; one instance per relay;
+//! - **membership** (`membership`): the member table, removal records, receiver indices and
+//!   the virtual-IP routing table with its conflict resolution;
+//! - per peer, a **peer link** (`link`, the only owner of boringtun's `Tunn`) and **path
+//!   selection** (`path_selection`, with [`birthday`] probing);
+//! - the **NAT check** ([`netcheck`]) and the **timer table** ([`TimerTable`]).
+//!
 //! # Driving contract
 //! A [`Node`] reads no clock, opens no socket and draws no OS randomness; time comes in as
 //! `now: Instant` arguments and randomness from the seed in [`NodeConfig`]. The driver:
-//! 1. feeds inputs: [`Node::handle_udp`] for every datagram on the member's UDP socket,
-//!    [`Node::handle_tun_packet`] for every IP packet read from the TUN device,
-//!    [`Node::set_local_endpoints`] when the host's addresses change, and
-//!    [`Node::handle_timeout`] when the deadline from [`Node::poll_timeout`] passes;
-//! 2. after every input drains [`Node::poll_transmit`] (datagrams to send on the UDP socket),
-//!    [`Node::poll_tun`] (packets to write to the TUN device) and [`Node::poll_event`]
-//!    (things worth logging) until each returns `None`;
-//! 3. re-arms its timer with [`Node::poll_timeout`].
+//! 1. feeds inputs: [`Node::handle_udp`] / [`Node::handle_udp_on`] for every datagram on a
+//!    UDP socket, [`Node::handle_tun_packet`] for every IP packet read from the TUN device,
+//!    [`Node::handle_relay_stream`] for every datagram read from a relay stream,
+//!    [`Node::handle_relay_stream_up`] / [`Node::handle_relay_stream_down`] when a stream it
+//!    was asked for connects, fails or closes, [`Node::set_local_endpoints`] when the host's
+//!    addresses change, and [`Node::handle_timeout`] when the deadline passes;
+//! 2. after every input drains the outputs until each returns `None`: [`Node::poll_transmit`]
+//!    (a datagram and its [`Transport`]: UDP socket *n* to an address, or the stream to relay
+//!    *r*, written into the driver's reusable buffer), [`Node::poll_tun`] (packets for the
+//!    TUN device, likewise), [`Node::poll_event`], and [`Node::wants_stream`] (open or close
+//!    the stream to the relay). [`driver::Step`] does exactly this and is what every driver
+//!    uses, the agent and the simulator alike;
+//! 3. sleeps until [`Node::poll_timeout`]: the earliest named deadline and why, or "now"
+//!    while output is still queued.
 //!
 //! On shutdown it calls [`Node::leave`] and sends what that queues.
 //!
 //! # Data flow
 //! ```text
-//!  TUN ──ip packet──▶ route by destination virtual IP ─▶ peer's WireGuard session (seal)
-//!                                                       └▶ path: direct addr | relay frame ─▶ UDP
-//!  UDP ──▶ classify: WireGuard ─▶ peer by handshake key / receiver index ─▶ open ─▶
+//!  TUN ──ip packet──▶ route by destination virtual IP ─▶ peer link (seal)
+//!                                         └▶ path: direct addr (UDP) | relay frame (UDP or stream)
+//!  UDP / stream ──▶ classify: WireGuard ─▶ peer by handshake key / receiver index ─▶ open ─▶
 //!                     check inner source == peer's virtual IP (cryptokey routing) ─▶ TUN
 //!          meshvpn frame: relay reply (membership) | relayed payload | disco ping/pong
-//!          STUN: binding responses (reflexive address)
+//!          STUN: binding responses (reflexive address; over UDP, proof that UDP works)
 //! ```
+//! The data path (TUN packets, WireGuard datagrams) allocates nothing per packet: boringtun
+//! seals and opens into one scratch buffer, and the outbox recycles its buffers.
 //!
 //! # Membership
 //! The node registers with its relay every [`REGISTER_INTERVAL`] (with backoff while the relay
@@ -32,7 +52,7 @@
 //! ignored (no replay). Members that leave or expire on the relay are removed here.
 //!
 //! Time inside boringtun's `Tunn` is real time; the node additionally re-sends handshakes on its
-//! own clock ([`peer::HANDSHAKE_RETRY`]) so that simulations with loss make progress.
+//! own clock ([`HANDSHAKE_RETRY`]) so that simulations with loss make progress.
 
 pub mod birthday;
 pub mod driver;
@@ -748,5 +768,73 @@ pub fn is_announceable(ip: &IpAddr) -> bool {
                 && !v6.is_unicast_link_local()
                 && v6.to_ipv4_mapped().is_none()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{NetworkSecret, NodeSecret};
+
+    fn node(now: Instant) -> Node {
+        let mut rng = ChaCha20Rng::seed_from_u64(11);
+        let relay = NodeSecret::generate(&mut rng).public();
+        let cfg = NodeConfig {
+            secret: NodeSecret::generate(&mut rng),
+            network_secret: NetworkSecret::generate(&mut rng),
+            network_name: "test".into(),
+            name: "a".into(),
+            virtual_ip: Ipv4Addr::new(10, 77, 0, 1),
+            subnet: "10.77.0.0/16".parse().expect("literal"),
+            relay: RelayTarget {
+                key: relay,
+                addr: "203.0.113.1:3478".parse().expect("literal"),
+            },
+            stun_servers: Vec::new(),
+            seed: 1,
+        };
+        Node::new(cfg, now, 1_700_000_000_000)
+    }
+
+    #[test]
+    fn poll_timeout_says_now_while_output_waits_then_the_next_deadline_and_why() {
+        let t0 = Instant::now();
+        let mut n = node(t0);
+        // Nothing is queued at construction; the registration and the STUN round are due now.
+        assert_eq!(n.poll_timeout(), Some((t0, "relay session")));
+        let later = t0 + Duration::from_millis(5);
+        n.handle_timeout(later);
+        assert_eq!(n.poll_timeout(), Some((later, "output queued")));
+        let mut buf = Vec::new();
+        let mut sent = Vec::new();
+        while let Some(t) = n.poll_transmit(&mut buf) {
+            sent.push(t.transport);
+        }
+        assert_eq!(
+            sent.len(),
+            3,
+            "a registration and two STUN requests: {sent:?}"
+        );
+        assert!(sent
+            .iter()
+            .all(|t| matches!(t, Transport::Udp { socket: 0, .. })));
+        // Drained: the next deadline is the unanswered registration's acknowledgement timeout.
+        let (at, why) = n.poll_timeout().expect("a deadline");
+        assert_eq!(why, "relay session");
+        assert_eq!(at, later + relay_session::REGISTER_RETRY_MIN);
+        // No peers: no WireGuard tick.
+        assert_eq!(n.timers.get(Timer::WireGuardTick), None);
+        // A relay that stays silent: the node asks for the stream within the fallback time.
+        let mut now = later;
+        for _ in 0..100 {
+            if n.wants_stream(0) {
+                break;
+            }
+            now = n.poll_timeout().expect("a deadline").0.max(now);
+            n.handle_timeout(now);
+            while n.poll_transmit(&mut buf).is_some() {}
+        }
+        assert!(n.wants_stream(0));
+        assert_eq!(now - t0, UDP_FALLBACK_AFTER);
     }
 }

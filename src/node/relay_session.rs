@@ -37,13 +37,13 @@
 //! NAT mapping.
 //!
 //! # Driving contract
-//! The node calls [`RelaySession::handle_timeout`] at [`RelaySession::poll_timeout`] and acts on
-//! the returned [`Due`] (it builds the requests, which need the node's announcement), records
-//! what it sent with [`RelaySession::note_register_sent`] / [`RelaySession::note_sync_sent`],
-//! feeds acknowledgements ([`RelaySession::handle_ack`]), UDP STUN answers
-//! ([`RelaySession::handle_udp_stun`]) and the driver's stream reports
-//! ([`RelaySession::handle_stream_up`] / [`RelaySession::handle_stream_down`]), and asks
-//! [`RelaySession::transport`] how relay-bound datagrams travel.
+//! The node calls `RelaySession::handle_timeout` at `RelaySession::poll_timeout` and acts on
+//! the returned `Due` (it builds the requests, which need the node's announcement), records
+//! what it sent with `RelaySession::note_register_sent` / `RelaySession::note_sync_sent`,
+//! feeds acknowledgements (`RelaySession::handle_ack`), UDP STUN answers
+//! (`RelaySession::handle_udp_stun`) and the driver's stream reports
+//! (`RelaySession::handle_stream_up` / `RelaySession::handle_stream_down`), and asks
+//! `RelaySession::transport` how relay-bound datagrams travel.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
