@@ -546,6 +546,7 @@ impl Node {
 
     // ----- NAT classification --------------------------------------------------------------
 
+    /// Sends the STUN requests of a round, if one is due.
     fn stun_round(&mut self, now: Instant) {
         let rng = &mut self.rng;
         let round = self.netcheck.poll_round(now, || {
@@ -559,6 +560,7 @@ impl Node {
         }
     }
 
+    /// Recomputes the NAT verdict (UDP blocked while on the stream); a change is announced.
     fn update_nat_verdict(&mut self, now: Instant) {
         let verdict = if self.relay.on_stream() {
             NatKind::UdpBlocked
@@ -579,6 +581,7 @@ impl Node {
         self.out.relay_to_peer(to, payload);
     }
 
+    /// Seals our announcement again (name, virtual IP, endpoints, NAT verdict, timestamp).
     fn reseal_announcement(&mut self, now: Instant) {
         let ann = Announcement {
             key: self.public,
@@ -605,6 +608,7 @@ impl Node {
         self.last_ts
     }
 
+    /// A fresh nonce from the seeded RNG.
     fn nonce(&mut self) -> [u8; 24] {
         let mut n = [0u8; 24];
         self.rng.fill_bytes(&mut n);

@@ -51,6 +51,9 @@ impl Node {
         .min()
     }
 
+    /// Runs `key`'s path selection: a stale member whose grace ended is removed; otherwise
+    /// the probes it asks for go out, a fallback to the relay is reported, and a keepalive that
+    /// missed its pong makes the relay session check the relay.
     fn peer_timers(&mut self, now: Instant, key: PeerKey, probes: &mut Vec<Probe>) {
         let Some(p) = self.peers.get_mut(&key) else {
             return;
@@ -142,6 +145,7 @@ impl Node {
         self.send_disco_via_relay(key, &Disco::CallMe { endpoints });
     }
 
+    /// Reports a new path to `key`.
     pub(super) fn path_changed(&mut self, key: PeerKey, path: Path) {
         if let Some(p) = self.peers.get(&key) {
             self.out.event(Event::PathChanged {

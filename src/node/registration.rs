@@ -39,6 +39,7 @@ impl Node {
         self.update_nat_verdict(now);
     }
 
+    /// Sends a registration with our current announcement.
     pub(super) fn register(&mut self, now: Instant) {
         let ts = self.next_ts(now);
         self.relay.note_register_sent(now, ts);
@@ -50,6 +51,7 @@ impl Node {
         self.send_to_relay(&req);
     }
 
+    /// Asks the relay for a full member list, unless a request is in flight.
     pub(super) fn request_sync(&mut self, now: Instant) {
         if !self.relay.note_sync_sent(now) {
             return;
@@ -61,6 +63,7 @@ impl Node {
         });
     }
 
+    /// Seals `req` for the relay and queues it on the relay transport.
     pub(super) fn send_to_relay(&mut self, req: &RelayRequest) {
         let nonce = self.nonce();
         let dgram = wire::seal_to_relay(self.relay.session_key(), self.public, req, nonce);
@@ -104,6 +107,8 @@ impl Node {
         }
     }
 
+    /// Routes an authenticated reply: acknowledgements to the session, member pushes,
+    /// snapshots and removals to membership, errors to the operator.
     pub(super) fn handle_relay_reply(&mut self, now: Instant, reply: RelayReply) {
         match reply {
             RelayReply::RegisterAck {
