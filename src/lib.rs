@@ -9,15 +9,17 @@
 //!
 //! ```text
 //!              ┌──────────────────────── agent (tokio, src/agent) ────────────────────────┐
-//!  TUN device ─┤ read packet ─▶ Node::handle_tun_packet        Node::poll_tun ─▶ write     ├─ TUN
-//!  UDP socket ─┤ recv ───────▶ Node::handle_udp               Node::poll_transmit ─▶ send ├─ UDP
-//!  timer ──────┤ deadline ───▶ Node::handle_timeout           Node::poll_timeout ─▶ re-arm │
-//!  control ────┤ `status` ───▶ Node::status                   Node::poll_event ─▶ log     │
-//!              └───────────────────────────────────────────────────────────────────────────┘
+//!  TUN device ─┤ read packet ─▶ Node::handle_tun_packet     Output::Tun ─▶ write          ├─ TUN
+//!  UDP socket ─┤ recv ───────▶ Node::handle_udp            Output::Udp ─▶ send           ├─ UDP
+//!  TCP stream ─┤ frame ──────▶ Node::handle_relay_stream   Output::Stream / Open / Close ├─ TCP
+//!  timer ──────┤ deadline ───▶ Node::handle_timeout        Node::poll_timeout ─▶ re-arm   │
+//!  control ────┤ `status` ───▶ Node::status                Output::Event ─▶ log          │
+//!              └─────────── outputs drained by node::driver::Step (shared with the simulator) ┘
 //! ```
 //!
-//! - [`node`]: one member's protocol engine — relay session and membership, the peer table,
-//!   cryptokey routing, a WireGuard session per peer, path probing and choice. It reads no
+//! - [`node`]: one member's protocol engine, composed of a relay session (which also decides
+//!   between UDP and the TCP stream to the relay), membership, and per peer a WireGuard link
+//!   and path selection; cryptokey routing; a timer table of named deadlines. It reads no
 //!   clock and opens no socket: time and randomness are inputs, outputs are polled.
 //! - [`relay::server`]: the relay's logic, equally sans-IO — registrations (soft state),
 //!   membership pushes and syncs, STUN answers, forwarding relay frames by public key.

@@ -1,21 +1,18 @@
-//! Carrying relay datagrams over TCP, for members whose UDP is blocked.
+//! Carrying relay datagrams over TCP, for members whose UDP is blocked: the framing both ends
+//! share.
 //!
 //! Each datagram travels as a 2-byte big-endian length followed by the datagram, exactly the
 //! bytes that would have been one UDP payload; the relay treats a TCP connection as one more
-//! [`Link`](super::server::Link). The member end ([`TcpRelayClient`]) runs a reader and a writer
-//! task so the agent's loop never blocks on the stream.
+//! [`Link`](super::server::Link). The member end lives with the agent (`agent::tcp_client`).
 //!
 //! The relay end reads through a [`FrameDecoder`]: bytes are fed as they arrive and whole frames
 //! come out. A length prefix above the decoder's cap is refused as soon as its two bytes are
 //! seen, and the buffer only ever grows by bytes actually received, so a peer that sends a
 //! length prefix and nothing else costs two bytes of memory, not the 64 KiB it announced.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
 /// Largest datagram carried (a UDP payload never exceeds it).
 pub const MAX_FRAME: usize = u16::MAX as usize;
@@ -134,64 +131,6 @@ pub fn encode_frame(out: &mut Vec<u8>, datagram: &[u8]) -> bool {
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(datagram);
     true
-}
-
-/// A member's TCP connection to its relay.
-pub struct TcpRelayClient {
-    outbound: mpsc::Sender<Vec<u8>>,
-    inbound: mpsc::Receiver<Vec<u8>>,
-}
-
-impl TcpRelayClient {
-    /// Connects to the relay at `addr` over TCP.
-    pub async fn connect(addr: SocketAddr) -> std::io::Result<Self> {
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "TCP connect timed out")
-            })??;
-        stream.set_nodelay(true)?;
-        let (mut read, mut write) = stream.into_split();
-        let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
-        let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
-        tokio::spawn(async move {
-            while let Some(d) = out_rx.recv().await {
-                if write_frame(&mut write, &d).await.is_err() {
-                    break;
-                }
-            }
-        });
-        tokio::spawn(async move {
-            while let Ok(Some(d)) = read_frame(&mut read).await {
-                if in_tx.send(d).await.is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Self {
-            outbound: out_tx,
-            inbound: in_rx,
-        })
-    }
-
-    /// Queues a datagram for the relay; `false` if the connection is gone. A full queue drops
-    /// the datagram, as a congested UDP path would.
-    pub fn send(&self, datagram: Vec<u8>) -> bool {
-        match self.outbound.try_send(datagram) {
-            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => true,
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
-    }
-
-    /// The next datagram from the relay; `None` once the connection closed.
-    pub async fn recv(&mut self) -> Option<Vec<u8>> {
-        self.inbound.recv().await
-    }
-
-    /// Whether the connection is still open for writing.
-    pub fn is_open(&self) -> bool {
-        !self.outbound.is_closed()
-    }
 }
 
 #[cfg(test)]
