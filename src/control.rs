@@ -80,36 +80,66 @@ pub struct PingReply {
     pub error: Option<String>,
 }
 
-/// Sends `request` to the agent of `network` and returns its one-line answer.
-pub async fn ask(run_dir: &Path, network: &str, request: &Request) -> anyhow::Result<String> {
-    let path = socket_path(run_dir, network);
-    let answer = tokio::time::timeout(CLIENT_TIMEOUT, async {
-        let mut stream = UnixStream::connect(&path).await?;
-        stream.write_all(request.to_line().as_bytes()).await?;
+/// How a one-line exchange on a control socket failed.
+#[derive(Debug)]
+pub enum ExchangeError {
+    /// Nothing listens on the socket (no such file, or connection refused).
+    NotRunning,
+    /// No answer within the timeout.
+    TimedOut,
+    /// Another I/O error.
+    Io(std::io::Error),
+}
+
+/// Connects to the Unix socket at `path`, writes `request` (one line, with its newline) and
+/// reads one line back, all within `timeout`.
+pub async fn exchange_line(
+    path: &Path,
+    request: &[u8],
+    timeout: Duration,
+) -> Result<String, ExchangeError> {
+    let answer = tokio::time::timeout(timeout, async {
+        let mut stream = UnixStream::connect(path).await?;
+        stream.write_all(request).await?;
         let mut line = String::new();
         BufReader::new(stream).read_line(&mut line).await?;
         Ok::<_, std::io::Error>(line)
     })
     .await;
     match answer {
-        Err(_) => bail!(
-            "the agent of network {network:?} did not answer on {} within {CLIENT_TIMEOUT:?}",
-            path.display()
-        ),
+        Err(_) => Err(ExchangeError::TimedOut),
         Ok(Err(e))
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
+            Err(ExchangeError::NotRunning)
+        }
+        Ok(Err(e)) => Err(ExchangeError::Io(e)),
+        Ok(Ok(line)) => Ok(line),
+    }
+}
+
+/// Sends `request` to the agent of `network` and returns its one-line answer.
+pub async fn ask(run_dir: &Path, network: &str, request: &Request) -> anyhow::Result<String> {
+    let path = socket_path(run_dir, network);
+    match exchange_line(&path, request.to_line().as_bytes(), CLIENT_TIMEOUT).await {
+        Err(ExchangeError::TimedOut) => bail!(
+            "the agent of network {network:?} did not answer on {} within {CLIENT_TIMEOUT:?}",
+            path.display()
+        ),
+        Err(ExchangeError::NotRunning) => {
             bail!("the agent of network {network:?} is not running (no control socket at {}); start it with `meshvpn up {network}`", path.display())
         }
-        Ok(Err(e)) => Err(e).with_context(|| format!("talking to the agent on {}", path.display())),
-        Ok(Ok(line)) if line.trim().is_empty() => bail!(
+        Err(ExchangeError::Io(e)) => {
+            Err(e).with_context(|| format!("talking to the agent on {}", path.display()))
+        }
+        Ok(line) if line.trim().is_empty() => bail!(
             "the agent on {} closed the connection without an answer",
             path.display()
         ),
-        Ok(Ok(line)) => Ok(line),
+        Ok(line) => Ok(line),
     }
 }
 

@@ -19,6 +19,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use super::status::RelayStatus;
+use crate::control::ExchangeError;
 
 /// File name of the control socket in the run directory.
 pub const SOCKET_NAME: &str = "relay.ctl";
@@ -119,32 +120,21 @@ async fn answer(stream: UnixStream, requests: mpsc::Sender<StatusRequest>) -> an
 /// Asks the relay whose run directory is `run_dir` for its status.
 pub async fn query_status(run_dir: &Path) -> anyhow::Result<RelayStatus> {
     let path = socket_path(run_dir);
-    let answer = tokio::time::timeout(TIMEOUT, async {
-        let mut stream = UnixStream::connect(&path).await?;
-        stream.write_all(b"status\n").await?;
-        let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line).await?;
-        Ok::<_, std::io::Error>(line)
-    })
-    .await;
-    match answer {
-        Err(_) => bail!(
+    match crate::control::exchange_line(&path, b"status\n", TIMEOUT).await {
+        Err(ExchangeError::TimedOut) => bail!(
             "the relay did not answer on {} within {TIMEOUT:?}",
             path.display()
         ),
-        Ok(Err(e))
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
+        Err(ExchangeError::NotRunning) => {
             bail!(
                 "no relay is running with this run directory (no control socket at {}); pass the relay's --run-dir",
                 path.display()
             )
         }
-        Ok(Err(e)) => Err(e).with_context(|| format!("talking to the relay on {}", path.display())),
-        Ok(Ok(line)) => serde_json::from_str(&line)
+        Err(ExchangeError::Io(e)) => {
+            Err(e).with_context(|| format!("talking to the relay on {}", path.display()))
+        }
+        Ok(line) => serde_json::from_str(&line)
             .with_context(|| format!("the relay on {} sent an unreadable answer", path.display())),
     }
 }
