@@ -12,7 +12,7 @@
 //!
 //! [`Zone`] is sans-IO: it holds the member table of one network and turns one DNS query
 //! message into one response message ([`Zone::answer`]); the tokio piece that moves datagrams is
-//! `dns::server`. The wire format is hickory-proto's; nothing here hand-encodes DNS.
+//! [`server`]. The wire format is hickory-proto's; nothing here hand-encodes DNS.
 //!
 //! ## Answers
 //! | question | answer |
@@ -37,6 +37,8 @@ use hickory_proto::rr::rdata::{A, AAAA, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 
 pub mod names;
+
+pub mod server;
 
 pub use names::{label, resolve_names, NameClaim, NameConflict, NameError, NameTable};
 
