@@ -192,7 +192,6 @@ impl Zone {
         };
         let mut response = Message::new(0, MessageType::Response, OpCode::Query);
         response.metadata = Metadata::response_from_request(&request.metadata);
-        response.add_queries(request.queries.iter().cloned());
         if request.edns.is_some() {
             let mut edns = Edns::new();
             edns.set_max_payload(EDNS_PAYLOAD);
@@ -203,11 +202,13 @@ impl Zone {
             response.metadata.response_code = ResponseCode::NotImp;
             return Some(response);
         }
+        // Only a single question is echoed, so an answer is never larger than it must be.
         let [question] = request.queries.as_slice() else {
             self.counters.malformed += 1;
             response.metadata.response_code = ResponseCode::FormErr;
             return Some(response);
         };
+        response.add_query(question.clone());
         self.resolve(question, &mut response);
         Some(response)
     }

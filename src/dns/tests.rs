@@ -176,6 +176,18 @@ fn malformed_queries_get_formerr_or_are_dropped() {
     let r = Message::from_vec(&z.answer(&empty.to_vec().expect("encode")).expect("answer"))
         .expect("decode");
     assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+    // Two questions: FORMERR, and neither is echoed back.
+    let mut two = Message::new(8, MessageType::Query, OpCode::Query);
+    for name in ["b.friends.mesh.internal.", "alice.friends.mesh.internal."] {
+        two.add_query(Query::query(
+            Name::from_str(name).expect("name"),
+            RecordType::A,
+        ));
+    }
+    let r = Message::from_vec(&z.answer(&two.to_vec().expect("encode")).expect("answer"))
+        .expect("decode");
+    assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+    assert!(r.queries.is_empty() && r.answers.is_empty());
     // Another opcode: NOTIMP.
     let mut notify = Message::new(6, MessageType::Query, OpCode::Notify);
     notify.add_query(Query::query(
@@ -186,7 +198,7 @@ fn malformed_queries_get_formerr_or_are_dropped() {
         .expect("decode");
     assert_eq!(r.metadata.response_code, ResponseCode::NotImp);
     assert_eq!(z.counters().dropped, 3);
-    assert_eq!(z.counters().malformed, 3);
+    assert_eq!(z.counters().malformed, 4);
 }
 
 #[test]
