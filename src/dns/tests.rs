@@ -258,3 +258,30 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn resolved_holders_feed_the_zone() {
+    let addresses: BTreeMap<u8, Ipv4Addr> = [(1, Ipv4Addr::new(10, 77, 0, 1)), (2, B_V4)].into();
+    let table = resolve_names([
+        NameClaim {
+            key: 2,
+            name: "Bob".into(),
+            since: 50,
+        },
+        NameClaim {
+            key: 1,
+            name: "bob".into(),
+            since: 100,
+        },
+    ]);
+    let mut z = Zone::new("friends").expect("valid network name");
+    z.set_members(
+        table
+            .holders
+            .iter()
+            .filter_map(|(l, k)| addresses.get(k).map(|ip| (l.as_str(), *ip, None))),
+    );
+    let m = ask(&mut z, "bob.friends.mesh.internal.", RecordType::A);
+    assert!(matches!(m.answers.as_slice(), [r] if r.data == RData::A(A(B_V4))));
+    assert_eq!(table.conflicts.len(), 1);
+}
