@@ -59,6 +59,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod dns;
 pub mod keys;
 // Its unit tests need a starting `Instant`; the node's own code stays under the clippy.toml bans.
 #[cfg_attr(test, allow(clippy::disallowed_methods))]
