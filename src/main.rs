@@ -1,3 +1,6 @@
+//! The `meshvpn` binary: parses the command line, sets up logging and runs the chosen command
+//! (see [`meshvpn::cli`]); a failure prints one line naming the problem and exits non-zero.
+
 #![allow(clippy::print_stderr)]
 
 use std::io::IsTerminal as _;

@@ -1,3 +1,6 @@
+//! Unit tests of the relay server: admission, return-path proof, budgets, caps, forwarding
+//! and expiry, driven on a virtual clock.
+
 use std::collections::BTreeMap;
 
 use super::*;
