@@ -281,7 +281,12 @@ impl Config {
             })?;
             let (host, port) =
                 token::split_host_port(&r.address).map_err(|e| invalid("relay.address", e))?;
-            relays.push(RelayEndpoint { key, host, port });
+            relays.push(RelayEndpoint {
+                key,
+                host,
+                port,
+                tls: None,
+            });
         }
         Ok(Self {
             network: file.network.name,
@@ -436,6 +441,7 @@ mod tests {
                 key: PeerKey([2; 32]),
                 host: "198.51.100.1".into(),
                 port: 3478,
+                tls: None,
             }],
         };
         Config::from_token(
