@@ -12,6 +12,7 @@ pub(crate) mod portmap;
 mod progress;
 mod relay_link;
 mod sockets;
+pub(crate) mod stream;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;

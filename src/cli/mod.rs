@@ -93,6 +93,20 @@ pub enum Command {
         #[arg(long, value_name = "PATH", default_value = token::DEFAULT_WS_PATH)]
         ws_path: String,
     },
+    /// Ask a relay for its key over a stream as a member would reach it (TCP, or
+    /// WebSocket-over-TLS through HTTPS_PROXY if set) and print it: a check that a host reaches
+    /// the relay's stream transports.
+    #[command(hide = true)]
+    RelayProbe {
+        /// Relay as HOST:PORT or KEY@HOST:PORT (then the answer must match KEY).
+        relay: String,
+        /// Use WebSocket-over-TLS on this TCP port instead of TCP framing on the relay's port.
+        #[arg(long, value_name = "PORT")]
+        tls_port: Option<u16>,
+        /// HTTP path of the relay's WebSocket.
+        #[arg(long, value_name = "PATH", default_value = token::DEFAULT_WS_PATH)]
+        ws_path: String,
+    },
     /// Show a running relay's members, connections and limit counters (via its control socket
     /// in --run-dir).
     RelayStatus {
@@ -232,6 +246,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 ..relay::server::ServerConfig::default()
             },
         })),
+        Command::RelayProbe {
+            relay,
+            tls_port,
+            ws_path,
+        } => runtime()?.block_on(relay_probe(&relay, tls_port, ws_path)),
         Command::RelayStatus { json } => {
             let status = runtime()?.block_on(relay::control::query_status(&cli.run_dir))?;
             if json {
@@ -359,6 +378,56 @@ fn create(name: &str, relays: &[String], subnet: Option<Ipv4Net>) -> anyhow::Res
         relays: endpoints,
     };
     println!("{}", token.encode());
+    Ok(())
+}
+
+/// `meshvpn relay-probe`: the relay's key, asked over a TCP or TLS stream.
+async fn relay_probe(relay: &str, tls_port: Option<u16>, ws_path: String) -> anyhow::Result<()> {
+    use crate::agent::stream::{connect_stream, ProxyConfig, StreamKind};
+    let (expected, host_port) = match relay.split_once('@') {
+        Some(_) => {
+            let r: RelayEndpoint = relay.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+            (Some(r.key), r.host_port())
+        }
+        None => (None, relay.to_string()),
+    };
+    let (host, port) = token::split_host_port(&host_port).map_err(|e| anyhow::anyhow!("{e}"))?;
+    token::TlsEndpoint::validate_path(&ws_path).map_err(|e| anyhow::anyhow!("--ws-path: {e}"))?;
+    let endpoint = RelayEndpoint {
+        key: expected.unwrap_or(crate::keys::PeerKey([0; 32])),
+        host,
+        port,
+        tls: tls_port.map(|port| token::TlsEndpoint {
+            port,
+            path: ws_path,
+        }),
+    };
+    let (kind, proxy) = match tls_port {
+        Some(_) => (StreamKind::Tls, ProxyConfig::from_env()),
+        None => (StreamKind::Tcp, None),
+    };
+    let mut stream = connect_stream(&endpoint, kind, proxy.clone())
+        .await
+        .with_context(|| format!("connecting to relay {host_port} ({kind:?})"))?;
+    let mut request = Frame::KeyRequest.to_vec();
+    request.resize(token::KEY_REQUEST_WITH_TLS_LEN, 0);
+    stream
+        .send(&request)
+        .await
+        .context("sending the key request")?;
+    let reply = tokio::time::timeout(Duration::from_secs(5), stream.recv())
+        .await
+        .context("no answer from the relay within 5 s")?
+        .context("reading the answer")?
+        .context("the relay closed the stream")?;
+    let Ok(Frame::KeyResponse { relay: key }) = Frame::parse(&reply) else {
+        bail!("the relay's answer is not a key response");
+    };
+    if expected.is_some_and(|e| e != key) {
+        bail!("relay {host_port} answered with key {key}, not the expected one");
+    }
+    let via = if proxy.is_some() { " via proxy" } else { "" };
+    println!("relay {host_port} key {key} over {:?}{via}", stream.kind());
     Ok(())
 }
 
