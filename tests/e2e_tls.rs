@@ -1,0 +1,143 @@
+//! The relay over WebSocket-over-TLS on TCP 443, end to end: the real `meshvpn` binary in lab
+//! namespaces (needs root; skips otherwise).
+//!
+//! A relay on a public host runs with `--tls-listen 0.0.0.0:443`. `meshvpn create` (on the
+//! relay's host, as an operator would) records the TLS endpoint in the token. A host behind a
+//! home router whose own firewall lets only TCP 443 out cannot reach the relay over UDP or its
+//! TCP port (checked, so the firewall is known to work), yet gets the relay's key over
+//! WebSocket-over-TLS with `meshvpn relay-probe`, and the relay's `relay-status` counts the
+//! answered key requests and the stream connection.
+//!
+//! Every wait is bounded; traffic only goes to addresses inside the lab's namespaces; the lab
+//! (and every process it started) is torn down on drop, also on failure.
+
+#![allow(clippy::print_stdout, clippy::unwrap_used)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)] // an end-to-end test: real time, real processes
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _, Result};
+use meshvpn::wire::token::{TlsEndpoint, Token};
+use meshvpn_lab::{self as lab, wait_until, Lab, Nat, Node};
+
+const EXE: &str = env!("CARGO_BIN_EXE_meshvpn");
+const RELAY_PORT: u16 = 3478;
+const TLS_PORT: u16 = 443;
+/// How long the relay may take to start listening.
+const START_BOUND: Duration = Duration::from_secs(10);
+/// One probe: connect (5 s at most in the connector), ask, answer (5 s at most).
+const PROBE_BOUND: Duration = Duration::from_secs(15);
+
+#[test]
+fn host_that_only_reaches_tcp_443_gets_the_relay_over_tls() -> Result<()> {
+    if !lab::is_root() {
+        println!("skipping: needs root");
+        return Ok(());
+    }
+    let mut lab = Lab::new("tls")?;
+    let relay_host = lab.add_public_host("relay")?;
+    let client_host = lab.add_natted_host("client", Nat::HomeRouter)?;
+    let exe = Path::new(EXE);
+    let mut relay = Node::new(&lab, exe, &relay_host, "relay")?;
+    let client = Node::new(&lab, exe, &client_host, "client")?;
+
+    let pid = relay.spawn(
+        &lab,
+        &[
+            "relay",
+            "--listen",
+            &format!("0.0.0.0:{RELAY_PORT}"),
+            "--tls-listen",
+            &format!("0.0.0.0:{TLS_PORT}"),
+        ],
+    )?;
+    wait_until(
+        START_BOUND,
+        Duration::from_millis(50),
+        "the relay's TLS listener",
+        || {
+            ensure!(lab.is_running(pid), "the relay exited early");
+            let out = lab.run(
+                &relay_host,
+                &["ss", "-Hltn", "sport", "=", ":443"],
+                START_BOUND,
+            )?;
+            Ok(!out.stdout.is_empty())
+        },
+    )?;
+
+    // The operator's `create` asks the relay and records its TLS endpoint.
+    let relay_addr = format!("{}:{RELAY_PORT}", relay_host.public_addr);
+    let line = relay.create_token(&lab, "tls", &relay_addr, None)?;
+    let token = Token::decode(&line).context("decoding the token")?;
+    let endpoint = token
+        .relays
+        .first()
+        .context("a relay in the token")?
+        .clone();
+    assert_eq!(endpoint.tls, Some(TlsEndpoint::new(TLS_PORT)));
+    let named = format!("{}@{relay_addr}", endpoint.key);
+
+    // The client's own firewall: only TCP 443 (and replies) out.
+    for rule in [
+        "add table inet egress",
+        "add chain inet egress out { type filter hook output priority 0; policy drop; }",
+        "add rule inet egress out oifname lo accept",
+        "add rule inet egress out ct state established,related accept",
+        "add rule inet egress out tcp dport 443 accept",
+    ] {
+        let mut args = vec!["nft"];
+        args.extend(rule.split(' '));
+        lab.exec(&client_host, &args)?;
+    }
+
+    // Over the relay's TCP port: blocked (this is what makes the TLS result mean something).
+    let tcp = client.run(&lab, &["relay-probe", &named], PROBE_BOUND)?;
+    assert!(
+        !tcp.status.success(),
+        "the firewall should block TCP {RELAY_PORT}: {}",
+        String::from_utf8_lossy(&tcp.stdout)
+    );
+
+    // Over WebSocket-over-TLS on 443: the relay answers with the key in the token.
+    let before = relay_status(&lab, &relay)?;
+    let tls = client.run(
+        &lab,
+        &["relay-probe", &named, "--tls-port", &TLS_PORT.to_string()],
+        PROBE_BOUND,
+    )?;
+    let said = String::from_utf8_lossy(&tls.stdout);
+    println!("{}", said.trim());
+    assert!(
+        tls.status.success(),
+        "relay-probe over TLS failed: {}",
+        String::from_utf8_lossy(&tls.stderr)
+    );
+    assert!(said.contains("over Tls"), "{said}");
+    let after = relay_status(&lab, &relay)?;
+    let answered = |s: &serde_json::Value| counter(s, "/server/key_requests_answered");
+    assert!(
+        answered(&after)? > answered(&before)?,
+        "relay-status counts the key request answered over TLS"
+    );
+    let accepted = |s: &serde_json::Value| counter(s, "/tcp/counters/accepted");
+    assert!(
+        accepted(&after)? > accepted(&before)?,
+        "the TLS connection went through the relay's connection table"
+    );
+    lab.teardown();
+    Ok(())
+}
+
+fn relay_status(lab: &Lab, relay: &Node) -> Result<serde_json::Value> {
+    let out = relay.exec(lab, &["relay-status", "--json"])?;
+    serde_json::from_slice(&out.stdout).context("parsing relay-status --json")
+}
+
+fn counter(status: &serde_json::Value, pointer: &str) -> Result<u64> {
+    status
+        .pointer(pointer)
+        .and_then(serde_json::Value::as_u64)
+        .with_context(|| format!("relay-status has no {pointer}"))
+}
