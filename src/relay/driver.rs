@@ -202,8 +202,15 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
     };
     #[allow(clippy::print_stdout)]
     {
+        let mut also = String::new();
+        if let Some(addr) = opts.ws.tls_listen {
+            also.push_str(&format!("; WebSocket over TLS on {addr}{}", opts.ws.path));
+        }
+        if let Some(addr) = opts.ws.ws_listen {
+            also.push_str(&format!("; plain WebSocket on {addr}{}", opts.ws.path));
+        }
         println!(
-            "meshvpn relay listening on {listen} (UDP and TCP; STUN also on UDP port {}), public key {}",
+            "meshvpn relay listening on {listen} (UDP and TCP; STUN also on UDP port {}{also}), public key {}",
             alt_addr.port(),
             relay.server.public_key()
         );

@@ -252,3 +252,130 @@ async fn serve_messages<S: AsyncRead + AsyncWrite + Unpin>(
     let _ = sink.close().await;
     let _ = events.send(ConnEvent::Closed { id }).await;
 }
+
+#[cfg(test)]
+// "Any other event" is exactly what these tests mean to reject.
+#[allow(clippy::wildcard_enum_match_arm)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    async fn next(events: &mut mpsc::Receiver<ConnEvent>) -> ConnEvent {
+        tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("an event within 5 s")
+            .expect("task alive")
+    }
+
+    /// A plain WebSocket connection served as connection 9 with a 100-byte cap, and the
+    /// client's result of upgrading on `path`.
+    async fn serve(
+        path: &str,
+    ) -> (
+        Result<WebSocketStream<TcpStream>, tungstenite::Error>,
+        mpsc::UnboundedSender<Vec<u8>>,
+        mpsc::Receiver<ConnEvent>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let (ev_tx, events) = mpsc::channel(16);
+        tokio::spawn(serve_websocket(
+            server,
+            None,
+            "/meshvpn".into(),
+            9,
+            100,
+            out_rx,
+            ev_tx,
+        ));
+        let ws = tokio_tungstenite::client_async(format!("ws://{addr}{path}"), client)
+            .await
+            .map(|(ws, _)| ws);
+        (ws, out_tx, events)
+    }
+
+    #[tokio::test]
+    async fn binary_messages_are_datagrams_both_ways_and_an_oversized_one_closes() {
+        let (ws, out_tx, mut events) = serve("/meshvpn").await;
+        let mut ws = ws.expect("upgrade on the right path");
+        for m in [&b"one"[..], b"two"] {
+            ws.send(Message::Binary(m.to_vec().into()))
+                .await
+                .expect("send");
+        }
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            match next(&mut events).await {
+                ConnEvent::Frames { id: 9, frames } => got.extend(frames),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, vec![b"one".to_vec(), b"two".to_vec()]);
+
+        for d in [&b"a"[..], b"bc"] {
+            out_tx.send(d.to_vec()).expect("queue");
+        }
+        let mut back = Vec::new();
+        while back.len() < 2 {
+            match ws.next().await {
+                Some(Ok(Message::Binary(b))) => back.push(b.to_vec()),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(back, vec![b"a".to_vec(), b"bc".to_vec()]);
+        let mut sent = 0;
+        while sent < 3 {
+            match next(&mut events).await {
+                ConnEvent::Sent { id: 9, bytes } => sent += bytes,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+
+        ws.send(Message::Binary(vec![0; 101].into()))
+            .await
+            .expect("send");
+        match next(&mut events).await {
+            ConnEvent::FrameTooLong { id: 9, announced } => assert_eq!(announced, 101),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn another_path_is_refused_and_the_connection_reported_closed() {
+        let (ws, _out, mut events) = serve("/elsewhere").await;
+        assert!(ws.is_err(), "upgrade on another path must fail");
+        match next(&mut events).await {
+            ConnEvent::Closed { id: 9 } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn self_signed_certificate_is_made_once_and_reused() {
+        let dir = std::env::temp_dir().join(format!("meshvpn-ws-cert-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        tls_acceptor(None, &dir).expect("made");
+        let first = std::fs::read(dir.join(CERT_FILE)).expect("certificate kept");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.join(CERT_KEY_FILE))
+                .expect("key kept")
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "the certificate's key is private");
+        tls_acceptor(None, &dir).expect("reused");
+        assert_eq!(
+            std::fs::read(dir.join(CERT_FILE)).expect("still there"),
+            first
+        );
+        let bad = (dir.join(CERT_KEY_FILE), dir.join(CERT_FILE));
+        assert!(tls_acceptor(Some(&bad), &dir).is_err(), "files swapped");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
