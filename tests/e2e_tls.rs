@@ -6,7 +6,10 @@
 //! home router whose own firewall lets only TCP 443 out cannot reach the relay over UDP or its
 //! TCP port (checked, so the firewall is known to work), yet gets the relay's key over
 //! WebSocket-over-TLS with `meshvpn relay-probe`, and the relay's `relay-status` counts the
-//! answered key requests and the stream connection.
+//! answered key requests and the stream connection. Then the client's firewall is narrowed to
+//! a corporate one that lets only its HTTP proxy out (Debian's tinyproxy, with basic
+//! authentication, on a third host): TLS straight to the relay now fails, and succeeds through
+//! the proxy named in `HTTPS_PROXY`, whose log shows the CONNECT.
 //!
 //! Every wait is bounded; traffic only goes to addresses inside the lab's namespaces; the lab
 //! (and every process it started) is torn down on drop, also on failure.
@@ -14,6 +17,7 @@
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)] // an end-to-end test: real time, real processes
 
+use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
 
@@ -28,6 +32,8 @@ const TLS_PORT: u16 = 443;
 const START_BOUND: Duration = Duration::from_secs(10);
 /// One probe: connect (5 s at most in the connector), ask, answer (5 s at most).
 const PROBE_BOUND: Duration = Duration::from_secs(15);
+/// The CONNECT proxy's port on its host.
+const PROXY_PORT: u16 = 8888;
 
 #[test]
 fn host_that_only_reaches_tcp_443_gets_the_relay_over_tls() -> Result<()> {
@@ -125,6 +131,88 @@ fn host_that_only_reaches_tcp_443_gets_the_relay_over_tls() -> Result<()> {
     assert!(
         accepted(&after)? > accepted(&before)?,
         "the TLS connection went through the relay's connection table"
+    );
+
+    // A corporate network: only the proxy is reachable, and it wants a password.
+    let proxy_host = lab.add_public_host("proxy")?;
+    let conf = lab.dir().join("tinyproxy.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "User nobody\nGroup nogroup\nPort {PROXY_PORT}\nListen 0.0.0.0\nTimeout 60\n\
+             MaxClients 10\nConnectPort 443\nBasicAuth member s3cret\nLogLevel Connect\n"
+        ),
+    )?;
+    let proxy_log = lab.dir().join("tinyproxy.log");
+    let conf_arg = conf.to_string_lossy().into_owned();
+    let proxy_pid = lab.spawn(
+        &proxy_host,
+        "tinyproxy",
+        &["-d", "-c", &conf_arg],
+        &proxy_log,
+    )?;
+    wait_until(START_BOUND, Duration::from_millis(50), "tinyproxy", || {
+        ensure!(lab.is_running(proxy_pid), "tinyproxy exited early");
+        let out = lab.run(
+            &proxy_host,
+            &["ss", "-Hltn", "sport", "=", ":8888"],
+            START_BOUND,
+        )?;
+        Ok(!out.stdout.is_empty())
+    })?;
+    lab.exec(
+        &client_host,
+        &["nft", "flush", "chain", "inet", "egress", "out"],
+    )?;
+    for rule in [
+        "add rule inet egress out oifname lo accept".to_string(),
+        "add rule inet egress out ct state established,related accept".to_string(),
+        format!(
+            "add rule inet egress out ip daddr {} tcp dport {PROXY_PORT} accept",
+            proxy_host.addr
+        ),
+    ] {
+        let mut args = vec!["nft"];
+        args.extend(rule.split(' '));
+        lab.exec(&client_host, &args)?;
+    }
+    let tls_args = ["relay-probe", &named, "--tls-port", &TLS_PORT.to_string()];
+    let direct = client.run(&lab, &tls_args, PROBE_BOUND)?;
+    assert!(
+        !direct.status.success(),
+        "the corporate firewall should block TLS straight to the relay"
+    );
+    let with_proxy = |url: &str| -> Result<std::process::Output> {
+        let mut args: Vec<OsString> = vec![
+            "env".into(),
+            format!("HTTPS_PROXY={url}").into(),
+            EXE.into(),
+        ];
+        args.extend(client.args(&tls_args));
+        lab.run(&client_host, &args, PROBE_BOUND)
+    };
+    let proxy_url = format!("http://member:s3cret@{}:{PROXY_PORT}", proxy_host.addr);
+    let proxied = with_proxy(&proxy_url)?;
+    let said = String::from_utf8_lossy(&proxied.stdout);
+    println!("{}", said.trim());
+    assert!(
+        proxied.status.success(),
+        "relay-probe through the proxy failed: {}",
+        String::from_utf8_lossy(&proxied.stderr)
+    );
+    assert!(said.contains("over Tls via proxy"), "{said}");
+    let log = std::fs::read_to_string(&proxy_log).unwrap_or_default();
+    assert!(
+        log.contains(&format!("{}:{TLS_PORT}", relay_host.public_addr)),
+        "tinyproxy logged the CONNECT to the relay:\n{log}"
+    );
+    let refused = with_proxy(&format!(
+        "http://member:wrong@{}:{PROXY_PORT}",
+        proxy_host.addr
+    ))?;
+    assert!(
+        !refused.status.success(),
+        "the proxy refuses a wrong password"
     );
     lab.teardown();
     Ok(())
