@@ -11,6 +11,10 @@
 //! authentication, on a third host): TLS straight to the relay now fails, and succeeds through
 //! the proxy named in `HTTPS_PROXY`, whose log shows the CONNECT.
 //!
+//! Behind a reverse proxy: Debian's nginx terminates TLS on 443 of the relay's host and passes
+//! `/vpn/relay` to the relay's plain `--ws-listen` on loopback; the same 443-only client gets
+//! the key through it, and the relay counts the connection.
+//!
 //! Every wait is bounded; traffic only goes to addresses inside the lab's namespaces; the lab
 //! (and every process it started) is torn down on drop, also on failure.
 
@@ -23,7 +27,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
 use meshvpn::wire::token::{TlsEndpoint, Token};
-use meshvpn_lab::{self as lab, wait_until, Lab, Nat, Node};
+use meshvpn_lab::{self as lab, wait_until, Host, Lab, Nat, Node};
 
 const EXE: &str = env!("CARGO_BIN_EXE_meshvpn");
 const RELAY_PORT: u16 = 3478;
@@ -85,18 +89,7 @@ fn host_that_only_reaches_tcp_443_gets_the_relay_over_tls() -> Result<()> {
     assert_eq!(endpoint.tls, Some(TlsEndpoint::new(TLS_PORT)));
     let named = format!("{}@{relay_addr}", endpoint.key);
 
-    // The client's own firewall: only TCP 443 (and replies) out.
-    for rule in [
-        "add table inet egress",
-        "add chain inet egress out { type filter hook output priority 0; policy drop; }",
-        "add rule inet egress out oifname lo accept",
-        "add rule inet egress out ct state established,related accept",
-        "add rule inet egress out tcp dport 443 accept",
-    ] {
-        let mut args = vec!["nft"];
-        args.extend(rule.split(' '));
-        lab.exec(&client_host, &args)?;
-    }
+    only_tcp_443_out(&lab, &client_host)?;
 
     // Over the relay's TCP port: blocked (this is what makes the TLS result mean something).
     let tcp = client.run(&lab, &["relay-probe", &named], PROBE_BOUND)?;
@@ -215,6 +208,152 @@ fn host_that_only_reaches_tcp_443_gets_the_relay_over_tls() -> Result<()> {
         "the proxy refuses a wrong password"
     );
     lab.teardown();
+    Ok(())
+}
+
+#[test]
+fn host_that_only_reaches_tcp_443_gets_the_relay_behind_nginx() -> Result<()> {
+    if !lab::is_root() {
+        println!("skipping: needs root");
+        return Ok(());
+    }
+    let mut lab = Lab::new("tls-nginx")?;
+    let relay_host = lab.add_public_host("relay")?;
+    let client_host = lab.add_natted_host("client", Nat::HomeRouter)?;
+    let exe = Path::new(EXE);
+    let mut relay = Node::new(&lab, exe, &relay_host, "relay")?;
+    let client = Node::new(&lab, exe, &client_host, "client")?;
+    let pid = relay.spawn(
+        &lab,
+        &[
+            "relay",
+            "--listen",
+            &format!("0.0.0.0:{RELAY_PORT}"),
+            "--ws-listen",
+            "127.0.0.1:8080",
+            "--ws-path",
+            "/vpn/relay",
+        ],
+    )?;
+    wait_for_tcp(
+        &lab,
+        &relay_host,
+        8080,
+        pid,
+        "the relay's WebSocket listener",
+    )?;
+
+    let dir = lab.dir().to_path_buf();
+    let d = dir.to_string_lossy().into_owned();
+    lab.exec(
+        &relay_host,
+        &[
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=relay",
+            "-keyout",
+            &format!("{d}/proxy.key"),
+            "-out",
+            &format!("{d}/proxy.crt"),
+        ],
+    )?;
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log stderr info;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{\n  access_log {d}/nginx-access.log;\n\
+               client_body_temp_path {d}/nginx-body;\n  proxy_temp_path {d}/nginx-proxy;\n\
+               server {{\n    listen {TLS_PORT} ssl;\n\
+                 ssl_certificate {d}/proxy.crt;\n    ssl_certificate_key {d}/proxy.key;\n\
+                 location /vpn/relay {{\n      proxy_pass http://127.0.0.1:8080;\n\
+                   proxy_http_version 1.1;\n      proxy_set_header Upgrade $http_upgrade;\n\
+                   proxy_set_header Connection \"upgrade\";\n      proxy_read_timeout 1h;\n\
+                 }}\n  }}\n}}\n"
+        ),
+    )?;
+    let conf_arg = conf.to_string_lossy().into_owned();
+    let nginx = lab.spawn(
+        &relay_host,
+        "nginx",
+        &["-c", &conf_arg, "-e", "stderr"],
+        &dir.join("nginx.log"),
+    )?;
+    wait_for_tcp(&lab, &relay_host, TLS_PORT, nginx, "nginx")?;
+    let relay_addr = format!("{}:{RELAY_PORT}", relay_host.public_addr);
+    let line = relay.create_token(&lab, "tls", &relay_addr, None)?;
+    let token = Token::decode(&line).context("decoding the token")?;
+    let named = format!(
+        "{}@{relay_addr}",
+        token.relays.first().context("a relay")?.key
+    );
+    only_tcp_443_out(&lab, &client_host)?;
+
+    let before = relay_status(&lab, &relay)?;
+    let args = [
+        "relay-probe",
+        &named,
+        "--tls-port",
+        &TLS_PORT.to_string(),
+        "--ws-path",
+        "/vpn/relay",
+    ];
+    let out = client.run(&lab, &args, PROBE_BOUND)?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    println!("{}", said.trim());
+    assert!(
+        out.status.success(),
+        "relay-probe through nginx failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = relay_status(&lab, &relay)?;
+    assert!(
+        counter(&after, "/tcp/counters/accepted")? > counter(&before, "/tcp/counters/accepted")?,
+        "the proxied connection went through the relay's connection table"
+    );
+    let wrong_path = client.run(&lab, &args[..4], PROBE_BOUND)?;
+    assert!(
+        !wrong_path.status.success(),
+        "nginx passes only /vpn/relay to the relay"
+    );
+    lab.teardown();
+    Ok(())
+}
+
+/// Waits until `pid` listens on TCP `port` in `host`.
+fn wait_for_tcp(lab: &Lab, host: &Host, port: u16, pid: u32, what: &str) -> Result<()> {
+    wait_until(START_BOUND, Duration::from_millis(50), what, || {
+        ensure!(lab.is_running(pid), "{what} exited early");
+        let sport = format!(":{port}");
+        let out = lab.run(host, &["ss", "-Hltn", "sport", "=", &sport], START_BOUND)?;
+        Ok(!out.stdout.is_empty())
+    })?;
+    Ok(())
+}
+
+/// The host's own firewall: only TCP 443 (and replies) out.
+fn only_tcp_443_out(lab: &Lab, host: &Host) -> Result<()> {
+    for rule in [
+        "add table inet egress",
+        "add chain inet egress out { type filter hook output priority 0; policy drop; }",
+        "add rule inet egress out oifname lo accept",
+        "add rule inet egress out ct state established,related accept",
+        "add rule inet egress out tcp dport 443 accept",
+    ] {
+        let mut args = vec!["nft"];
+        args.extend(rule.split(' '));
+        lab.exec(host, &args)?;
+    }
     Ok(())
 }
 
