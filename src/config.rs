@@ -97,6 +97,12 @@ struct FileNode {
 struct FileRelay {
     address: String,
     public_key: String,
+    /// TCP port of the relay's WebSocket-over-TLS endpoint, when the token named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls_port: Option<u16>,
+    /// Its WebSocket path, when not the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ws_path: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -281,7 +287,24 @@ impl Config {
             })?;
             let (host, port) =
                 token::split_host_port(&r.address).map_err(|e| invalid("relay.address", e))?;
-            relays.push(RelayEndpoint { key, host, port });
+            let tls = match r.tls_port {
+                Some(port) => {
+                    let path = r
+                        .ws_path
+                        .clone()
+                        .unwrap_or_else(|| token::DEFAULT_WS_PATH.to_string());
+                    token::TlsEndpoint::validate_path(&path)
+                        .map_err(|e| invalid("relay.ws_path", e))?;
+                    Some(token::TlsEndpoint { port, path })
+                }
+                None => None,
+            };
+            relays.push(RelayEndpoint {
+                key,
+                host,
+                port,
+                tls,
+            });
         }
         Ok(Self {
             network: file.network.name,
@@ -323,6 +346,12 @@ impl Config {
                 .map(|r| FileRelay {
                     address: r.host_port(),
                     public_key: r.key.to_base64(),
+                    tls_port: r.tls.as_ref().map(|t| t.port),
+                    ws_path: r
+                        .tls
+                        .as_ref()
+                        .map(|t| t.path.clone())
+                        .filter(|p| p != token::DEFAULT_WS_PATH),
                 })
                 .collect(),
         };
@@ -432,11 +461,29 @@ mod tests {
             network: "lab".into(),
             secret: NetworkSecret::generate(&mut rng),
             subnet: "10.99.0.0/16".parse().expect("lit"),
-            relays: vec![RelayEndpoint {
-                key: PeerKey([2; 32]),
-                host: "198.51.100.1".into(),
-                port: 3478,
-            }],
+            relays: vec![
+                RelayEndpoint {
+                    key: PeerKey([2; 32]),
+                    host: "198.51.100.1".into(),
+                    port: 3478,
+                    tls: None,
+                },
+                RelayEndpoint {
+                    key: PeerKey([3; 32]),
+                    host: "203.0.113.1".into(),
+                    port: 3478,
+                    tls: Some(token::TlsEndpoint {
+                        port: 443,
+                        path: "/vpn".into(),
+                    }),
+                },
+                RelayEndpoint {
+                    key: PeerKey([4; 32]),
+                    host: "relay.example.org".into(),
+                    port: 3478,
+                    tls: Some(token::TlsEndpoint::new(8443)),
+                },
+            ],
         };
         Config::from_token(
             &token,
@@ -457,6 +504,7 @@ mod tests {
         assert_eq!(mode, 0o600);
         let back = Config::load(&dir, "lab").expect("load");
         assert_eq!(back.to_toml(), c.to_toml());
+        assert_eq!(back.relays, c.relays);
         assert_eq!(back.private_key.public(), c.private_key.public());
         assert_eq!(list_networks(&dir), vec!["lab".to_string()]);
         let _ = fs::remove_dir_all(&dir);

@@ -16,6 +16,7 @@ mod progress;
 mod relay_stream;
 mod sockets;
 mod tcp_client;
+pub(crate) mod stream;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;

@@ -74,6 +74,38 @@ pub enum Command {
         /// Most networks with members at once.
         #[arg(long, value_name = "N", default_value_t = relay::server::ServerConfig::default().max_networks)]
         max_networks: usize,
+        /// Also serve members over WebSocket-over-TLS on this TCP address (e.g. 0.0.0.0:443),
+        /// for networks that let only HTTPS out.
+        #[arg(long, value_name = "ADDR")]
+        tls_listen: Option<SocketAddr>,
+        /// PEM certificate chain for --tls-listen (default: a self-signed certificate kept
+        /// beside the relay key; members authenticate the relay by its key either way).
+        #[arg(long, value_name = "PEM", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, value_name = "PEM", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Also serve members over plain WebSocket on this TCP address, for a reverse proxy
+        /// that terminates TLS in front of the relay.
+        #[arg(long, value_name = "ADDR")]
+        ws_listen: Option<SocketAddr>,
+        /// HTTP path of the WebSocket on --tls-listen and --ws-listen.
+        #[arg(long, value_name = "PATH", default_value = token::DEFAULT_WS_PATH)]
+        ws_path: String,
+    },
+    /// Ask a relay for its key over a stream as a member would reach it (TCP, or
+    /// WebSocket-over-TLS through HTTPS_PROXY if set) and print it: a check that a host reaches
+    /// the relay's stream transports.
+    #[command(hide = true)]
+    RelayProbe {
+        /// Relay as HOST:PORT or KEY@HOST:PORT (then the answer must match KEY).
+        relay: String,
+        /// Use WebSocket-over-TLS on this TCP port instead of TCP framing on the relay's port.
+        #[arg(long, value_name = "PORT")]
+        tls_port: Option<u16>,
+        /// HTTP path of the relay's WebSocket.
+        #[arg(long, value_name = "PATH", default_value = token::DEFAULT_WS_PATH)]
+        ws_path: String,
     },
     /// Show a running relay's members, connections and limit counters (via its control socket
     /// in --run-dir).
@@ -186,8 +218,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             max_members,
             max_members_per_network,
             max_networks,
+            tls_listen,
+            tls_cert,
+            tls_key,
+            ws_listen,
+            ws_path,
         } => runtime()?.block_on(relay::driver::run(&relay::driver::RelayOptions {
             listen,
+            ws: relay::ws::WsOptions {
+                tls_listen,
+                cert: tls_cert.zip(tls_key),
+                ws_listen,
+                path: {
+                    token::TlsEndpoint::validate_path(&ws_path)
+                        .map_err(|e| anyhow::anyhow!("--ws-path: {e}"))?;
+                    ws_path
+                },
+            },
             config_dir: cli.config_dir,
             run_dir: cli.run_dir,
             tcp_max_connections,
@@ -199,6 +246,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 ..relay::server::ServerConfig::default()
             },
         })),
+        Command::RelayProbe {
+            relay,
+            tls_port,
+            ws_path,
+        } => runtime()?.block_on(relay_probe(&relay, tls_port, ws_path)),
         Command::RelayStatus { json } => {
             let status = runtime()?.block_on(relay::control::query_status(&cli.run_dir))?;
             if json {
@@ -309,8 +361,13 @@ fn create(name: &str, relays: &[String], subnet: Option<Ipv4Net>) -> anyhow::Res
         } else {
             let (host, port) =
                 token::split_host_port(r).map_err(|e| anyhow::anyhow!("--relay {e}"))?;
-            let key = runtime()?.block_on(fetch_relay_key(r))?;
-            RelayEndpoint { key, host, port }
+            let (key, tls) = runtime()?.block_on(fetch_relay_key(r))?;
+            RelayEndpoint {
+                key,
+                host,
+                port,
+                tls,
+            }
         };
         endpoints.push(endpoint);
     }
@@ -324,8 +381,61 @@ fn create(name: &str, relays: &[String], subnet: Option<Ipv4Net>) -> anyhow::Res
     Ok(())
 }
 
-/// Asks a relay for its public key (three tries, one second each).
-async fn fetch_relay_key(host_port: &str) -> anyhow::Result<crate::keys::PeerKey> {
+/// `meshvpn relay-probe`: the relay's key, asked over a TCP or TLS stream.
+async fn relay_probe(relay: &str, tls_port: Option<u16>, ws_path: String) -> anyhow::Result<()> {
+    use crate::agent::stream::{connect_stream, ProxyConfig, StreamKind};
+    let (expected, host_port) = match relay.split_once('@') {
+        Some(_) => {
+            let r: RelayEndpoint = relay.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+            (Some(r.key), r.host_port())
+        }
+        None => (None, relay.to_string()),
+    };
+    let (host, port) = token::split_host_port(&host_port).map_err(|e| anyhow::anyhow!("{e}"))?;
+    token::TlsEndpoint::validate_path(&ws_path).map_err(|e| anyhow::anyhow!("--ws-path: {e}"))?;
+    let endpoint = RelayEndpoint {
+        key: expected.unwrap_or(crate::keys::PeerKey([0; 32])),
+        host,
+        port,
+        tls: tls_port.map(|port| token::TlsEndpoint {
+            port,
+            path: ws_path,
+        }),
+    };
+    let (kind, proxy) = match tls_port {
+        Some(_) => (StreamKind::Tls, ProxyConfig::from_env()),
+        None => (StreamKind::Tcp, None),
+    };
+    let mut stream = connect_stream(&endpoint, kind, proxy.clone())
+        .await
+        .with_context(|| format!("connecting to relay {host_port} ({kind:?})"))?;
+    let mut request = Frame::KeyRequest.to_vec();
+    request.resize(token::KEY_REQUEST_WITH_TLS_LEN, 0);
+    stream
+        .send(&request)
+        .await
+        .context("sending the key request")?;
+    let reply = tokio::time::timeout(Duration::from_secs(5), stream.recv())
+        .await
+        .context("no answer from the relay within 5 s")?
+        .context("reading the answer")?
+        .context("the relay closed the stream")?;
+    let Ok(Frame::KeyResponse { relay: key }) = Frame::parse(&reply) else {
+        bail!("the relay's answer is not a key response");
+    };
+    if expected.is_some_and(|e| e != key) {
+        bail!("relay {host_port} answered with key {key}, not the expected one");
+    }
+    let via = if proxy.is_some() { " via proxy" } else { "" };
+    println!("relay {host_port} key {key} over {:?}{via}", stream.kind());
+    Ok(())
+}
+
+/// Asks a relay for its public key and its WebSocket-over-TLS endpoint, if it serves one
+/// (three tries, one second each).
+async fn fetch_relay_key(
+    host_port: &str,
+) -> anyhow::Result<(crate::keys::PeerKey, Option<token::TlsEndpoint>)> {
     let addr = tokio::net::lookup_host(host_port)
         .await
         .with_context(|| format!("resolving relay {host_port}"))?
@@ -342,7 +452,16 @@ async fn fetch_relay_key(host_port: &str) -> anyhow::Result<crate::keys::PeerKey
         .await
         .context("binding a UDP socket")?;
     let mut request = Frame::KeyRequest.to_vec();
-    request.resize(wire::RELAY_OVERHEAD, 0);
+    request.resize(token::KEY_REQUEST_WITH_TLS_LEN, 0);
+    let answer = |reply: &[u8]| match Frame::parse(reply) {
+        Ok(Frame::KeyResponse { relay }) => Some((
+            relay,
+            reply
+                .get(wire::RELAY_OVERHEAD..)
+                .and_then(token::TlsEndpoint::decode),
+        )),
+        _ => None,
+    };
     let mut buf = [0u8; 1500];
     for _ in 0..3 {
         if socket.send_to(&request, addr).await.is_err() {
@@ -353,8 +472,8 @@ async fn fetch_relay_key(host_port: &str) -> anyhow::Result<crate::keys::PeerKey
         while let Ok(r) = tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await {
             let Ok((n, from)) = r else { break };
             if from == addr {
-                if let Ok(Frame::KeyResponse { relay }) = Frame::parse(&buf[..n]) {
-                    return Ok(relay);
+                if let Some(found) = answer(&buf[..n]) {
+                    return Ok(found);
                 }
             }
         }
@@ -366,8 +485,8 @@ async fn fetch_relay_key(host_port: &str) -> anyhow::Result<crate::keys::PeerKey
         crate::relay::tcp::read_frame(&mut stream).await
     };
     if let Ok(Ok(Some(reply))) = tokio::time::timeout(Duration::from_secs(3), tcp).await {
-        if let Ok(Frame::KeyResponse { relay }) = Frame::parse(&reply) {
-            return Ok(relay);
+        if let Some(found) = answer(&reply) {
+            return Ok(found);
         }
     }
     bail!("relay {host_port} did not answer over UDP or TCP (is `meshvpn relay` running there and its port reachable?)")

@@ -29,10 +29,12 @@ use super::limits::{self, CloseReason, ConnTable, Limit, LogLimiter, TcpLimits};
 use super::listener::{self, Accepted, ConnEvent};
 use super::server::{Link, RelayServer, Transmit, UnixClock};
 use super::status::{Descriptors, RelayStatus, TcpStatus, UdpCounters};
+use super::ws::{self, Framing};
 use crate::config::write_atomic;
 use crate::keys::NodeSecret;
 use crate::sockaddr;
 use crate::wire::stun;
+use crate::wire::token::TlsEndpoint;
 
 /// File in the config directory that holds the relay's private key.
 pub const KEY_FILE: &str = "relay.key";
@@ -73,6 +75,8 @@ const IDLE_WAKE: Duration = Duration::from_secs(3600);
 pub struct RelayOptions {
     /// UDP and TCP address (the second STUN port is the next one).
     pub listen: SocketAddr,
+    /// WebSocket listeners (TLS and plain), if any.
+    pub ws: super::ws::WsOptions,
     /// Where the relay's key lives.
     pub config_dir: PathBuf,
     /// Where its control socket goes.
@@ -142,6 +146,30 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
             anyhow::anyhow!("binding TCP {listen}: {e}")
         }
     })?;
+    let path: std::sync::Arc<str> = opts.ws.path.as_str().into();
+    let mut stream_listeners = vec![(tcp, Framing::Tcp)];
+    let mut tls_endpoint = None;
+    if let Some(addr) = opts.ws.tls_listen {
+        let acceptor = ws::tls_acceptor(opts.ws.cert.as_ref(), &opts.config_dir)?;
+        let l = bind_tcp(addr, "--tls-listen").await?;
+        stream_listeners.push((
+            l,
+            Framing::WebSocket {
+                tls: Some(acceptor),
+                path: path.clone(),
+            },
+        ));
+        tls_endpoint = Some(TlsEndpoint {
+            port: addr.port(),
+            path: opts.ws.path.clone(),
+        });
+        tracing::info!(%addr, path = %opts.ws.path, "serving WebSocket over TLS");
+    }
+    if let Some(addr) = opts.ws.ws_listen {
+        let l = bind_tcp(addr, "--ws-listen").await?;
+        stream_listeners.push((l, Framing::WebSocket { tls: None, path }));
+        tracing::info!(%addr, path = %opts.ws.path, "serving plain WebSocket");
+    }
     // Without its control socket the relay still relays; only `relay-status` is lost.
     let control_path = control::socket_path(&opts.run_dir);
     let control_listener = match control::bind(&opts.run_dir).await {
@@ -163,7 +191,8 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
             },
         )
         .with_sequence_start(start_us)
-        .with_config(opts.server.clone()),
+        .with_config(opts.server.clone())
+        .with_tls_endpoint(tls_endpoint),
         table: ConnTable::new(limits),
         conns: BTreeMap::new(),
         log: LogLimiter::default(),
@@ -173,8 +202,15 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
     };
     #[allow(clippy::print_stdout)]
     {
+        let mut also = String::new();
+        if let Some(addr) = opts.ws.tls_listen {
+            also.push_str(&format!("; WebSocket over TLS on {addr}{}", opts.ws.path));
+        }
+        if let Some(addr) = opts.ws.ws_listen {
+            also.push_str(&format!("; plain WebSocket on {addr}{}", opts.ws.path));
+        }
         println!(
-            "meshvpn relay listening on {listen} (UDP and TCP; STUN also on UDP port {}), public key {}",
+            "meshvpn relay listening on {listen} (UDP and TCP; STUN also on UDP port {}{also}), public key {}",
             alt_addr.port(),
             relay.server.public_key()
         );
@@ -191,7 +227,11 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let (accept_tx, mut accepted) = mpsc::channel::<Accepted>(ACCEPT_QUEUE);
-    let accept_task = tokio::spawn(listener::accept_loop(tcp, accept_tx));
+    let accept_tasks: Vec<JoinHandle<()>> = stream_listeners
+        .into_iter()
+        .map(|(l, framing)| tokio::spawn(listener::accept_loop(l, framing, accept_tx.clone())))
+        .collect();
+    drop(accept_tx);
     let (status_tx, mut status_requests) = mpsc::channel::<StatusRequest>(8);
     let control_task = control_listener.map(|l| tokio::spawn(control::serve(l, status_tx)));
     let (event_tx, mut events) = mpsc::channel::<ConnEvent>(CONN_EVENT_QUEUE);
@@ -237,7 +277,9 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
         }
     }
-    accept_task.abort();
+    for task in &accept_tasks {
+        task.abort();
+    }
     for conn in relay.conns.values() {
         conn.task.abort();
     }
@@ -255,6 +297,17 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
         "relay stopped"
     );
     Ok(())
+}
+
+/// Binds a TCP listener, naming the option it came from in the error.
+async fn bind_tcp(addr: SocketAddr, option: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::anyhow!("{option}: TCP {addr} is already in use")
+        } else {
+            anyhow::anyhow!("{option}: binding TCP {addr}: {e}")
+        }
+    })
 }
 
 impl Relay {
@@ -277,18 +330,21 @@ impl Relay {
     fn handle_accepted(&mut self, accepted: Accepted, events: &mpsc::Sender<ConnEvent>) {
         let now = Instant::now();
         match accepted {
-            Accepted::Stream(stream, remote) => {
+            Accepted::Stream(stream, remote, framing) => {
                 let remote = sockaddr::unmap(remote);
                 match self.table.handle_accept(now, remote) {
                     Ok(id) => {
                         let (outbound, queue) = mpsc::unbounded_channel();
-                        let task = tokio::spawn(listener::serve_connection(
-                            stream,
-                            id,
-                            self.table.limits().max_frame,
-                            queue,
-                            events.clone(),
-                        ));
+                        let max_frame = self.table.limits().max_frame;
+                        let events = events.clone();
+                        let task = match framing {
+                            Framing::Tcp => tokio::spawn(listener::serve_connection(
+                                stream, id, max_frame, queue, events,
+                            )),
+                            Framing::WebSocket { tls, path } => tokio::spawn(ws::serve_websocket(
+                                stream, tls, path, id, max_frame, queue, events,
+                            )),
+                        };
                         self.conns.insert(
                             id,
                             Connection {

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 
 use super::status::Descriptors;
 use super::tcp::{encode_frame, FrameDecoder};
+use super::ws::Framing;
 
 /// Pause after `accept` failed for lack of descriptors: long enough that a relay at its limit
 /// uses no measurable CPU, short enough that a slot freed by a closing connection is reused
@@ -41,8 +42,8 @@ const NOFILE_FALLBACK_CEILING: u64 = 1 << 20;
 /// What the accept task hands to the relay's loop.
 #[derive(Debug)]
 pub enum Accepted {
-    /// A new stream.
-    Stream(TcpStream, SocketAddr),
+    /// A new stream, and how the listener it came from frames datagrams.
+    Stream(TcpStream, SocketAddr, Framing),
     /// `accept` failed; `descriptors` if for lack of file descriptors.
     Error {
         /// `EMFILE` or `ENFILE`.
@@ -133,11 +134,11 @@ pub fn raise_descriptor_limit() -> Descriptors {
     }
 }
 
-/// Accepts streams and hands them to the loop until the loop is gone.
-pub async fn accept_loop(listener: TcpListener, to_loop: mpsc::Sender<Accepted>) {
+/// Accepts streams and hands them to the loop, each with `framing`, until the loop is gone.
+pub async fn accept_loop(listener: TcpListener, framing: Framing, to_loop: mpsc::Sender<Accepted>) {
     loop {
         let accepted = match listener.accept().await {
-            Ok((stream, remote)) => Accepted::Stream(stream, remote),
+            Ok((stream, remote)) => Accepted::Stream(stream, remote, framing.clone()),
             Err(error) => {
                 let descriptors = matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
                 let pause = if descriptors {
@@ -201,15 +202,11 @@ pub async fn serve_connection(
                 let Some(first) = first else { break };
                 batch.clear();
                 let mut bytes = 0;
-                let mut next = Some(first);
-                let mut count = 0;
-                while let Some(datagram) = next {
+                for datagram in take_batch(first, &mut outbound) {
                     // Datagrams come from one UDP payload or one frame, so they always fit;
                     // one that did not would be skipped, never truncated.
                     encode_frame(&mut batch, &datagram);
                     bytes += datagram.len();
-                    count += 1;
-                    next = if count < WRITE_BATCH { outbound.try_recv().ok() } else { None };
                 }
                 if write.write_all(&batch).await.is_err() {
                     break;
@@ -221,6 +218,19 @@ pub async fn serve_connection(
         }
     }
     let _ = events.send(ConnEvent::Closed { id }).await;
+}
+
+/// `first` and the datagrams already queued behind it, at most [`WRITE_BATCH`] in all: what a
+/// stream task writes at once, whatever its framing.
+pub fn take_batch(first: Vec<u8>, outbound: &mut mpsc::UnboundedReceiver<Vec<u8>>) -> Vec<Vec<u8>> {
+    let mut batch = vec![first];
+    while batch.len() < WRITE_BATCH {
+        match outbound.try_recv() {
+            Ok(datagram) => batch.push(datagram),
+            Err(_) => break,
+        }
+    }
+    batch
 }
 
 #[cfg(test)]

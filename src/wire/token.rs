@@ -9,6 +9,11 @@
 //! and port. The version digit in the prefix leaves room for other schemes (for example an
 //! enterprise mode whose tokens carry a signing key instead of a shared secret).
 //!
+//! After the relays an optional extension area may follow: records of `tag u8, length u16,
+//! body`. Tag 1 gives a relay's WebSocket-over-TLS endpoint (relay index u8, TCP port u16,
+//! WebSocket path, empty for [`DEFAULT_WS_PATH`]). A token without the area parses as before and
+//! unknown tags are skipped, so later additions stay readable by this version.
+//!
 //! Version 2 changed what the secret derives (the network id became an Ed25519 public key that
 //! relays verify registrations with, see `keys`); a version 1 token is refused with a message
 //! saying so, since a member holding one could not register with a current relay.
@@ -33,6 +38,16 @@ const CHECKSUM_LEN: usize = 4;
 const CHECKSUM_LABEL: &[u8] = b"meshvpn token v2";
 /// Most relays a token may carry.
 pub const MAX_RELAYS: usize = 8;
+/// The WebSocket path a relay serves members on unless told otherwise (`--ws-path`).
+pub const DEFAULT_WS_PATH: &str = "/meshvpn";
+/// Longest WebSocket path recorded: enough for a reverse proxy's prefix, short enough that a
+/// key response carrying it stays smaller than the padded request that asks for it.
+pub const MAX_WS_PATH: usize = 64;
+/// Size a key request is padded to by a client that wants the relay's TLS endpoint too: the
+/// largest answer (key response, port, length-prefixed path of [`MAX_WS_PATH`] bytes).
+pub const KEY_REQUEST_WITH_TLS_LEN: usize = super::RELAY_OVERHEAD + 2 + 2 + MAX_WS_PATH;
+/// Extension tag: a relay's WebSocket-over-TLS endpoint.
+const EXT_TLS: u8 = 1;
 
 /// Why a token was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,6 +81,70 @@ pub struct RelayEndpoint {
     pub host: String,
     /// UDP (and TCP) port.
     pub port: u16,
+    /// Where the relay also serves members over WebSocket-over-TLS, if it does.
+    pub tls: Option<TlsEndpoint>,
+}
+
+/// A relay's WebSocket-over-TLS endpoint, on the same host as its UDP port.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct TlsEndpoint {
+    /// TCP port (usually 443).
+    pub port: u16,
+    /// HTTP path of the WebSocket (starts with `/`).
+    pub path: String,
+}
+
+impl TlsEndpoint {
+    /// An endpoint on `port` at the default path.
+    pub fn new(port: u16) -> Self {
+        Self {
+            port,
+            path: DEFAULT_WS_PATH.to_string(),
+        }
+    }
+
+    /// Checks a WebSocket path: starts with `/`, at most [`MAX_WS_PATH`] printable ASCII bytes.
+    pub fn validate_path(path: &str) -> Result<(), String> {
+        if path.starts_with('/')
+            && path.len() <= MAX_WS_PATH
+            && path.bytes().all(|b| b.is_ascii_graphic())
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "WebSocket path {path:?} is invalid: it must start with '/' and be at most {MAX_WS_PATH} printable characters"
+            ))
+        }
+    }
+
+    /// Appends the endpoint as `port u16, path str` (empty path for the default).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let mut w = Writer::new();
+        let path = if self.path == DEFAULT_WS_PATH {
+            ""
+        } else {
+            &self.path
+        };
+        w.u16(self.port).str(path);
+        out.extend_from_slice(&w.buf);
+    }
+
+    /// Reads what [`encode_into`](Self::encode_into) wrote; `None` if it is not that.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let mut r = Reader::new(bytes);
+        let port = r.u16().ok()?;
+        let path = r.str().ok()?;
+        if !r.is_empty() || port == 0 {
+            return None;
+        }
+        let path = if path.is_empty() {
+            DEFAULT_WS_PATH.to_string()
+        } else {
+            Self::validate_path(&path).ok()?;
+            path
+        };
+        Some(Self { port, path })
+    }
 }
 
 impl fmt::Display for RelayEndpoint {
@@ -115,7 +194,12 @@ impl FromStr for RelayEndpoint {
         let key = PeerKey::from_base64(key)
             .ok_or_else(|| format!("relay key {key:?} is not a base64 public key"))?;
         let (host, port) = split_host_port(addr)?;
-        Ok(Self { key, host, port })
+        Ok(Self {
+            key,
+            host,
+            port,
+            tls: None,
+        })
     }
 }
 
@@ -169,6 +253,13 @@ impl Token {
         w.u8(self.relays.len().min(MAX_RELAYS) as u8);
         for r in self.relays.iter().take(MAX_RELAYS) {
             w.raw(&r.key.0).str(&r.host).u16(r.port);
+        }
+        for (i, r) in self.relays.iter().take(MAX_RELAYS).enumerate() {
+            if let Some(tls) = &r.tls {
+                let mut body = vec![i as u8];
+                tls.encode_into(&mut body);
+                w.u8(EXT_TLS).u16(body.len() as u16).raw(&body);
+            }
         }
         let sum = checksum(&w.buf);
         w.raw(&sum);
@@ -230,10 +321,28 @@ impl Token {
             let key = PeerKey(r.array().map_err(short)?);
             let host = r.str().map_err(short)?;
             let port = r.u16().map_err(short)?;
-            relays.push(RelayEndpoint { key, host, port });
+            relays.push(RelayEndpoint {
+                key,
+                host,
+                port,
+                tls: None,
+            });
         }
-        if !r.is_empty() {
-            return Err("trailing bytes".into());
+        while !r.is_empty() {
+            let tag = r.u8().map_err(short)?;
+            let body = r.bytes().map_err(short)?;
+            if tag == EXT_TLS {
+                let (index, endpoint) = body
+                    .split_first()
+                    .ok_or_else(|| "empty TLS endpoint record".to_string())?;
+                let relay = relays
+                    .get_mut(usize::from(*index))
+                    .ok_or_else(|| format!("TLS endpoint for relay {index}, which is not named"))?;
+                relay.tls = Some(
+                    TlsEndpoint::decode(endpoint)
+                        .ok_or_else(|| "malformed TLS endpoint record".to_string())?,
+                );
+            }
         }
         Ok(Self {
             network,
@@ -266,8 +375,84 @@ mod tests {
                 key: PeerKey([3; 32]),
                 host: "relay.example.org".into(),
                 port: 3478,
+                tls: None,
             }],
         }
+    }
+
+    #[test]
+    fn tls_endpoints_round_trip_and_old_tokens_still_parse() {
+        let plain = sample();
+        let mut t = sample();
+        t.relays.push(RelayEndpoint {
+            key: PeerKey([4; 32]),
+            host: "203.0.113.9".into(),
+            port: 3478,
+            tls: Some(TlsEndpoint::new(443)),
+        });
+        t.relays.push(RelayEndpoint {
+            key: PeerKey([5; 32]),
+            host: "relay2.example.org".into(),
+            port: 3478,
+            tls: Some(TlsEndpoint {
+                port: 8443,
+                path: "/vpn/relay".into(),
+            }),
+        });
+        let line = t.encode();
+        assert_eq!(Token::decode(&line), Ok(t.clone()));
+        // A token without the extension area is exactly the old encoding.
+        let mut w = Writer::new();
+        w.str(&plain.network).raw(&plain.secret.0);
+        w.raw(&plain.subnet.network().octets())
+            .u8(plain.subnet.prefix_len());
+        w.u8(1).raw(&[3; 32]).str("relay.example.org").u16(3478);
+        let sum = checksum(&w.buf);
+        w.raw(&sum);
+        let old = format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(&w.buf));
+        assert_eq!(old, plain.encode());
+        assert_eq!(Token::decode(&old), Ok(plain));
+    }
+
+    /// Encodes `payload` as a token with a valid checksum.
+    fn with_payload(payload: &[u8]) -> String {
+        let mut raw = payload.to_vec();
+        raw.extend_from_slice(&checksum(payload));
+        format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(&raw))
+    }
+
+    #[test]
+    fn unknown_extensions_are_skipped_and_bad_ones_refused() {
+        let t = sample();
+        let line = t.encode();
+        let raw = URL_SAFE_NO_PAD
+            .decode(&line[PREFIX.len()..])
+            .expect("base64");
+        let payload = &raw[..raw.len() - CHECKSUM_LEN];
+        let mut unknown = payload.to_vec();
+        unknown.extend_from_slice(&[9, 0, 3, 1, 2, 3]);
+        assert_eq!(Token::decode(&with_payload(&unknown)), Ok(t));
+        for bad in [
+            &[EXT_TLS, 0, 0][..],                          // empty record
+            &[EXT_TLS, 0, 5, 7, 1, 187, 0, 0],             // relay 7 does not exist
+            &[EXT_TLS, 0, 5, 0, 0, 0, 0, 0],               // port 0
+            &[EXT_TLS, 0, 7, 0, 1, 187, 0, 2, b'x', b'y'], // path without '/'
+            &[EXT_TLS, 0, 9],                              // record cut off
+        ] {
+            let mut p = payload.to_vec();
+            p.extend_from_slice(bad);
+            assert!(
+                matches!(
+                    Token::decode(&with_payload(&p)),
+                    Err(TokenError::Invalid(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(TlsEndpoint::validate_path("/ok/path").is_ok());
+        assert!(TlsEndpoint::validate_path("no-slash").is_err());
+        assert!(TlsEndpoint::validate_path("/with space").is_err());
+        assert!(TlsEndpoint::validate_path(&format!("/{}", "a".repeat(MAX_WS_PATH))).is_err());
     }
 
     #[test]

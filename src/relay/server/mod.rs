@@ -61,6 +61,7 @@ pub use limits::{Counters, ServerConfig};
 
 use crate::keys::{NetworkId, NodeSecret, PeerKey};
 use crate::wire::admission::{self, Cookie, CookieKey, COOKIE_REPLY_LEN};
+use crate::wire::token::TlsEndpoint;
 use crate::wire::{
     self, stun, DatagramKind, Frame, MemberEntry, RelayReply, RelayRequest, SyncTag,
 };
@@ -153,6 +154,7 @@ pub struct RelayServer {
     secret: NodeSecret,
     public: PeerKey,
     config: ServerConfig,
+    tls_endpoint: Option<TlsEndpoint>,
     clock: UnixClock,
     cookies: CookieKey,
     networks: BTreeMap<NetworkId, BTreeMap<PeerKey, Member>>,
@@ -185,6 +187,7 @@ impl RelayServer {
             secret,
             public,
             config: ServerConfig::default(),
+            tls_endpoint: None,
             clock,
             cookies: CookieKey::new(cookie_secret),
             networks: BTreeMap::new(),
@@ -207,6 +210,13 @@ impl RelayServer {
     /// Uses `config` for the relay's limits.
     pub fn with_config(mut self, config: ServerConfig) -> Self {
         self.config = config;
+        self
+    }
+
+    /// Names the WebSocket-over-TLS endpoint in key responses (to requests padded to
+    /// [`KEY_REQUEST_WITH_TLS_LEN`](crate::wire::token::KEY_REQUEST_WITH_TLS_LEN), so the answer is never larger than the request).
+    pub fn with_tls_endpoint(mut self, endpoint: Option<TlsEndpoint>) -> Self {
+        self.tls_endpoint = endpoint;
         self
     }
 
@@ -330,7 +340,15 @@ impl RelayServer {
             // Answer only requests at least as large as the answer: no amplification.
             Frame::KeyRequest if bytes.len() >= wire::RELAY_OVERHEAD => {
                 self.counters.key_requests_answered += 1;
-                self.push(from, Frame::KeyResponse { relay: self.public }.to_vec());
+                let mut answer = Frame::KeyResponse { relay: self.public }.to_vec();
+                if let Some(tls) = &self.tls_endpoint {
+                    let mut tail = Vec::new();
+                    tls.encode_into(&mut tail);
+                    if bytes.len() >= answer.len() + tail.len() {
+                        answer.extend_from_slice(&tail);
+                    }
+                }
+                self.push(from, answer);
             }
             Frame::ToRelay {
                 sender,

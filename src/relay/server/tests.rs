@@ -762,3 +762,38 @@ fn stun_and_key_requests_without_amplification() {
     }
     assert!(relay.poll_transmit().is_none());
 }
+
+#[test]
+fn key_response_names_the_tls_endpoint_only_to_a_request_as_large() {
+    use crate::wire::token::KEY_REQUEST_WITH_TLS_LEN;
+    let now = Instant::now();
+    let tls = TlsEndpoint {
+        port: 443,
+        path: "/behind/proxy".into(),
+    };
+    let mut relay = relay(now, 1).with_tls_endpoint(Some(tls.clone()));
+    let from = Link::Udp("198.51.100.7:4000".parse().expect("lit"));
+    let mut padded = Frame::KeyRequest.to_vec();
+    padded.resize(wire::RELAY_OVERHEAD, 0);
+    relay.handle_datagram(now, from, &padded);
+    let t = relay.poll_transmit().expect("key answer");
+    assert_eq!(
+        t.payload.len(),
+        wire::RELAY_OVERHEAD,
+        "no tail to a short request"
+    );
+    padded.resize(KEY_REQUEST_WITH_TLS_LEN, 0);
+    relay.handle_datagram(now, from, &padded);
+    let t = relay.poll_transmit().expect("key answer");
+    assert!(t.payload.len() <= padded.len());
+    assert_eq!(
+        Frame::parse(&t.payload),
+        Ok(Frame::KeyResponse {
+            relay: relay.public_key()
+        })
+    );
+    assert_eq!(
+        TlsEndpoint::decode(&t.payload[wire::RELAY_OVERHEAD..]),
+        Some(tls)
+    );
+}

@@ -1,0 +1,370 @@
+//! The relay over WebSocket-over-TLS on TCP 443, end to end: the real `meshvpn` binary in lab
+//! namespaces (needs root; skips otherwise).
+//!
+//! A relay on a public host runs with `--tls-listen 0.0.0.0:443`. `meshvpn create` (on the
+//! relay's host, as an operator would) records the TLS endpoint in the token. A host behind a
+//! home router whose own firewall lets only TCP 443 out cannot reach the relay over UDP or its
+//! TCP port (checked, so the firewall is known to work), yet gets the relay's key over
+//! WebSocket-over-TLS with `meshvpn relay-probe`, and the relay's `relay-status` counts the
+//! answered key requests and the stream connection. Then the client's firewall is narrowed to
+//! a corporate one that lets only its HTTP proxy out (Debian's tinyproxy, with basic
+//! authentication, on a third host): TLS straight to the relay now fails, and succeeds through
+//! the proxy named in `HTTPS_PROXY`, whose log shows the CONNECT.
+//!
+//! Behind a reverse proxy: Debian's nginx terminates TLS on 443 of the relay's host and passes
+//! `/vpn/relay` to the relay's plain `--ws-listen` on loopback; the same 443-only client gets
+//! the key through it, and the relay counts the connection.
+//!
+//! Every wait is bounded; traffic only goes to addresses inside the lab's namespaces; the lab
+//! (and every process it started) is torn down on drop, also on failure.
+
+#![allow(clippy::print_stdout, clippy::unwrap_used)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)] // an end-to-end test: real time, real processes
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _, Result};
+use meshvpn::wire::token::{TlsEndpoint, Token};
+use meshvpn_lab::{self as lab, wait_until, Host, Lab, Nat, Node};
+
+const EXE: &str = env!("CARGO_BIN_EXE_meshvpn");
+const RELAY_PORT: u16 = 3478;
+const TLS_PORT: u16 = 443;
+/// How long the relay may take to start listening.
+const START_BOUND: Duration = Duration::from_secs(10);
+/// One probe: connect (5 s at most in the connector), ask, answer (5 s at most).
+const PROBE_BOUND: Duration = Duration::from_secs(15);
+/// The CONNECT proxy's port on its host.
+const PROXY_PORT: u16 = 8888;
+
+#[test]
+fn host_that_only_reaches_tcp_443_gets_the_relay_over_tls() -> Result<()> {
+    if !lab::is_root() {
+        println!("skipping: needs root");
+        return Ok(());
+    }
+    let mut lab = Lab::new("tls")?;
+    let relay_host = lab.add_public_host("relay")?;
+    let client_host = lab.add_natted_host("client", Nat::HomeRouter)?;
+    let exe = Path::new(EXE);
+    let mut relay = Node::new(&lab, exe, &relay_host, "relay")?;
+    let client = Node::new(&lab, exe, &client_host, "client")?;
+
+    let pid = relay.spawn(
+        &lab,
+        &[
+            "relay",
+            "--listen",
+            &format!("0.0.0.0:{RELAY_PORT}"),
+            "--tls-listen",
+            &format!("0.0.0.0:{TLS_PORT}"),
+        ],
+    )?;
+    wait_until(
+        START_BOUND,
+        Duration::from_millis(50),
+        "the relay's TLS listener",
+        || {
+            ensure!(lab.is_running(pid), "the relay exited early");
+            let out = lab.run(
+                &relay_host,
+                &["ss", "-Hltn", "sport", "=", ":443"],
+                START_BOUND,
+            )?;
+            Ok(!out.stdout.is_empty())
+        },
+    )?;
+
+    // The operator's `create` asks the relay and records its TLS endpoint.
+    let relay_addr = format!("{}:{RELAY_PORT}", relay_host.public_addr);
+    let line = relay.create_token(&lab, "tls", &relay_addr, None)?;
+    let token = Token::decode(&line).context("decoding the token")?;
+    let endpoint = token
+        .relays
+        .first()
+        .context("a relay in the token")?
+        .clone();
+    assert_eq!(endpoint.tls, Some(TlsEndpoint::new(TLS_PORT)));
+    let named = format!("{}@{relay_addr}", endpoint.key);
+
+    only_tcp_443_out(&lab, &client_host)?;
+
+    // Over the relay's TCP port: blocked (this is what makes the TLS result mean something).
+    let tcp = client.run(&lab, &["relay-probe", &named], PROBE_BOUND)?;
+    assert!(
+        !tcp.status.success(),
+        "the firewall should block TCP {RELAY_PORT}: {}",
+        String::from_utf8_lossy(&tcp.stdout)
+    );
+
+    // Over WebSocket-over-TLS on 443: the relay answers with the key in the token.
+    let before = relay_status(&lab, &relay)?;
+    let tls = client.run(
+        &lab,
+        &["relay-probe", &named, "--tls-port", &TLS_PORT.to_string()],
+        PROBE_BOUND,
+    )?;
+    let said = String::from_utf8_lossy(&tls.stdout);
+    println!("{}", said.trim());
+    assert!(
+        tls.status.success(),
+        "relay-probe over TLS failed: {}",
+        String::from_utf8_lossy(&tls.stderr)
+    );
+    assert!(said.contains("over Tls"), "{said}");
+    let after = relay_status(&lab, &relay)?;
+    let answered = |s: &serde_json::Value| counter(s, "/server/key_requests_answered");
+    assert!(
+        answered(&after)? > answered(&before)?,
+        "relay-status counts the key request answered over TLS"
+    );
+    let accepted = |s: &serde_json::Value| counter(s, "/tcp/counters/accepted");
+    assert!(
+        accepted(&after)? > accepted(&before)?,
+        "the TLS connection went through the relay's connection table"
+    );
+
+    // A corporate network: only the proxy is reachable, and it wants a password.
+    let proxy_host = lab.add_public_host("proxy")?;
+    let conf = lab.dir().join("tinyproxy.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "User nobody\nGroup nogroup\nPort {PROXY_PORT}\nListen 0.0.0.0\nTimeout 60\n\
+             MaxClients 10\nConnectPort 443\nBasicAuth member s3cret\nLogLevel Connect\n"
+        ),
+    )?;
+    let proxy_log = lab.dir().join("tinyproxy.log");
+    let conf_arg = conf.to_string_lossy().into_owned();
+    let proxy_pid = lab.spawn(
+        &proxy_host,
+        "tinyproxy",
+        &["-d", "-c", &conf_arg],
+        &proxy_log,
+    )?;
+    wait_until(START_BOUND, Duration::from_millis(50), "tinyproxy", || {
+        ensure!(lab.is_running(proxy_pid), "tinyproxy exited early");
+        let out = lab.run(
+            &proxy_host,
+            &["ss", "-Hltn", "sport", "=", ":8888"],
+            START_BOUND,
+        )?;
+        Ok(!out.stdout.is_empty())
+    })?;
+    lab.exec(
+        &client_host,
+        &["nft", "flush", "chain", "inet", "egress", "out"],
+    )?;
+    for rule in [
+        "add rule inet egress out oifname lo accept".to_string(),
+        "add rule inet egress out ct state established,related accept".to_string(),
+        format!(
+            "add rule inet egress out ip daddr {} tcp dport {PROXY_PORT} accept",
+            proxy_host.addr
+        ),
+    ] {
+        let mut args = vec!["nft"];
+        args.extend(rule.split(' '));
+        lab.exec(&client_host, &args)?;
+    }
+    let tls_args = ["relay-probe", &named, "--tls-port", &TLS_PORT.to_string()];
+    let direct = client.run(&lab, &tls_args, PROBE_BOUND)?;
+    assert!(
+        !direct.status.success(),
+        "the corporate firewall should block TLS straight to the relay"
+    );
+    let with_proxy = |url: &str| -> Result<std::process::Output> {
+        let mut args: Vec<OsString> = vec![
+            "env".into(),
+            format!("HTTPS_PROXY={url}").into(),
+            EXE.into(),
+        ];
+        args.extend(client.args(&tls_args));
+        lab.run(&client_host, &args, PROBE_BOUND)
+    };
+    let proxy_url = format!("http://member:s3cret@{}:{PROXY_PORT}", proxy_host.addr);
+    let proxied = with_proxy(&proxy_url)?;
+    let said = String::from_utf8_lossy(&proxied.stdout);
+    println!("{}", said.trim());
+    assert!(
+        proxied.status.success(),
+        "relay-probe through the proxy failed: {}",
+        String::from_utf8_lossy(&proxied.stderr)
+    );
+    assert!(said.contains("over Tls via proxy"), "{said}");
+    let log = std::fs::read_to_string(&proxy_log).unwrap_or_default();
+    assert!(
+        log.contains(&format!("{}:{TLS_PORT}", relay_host.public_addr)),
+        "tinyproxy logged the CONNECT to the relay:\n{log}"
+    );
+    let refused = with_proxy(&format!(
+        "http://member:wrong@{}:{PROXY_PORT}",
+        proxy_host.addr
+    ))?;
+    assert!(
+        !refused.status.success(),
+        "the proxy refuses a wrong password"
+    );
+    lab.teardown();
+    Ok(())
+}
+
+#[test]
+fn host_that_only_reaches_tcp_443_gets_the_relay_behind_nginx() -> Result<()> {
+    if !lab::is_root() {
+        println!("skipping: needs root");
+        return Ok(());
+    }
+    let mut lab = Lab::new("tls-nginx")?;
+    let relay_host = lab.add_public_host("relay")?;
+    let client_host = lab.add_natted_host("client", Nat::HomeRouter)?;
+    let exe = Path::new(EXE);
+    let mut relay = Node::new(&lab, exe, &relay_host, "relay")?;
+    let client = Node::new(&lab, exe, &client_host, "client")?;
+    let pid = relay.spawn(
+        &lab,
+        &[
+            "relay",
+            "--listen",
+            &format!("0.0.0.0:{RELAY_PORT}"),
+            "--ws-listen",
+            "127.0.0.1:8080",
+            "--ws-path",
+            "/vpn/relay",
+        ],
+    )?;
+    wait_for_tcp(
+        &lab,
+        &relay_host,
+        8080,
+        pid,
+        "the relay's WebSocket listener",
+    )?;
+
+    let dir = lab.dir().to_path_buf();
+    let d = dir.to_string_lossy().into_owned();
+    lab.exec(
+        &relay_host,
+        &[
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=relay",
+            "-keyout",
+            &format!("{d}/proxy.key"),
+            "-out",
+            &format!("{d}/proxy.crt"),
+        ],
+    )?;
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log stderr info;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{\n  access_log {d}/nginx-access.log;\n\
+               client_body_temp_path {d}/nginx-body;\n  proxy_temp_path {d}/nginx-proxy;\n\
+               server {{\n    listen {TLS_PORT} ssl;\n\
+                 ssl_certificate {d}/proxy.crt;\n    ssl_certificate_key {d}/proxy.key;\n\
+                 location /vpn/relay {{\n      proxy_pass http://127.0.0.1:8080;\n\
+                   proxy_http_version 1.1;\n      proxy_set_header Upgrade $http_upgrade;\n\
+                   proxy_set_header Connection \"upgrade\";\n      proxy_read_timeout 1h;\n\
+                 }}\n  }}\n}}\n"
+        ),
+    )?;
+    let conf_arg = conf.to_string_lossy().into_owned();
+    let nginx = lab.spawn(
+        &relay_host,
+        "nginx",
+        &["-c", &conf_arg, "-e", "stderr"],
+        &dir.join("nginx.log"),
+    )?;
+    wait_for_tcp(&lab, &relay_host, TLS_PORT, nginx, "nginx")?;
+    let relay_addr = format!("{}:{RELAY_PORT}", relay_host.public_addr);
+    let line = relay.create_token(&lab, "tls", &relay_addr, None)?;
+    let token = Token::decode(&line).context("decoding the token")?;
+    let named = format!(
+        "{}@{relay_addr}",
+        token.relays.first().context("a relay")?.key
+    );
+    only_tcp_443_out(&lab, &client_host)?;
+
+    let before = relay_status(&lab, &relay)?;
+    let args = [
+        "relay-probe",
+        &named,
+        "--tls-port",
+        &TLS_PORT.to_string(),
+        "--ws-path",
+        "/vpn/relay",
+    ];
+    let out = client.run(&lab, &args, PROBE_BOUND)?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    println!("{}", said.trim());
+    assert!(
+        out.status.success(),
+        "relay-probe through nginx failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = relay_status(&lab, &relay)?;
+    assert!(
+        counter(&after, "/tcp/counters/accepted")? > counter(&before, "/tcp/counters/accepted")?,
+        "the proxied connection went through the relay's connection table"
+    );
+    let wrong_path = client.run(&lab, &args[..4], PROBE_BOUND)?;
+    assert!(
+        !wrong_path.status.success(),
+        "nginx passes only /vpn/relay to the relay"
+    );
+    lab.teardown();
+    Ok(())
+}
+
+/// Waits until `pid` listens on TCP `port` in `host`.
+fn wait_for_tcp(lab: &Lab, host: &Host, port: u16, pid: u32, what: &str) -> Result<()> {
+    wait_until(START_BOUND, Duration::from_millis(50), what, || {
+        ensure!(lab.is_running(pid), "{what} exited early");
+        let sport = format!(":{port}");
+        let out = lab.run(host, &["ss", "-Hltn", "sport", "=", &sport], START_BOUND)?;
+        Ok(!out.stdout.is_empty())
+    })?;
+    Ok(())
+}
+
+/// The host's own firewall: only TCP 443 (and replies) out.
+fn only_tcp_443_out(lab: &Lab, host: &Host) -> Result<()> {
+    for rule in [
+        "add table inet egress",
+        "add chain inet egress out { type filter hook output priority 0; policy drop; }",
+        "add rule inet egress out oifname lo accept",
+        "add rule inet egress out ct state established,related accept",
+        "add rule inet egress out tcp dport 443 accept",
+    ] {
+        let mut args = vec!["nft"];
+        args.extend(rule.split(' '));
+        lab.exec(host, &args)?;
+    }
+    Ok(())
+}
+
+fn relay_status(lab: &Lab, relay: &Node) -> Result<serde_json::Value> {
+    let out = relay.exec(lab, &["relay-status", "--json"])?;
+    serde_json::from_slice(&out.stdout).context("parsing relay-status --json")
+}
+
+fn counter(status: &serde_json::Value, pointer: &str) -> Result<u64> {
+    status
+        .pointer(pointer)
+        .and_then(serde_json::Value::as_u64)
+        .with_context(|| format!("relay-status has no {pointer}"))
+}
