@@ -170,7 +170,7 @@ impl Node {
                 for socket in 1..=SPRAY_SOCKETS {
                     self.send_ping(now, key, Some(target), socket);
                 }
-                self.send_disco_via_relay(key, &Disco::Spray);
+                self.send_disco_via_relay(now, key, &Disco::Spray);
             }
             Phase::Hard { until } => {
                 if now >= until || !relayed {

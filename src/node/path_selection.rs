@@ -17,6 +17,19 @@
 //! node's job, which records each ping with [`PathSelection::record_ping`]); it feeds pongs to
 //! [`PathSelection::handle_pong`], direct pings to [`PathSelection::handle_ping_from`] and
 //! call-mes to [`PathSelection::handle_call_me`]. Each returns the new path when it changed.
+//! Every disco message is first checked against [`PathSelection::replay`] (freshness).
+//!
+//! # Candidates and budgets
+//! Candidates come from two places. The peer's announcement and the relay-observed address
+//! are replaced whole whenever the member entry changes ([`PathSelection::set_announced`]).
+//! Addresses from call-mes, and peer-reflexive addresses (a ping arrived from an address we
+//! did not know, we pinged it back, and an authenticated pong came from it), are *learned*:
+//! each expires after [`CANDIDATE_TTL`] unless a call-me or pong vouches for it again, and
+//! when [`MAX_CANDIDATES`] are held the least recently vouched makes room. A ping from an
+//! unknown address adds nothing by itself: it is answered and pinged back, within budget.
+//! Every probe to a candidate (probe rounds, call-me answers, ping-backs) takes a token from
+//! the peer's [`ProbeBucket`]; keepalives on the confirmed direct path and pings through the
+//! relay do not.
 //! Birthday probing (hard NAT pairs) rides on the same peer state, see [`super::birthday`].
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -25,8 +38,9 @@ use std::time::{Duration, Instant};
 
 use super::birthday::Birthday;
 use super::peer::{
-    Path, PendingPing, DIRECT_PING_INTERVAL, DIRECT_TIMEOUT, MAX_CANDIDATES, PING_EXPIRY,
-    PROBE_BACKOFF_MAX, PROBE_BACKOFF_MIN, RELAY_PING_INTERVAL, SWITCH_RTT_RATIO,
+    Path, PendingPing, ProbeBucket, ReplayCache, CANDIDATE_TTL, DIRECT_PING_INTERVAL,
+    DIRECT_TIMEOUT, MAX_CANDIDATES, PING_EXPIRY, PROBE_BACKOFF_MAX, PROBE_BACKOFF_MIN,
+    RELAY_PING_INTERVAL, SWITCH_RTT_RATIO,
 };
 
 /// What a timer run wants sent.
@@ -56,7 +70,16 @@ pub(crate) struct Pong {
 #[derive(Debug)]
 pub(crate) struct PathSelection {
     path: Path,
-    candidates: BTreeSet<SocketAddr>,
+    /// The peer's announced addresses and its relay-observed address.
+    announced: BTreeSet<SocketAddr>,
+    /// Addresses learned from call-mes and confirmed pongs, with when each was last vouched for.
+    learned: BTreeMap<SocketAddr, Instant>,
+    /// Limits probes to candidate addresses.
+    bucket: ProbeBucket,
+    /// Probes the bucket refused (for tests and debugging).
+    suppressed: u64,
+    /// Disco stamps accepted from this peer.
+    pub(crate) replay: ReplayCache,
     outstanding: BTreeMap<[u8; 12], PendingPing>,
     next_probe: Instant,
     backoff: Duration,
@@ -73,7 +96,11 @@ impl PathSelection {
     pub(crate) fn new(now: Instant) -> Self {
         Self {
             path: Path::Relayed,
-            candidates: BTreeSet::new(),
+            announced: BTreeSet::new(),
+            learned: BTreeMap::new(),
+            bucket: ProbeBucket::new(now),
+            suppressed: 0,
+            replay: ReplayCache::default(),
             outstanding: BTreeMap::new(),
             next_probe: now,
             backoff: PROBE_BACKOFF_MIN,
@@ -130,16 +157,36 @@ impl PathSelection {
         }
     }
 
-    /// Adds candidate addresses (announced, observed, from a call-me); returns whether any
-    /// was new. Unusable addresses are skipped; at most [`MAX_CANDIDATES`] are kept.
-    pub(crate) fn add_candidates(&mut self, addrs: impl IntoIterator<Item = SocketAddr>) -> bool {
-        let before = self.candidates.len();
+    /// Replaces the announced candidates (the peer's announcement and its relay-observed
+    /// address); returns whether any was new. Unusable addresses are skipped; together with
+    /// the learned ones at most [`MAX_CANDIDATES`] are kept.
+    pub(crate) fn set_announced(&mut self, addrs: impl IntoIterator<Item = SocketAddr>) -> bool {
+        let mut next = BTreeSet::new();
         for a in addrs {
-            if self.candidates.len() < MAX_CANDIDATES && usable_candidate(&a) {
-                self.candidates.insert(a);
+            if next.len() < MAX_CANDIDATES && usable_candidate(&a) {
+                next.insert(a);
             }
         }
-        self.candidates.len() != before
+        let new = next.iter().any(|a| !self.announced.contains(a));
+        self.announced = next;
+        self.learned.retain(|a, _| !self.announced.contains(a));
+        while self.candidate_count() > MAX_CANDIDATES && self.evict_learned() {}
+        new
+    }
+
+    /// Every candidate address, in order.
+    pub(crate) fn candidates(&self) -> BTreeSet<SocketAddr> {
+        self.announced
+            .iter()
+            .chain(self.learned.keys())
+            .copied()
+            .collect()
+    }
+
+    /// Probes the bucket refused so far.
+    #[cfg(test)]
+    pub(crate) fn suppressed(&self) -> u64 {
+        self.suppressed
     }
 
     /// Starts probing again soon (new information about the peer).
@@ -164,10 +211,19 @@ impl PathSelection {
 
     /// When path selection next needs to act.
     pub(crate) fn poll_timeout(&self) -> Instant {
-        match self.path {
+        let at = match self.path {
             Path::Direct { last_pong, .. } => self.next_probe.min(last_pong + DIRECT_TIMEOUT),
             Path::Relayed => self.next_probe.min(self.next_relay_ping),
-        }
+        };
+        // Learned candidates expire even while nothing else is due.
+        let direct = self.direct().map(|(a, _)| a);
+        let expiry = self
+            .learned
+            .iter()
+            .filter(|(a, _)| Some(**a) != direct)
+            .map(|(_, v)| *v + CANDIDATE_TTL)
+            .min();
+        expiry.map_or(at, |e| at.min(e))
     }
 
     /// Runs what is due: falls back to the relay if the direct path went silent, and lists the
@@ -175,6 +231,10 @@ impl PathSelection {
     pub(crate) fn handle_timeout(&mut self, now: Instant, probes: &mut Vec<Probe>) -> Option<Path> {
         self.outstanding
             .retain(|_, ping| now.saturating_duration_since(ping.sent) < PING_EXPIRY);
+        let direct = self.direct().map(|(a, _)| a);
+        self.learned.retain(|a, vouched| {
+            Some(*a) == direct || now.saturating_duration_since(*vouched) < CANDIDATE_TTL
+        });
         let mut changed = None;
         if let Path::Direct {
             addr,
@@ -199,10 +259,14 @@ impl PathSelection {
         }
         if self.is_relayed() {
             if now >= self.next_probe {
-                probes.extend(self.candidates.iter().map(|c| Probe::Ping {
-                    addr: Some(*c),
-                    socket: 0,
-                }));
+                for c in self.candidates() {
+                    if self.take_token(now) {
+                        probes.push(Probe::Ping {
+                            addr: Some(c),
+                            socket: 0,
+                        });
+                    }
+                }
                 // Ask the peer (through the relay) to probe us at the same moment, so both
                 // NATs open their mappings towards each other together.
                 probes.push(Probe::CallMe);
@@ -248,11 +312,16 @@ impl PathSelection {
         let mut changed = None;
         match (ping.addr, from) {
             (None, None) => self.relay_rtt = Some(rtt),
-            (Some(addr), Some(src))
-                if addr == src
-                    && ping.socket == socket
-                    && self.should_switch(now, addr, socket, rtt) =>
-            {
+            (Some(addr), Some(src)) if addr == src && ping.socket == socket => {
+                // An authenticated pong from the address we pinged: the peer is there.
+                self.vouch(now, addr);
+                if !self.should_switch(now, addr, socket, rtt) {
+                    return Some(Pong {
+                        ping,
+                        rtt,
+                        changed: None,
+                    });
+                }
                 let moved = self.direct() != Some((addr, socket));
                 self.path = Path::Direct {
                     addr,
@@ -271,28 +340,85 @@ impl PathSelection {
         Some(Pong { ping, rtt, changed })
     }
 
-    /// A ping came directly from `from` on our socket `socket`: the address becomes a
-    /// candidate (peer-reflexive). Returns the address to ping back at once, which is what
-    /// opens both NATs when both sides probe together.
-    pub(crate) fn handle_ping_from(&mut self, from: SocketAddr, socket: u16) -> Option<SocketAddr> {
-        let new =
-            socket == 0 && self.candidates.len() < MAX_CANDIDATES && self.candidates.insert(from);
-        (self.is_relayed() || new).then_some(from)
+    /// A ping came directly from `from` on our socket `socket`. Returns the address to ping
+    /// back at once (which is what opens both NATs when both sides probe together) if the
+    /// budget allows: while relayed, or when `from` is not a candidate yet. The address
+    /// becomes a candidate only when that ping-back is answered (see [`Self::handle_pong`]).
+    pub(crate) fn handle_ping_from(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        socket: u16,
+    ) -> Option<SocketAddr> {
+        let known = self.announced.contains(&from) || self.learned.contains_key(&from);
+        let wanted = self.is_relayed() || (socket == 0 && !known);
+        (wanted && self.take_token(now)).then_some(from)
     }
 
-    /// The peer asks to be probed at `endpoints`: returns the addresses to ping now (every
-    /// candidate while relayed, without touching the backoff and without a call-me of our own).
-    pub(crate) fn handle_call_me(&mut self, endpoints: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    /// The peer asks to be probed at `endpoints`: they become learned candidates, and while
+    /// relayed every candidate the budget allows is returned to ping now (without touching the
+    /// backoff and without a call-me of our own).
+    pub(crate) fn handle_call_me(
+        &mut self,
+        now: Instant,
+        endpoints: Vec<SocketAddr>,
+    ) -> Vec<SocketAddr> {
         for e in endpoints {
-            if self.candidates.len() < MAX_CANDIDATES {
-                self.candidates.insert(e);
+            if usable_candidate(&e) && !self.announced.contains(&e) {
+                self.vouch(now, e);
             }
         }
-        if self.is_relayed() {
-            self.candidates.iter().copied().collect()
-        } else {
-            Vec::new()
+        if !self.is_relayed() {
+            return Vec::new();
         }
+        let mut out = Vec::new();
+        for c in self.candidates() {
+            if self.take_token(now) {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// Counts a candidate as vouched for at `now` (from a call-me or an authenticated pong),
+    /// adding it as learned unless it is announced; evicts the least recently vouched learned
+    /// candidate when that would exceed [`MAX_CANDIDATES`].
+    fn vouch(&mut self, now: Instant, addr: SocketAddr) {
+        if self.announced.contains(&addr) {
+            return;
+        }
+        if !self.learned.contains_key(&addr)
+            && self.candidate_count() >= MAX_CANDIDATES
+            && !self.evict_learned()
+        {
+            return;
+        }
+        self.learned.insert(addr, now);
+    }
+
+    /// Forgets the least recently vouched learned candidate other than the direct path.
+    fn evict_learned(&mut self) -> bool {
+        let direct = self.direct().map(|(a, _)| a);
+        let oldest = self
+            .learned
+            .iter()
+            .filter(|(a, _)| Some(**a) != direct)
+            .min_by_key(|(a, v)| (**v, **a))
+            .map(|(a, _)| *a);
+        oldest.is_some_and(|a| self.learned.remove(&a).is_some())
+    }
+
+    fn candidate_count(&self) -> usize {
+        self.announced.len() + self.learned.len()
+    }
+
+    /// Takes a probe token; counts a refusal.
+    fn take_token(&mut self, now: Instant) -> bool {
+        let ok = self.bucket.take(now);
+        if !ok {
+            self.suppressed += 1;
+        }
+        ok
     }
 
     /// Whether a confirmed pong from `addr` on `socket` with `rtt` should become the path.
@@ -321,6 +447,7 @@ fn usable_candidate(a: &SocketAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::peer::{PROBE_BURST, PROBE_REFILL_PER_SEC};
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("literal")
@@ -350,7 +477,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = PathSelection::new(t0);
         let (a, b) = (addr("198.51.100.7:4000"), addr("192.168.1.7:4000"));
-        assert!(p.add_candidates([a, b, addr("0.0.0.0:1")]));
+        assert!(p.set_announced([a, b, addr("0.0.0.0:1")]));
         let mut probes = Vec::new();
         assert_eq!(p.handle_timeout(t0, &mut probes), None);
         assert_eq!(
@@ -422,5 +549,91 @@ mod tests {
         );
         assert!(probes.contains(&Probe::CallMe));
         assert_eq!(p.next_probe(), at + PROBE_BACKOFF_MIN);
+    }
+
+    #[test]
+    fn a_ping_from_a_new_address_adds_it_only_after_an_authenticated_pong() {
+        let t0 = Instant::now();
+        let mut p = PathSelection::new(t0);
+        let announced = addr("198.51.100.7:4000");
+        p.set_announced([announced]);
+        let stranger = addr("192.0.2.66:5555");
+        // Relayed: the ping is answered with a ping back, but the address is no candidate yet.
+        assert_eq!(p.handle_ping_from(t0, stranger, 0), Some(stranger));
+        assert_eq!(p.candidates(), [announced].into());
+        // A pong for a ping we never sent to it (forged or replayed) adds nothing.
+        assert!(p.handle_pong(t0, [7; 12], Some(stranger), 0).is_none());
+        assert!(!p.candidates().contains(&stranger));
+        // A pong answering our ping-back, from that address: now it is a candidate (and the path).
+        let pong = ping_pong(&mut p, 8, stranger, t0, Duration::from_millis(20));
+        assert!(pong.changed.is_some());
+        assert!(p.candidates().contains(&stranger));
+    }
+
+    #[test]
+    fn learned_candidates_expire_and_are_capped() {
+        let t0 = Instant::now();
+        let mut p = PathSelection::new(t0);
+        p.set_announced([addr("198.51.100.7:4000")]);
+        let many: Vec<SocketAddr> = (0..40u16)
+            .map(|i| SocketAddr::new("192.0.2.1".parse().expect("literal"), 1000 + i))
+            .collect();
+        for chunk in many.chunks(crate::wire::MAX_ENDPOINTS) {
+            p.handle_call_me(t0, chunk.to_vec());
+        }
+        assert_eq!(p.candidates().len(), MAX_CANDIDATES, "capped");
+        // The last call-me's addresses are kept: the least recently vouched made room.
+        assert!(p.candidates().contains(&many[39]));
+        // One learned address keeps being vouched for; the rest are not.
+        let kept = many[39];
+        let mut now = t0;
+        let mut probes = Vec::new();
+        while now < t0 + CANDIDATE_TTL + Duration::from_secs(1) {
+            now += Duration::from_secs(10);
+            p.handle_call_me(now, vec![kept]);
+            p.handle_timeout(now, &mut probes);
+        }
+        assert_eq!(
+            p.candidates(),
+            [addr("198.51.100.7:4000"), kept].into(),
+            "announced and re-vouched stay, the rest expired"
+        );
+        // The expiry is a deadline of its own.
+        assert!(p.poll_timeout() <= now + CANDIDATE_TTL);
+        // A new announcement replaces the announced candidates.
+        assert!(p.set_announced([addr("198.51.100.8:4000")]));
+        assert!(!p.candidates().contains(&addr("198.51.100.7:4000")));
+    }
+
+    #[test]
+    fn call_me_bursts_and_probe_rounds_draw_from_one_bucket() {
+        let t0 = Instant::now();
+        let mut p = PathSelection::new(t0);
+        let candidates: Vec<SocketAddr> = (0..MAX_CANDIDATES as u16)
+            .map(|i| SocketAddr::new("192.0.2.1".parse().expect("literal"), 2000 + i))
+            .collect();
+        p.set_announced(candidates.clone());
+        // A peer (or anyone able to make it) sending call-mes as fast as it can, for 10 s.
+        let mut sent = 0usize;
+        let mut now = t0;
+        let mut probes = Vec::new();
+        for _ in 0..1000 {
+            now += Duration::from_millis(10);
+            sent += p.handle_call_me(now, Vec::new()).len();
+            probes.clear();
+            p.handle_timeout(now, &mut probes);
+            sent += probes
+                .iter()
+                .filter(|p| matches!(p, Probe::Ping { addr: Some(_), .. }))
+                .count();
+        }
+        let elapsed_ms = (now - t0).as_millis() as usize;
+        let budget = PROBE_BURST as usize + PROBE_REFILL_PER_SEC as usize * elapsed_ms / 1000;
+        assert!(sent <= budget, "{sent} probes, budget {budget}");
+        assert!(
+            sent + 10 >= budget,
+            "the budget is used: {sent} of {budget}"
+        );
+        assert!(p.suppressed() > 0);
     }
 }

@@ -3,6 +3,10 @@
 //! (pings, pongs, call-mes, spray), and reports path changes. The decisions themselves are
 //! [`PathSelection`]'s (see the [`super::peer`] module doc for the path state machine).
 //!
+//! Every disco message leaves stamped with our wall clock and a random nonce; every one that
+//! arrives is opened, then checked against the sender's replay cache before anything else
+//! (a stale or replayed message is counted as unauthenticated and dropped).
+//!
 //! [`PathSelection`]: super::path_selection::PathSelection
 
 use std::net::SocketAddr;
@@ -14,7 +18,7 @@ use super::path_selection::Probe;
 use super::peer::{Path, Peer, PendingPing};
 use super::{Event, Node};
 use crate::keys::PeerKey;
-use crate::wire::{self, Disco};
+use crate::wire::{self, Disco, DiscoStamp};
 
 impl Node {
     /// Runs path selection for every peer whose deadline has come.
@@ -85,7 +89,7 @@ impl Node {
         }
         for probe in probes.iter() {
             match *probe {
-                Probe::CallMe => self.send_call_me(key),
+                Probe::CallMe => self.send_call_me(now, key),
                 Probe::Ping { addr, socket } => {
                     self.send_ping(now, key, addr, socket);
                 }
@@ -105,6 +109,7 @@ impl Node {
         let mut tx = [0u8; 12];
         self.rng.fill_bytes(&mut tx);
         let nonce = self.nonce();
+        let stamp = self.disco_stamp(now);
         let Some(p) = self.peers.get_mut(&key) else {
             return tx;
         };
@@ -117,7 +122,7 @@ impl Node {
                 request: None,
             },
         );
-        let dgram = wire::seal_disco(&p.disco_key, self.public, &Disco::Ping { tx }, nonce);
+        let dgram = wire::seal_disco(&p.disco_key, self.public, stamp, &Disco::Ping { tx }, nonce);
         match addr {
             Some(dst) => self.out.udp(socket, dst, &dgram),
             None => self.relay_payload(key, &dgram),
@@ -126,23 +131,47 @@ impl Node {
     }
 
     /// Sends a sealed disco message to `key` through the relay.
-    pub(super) fn send_disco_via_relay(&mut self, key: PeerKey, msg: &Disco) {
+    pub(super) fn send_disco_via_relay(&mut self, now: Instant, key: PeerKey, msg: &Disco) {
         let nonce = self.nonce();
+        let stamp = self.disco_stamp(now);
         let Some(p) = self.peers.get(&key) else {
             return;
         };
-        let dgram = wire::seal_disco(&p.disco_key, self.public, msg, nonce);
+        let dgram = wire::seal_disco(&p.disco_key, self.public, stamp, msg, nonce);
         self.relay_payload(key, &dgram);
     }
 
     /// Sends a call-me with every address we know for ourselves through the relay.
-    pub(super) fn send_call_me(&mut self, key: PeerKey) {
+    pub(super) fn send_call_me(&mut self, now: Instant, key: PeerKey) {
         let mut endpoints = self.local_endpoints.clone();
         endpoints.extend(self.relay.observed());
         endpoints.extend(self.port_mapping.as_ref().map(|(_, a)| *a));
         endpoints.sort();
         endpoints.dedup();
-        self.send_disco_via_relay(key, &Disco::CallMe { endpoints });
+        self.send_disco_via_relay(now, key, &Disco::CallMe { endpoints });
+    }
+
+    /// A fresh stamp for a disco message sealed at `now`: our wall clock and a random nonce.
+    fn disco_stamp(&mut self, now: Instant) -> DiscoStamp {
+        DiscoStamp {
+            ts_ms: self.wall_ms(now),
+            nonce: self.rng.next_u64(),
+        }
+    }
+
+    /// Our wall clock at `now`, in milliseconds since the Unix epoch.
+    fn wall_ms(&self, now: Instant) -> u64 {
+        let since = now.saturating_duration_since(self.epoch).as_millis();
+        self.epoch_unix_ms
+            .saturating_add(u64::try_from(since).unwrap_or(u64::MAX))
+    }
+
+    /// The candidate addresses path selection holds for member `key` (for status and tests).
+    pub fn candidates_of(&self, key: &PeerKey) -> Vec<SocketAddr> {
+        self.peers
+            .get(key)
+            .map(|p| p.paths.candidates().into_iter().collect())
+            .unwrap_or_default()
     }
 
     /// Reports a new path to `key`.
@@ -170,27 +199,38 @@ impl Node {
             self.drops.unauthenticated += 1;
             return;
         };
-        let msg = match wire::open_disco(&p.disco_key, &sender, sealed) {
+        let (stamp, msg) = match wire::open_disco(&p.disco_key, &sender, sealed) {
             Ok(m) => m,
             Err(_) => {
                 self.drops.unauthenticated += 1;
                 return;
             }
         };
+        let wall = self.wall_ms(now);
+        let Some(p) = self.peers.get_mut(&sender) else {
+            return;
+        };
+        if let Err(why) = p.paths.replay.check(stamp, wall) {
+            tracing::debug!(peer = %p.announcement.name, ?why, ?from, "dropping a stale disco message");
+            self.drops.unauthenticated += 1;
+            return;
+        }
         match msg {
             Disco::Ping { tx } => {
                 let observed = from.unwrap_or(self.relay.target().addr);
                 let nonce = self.nonce();
+                let stamp = self.disco_stamp(now);
                 let Some(p) = self.peers.get_mut(&sender) else {
                     return;
                 };
                 let pong = wire::seal_disco(
                     &p.disco_key,
                     self.public,
+                    stamp,
                     &Disco::Pong { tx, observed },
                     nonce,
                 );
-                let punch_back = from.and_then(|addr| p.paths.handle_ping_from(addr, socket));
+                let punch_back = from.and_then(|addr| p.paths.handle_ping_from(now, addr, socket));
                 match from {
                     Some(dst) => self.out.udp(socket, dst, &pong),
                     None => self.relay_payload(sender, &pong),
@@ -216,7 +256,7 @@ impl Node {
                 }
             }
             Disco::CallMe { endpoints } => {
-                for addr in p.paths.handle_call_me(endpoints) {
+                for addr in p.paths.handle_call_me(now, endpoints) {
                     self.send_ping(now, sender, Some(addr), 0);
                 }
             }

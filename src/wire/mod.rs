@@ -292,12 +292,18 @@ pub fn open_from_relay(
     RelayReply::decode(&open(session, &frame_aad(kind::FROM_RELAY, relay), sealed)?)
 }
 
-/// Builds a sealed `Disco` datagram.
-pub fn seal_disco(pair_key: &[u8; 32], sender: PeerKey, msg: &Disco, nonce: [u8; 24]) -> Vec<u8> {
+/// Builds a sealed `Disco` datagram: `msg` stamped with `stamp` (see [`DiscoStamp`]).
+pub fn seal_disco(
+    pair_key: &[u8; 32],
+    sender: PeerKey,
+    stamp: DiscoStamp,
+    msg: &Disco,
+    nonce: [u8; 24],
+) -> Vec<u8> {
     let sealed = seal(
         pair_key,
         &frame_aad(kind::DISCO, &sender),
-        &msg.encode(),
+        &msg.encode(stamp),
         nonce,
     );
     Frame::Disco {
@@ -307,12 +313,13 @@ pub fn seal_disco(pair_key: &[u8; 32], sender: PeerKey, msg: &Disco, nonce: [u8;
     .to_vec()
 }
 
-/// Opens the body of a `Disco` frame.
+/// Opens the body of a `Disco` frame: the message and its freshness stamp, which the caller
+/// must check (window and replay) before acting on the message.
 pub fn open_disco(
     pair_key: &[u8; 32],
     sender: &PeerKey,
     sealed: &[u8],
-) -> Result<Disco, WireError> {
+) -> Result<(DiscoStamp, Disco), WireError> {
     Disco::decode(&open(pair_key, &frame_aad(kind::DISCO, sender), sealed)?)
 }
 
@@ -557,9 +564,26 @@ pub enum Disco {
 /// At most this many endpoints in an announcement or a call-me.
 pub const MAX_ENDPOINTS: usize = 16;
 
+/// Version of the sealed disco body. The body before it carried no version byte and began
+/// with the message type (1..=4), so this value lies outside that range: each build refuses the
+/// other's bodies instead of misreading them. Version 5 added the [`DiscoStamp`].
+pub const DISCO_VERSION: u8 = 5;
+
+/// The freshness stamp inside every sealed disco body: the sender's wall clock and a random
+/// nonce. The receiver accepts a message only near its own clock and only once (see
+/// `node::peer::ReplayCache`), so a captured disco datagram cannot be replayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DiscoStamp {
+    /// Milliseconds since the Unix epoch when the sender sealed the message.
+    pub ts_ms: u64,
+    /// Random per message (from the sender's seeded RNG).
+    pub nonce: u64,
+}
+
 impl Disco {
-    fn encode(&self) -> Vec<u8> {
+    fn encode(&self, stamp: DiscoStamp) -> Vec<u8> {
         let mut w = Writer::new();
+        w.u8(DISCO_VERSION).u64(stamp.ts_ms).u64(stamp.nonce);
         match self {
             Disco::Ping { tx } => {
                 w.u8(1).raw(tx);
@@ -580,9 +604,17 @@ impl Disco {
         w.buf
     }
 
-    fn decode(b: &[u8]) -> Result<Self, WireError> {
+    fn decode(b: &[u8]) -> Result<(DiscoStamp, Self), WireError> {
         let mut r = Reader::new(b);
-        Ok(match r.u8()? {
+        let version = r.u8()?;
+        if version != DISCO_VERSION {
+            return Err(WireError::Version(version));
+        }
+        let stamp = DiscoStamp {
+            ts_ms: r.u64()?,
+            nonce: r.u64()?,
+        };
+        let msg = match r.u8()? {
             1 => Disco::Ping { tx: r.array()? },
             2 => Disco::Pong {
                 tx: r.array()?,
@@ -598,7 +630,8 @@ impl Disco {
             }
             4 => Disco::Spray,
             other => return Err(WireError::UnknownType("disco", other)),
-        })
+        };
+        Ok((stamp, msg))
     }
 }
 
@@ -859,12 +892,20 @@ mod tests {
                 endpoints: vec!["203.0.113.9:1".parse().expect("lit")],
             },
         ] {
-            let d = seal_disco(&k, key(1), &msg, [5; 24]);
+            let stamp = DiscoStamp {
+                ts_ms: 1_700_000_000_123,
+                nonce: 0x0123_4567_89ab_cdef,
+            };
+            let d = seal_disco(&k, key(1), stamp, &msg, [5; 24]);
             let Ok(Frame::Disco { sender, sealed }) = Frame::parse(&d) else {
                 panic!("parse")
             };
-            assert_eq!(open_disco(&k, &sender, sealed), Ok(msg));
+            assert_eq!(open_disco(&k, &sender, sealed), Ok((stamp, msg)));
+            assert!(open_disco(&k, &key(2), sealed).is_err(), "sender is bound");
         }
+        // A body of the format before the stamp (type byte first, no version) is refused.
+        let old = seal(&k, &frame_aad(kind::DISCO, &key(1)), &[1; 13], [5; 24]);
+        assert_eq!(open_disco(&k, &key(1), &old), Err(WireError::Version(1)));
         let network = NetworkId([2; 32]);
         let a = Announcement {
             key: key(9),

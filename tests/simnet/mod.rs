@@ -138,6 +138,24 @@ pub struct Sim {
     pub delivered_datagrams: u64,
     pub lost_datagrams: u64,
     pub filtered_datagrams: u64,
+    /// When set, every datagram put on the simulated wire (after NAT) is recorded here.
+    pub tap: Option<Vec<Tapped>>,
+    /// When set, the relay lies: every member entry and registration acknowledgement it sends
+    /// over UDP names an address at this IP (a new port each time) as the observed address.
+    pub observed_lie: Option<std::net::IpAddr>,
+    /// How many differently lying copies of each such reply the relay sends.
+    pub lie_copies: usize,
+    /// The relay's static key (to re-seal what a lying relay sends).
+    relay_secret: NodeSecret,
+    lies: u16,
+}
+
+/// One datagram seen by [`Sim::tap`].
+#[derive(Debug, Clone)]
+pub struct Tapped {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub payload: Vec<u8>,
 }
 
 impl Sim {
@@ -145,6 +163,7 @@ impl Sim {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let relay_key = NodeSecret::generate(&mut rng);
         let start = Instant::now();
+        let relay_secret = relay_key.clone();
         let relay = RelayServer::new(relay_key, rng.gen(), unix_clock(start, start));
         Self {
             now: start,
@@ -169,6 +188,11 @@ impl Sim {
             delivered_datagrams: 0,
             lost_datagrams: 0,
             filtered_datagrams: 0,
+            tap: None,
+            observed_lie: None,
+            lie_copies: 1,
+            relay_secret,
+            lies: 0,
         }
     }
 
@@ -301,7 +325,20 @@ impl Sim {
         self.send(src, dst, payload);
     }
 
+    /// Puts a datagram with any (forged) source on the wire towards `dst`, as an attacker on
+    /// the internet could.
+    pub fn send_forged(&mut self, src: SocketAddr, dst: SocketAddr, payload: Vec<u8>) {
+        self.send(src, dst, payload);
+    }
+
     fn send(&mut self, src: SocketAddr, dst: SocketAddr, payload: Vec<u8>) {
+        if let Some(tap) = &mut self.tap {
+            tap.push(Tapped {
+                src,
+                dst,
+                payload: payload.clone(),
+            });
+        }
         let is_relay = |a: SocketAddr| a.ip() == self.relay_addr.ip();
         let direct = !is_relay(src) && !is_relay(dst);
         if (self.direct_blocked && direct) || self.rng.gen_bool(self.loss) {
@@ -395,7 +432,19 @@ impl Sim {
                     continue;
                 }
                 match t.link {
-                    Link::Udp(dst) => self.send_from(None, 0, dst, t.payload),
+                    Link::Udp(dst) => {
+                        let copies = if self.observed_lie.is_some() {
+                            self.lie_copies.max(1)
+                        } else {
+                            1
+                        };
+                        for _ in 1..copies {
+                            let payload = self.maybe_lie(dst, t.payload.clone());
+                            self.send_from(None, 0, dst, payload);
+                        }
+                        let payload = self.maybe_lie(dst, t.payload);
+                        self.send_from(None, 0, dst, payload)
+                    }
                     Link::Tcp { .. } => {
                         if let Some(i) = self.members.iter().position(|m| m.stream == Some(t.link))
                         {
@@ -408,6 +457,37 @@ impl Sim {
                 break;
             }
         }
+    }
+
+    /// With [`Sim::observed_lie`] set, rewrites the observed address in a relay reply to the
+    /// public member at `dst`; anything else passes unchanged.
+    fn maybe_lie(&mut self, dst: SocketAddr, payload: Vec<u8>) -> Vec<u8> {
+        use meshvpn::wire::{open_from_relay, seal_from_relay, Frame, RelayReply};
+        let Some(ip) = self.observed_lie else {
+            return payload;
+        };
+        let Some(member) = self.members.iter().find(|m| m.addr == dst) else {
+            return payload;
+        };
+        let member_key = member.node.public_key();
+        let relay_key = self.relay.public_key();
+        let session = self.relay_secret.relay_session_key(&member_key, &relay_key);
+        let Ok(Frame::FromRelay { relay, sealed }) = Frame::parse(&payload) else {
+            return payload;
+        };
+        let Ok(mut reply) = open_from_relay(&session, &relay, sealed) else {
+            return payload;
+        };
+        self.lies = self.lies.wrapping_add(1);
+        let bogus = SocketAddr::new(ip, 10_000 + self.lies % 50_000);
+        match &mut reply {
+            RelayReply::RegisterAck { observed, .. } => *observed = bogus,
+            RelayReply::Member { entry, .. } => entry.observed = bogus,
+            RelayReply::MemberGone { .. }
+            | RelayReply::SyncEmpty { .. }
+            | RelayReply::Error { .. } => return payload,
+        }
+        seal_from_relay(&session, relay, &reply, self.rng.gen())
     }
 
     /// Advances the clock to the next event (delivery or timer) no later than `until`.
