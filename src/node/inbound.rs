@@ -1,14 +1,13 @@
 //! Inbound dispatch: which machine a datagram belongs to. Relay replies go to the relay
 //! session and membership, relayed and direct disco messages to path selection, WireGuard
-//! datagrams to the peer link found by the initiator's static key (handshake initiations) or
-//! our receiver index (everything else). Anything that fits nowhere is counted and dropped.
+//! datagrams, once the handshake guard admits them, to the peer link found by the initiator's
+//! static key (handshake initiations) or our receiver index (everything else). Anything that
+//! fits nowhere is counted and dropped.
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use boringtun::noise::{handshake::parse_handshake_anon, Packet, Tunn};
-
-use super::link::LinkOutput;
+use super::link::{Admission, LinkOutput};
 use super::{Handled, Node, Timer};
 use crate::keys::PeerKey;
 use crate::wire::{self, DatagramKind, Frame};
@@ -46,7 +45,7 @@ impl Node {
                 self.relay.note_heard(now);
                 match wire::classify(payload) {
                     DatagramKind::WireGuard => {
-                        self.handle_wireguard(from, 0, Some(sender), payload);
+                        self.handle_wireguard(now, from, 0, Some(sender), payload);
                         return Handled::Data;
                     }
                     DatagramKind::Meshvpn => match Frame::parse(payload) {
@@ -81,17 +80,37 @@ impl Node {
     }
 
     /// A WireGuard message from `from` on our socket `socket`, relayed on behalf of
-    /// `via_relay` if set. The data path: nothing here allocates.
+    /// `via_relay` if set. The handshake guard sees it first (mac1, cookies under load, the
+    /// key-agreement budget); a cookie reply goes back the way the message came. The data
+    /// path: nothing here allocates.
     pub(super) fn handle_wireguard(
         &mut self,
+        now: Instant,
         from: SocketAddr,
         socket: u16,
         via_relay: Option<PeerKey>,
         bytes: &[u8],
     ) {
-        let key = match via_relay {
-            Some(k) => Some(k),
-            None => self.wireguard_sender(bytes),
+        let identify = via_relay.is_none();
+        let admission = self.guard.admit(
+            now,
+            from.ip(),
+            bytes,
+            identify,
+            &mut self.buf,
+            &mut self.drops,
+        );
+        let key = match admission {
+            Admission::Cookie(cookie) => {
+                match via_relay {
+                    Some(k) => self.out.relay_to_peer(k, cookie),
+                    None => self.out.udp(socket, from, cookie),
+                }
+                return;
+            }
+            Admission::Dropped => return,
+            Admission::Initiation { initiator } => via_relay.or(initiator),
+            Admission::Index(index) => via_relay.or_else(|| self.members.by_index(index)),
         };
         let Some(key) = key else {
             self.drops.wireguard += 1;
@@ -120,23 +139,6 @@ impl Node {
         );
         if let Some(at) = p.link.poll_timeout() {
             self.timers.arm_earliest(Timer::Handshake, at);
-        }
-    }
-
-    /// Finds the peer a direct WireGuard message belongs to: the initiator's static key for a
-    /// handshake initiation, the receiver index for everything else.
-    fn wireguard_sender(&self, bytes: &[u8]) -> Option<PeerKey> {
-        match Tunn::parse_incoming_packet(bytes).ok()? {
-            Packet::HandshakeInit(init) => {
-                let secret = self.cfg.secret.to_static();
-                let public = x25519_dalek::PublicKey::from(&secret);
-                let half = parse_handshake_anon(&secret, &public, &init).ok()?;
-                let key = PeerKey(half.peer_static_public);
-                self.peers.contains_key(&key).then_some(key)
-            }
-            Packet::HandshakeResponse(p) => self.members.by_index(p.receiver_idx >> 8),
-            Packet::PacketCookieReply(p) => self.members.by_index(p.receiver_idx >> 8),
-            Packet::PacketData(p) => self.members.by_index(p.receiver_idx >> 8),
         }
     }
 }

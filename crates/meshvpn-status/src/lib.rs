@@ -193,6 +193,14 @@ pub struct DropCounters {
     pub spoofed_source: u64,
     /// Packets from the TUN for an address no member owns.
     pub no_route: u64,
+    /// Handshake initiations dropped because the node's budget of key agreements a second
+    /// was spent (a flood from many addresses).
+    #[serde(default)]
+    pub handshake_flood: u64,
+    /// Handshake messages answered with a cookie reply instead of a key agreement (the node
+    /// was under load and the sender had not proven its address).
+    #[serde(default)]
+    pub handshake_cookie: u64,
 }
 
 /// The address part of `10.1.2.3` or `10.1.2.3/16`.
