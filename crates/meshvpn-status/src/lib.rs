@@ -201,6 +201,10 @@ pub struct DropCounters {
     /// was under load and the sender had not proven its address).
     #[serde(default)]
     pub handshake_cookie: u64,
+    /// Handshake initiations dropped as exact replays of one seen recently (before any
+    /// cryptography).
+    #[serde(default)]
+    pub handshake_replay: u64,
 }
 
 /// The address part of `10.1.2.3` or `10.1.2.3/16`.

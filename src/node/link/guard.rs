@@ -9,7 +9,13 @@
 //!    our key fails here, cheaply), counts handshake messages, and above
 //!    [`HANDSHAKE_LOAD_THRESHOLD`] a second demands a valid mac2, answering everything else
 //!    with a cookie reply bound to the sender's address (WireGuard's under-load mode);
-//! 2. a **global budget** of initiations admitted to key agreement, a token bucket on the
+//! 2. a **replay filter**: the mac1 of every initiation that passed it (a MAC over the whole
+//!    message, so a new initiation always has a new one) goes into a small direct-mapped table;
+//!    a datagram carrying a mac1 already there is a replay (WireGuard never sends the same
+//!    initiation twice) and is dropped before any BLAKE2s or cookie reply, counted as
+//!    `handshake_replay`. Only verified mac1s enter the table, so nobody without our public
+//!    key can evict one;
+//! 3. a **global budget** of initiations admitted to key agreement, a token bucket on the
 //!    node's clock ([`HANDSHAKE_BUDGET`] a second), for senders that can answer cookies from
 //!    many addresses. Initiations over budget are dropped and counted as `handshake_flood`.
 //!
@@ -51,6 +57,14 @@ pub const HANDSHAKE_BUDGET: u32 = 100;
 /// How often the node resets the limiter's count: boringtun's own period (one second).
 pub const LIMITER_RESET: Duration = Duration::from_secs(1);
 
+/// Slots of the replay filter (16 bytes each): the most recent initiations a member sees are
+/// one per peer per two-minute rekey plus retries, so 1,024 covers every peer of a large
+/// network; an older replay still meets mac1, the cookies and the budget.
+const REPLAY_SLOTS: usize = 1_024;
+/// Where mac1 sits in a handshake initiation (148 bytes: mac1 and mac2 are its last 32).
+const INIT_LEN: usize = 148;
+const INIT_MAC1: std::ops::Range<usize> = 116..132;
+
 /// Budget tokens are counted in thousandths, so refills are exact at millisecond resolution.
 const MILLI: u64 = 1_000;
 
@@ -80,6 +94,8 @@ pub(crate) struct HandshakeGuard {
     budget: u32,
     /// Initiations admitted to key agreement so far.
     key_agreements: u64,
+    /// The mac1 of recent verified initiations, each in the slot its first bytes pick.
+    seen_mac1: Box<[[u8; 16]; REPLAY_SLOTS]>,
 }
 
 impl HandshakeGuard {
@@ -103,6 +119,7 @@ impl HandshakeGuard {
             refilled_at: None,
             budget,
             key_agreements: 0,
+            seen_mac1: Box::new([[0u8; 16]; REPLAY_SLOTS]),
         }
     }
 
@@ -134,9 +151,23 @@ impl HandshakeGuard {
         scratch: &'b mut [u8],
         drops: &mut DropCounters,
     ) -> Admission<'b> {
+        let mac1 = (bytes.len() == INIT_LEN && bytes.first() == Some(&1))
+            .then(|| bytes.get(INIT_MAC1))
+            .flatten()
+            .and_then(|m| <[u8; 16]>::try_from(m).ok());
+        let slot = mac1.map(|m| Self::slot(&m));
+        if let (Some(m), Some(i)) = (mac1, slot) {
+            if self.seen_mac1[i] == m {
+                drops.handshake_replay += 1;
+                return Admission::Dropped;
+            }
+        }
         let packet = match self.limiter.verify_packet(Some(from), bytes, scratch) {
             Ok(p) => p,
             Err(TunnResult::WriteToNetwork(cookie)) => {
+                if let (Some(m), Some(i)) = (mac1, slot) {
+                    self.seen_mac1[i] = m;
+                }
                 drops.handshake_cookie += 1;
                 return Admission::Cookie(cookie);
             }
@@ -151,6 +182,9 @@ impl HandshakeGuard {
             Packet::PacketCookieReply(p) => return Admission::Index(p.receiver_idx >> 8),
             Packet::PacketData(p) => return Admission::Index(p.receiver_idx >> 8),
         };
+        if let (Some(m), Some(i)) = (mac1, slot) {
+            self.seen_mac1[i] = m;
+        }
         if !self.take_budget(now) {
             drops.handshake_flood += 1;
             return Admission::Dropped;
@@ -168,6 +202,11 @@ impl HandshakeGuard {
                 Admission::Dropped
             }
         }
+    }
+
+    /// The replay filter's slot for a mac1 (a MAC output, so its bytes are uniform).
+    fn slot(mac1: &[u8; 16]) -> usize {
+        usize::from(u16::from_le_bytes([mac1[0], mac1[1]])) % REPLAY_SLOTS
     }
 
     /// Takes one initiation from the budget, refilling it for the time since the last refill.
@@ -218,8 +257,8 @@ mod tests {
         )
     }
 
-    /// A real handshake initiation from `from` to `to`.
-    fn initiation(from: &NodeSecret, to: &NodeSecret) -> Vec<u8> {
+    /// `n` real handshake initiations from `from` to `to`, each new (its own ephemeral key).
+    fn initiations(from: &NodeSecret, to: &NodeSecret, n: usize) -> Vec<Vec<u8>> {
         let mut tunn = Tunn::new(
             from.to_static(),
             to.public().to_public(),
@@ -229,10 +268,16 @@ mod tests {
             None,
         );
         let mut buf = vec![0u8; 256];
-        match tunn.format_handshake_initiation(&mut buf, false) {
-            TunnResult::WriteToNetwork(b) => b.to_vec(),
-            _ => panic!("an initiation"),
-        }
+        (0..n)
+            .map(|_| match tunn.format_handshake_initiation(&mut buf, true) {
+                TunnResult::WriteToNetwork(b) => b.to_vec(),
+                _ => panic!("an initiation"),
+            })
+            .collect()
+    }
+
+    fn initiation(from: &NodeSecret, to: &NodeSecret) -> Vec<u8> {
+        initiations(from, to, 1).remove(0)
     }
 
     fn source(i: u32) -> IpAddr {
@@ -240,15 +285,14 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_mac1_never_reaches_key_agreement() {
+    fn a_bad_mac1_never_reaches_key_agreement_and_a_replay_is_dropped_before_any_crypto() {
         let (a, b, c) = keys();
         let mut guard = HandshakeGuard::new(b.to_static());
         let mut scratch = vec![0u8; 256];
         let mut drops = DropCounters::default();
         let now = Instant::now();
         let mut forged = initiation(&a, &b);
-        let mac1 = forged.len() - 32;
-        forged[mac1] ^= 1;
+        forged[INIT_MAC1.start] ^= 1;
         // An initiation meant for someone else carries a mac1 for their key.
         let for_c = initiation(&a, &c);
         for bytes in [&forged, &for_c] {
@@ -260,6 +304,10 @@ mod tests {
         assert_eq!(guard.key_agreements(), 0, "no X25519 for a bad mac1");
         assert_eq!(drops.wireguard, 2_000);
         assert_eq!(drops.handshake_cookie, 0, "a bad mac1 is not answered");
+        assert_eq!(
+            drops.handshake_replay, 0,
+            "a bad mac1 never enters the filter"
+        );
         let real = initiation(&a, &b);
         let got = guard.admit(now, source(1), &real, true, &mut scratch, &mut drops);
         assert_eq!(
@@ -269,6 +317,22 @@ mod tests {
             }
         );
         assert_eq!(guard.key_agreements(), 1);
+        // The same initiation again, from anywhere and with any mac2, is a replay.
+        let mut other_mac2 = real.clone();
+        other_mac2[INIT_LEN - 1] ^= 0xff;
+        for (i, bytes) in [&real, &other_mac2]
+            .into_iter()
+            .cycle()
+            .take(10_000)
+            .enumerate()
+        {
+            let from = source(u32::try_from(i).expect("small"));
+            let got = guard.admit(now, from, bytes, true, &mut scratch, &mut drops);
+            assert_eq!(got, Admission::Dropped);
+        }
+        assert_eq!(guard.key_agreements(), 1);
+        assert_eq!(drops.handshake_replay, 10_000);
+        assert_eq!(drops.handshake_cookie, 0, "replays get no cookie reply");
     }
 
     #[test]
@@ -278,10 +342,10 @@ mod tests {
         let mut scratch = vec![0u8; 256];
         let mut drops = DropCounters::default();
         let now = Instant::now();
-        let replayed = initiation(&a, &b);
+        let n = 300;
         let (mut admitted, mut cookies) = (0u64, 0u64);
-        for _ in 0..1_000 {
-            match guard.admit(now, source(7), &replayed, true, &mut scratch, &mut drops) {
+        for init in initiations(&a, &b, n) {
+            match guard.admit(now, source(7), &init, true, &mut scratch, &mut drops) {
                 Admission::Initiation { .. } => admitted += 1,
                 Admission::Cookie(reply) => {
                     assert_eq!(reply.len(), 64, "a cookie reply");
@@ -294,7 +358,7 @@ mod tests {
         // The count is reset only by `handle_reset`, at most once a real second.
         assert_eq!(admitted, HANDSHAKE_LOAD_THRESHOLD);
         assert_eq!(guard.key_agreements(), HANDSHAKE_LOAD_THRESHOLD);
-        assert_eq!(cookies, 1_000 - HANDSHAKE_LOAD_THRESHOLD);
+        assert_eq!(cookies, n as u64 - HANDSHAKE_LOAD_THRESHOLD);
         assert_eq!(drops.handshake_cookie, cookies);
     }
 
@@ -314,10 +378,10 @@ mod tests {
         let mut drops = DropCounters::default();
         let now = Instant::now();
         // Someone else's initiations put B under load.
-        let junk = initiation(&c, &b);
-        for i in 0..200 {
+        for (i, junk) in (0..).zip(initiations(&c, &b, 100)) {
             guard_b.admit(now, source(i), &junk, true, &mut scratch, &mut drops);
         }
+        assert!(drops.handshake_cookie > 0, "B is under load");
         let agreements = guard_b.key_agreements();
 
         let mut packet = vec![0u8; 28];
@@ -387,45 +451,59 @@ mod tests {
     }
 
     #[test]
-    fn the_budget_holds_under_replays_from_distinct_forged_sources() {
+    fn the_budget_holds_under_floods_from_distinct_forged_sources() {
         let (a, b, _) = keys();
-        let replayed = initiation(&a, &b);
         let mut scratch = vec![0u8; 256];
         let t0 = Instant::now();
-        // A sender that answers every cookie (the limiter never demands one): only the budget
-        // stands. 100,000 initiations at 10,000 a second of node time, each from a new address.
-        let mut guard = HandshakeGuard::with_limits(b.to_static(), u64::MAX, HANDSHAKE_BUDGET);
+        // 100,000 replays of one initiation at 10,000 a second, each from a new address: one
+        // key agreement, the rest dropped by the replay filter.
+        let replayed = initiation(&a, &b);
+        let mut guard = HandshakeGuard::new(b.to_static());
         let mut drops = DropCounters::default();
         let n: u32 = 100_000;
         for i in 0..n {
             let now = t0 + Duration::from_micros(100) * i;
             guard.admit(now, source(i), &replayed, true, &mut scratch, &mut drops);
         }
-        let secs = 10;
-        let bound = u64::from(HANDSHAKE_BUDGET) * (secs + 1);
+        assert_eq!(guard.key_agreements(), 1);
+        assert_eq!(drops.handshake_replay, u64::from(n) - 1);
+
+        // New initiations from a sender that answers every cookie (the limiter never demands
+        // one, so only the budget stands): 2,000 at 1,000 a second of node time.
+        let fresh = initiations(&a, &b, 2_000);
+        let mut guard = HandshakeGuard::with_limits(b.to_static(), u64::MAX, HANDSHAKE_BUDGET);
+        let mut drops = DropCounters::default();
+        for (i, init) in (0..).zip(&fresh) {
+            let now = t0 + Duration::from_millis(1) * i;
+            guard.admit(now, source(i), init, true, &mut scratch, &mut drops);
+        }
+        let bound = u64::from(HANDSHAKE_BUDGET) * 3;
         println!(
-            "{} key agreements for {n} initiations over {secs} s (bound {bound})",
-            guard.key_agreements()
+            "{} key agreements for {} new initiations over 2 s (bound {bound})",
+            guard.key_agreements(),
+            fresh.len()
         );
         assert!(guard.key_agreements() <= bound);
         assert!(
-            guard.key_agreements() >= u64::from(HANDSHAKE_BUDGET) * secs,
+            guard.key_agreements() >= u64::from(HANDSHAKE_BUDGET) * 2,
             "the budget refills"
         );
-        assert_eq!(drops.handshake_flood, u64::from(n) - guard.key_agreements());
+        assert_eq!(
+            drops.handshake_flood,
+            fresh.len() as u64 - guard.key_agreements()
+        );
 
         // With the default limiter the cookies stop them first, from any number of addresses.
         let mut guard = HandshakeGuard::new(b.to_static());
         let mut drops = DropCounters::default();
-        let n = 10_000;
-        for i in 0..n {
-            let now = t0 + Duration::from_micros(100) * i;
-            guard.admit(now, source(i), &replayed, true, &mut scratch, &mut drops);
+        for (i, init) in (0..).zip(&fresh) {
+            let now = t0 + Duration::from_millis(1) * i;
+            guard.admit(now, source(i), init, true, &mut scratch, &mut drops);
         }
         assert!(guard.key_agreements() <= HANDSHAKE_LOAD_THRESHOLD);
         assert_eq!(
             drops.handshake_cookie,
-            u64::from(n) - guard.key_agreements()
+            fresh.len() as u64 - guard.key_agreements()
         );
     }
 }
