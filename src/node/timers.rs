@@ -32,7 +32,7 @@ pub enum Timer {
     /// Path selection: probe rounds, keepalive pings, direct-path timeouts, birthday probing,
     /// and stale members' grace periods.
     Paths,
-    /// The once-a-second reset of the shared handshake rate limiter's count.
+    /// The once-a-second reset of the handshake guard's count of handshake messages.
     HandshakeLimiter,
 }
 

@@ -3,35 +3,39 @@
 //! # Job
 //! A handshake initiation costs its receiver X25519 operations (one to learn who sent it, more
 //! in boringtun to answer it), and one captured initiation can be replayed at line rate. So
-//! every WireGuard datagram passes the guard before any key agreement:
-//! 1. boringtun's [`RateLimiter`], **one for the whole node**, shared with every peer link's
-//!    `Tunn`: it checks mac1 (a keyed BLAKE2s with our public key; a sender that does not know
-//!    our key fails here, cheaply), counts handshake messages, and above
-//!    [`HANDSHAKE_LOAD_THRESHOLD`] a second demands a valid mac2, answering everything else
-//!    with a cookie reply bound to the sender's address (WireGuard's under-load mode);
-//! 2. a **replay filter**: the mac1 of every initiation that passed it (a MAC over the whole
-//!    message, so a new initiation always has a new one) goes into a small direct-mapped table;
-//!    a datagram carrying a mac1 already there is a replay (WireGuard never sends the same
-//!    initiation twice) and is dropped before any BLAKE2s or cookie reply, counted as
+//! every WireGuard datagram passes the guard, one for the whole node, before any key
+//! agreement:
+//! 1. a **replay filter**: the mac1 of every initiation that passed step 2 (a MAC over the
+//!    whole message, so a new initiation always has a new one) goes into a small direct-mapped
+//!    table; a datagram carrying a mac1 already there is a replay (WireGuard never sends the
+//!    same initiation twice) and is dropped before any BLAKE2s or cookie reply, counted as
 //!    `handshake_replay`. Only verified mac1s enter the table, so nobody without our public
 //!    key can evict one;
-//! 3. a **global budget** of initiations admitted to key agreement, a token bucket on the
-//!    node's clock ([`HANDSHAKE_BUDGET`] a second), for senders that can answer cookies from
-//!    many addresses. Initiations over budget are dropped and counted as `handshake_flood`.
+//! 2. boringtun's [`RateLimiter`] checks **mac1** (a keyed BLAKE2s with our public key: a
+//!    sender that does not know our key fails here, cheaply). The guard counts handshake
+//!    messages; above [`HANDSHAKE_LOAD_THRESHOLD`] in one [`LIMITER_RESET`] period the node is
+//!    **under load** and a valid **mac2** is demanded, everything else being answered with a
+//!    cookie reply bound to the sender's address (WireGuard's under-load mode), counted as
+//!    `handshake_cookie`;
+//! 3. a **global budget** of initiations admitted to key agreement, a token bucket
+//!    ([`HANDSHAKE_BUDGET`] a second), for senders that can answer cookies from many
+//!    addresses. Initiations over budget are dropped and counted as `handshake_flood`.
 //!
-//! # Clocks
-//! The node reads no clock; the limiter does: its per-second count and its two-minute cookie
-//! secret follow real time, as `Tunn`'s timers do, and its secrets come from the OS. That
-//! stays behind the peer link (this module and `link.rs` are the only users of boringtun's
-//! `noise` types). The node calls [`HandshakeGuard::handle_reset`] from its timer table every
-//! [`LIMITER_RESET`]; the limiter itself ignores a call less than a real second after the last.
-//! The budget runs on the node's `now`, so simulations control it.
+//! # Two limiters, and clocks
+//! boringtun's limiter decides "under load" from a count it resets on the real clock, which
+//! would make simulations (many virtual seconds per real one) depend on the speed of the
+//! machine. So the guard keeps the count itself, on the node's clock (the node calls
+//! [`HandshakeGuard::handle_reset`] from its timer table every [`LIMITER_RESET`]), and holds
+//! two boringtun limiters made with fixed answers: one that is never under load (mac1 only),
+//! which every peer link's `Tunn` shares, so a link's own check of an admitted message is one
+//! BLAKE2s more and never a second count; and one that is always under load (mac1 and mac2),
+//! used while the node is. What still follows real time is the cookie secret (rotated every
+//! two minutes, as WireGuard says) and the limiters' OS-random secrets; that stays behind the
+//! peer link (this module and `link.rs` are the only users of boringtun's `noise` types).
 //!
 //! # Driving contract
 //! [`HandshakeGuard::admit`] for every WireGuard datagram, before the peer link sees it; act on
-//! the [`Admission`]. The link's `Tunn` checks the datagram again with the same limiter, so an
-//! admitted handshake message counts twice towards the load threshold (the threshold is set
-//! with that in mind).
+//! the [`Admission`]. [`HandshakeGuard::handle_reset`] every [`LIMITER_RESET`] of node time.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -44,17 +48,18 @@ use boringtun::noise::{Packet, TunnResult};
 use crate::keys::PeerKey;
 use crate::status::DropCounters;
 
-/// Handshake messages a second (counted by the shared limiter across all peers and sources)
-/// above which mac2 is demanded. A member answers each peer's rekey every two minutes; 64 a
-/// second (32 admitted initiations, each counted twice) is far above any network's needs and
-/// keeps a replaying attacker's share of the budget below half of it.
+/// Handshake messages a period of [`LIMITER_RESET`] (across all peers and sources) above which
+/// mac2 is demanded. A member sees one initiation and one response per peer per two-minute
+/// rekey; 64 a second lets a member that joins a network of 30 answer every first handshake
+/// at once, and keeps the share of the budget an attacker with one address can take below
+/// two thirds of it.
 pub const HANDSHAKE_LOAD_THRESHOLD: u64 = 64;
 /// Initiations admitted to key agreement a second across all sources, and the burst allowed.
 /// Each costs about six X25519 scalar multiplications (~0.3 ms on a slow core), so 100 a
 /// second is at most a few percent of one core, while a member joining a network of 100
 /// members can answer all their first handshakes at once.
 pub const HANDSHAKE_BUDGET: u32 = 100;
-/// How often the node resets the limiter's count: boringtun's own period (one second).
+/// How often the node resets the count of handshake messages: boringtun's own period.
 pub const LIMITER_RESET: Duration = Duration::from_secs(1);
 
 /// Slots of the replay filter (16 bytes each): the most recent initiations a member sees are
@@ -85,7 +90,13 @@ pub(crate) enum Admission<'b> {
 
 /// The node's shared handshake limiter and global key-agreement budget (see the module doc).
 pub(crate) struct HandshakeGuard {
-    limiter: Arc<RateLimiter>,
+    /// Never under load: checks mac1 only. Shared with every peer link's `Tunn`.
+    mac1_only: Arc<RateLimiter>,
+    /// Always under load: checks mac1 and mac2, and makes cookie replies.
+    with_cookie: RateLimiter,
+    /// Handshake messages since the last reset, and how many make the node under load.
+    handshakes: u64,
+    load_threshold: u64,
     secret: x25519_dalek::StaticSecret,
     public: x25519_dalek::PublicKey,
     /// Available budget in thousandths of an initiation, and when it was last refilled.
@@ -112,7 +123,10 @@ impl HandshakeGuard {
     ) -> Self {
         let public = x25519_dalek::PublicKey::from(&secret);
         Self {
-            limiter: Arc::new(RateLimiter::new(&public, load_threshold)),
+            mac1_only: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            with_cookie: RateLimiter::new(&public, 0),
+            handshakes: 0,
+            load_threshold,
             secret,
             public,
             budget_milli: u64::from(budget) * MILLI,
@@ -125,7 +139,7 @@ impl HandshakeGuard {
 
     /// The limiter every peer link's `Tunn` must share.
     pub(super) fn limiter(&self) -> Arc<RateLimiter> {
-        Arc::clone(&self.limiter)
+        Arc::clone(&self.mac1_only)
     }
 
     /// Initiations admitted to key agreement so far.
@@ -134,9 +148,9 @@ impl HandshakeGuard {
         self.key_agreements
     }
 
-    /// The once-a-second reset of the limiter's count (see the module doc for its clock).
-    pub(crate) fn handle_reset(&self) {
-        self.limiter.reset_count();
+    /// Starts a new period of [`LIMITER_RESET`] for the count of handshake messages.
+    pub(crate) fn handle_reset(&mut self) {
+        self.handshakes = 0;
     }
 
     /// Checks one WireGuard datagram from `from` before any key agreement. `identify` asks
@@ -162,7 +176,18 @@ impl HandshakeGuard {
                 return Admission::Dropped;
             }
         }
-        let packet = match self.limiter.verify_packet(Some(from), bytes, scratch) {
+        // Handshake messages (initiations, responses) with a valid mac1 count towards the load.
+        let handshake = matches!(bytes.first(), Some(1 | 2));
+        let limiter = if self.handshakes >= self.load_threshold {
+            &self.with_cookie
+        } else {
+            &*self.mac1_only
+        };
+        let verdict = limiter.verify_packet(Some(from), bytes, scratch);
+        if handshake && matches!(verdict, Ok(_) | Err(TunnResult::WriteToNetwork(_))) {
+            self.handshakes = self.handshakes.saturating_add(1);
+        }
+        let packet = match verdict {
             Ok(p) => p,
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 if let (Some(m), Some(i)) = (mac1, slot) {
@@ -355,7 +380,7 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             }
         }
-        // The count is reset only by `handle_reset`, at most once a real second.
+        // The count is reset only by `handle_reset`, from the node's timer table.
         assert_eq!(admitted, HANDSHAKE_LOAD_THRESHOLD);
         assert_eq!(guard.key_agreements(), HANDSHAKE_LOAD_THRESHOLD);
         assert_eq!(cookies, n as u64 - HANDSHAKE_LOAD_THRESHOLD);
