@@ -293,8 +293,11 @@ fn enter_netns(ns: &str) -> Result<()> {
 /// namespace: returns the UDP port it went to and the initiation.
 struct Capture {
     stop: Arc<AtomicBool>,
-    thread: thread::JoinHandle<Result<Option<(u16, Vec<u8>)>>>,
+    thread: thread::JoinHandle<Result<Option<Captured>>>,
 }
+
+/// The UDP port an initiation went to, and the initiation.
+type Captured = (u16, Vec<u8>);
 
 impl Capture {
     /// Most time a capture runs.
@@ -305,7 +308,7 @@ impl Capture {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let ns = ns.to_string();
         let flag = stop.clone();
-        let thread = thread::spawn(move || -> Result<Option<(u16, Vec<u8>)>> {
+        let thread = thread::spawn(move || -> Result<Option<Captured>> {
             let socket = match enter_netns(&ns).and_then(|()| packet_socket()) {
                 Ok(s) => {
                     let _ = ready_tx.send(Ok(()));
@@ -339,7 +342,7 @@ impl Capture {
         }
     }
 
-    fn finish(self) -> Result<(u16, Vec<u8>)> {
+    fn finish(self) -> Result<Captured> {
         self.stop.store(true, Ordering::SeqCst);
         self.thread
             .join()

@@ -294,9 +294,13 @@ mod tests {
         );
         let mut buf = vec![0u8; 256];
         (0..n)
-            .map(|_| match tunn.format_handshake_initiation(&mut buf, true) {
-                TunnResult::WriteToNetwork(b) => b.to_vec(),
-                _ => panic!("an initiation"),
+            .map(|_| {
+                let TunnResult::WriteToNetwork(b) =
+                    tunn.format_handshake_initiation(&mut buf, true)
+                else {
+                    panic!("an initiation");
+                };
+                b.to_vec()
             })
             .collect()
     }
@@ -377,7 +381,9 @@ mod tests {
                     assert_eq!(reply[0], 3);
                     cookies += 1;
                 }
-                other => panic!("unexpected {other:?}"),
+                other @ (Admission::Index(_) | Admission::Dropped) => {
+                    panic!("unexpected {other:?}")
+                }
             }
         }
         // The count is reset only by `handle_reset`, from the node's timer table.
@@ -422,7 +428,9 @@ mod tests {
             .to_vec();
         let cookie = match guard_b.admit(now, addr_a, &init, true, &mut scratch, &mut drops) {
             Admission::Cookie(c) => c.to_vec(),
-            other => panic!("expected a cookie reply, got {other:?}"),
+            other @ (Admission::Index(_) | Admission::Initiation { .. } | Admission::Dropped) => {
+                panic!("expected a cookie reply, got {other:?}")
+            }
         };
         assert_eq!(
             guard_b.key_agreements(),
