@@ -142,3 +142,96 @@ impl Node {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{NodeConfig, RelayTarget, Transport, HANDSHAKE_LOAD_THRESHOLD};
+    use super::*;
+    use crate::keys::{NetworkSecret, NodeSecret};
+    use boringtun::noise::{Tunn, TunnResult};
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha20Rng;
+    use std::net::Ipv4Addr;
+
+    fn node(now: Instant) -> Node {
+        let mut rng = ChaCha20Rng::seed_from_u64(12);
+        let relay = NodeSecret::generate(&mut rng).public();
+        let cfg = NodeConfig {
+            secret: NodeSecret::generate(&mut rng),
+            network_secret: NetworkSecret::generate(&mut rng),
+            network_name: "test".into(),
+            name: "a".into(),
+            virtual_ip: Ipv4Addr::new(10, 77, 0, 1),
+            subnet: "10.77.0.0/16".parse().expect("literal"),
+            relay: RelayTarget {
+                key: relay,
+                addr: "203.0.113.1:3478".parse().expect("literal"),
+            },
+            stun_servers: Vec::new(),
+            seed: 1,
+        };
+        Node::new(cfg, now, 1_700_000_000_000)
+    }
+
+    #[test]
+    fn initiations_under_load_are_answered_with_cookies_to_their_sender_and_no_key_agreement() {
+        let now = Instant::now();
+        let mut n = node(now);
+        let mut buf = Vec::new();
+        n.handle_timeout(now);
+        while n.poll_transmit(&mut buf).is_some() {}
+        // Someone who knows the member's public key, from one address.
+        let mut rng = ChaCha20Rng::seed_from_u64(13);
+        let sender = NodeSecret::generate(&mut rng);
+        let mut tunn = Tunn::new(
+            sender.to_static(),
+            n.public.to_public(),
+            None,
+            None,
+            1,
+            None,
+        );
+        let from: SocketAddr = "198.51.100.9:40000".parse().expect("literal");
+        let mut scratch = vec![0u8; 256];
+        let total = HANDSHAKE_LOAD_THRESHOLD + 50;
+        let mut cookies = 0;
+        for _ in 0..total {
+            let TunnResult::WriteToNetwork(init) =
+                tunn.format_handshake_initiation(&mut scratch, true)
+            else {
+                panic!("an initiation");
+            };
+            n.handle_udp(now, from, init);
+            while let Some(t) = n.poll_transmit(&mut buf) {
+                assert_eq!(
+                    t.transport,
+                    Transport::Udp {
+                        socket: 0,
+                        dst: from
+                    }
+                );
+                assert_eq!((buf.len(), buf[0]), (64, 3), "a cookie reply");
+                cookies += 1;
+            }
+        }
+        assert_eq!(cookies, 50);
+        assert_eq!(n.guard.key_agreements(), HANDSHAKE_LOAD_THRESHOLD);
+        assert_eq!(n.drops.handshake_cookie, 50);
+        // Not a member: every initiation that reached key agreement is refused.
+        assert_eq!(n.drops.wireguard, HANDSHAKE_LOAD_THRESHOLD);
+
+        // The count restarts each second of node time (the timer runs while peers exist; here
+        // the guard is reset directly): the next initiation is admitted again.
+        n.guard.handle_reset();
+        let TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut scratch, true)
+        else {
+            panic!("an initiation");
+        };
+        n.handle_udp(now, from, init);
+        assert!(
+            n.poll_transmit(&mut buf).is_none(),
+            "no cookie after the reset"
+        );
+        assert_eq!(n.guard.key_agreements(), HANDSHAKE_LOAD_THRESHOLD + 1);
+    }
+}

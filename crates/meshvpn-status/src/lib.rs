@@ -473,6 +473,18 @@ mod tests {
     }
 
     #[test]
+    fn drop_counters_from_before_the_handshake_counters_still_parse() {
+        let old =
+            r#"{"malformed":1,"unauthenticated":2,"wireguard":3,"spoofed_source":4,"no_route":5}"#;
+        let d: DropCounters = serde_json::from_str(old).expect("older JSON parses");
+        assert_eq!((d.wireguard, d.no_route), (3, 5));
+        assert_eq!(
+            (d.handshake_flood, d.handshake_cookie, d.handshake_replay),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
     fn lookups_and_addresses() {
         let s = sample();
         assert_eq!(s.virtual_ipv4(), Ok(Ipv4Addr::new(10, 1, 2, 3)));
