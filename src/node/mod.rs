@@ -36,7 +36,8 @@
 //! ```text
 //!  TUN ──ip packet──▶ route by destination virtual IP ─▶ peer link (seal)
 //!                                         └▶ path: direct addr (UDP) | relay frame (UDP or stream)
-//!  UDP / stream ──▶ classify: WireGuard ─▶ peer by handshake key / receiver index ─▶ open ─▶
+//!  UDP / stream ──▶ classify: WireGuard ─▶ handshake guard (replay, mac1, cookie, budget) ─▶
+//!                     peer by handshake key / receiver index ─▶ open ─▶
 //!                     check inner source == peer's virtual IP (cryptokey routing) ─▶ TUN
 //!          meshvpn frame: relay reply (membership) | relayed payload | disco ping/pong
 //!          STUN: binding responses (reflexive address; over UDP, proof that UDP works)
