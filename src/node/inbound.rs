@@ -1,14 +1,13 @@
 //! Inbound dispatch: which machine a datagram belongs to. Relay replies go to the relay
 //! session and membership, relayed and direct disco messages to path selection, WireGuard
-//! datagrams to the peer link found by the initiator's static key (handshake initiations) or
-//! our receiver index (everything else). Anything that fits nowhere is counted and dropped.
+//! datagrams, once the handshake guard admits them, to the peer link found by the initiator's
+//! static key (handshake initiations) or our receiver index (everything else). Anything that
+//! fits nowhere is counted and dropped.
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use boringtun::noise::{handshake::parse_handshake_anon, Packet, Tunn};
-
-use super::link::LinkOutput;
+use super::link::{Admission, LinkOutput};
 use super::{Handled, Node, Timer};
 use crate::keys::PeerKey;
 use crate::wire::{self, DatagramKind, Frame};
@@ -46,7 +45,7 @@ impl Node {
                 self.relay.note_heard(now);
                 match wire::classify(payload) {
                     DatagramKind::WireGuard => {
-                        self.handle_wireguard(from, 0, Some(sender), payload);
+                        self.handle_wireguard(now, from, 0, Some(sender), payload);
                         return Handled::Data;
                     }
                     DatagramKind::Meshvpn => match Frame::parse(payload) {
@@ -81,17 +80,37 @@ impl Node {
     }
 
     /// A WireGuard message from `from` on our socket `socket`, relayed on behalf of
-    /// `via_relay` if set. The data path: nothing here allocates.
+    /// `via_relay` if set. The handshake guard sees it first (mac1, cookies under load, the
+    /// key-agreement budget); a cookie reply goes back the way the message came. The data
+    /// path: nothing here allocates.
     pub(super) fn handle_wireguard(
         &mut self,
+        now: Instant,
         from: SocketAddr,
         socket: u16,
         via_relay: Option<PeerKey>,
         bytes: &[u8],
     ) {
-        let key = match via_relay {
-            Some(k) => Some(k),
-            None => self.wireguard_sender(bytes),
+        let identify = via_relay.is_none();
+        let admission = self.guard.admit(
+            now,
+            from.ip(),
+            bytes,
+            identify,
+            &mut self.buf,
+            &mut self.drops,
+        );
+        let key = match admission {
+            Admission::Cookie(cookie) => {
+                match via_relay {
+                    Some(k) => self.out.relay_to_peer(k, cookie),
+                    None => self.out.udp(socket, from, cookie),
+                }
+                return;
+            }
+            Admission::Dropped => return,
+            Admission::Initiation { initiator } => via_relay.or(initiator),
+            Admission::Index(index) => via_relay.or_else(|| self.members.by_index(index)),
         };
         let Some(key) = key else {
             self.drops.wireguard += 1;
@@ -122,21 +141,97 @@ impl Node {
             self.timers.arm_earliest(Timer::Handshake, at);
         }
     }
+}
 
-    /// Finds the peer a direct WireGuard message belongs to: the initiator's static key for a
-    /// handshake initiation, the receiver index for everything else.
-    fn wireguard_sender(&self, bytes: &[u8]) -> Option<PeerKey> {
-        match Tunn::parse_incoming_packet(bytes).ok()? {
-            Packet::HandshakeInit(init) => {
-                let secret = self.cfg.secret.to_static();
-                let public = x25519_dalek::PublicKey::from(&secret);
-                let half = parse_handshake_anon(&secret, &public, &init).ok()?;
-                let key = PeerKey(half.peer_static_public);
-                self.peers.contains_key(&key).then_some(key)
+#[cfg(test)]
+mod tests {
+    use super::super::{NodeConfig, RelayTarget, Transport, HANDSHAKE_LOAD_THRESHOLD};
+    use super::*;
+    use crate::keys::{NetworkSecret, NodeSecret};
+    use boringtun::noise::{Tunn, TunnResult};
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha20Rng;
+    use std::net::Ipv4Addr;
+
+    fn node(now: Instant) -> Node {
+        let mut rng = ChaCha20Rng::seed_from_u64(12);
+        let relay = NodeSecret::generate(&mut rng).public();
+        let cfg = NodeConfig {
+            secret: NodeSecret::generate(&mut rng),
+            network_secret: NetworkSecret::generate(&mut rng),
+            network_name: "test".into(),
+            name: "a".into(),
+            virtual_ip: Ipv4Addr::new(10, 77, 0, 1),
+            subnet: "10.77.0.0/16".parse().expect("literal"),
+            relay: RelayTarget {
+                key: relay,
+                addr: "203.0.113.1:3478".parse().expect("literal"),
+            },
+            stun_servers: Vec::new(),
+            seed: 1,
+        };
+        Node::new(cfg, now, 1_700_000_000_000)
+    }
+
+    #[test]
+    fn initiations_under_load_are_answered_with_cookies_to_their_sender_and_no_key_agreement() {
+        let now = Instant::now();
+        let mut n = node(now);
+        let mut buf = Vec::new();
+        n.handle_timeout(now);
+        while n.poll_transmit(&mut buf).is_some() {}
+        // Someone who knows the member's public key, from one address.
+        let mut rng = ChaCha20Rng::seed_from_u64(13);
+        let sender = NodeSecret::generate(&mut rng);
+        let mut tunn = Tunn::new(
+            sender.to_static(),
+            n.public.to_public(),
+            None,
+            None,
+            1,
+            None,
+        );
+        let from: SocketAddr = "198.51.100.9:40000".parse().expect("literal");
+        let mut scratch = vec![0u8; 256];
+        let total = HANDSHAKE_LOAD_THRESHOLD + 50;
+        let mut cookies = 0;
+        for _ in 0..total {
+            let TunnResult::WriteToNetwork(init) =
+                tunn.format_handshake_initiation(&mut scratch, true)
+            else {
+                panic!("an initiation");
+            };
+            n.handle_udp(now, from, init);
+            while let Some(t) = n.poll_transmit(&mut buf) {
+                assert_eq!(
+                    t.transport,
+                    Transport::Udp {
+                        socket: 0,
+                        dst: from
+                    }
+                );
+                assert_eq!((buf.len(), buf[0]), (64, 3), "a cookie reply");
+                cookies += 1;
             }
-            Packet::HandshakeResponse(p) => self.members.by_index(p.receiver_idx >> 8),
-            Packet::PacketCookieReply(p) => self.members.by_index(p.receiver_idx >> 8),
-            Packet::PacketData(p) => self.members.by_index(p.receiver_idx >> 8),
         }
+        assert_eq!(cookies, 50);
+        assert_eq!(n.guard.key_agreements(), HANDSHAKE_LOAD_THRESHOLD);
+        assert_eq!(n.drops.handshake_cookie, 50);
+        // Not a member: every initiation that reached key agreement is refused.
+        assert_eq!(n.drops.wireguard, HANDSHAKE_LOAD_THRESHOLD);
+
+        // The count restarts each second of node time (the timer runs while peers exist; here
+        // the guard is reset directly): the next initiation is admitted again.
+        n.guard.handle_reset();
+        let TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut scratch, true)
+        else {
+            panic!("an initiation");
+        };
+        n.handle_udp(now, from, init);
+        assert!(
+            n.poll_transmit(&mut buf).is_none(),
+            "no cookie after the reset"
+        );
+        assert_eq!(n.guard.key_agreements(), HANDSHAKE_LOAD_THRESHOLD + 1);
     }
 }

@@ -3,8 +3,10 @@
 //! # Job
 //! Everything boringtun does for one peer happens here and nowhere else: sealing packets from
 //! the TUN, opening datagrams (including boringtun's flush loop that releases packets queued
-//! during a handshake), its periodic `update_timers`, its cookie rate limiter (created by
-//! `Tunn::new`, so each link has its own), and the node's own handshake retries. The link knows
+//! during a handshake), its periodic `update_timers`, and the node's own handshake retries.
+//! Every link's `Tunn` shares the node's one cookie rate limiter, owned by the [`guard`]
+//! (mac1 first, cookies under load, a global budget of key agreements), which sees every
+//! WireGuard datagram before any link does: boringtun stays behind this module. The link knows
 //! nothing about paths: it hands each outgoing datagram to its caller tagged as a
 //! [`LinkOutput::Reply`] (answer the way the message came) or a [`LinkOutput::Send`] (send on
 //! the peer's current path), and each opened packet as [`LinkOutput::Tun`] once its inner source
@@ -26,6 +28,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use boringtun::noise::{Tunn, TunnResult};
+
+pub(crate) mod guard;
+pub(crate) use guard::{Admission, HandshakeGuard};
 
 use crate::keys::PeerKey;
 use crate::status::DropCounters;
@@ -65,12 +70,14 @@ pub(crate) struct PeerLink {
 
 impl PeerLink {
     /// A link for the peer `peer`, with our `index` (the upper 24 bits of boringtun's receiver
-    /// indices, which route incoming datagrams to this link).
+    /// indices, which route incoming datagrams to this link). Its `Tunn` uses the node's
+    /// shared rate limiter from `guard`.
     pub(crate) fn new(
         secret: x25519_dalek::StaticSecret,
         peer: PeerKey,
         preshared_key: [u8; 32],
         index: u32,
+        guard: &HandshakeGuard,
     ) -> Self {
         let tunn = Tunn::new(
             secret,
@@ -78,7 +85,7 @@ impl PeerLink {
             Some(preshared_key),
             None,
             index,
-            None,
+            Some(guard.limiter()),
         );
         Self {
             tunn: Box::new(tunn),
@@ -261,8 +268,20 @@ mod tests {
             NodeSecret::generate(&mut rng),
         );
         let psk = [9u8; 32];
-        let la = PeerLink::new(a.to_static(), b.public(), psk, 1);
-        let lb = PeerLink::new(b.to_static(), a.public(), psk, 2);
+        let la = PeerLink::new(
+            a.to_static(),
+            b.public(),
+            psk,
+            1,
+            &HandshakeGuard::new(a.to_static()),
+        );
+        let lb = PeerLink::new(
+            b.to_static(),
+            a.public(),
+            psk,
+            2,
+            &HandshakeGuard::new(b.to_static()),
+        );
         (
             la,
             lb,

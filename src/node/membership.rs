@@ -312,6 +312,7 @@ impl Node {
             entry.key,
             self.keys.preshared_key,
             index,
+            &self.guard,
         );
         let disco_key = self
             .cfg

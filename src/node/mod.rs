@@ -36,7 +36,8 @@
 //! ```text
 //!  TUN ──ip packet──▶ route by destination virtual IP ─▶ peer link (seal)
 //!                                         └▶ path: direct addr (UDP) | relay frame (UDP or stream)
-//!  UDP / stream ──▶ classify: WireGuard ─▶ peer by handshake key / receiver index ─▶ open ─▶
+//!  UDP / stream ──▶ classify: WireGuard ─▶ handshake guard (replay, mac1, cookie, budget) ─▶
+//!                     peer by handshake key / receiver index ─▶ open ─▶
 //!                     check inner source == peer's virtual IP (cryptokey routing) ─▶ TUN
 //!          meshvpn frame: relay reply (membership) | relayed payload | disco ping/pong
 //!          STUN: binding responses (reflexive address; over UDP, proof that UDP works)
@@ -69,6 +70,7 @@ pub mod relay_session;
 mod report;
 mod timers;
 
+pub use link::guard::{HANDSHAKE_BUDGET, HANDSHAKE_LOAD_THRESHOLD, LIMITER_RESET};
 pub use link::{HANDSHAKE_GIVE_UP, HANDSHAKE_RETRY, SESSION_FRESH};
 pub use outbox::{Transmit, Transport};
 pub use relay_session::{
@@ -198,6 +200,8 @@ pub struct Node {
     now: Instant,
     out: Outbox,
     drops: DropCounters,
+    /// Mac1, cookies and the key-agreement budget, before any WireGuard datagram reaches a link.
+    guard: link::HandshakeGuard,
     /// Scratch space boringtun seals and opens into.
     buf: Vec<u8>,
 }
@@ -218,6 +222,7 @@ impl Node {
         let keys = cfg.network_secret.derive();
         let session = cfg.secret.relay_session_key(&public, &cfg.relay.key);
         let cfg_relay_addr = cfg.relay.addr;
+        let cfg_secret = cfg.secret.to_static();
         let netcheck = netcheck::NetCheck::new(stun_targets(&cfg.relay, &cfg.stun_servers), now);
         let relay =
             relay_session::RelaySession::new(0, cfg.relay, session, keys.signing.clone(), now);
@@ -245,6 +250,7 @@ impl Node {
                 dst: cfg_relay_addr,
             }),
             drops: DropCounters::default(),
+            guard: link::HandshakeGuard::new(cfg_secret),
             buf: vec![0u8; BUF_LEN],
         };
         node.reseal_announcement(now);
@@ -373,7 +379,7 @@ impl Node {
     ) {
         self.now = self.now.max(now);
         match wire::classify(bytes) {
-            DatagramKind::WireGuard => self.handle_wireguard(from, socket, None, bytes),
+            DatagramKind::WireGuard => self.handle_wireguard(now, from, socket, None, bytes),
             DatagramKind::Meshvpn => {
                 if self.handle_frame(now, from, socket, bytes) == Handled::Control {
                     self.refresh_timers();
@@ -453,6 +459,11 @@ impl Node {
                 Timer::Relay => self.relay_timers(now),
                 Timer::Stun => self.stun_round(now),
                 Timer::Paths => self.path_timers(now),
+                Timer::HandshakeLimiter => {
+                    self.guard.handle_reset();
+                    let next = now + LIMITER_RESET;
+                    self.timers.set(Timer::HandshakeLimiter, Some(next));
+                }
             }
         }
         self.refresh_timers();
@@ -492,6 +503,13 @@ impl Node {
             None => Some(self.now + WIREGUARD_TICK),
         };
         self.timers.set(Timer::WireGuardTick, wireguard);
+        // Like the tick: without peers no handshake can complete, so the count may stay high.
+        let limiter = match self.timers.get(Timer::HandshakeLimiter) {
+            _ if self.peers.is_empty() => None,
+            Some(at) => Some(at),
+            None => Some(self.now + LIMITER_RESET),
+        };
+        self.timers.set(Timer::HandshakeLimiter, limiter);
         let handshake = self
             .peers
             .values()

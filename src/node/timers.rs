@@ -32,16 +32,19 @@ pub enum Timer {
     /// Path selection: probe rounds, keepalive pings, direct-path timeouts, birthday probing,
     /// and stale members' grace periods.
     Paths,
+    /// The once-a-second reset of the handshake guard's count of handshake messages.
+    HandshakeLimiter,
 }
 
 impl Timer {
     /// Every timer, in tie-break order.
-    pub const ALL: [Timer; 5] = [
+    pub const ALL: [Timer; 6] = [
         Timer::WireGuardTick,
         Timer::Handshake,
         Timer::Relay,
         Timer::Stun,
         Timer::Paths,
+        Timer::HandshakeLimiter,
     ];
 
     /// Why the node wants to wake for this timer, for logs and `poll_timeout`.
@@ -52,6 +55,7 @@ impl Timer {
             Timer::Relay => "relay session",
             Timer::Stun => "stun round",
             Timer::Paths => "path selection",
+            Timer::HandshakeLimiter => "handshake limiter reset",
         }
     }
 

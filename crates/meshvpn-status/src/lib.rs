@@ -193,6 +193,18 @@ pub struct DropCounters {
     pub spoofed_source: u64,
     /// Packets from the TUN for an address no member owns.
     pub no_route: u64,
+    /// Handshake initiations dropped because the node's budget of key agreements a second
+    /// was spent (a flood from many addresses).
+    #[serde(default)]
+    pub handshake_flood: u64,
+    /// Handshake messages answered with a cookie reply instead of a key agreement (the node
+    /// was under load and the sender had not proven its address).
+    #[serde(default)]
+    pub handshake_cookie: u64,
+    /// Handshake initiations dropped as exact replays of one seen recently (before any
+    /// cryptography).
+    #[serde(default)]
+    pub handshake_replay: u64,
 }
 
 /// The address part of `10.1.2.3` or `10.1.2.3/16`.
@@ -458,6 +470,18 @@ mod tests {
         );
         let back: Status = serde_json::from_value(json).expect("its own JSON parses");
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn drop_counters_from_before_the_handshake_counters_still_parse() {
+        let old =
+            r#"{"malformed":1,"unauthenticated":2,"wireguard":3,"spoofed_source":4,"no_route":5}"#;
+        let d: DropCounters = serde_json::from_str(old).expect("older JSON parses");
+        assert_eq!((d.wireguard, d.no_route), (3, 5));
+        assert_eq!(
+            (d.handshake_flood, d.handshake_cookie, d.handshake_replay),
+            (0, 0, 0)
+        );
     }
 
     #[test]
