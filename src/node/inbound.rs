@@ -123,7 +123,7 @@ impl Node {
                 LinkOutput::Tun(b) => match inner_addresses(b) {
                     Some((src, dst)) => match members.check_inner(key, src, dst) {
                         Inner::Deliver => out.tun(b),
-                        verdict => refused = verdict,
+                        verdict @ (Inner::SpoofedSource | Inner::NotForUs) => refused = verdict,
                     },
                     None => refused = Inner::SpoofedSource,
                 },
