@@ -240,9 +240,10 @@ impl Membership {
         self.claims.remove(&key);
     }
 
-    /// Records our own claim's start, as the relay acknowledged it.
+    /// Records our own claim's start, as the relay first acknowledged it: the other members
+    /// keep the start they first learned for a claim too (a restarted relay counts anew).
     pub(crate) fn set_own_since(&mut self, since: u64) {
-        self.own_since = Some(since);
+        self.own_since.get_or_insert(since);
     }
 
     /// Records that `key` claims `ip`, present since counter `since` (the relay's entry). A
