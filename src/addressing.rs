@@ -5,9 +5,12 @@
 //! broadcast address), unless the member was given one with `--ip`. Because a derived address is
 //! a function of the key, every member can check it; a static one cannot be checked.
 //!
-//! Two members claiming one address are resolved the same way on every member
-//! ([`owner_rank`]): a derived address beats a static claim, and between equals the lower public
-//! key wins. The loser keeps its session but gets no route, and is told so clearly.
+//! Two members claiming one address are resolved the same way on every member: the first
+//! holder keeps it while alive (ranked by the relay's change counter at which each claim began,
+//! see the node's membership module), so no choice of key takes a live member's address. Only
+//! claims that began at the same counter go by [`owner_rank`]: a derived address beats a static
+//! claim, and between equals the lower public key wins. The loser keeps its session but gets no
+//! route, and is told so clearly.
 
 use std::net::Ipv4Addr;
 
@@ -47,7 +50,8 @@ pub fn is_usable(subnet: &Ipv4Net, ip: Ipv4Addr) -> bool {
     subnet.contains(&ip) && ip != subnet.network() && ip != subnet.broadcast()
 }
 
-/// Rank of a claim on an address; the smallest rank owns it.
+/// Rank of a claim on an address among claims that began at the same change counter; the
+/// smallest rank owns it.
 pub fn owner_rank(subnet: &Ipv4Net, key: &PeerKey, ip: Ipv4Addr) -> (bool, PeerKey) {
     (!is_derived(subnet, key, ip), *key)
 }

@@ -293,10 +293,10 @@ fn a_claimed_virtual_ip_is_resolved_the_same_way_everywhere() {
         s.members.iter().all(|m| m.node.peer_keys().count() == 2)
     })
     .expect("membership");
-    // Both claims are static, so the lower key owns the address.
-    let (kx, ky) = (sim.key(x), sim.key(y));
-    let (owner, loser) = if kx < ky { (x, y) } else { (y, x) };
+    // The first claim the relay took keeps the address; exactly one claimant lost.
     let now = sim.now;
+    let x_lost = sim.members[x].node.status(now).ip_conflict.is_some();
+    let (owner, loser) = if x_lost { (y, x) } else { (x, y) };
     let loser_status = sim.members[loser].node.status(now);
     let owner_status = sim.members[owner].node.status(now);
     assert!(

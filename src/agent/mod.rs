@@ -10,13 +10,14 @@
 
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)] // the driver: owns the clock, tasks and sockets
 
+mod floors;
 mod ifaddrs;
 pub(crate) mod portmap;
 mod progress;
 mod relay_stream;
 mod sockets;
-mod tcp_client;
 pub(crate) mod stream;
+mod tcp_client;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -76,8 +77,9 @@ pub fn check_privileges() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the agent for `cfg` until SIGINT or SIGTERM.
-pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
+/// Runs the agent for `cfg` until SIGINT or SIGTERM; `state_dir` keeps what must survive a
+/// restart (the announcement floors).
+pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Result<()> {
     let relay = cfg
         .relays
         .first()
@@ -146,6 +148,9 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
         now,
         unix_ms,
     );
+    let floors_path = floors::path(state_dir, &cfg.network);
+    node.restore_announcement_floors(floors::load(&floors_path));
+    let mut saved_floors = node.announcement_floors();
     node.set_local_endpoints(now, local_endpoints(port, &ifname, dual_stack));
     tracing::info!(
         network = %cfg.network, name = %cfg.name, virtual_ip = %cfg.virtual_ip, interface = %ifname, udp_port = port,
@@ -239,6 +244,7 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
             _ = endpoint_timer.tick() => {
                 node.set_local_endpoints(Instant::now(), local_endpoints(port, &ifname, dual_stack));
                 extra.retain(&node.active_sockets());
+                save_floors(&node, &floors_path, &mut saved_floors);
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -248,6 +254,7 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
     tracing::info!("shutting down: telling the relay we leave");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     node.leave(Instant::now());
+    save_floors(&node, &floors_path, &mut saved_floors);
     let mut io = Executor {
         socket: (&socket, dual_stack),
         tun: &tun,
@@ -614,5 +621,17 @@ struct RemoveOnDrop(std::path::PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Persists the node's announcement floors if they changed since `saved`.
+fn save_floors(node: &Node, path: &Path, saved: &mut Vec<(crate::keys::PeerKey, u64)>) {
+    let floors = node.announcement_floors();
+    if floors == *saved {
+        return;
+    }
+    match floors::save(path, &floors) {
+        Ok(()) => *saved = floors,
+        Err(e) => tracing::warn!(path = %path.display(), %e, "cannot save the announcement floors"),
     }
 }

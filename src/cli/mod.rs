@@ -305,13 +305,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if enable {
                 return admin::enable_service(&cfg.network);
             }
-            runtime()?.block_on(agent::run(cfg, &cli.run_dir))
+            runtime()?.block_on(agent::run(cfg, &cli.run_dir, &cli.config_dir))
         }
         Command::Up { name } => {
             agent::check_privileges()?;
             let cfg = Config::load(&cli.config_dir, &name)?;
             overlap::check(&cfg, &cli.config_dir)?;
-            runtime()?.block_on(agent::run(cfg, &cli.run_dir))
+            runtime()?.block_on(agent::run(cfg, &cli.run_dir, &cli.config_dir))
         }
         Command::Status { name, json } => status(&cli.config_dir, &cli.run_dir, name, json),
         Command::Ping {

@@ -4,10 +4,11 @@
 //! static key (handshake initiations) or our receiver index (everything else). Anything that
 //! fits nowhere is counted and dropped.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
 use super::link::{Admission, LinkOutput};
+use super::membership::Inner;
 use super::{Handled, Node, Timer};
 use crate::keys::PeerKey;
 use crate::wire::{self, DatagramKind, Frame};
@@ -121,6 +122,8 @@ impl Node {
             return;
         };
         let (vip, direct, out) = (p.virtual_ip(), p.direct(), &mut self.out);
+        let members = &self.members;
+        let mut refused = Inner::Deliver;
         p.link.decapsulate(
             from.ip(),
             bytes,
@@ -134,13 +137,33 @@ impl Node {
                     None => out.udp(socket, from, b),
                 },
                 LinkOutput::Send(b) => out.for_peer(direct, key, b),
-                LinkOutput::Tun(b) => out.tun(b),
+                // Cryptokey routing both ways: the routing table, not the announcement, must
+                // give the source to this peer, and only our own address is delivered.
+                LinkOutput::Tun(b) => match inner_addresses(b) {
+                    Some((src, dst)) => match members.check_inner(key, src, dst) {
+                        Inner::Deliver => out.tun(b),
+                        verdict @ (Inner::SpoofedSource | Inner::NotForUs) => refused = verdict,
+                    },
+                    None => refused = Inner::SpoofedSource,
+                },
             },
         );
+        match refused {
+            Inner::Deliver => {}
+            Inner::SpoofedSource => self.drops.spoofed_source += 1,
+            Inner::NotForUs => self.drops.wrong_destination += 1,
+        }
         if let Some(at) = p.link.poll_timeout() {
             self.timers.arm_earliest(Timer::Handshake, at);
         }
     }
+}
+
+/// Source and destination of an IPv4 packet; `None` for a truncated header.
+fn inner_addresses(packet: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    let src: [u8; 4] = packet.get(12..16)?.try_into().ok()?;
+    let dst: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
+    Some((Ipv4Addr::from(src), Ipv4Addr::from(dst)))
 }
 
 #[cfg(test)]

@@ -7,11 +7,29 @@
 //! Every entry carries the relay's change counter at which it was set (`learned`); removals
 //! leave a tombstone at their counter. A push applies unless a newer tombstone exists; a
 //! removal applies unless a newer push exists; a snapshot taken at counter `seq` replaces
-//! everything not newer than `seq`. A member missing from a snapshot while its direct path still
-//! answers is kept for [`STALE_GRACE`] (the relay may just have restarted). After any change
-//! the routing table is rebuilt: each virtual IP goes to the claimant ranked first by
-//! `addressing::owner_rank` (a derived address beats a chosen one, then the smaller key), the
-//! same on every member, so all members agree without talking.
+//! everything not newer than `seq`. A member missing from a snapshot, or removed by a push,
+//! while its direct path still answers is kept for [`STALE_GRACE`] (the relay may just have
+//! restarted, or may lie). After any change the routing table is rebuilt.
+//!
+//! # Who owns an address
+//! The first holder keeps its address while it is alive, whatever the keys: each claim is
+//! ranked by the relay's change counter at which it began, the same number on every member
+//! (the relay hands it out with every entry as `since`, and tells each member its own in the
+//! registration acknowledgement). A member that changes its address while alive starts a new
+//! claim at the counter of the push that carried the change. Only equal counters fall back
+//! to `addressing::owner_rank` (a derived address beats a chosen one, then the smaller key), so
+//! grinding keys until one derives a live member's address wins nothing.
+//!
+//! # Bounds
+//! A relay decides what we store, so every map here is capped: at most [`MAX_MEMBERS`] members
+//! (further newcomers are refused and counted), [`MAX_TOMBSTONES`] removal records and
+//! [`MAX_ANNOUNCEMENT_FLOORS`] remembered announcement timestamps (the oldest go first).
+//!
+//! # Ghosts
+//! The highest announcement timestamp seen per member (its floor) is kept, exported with
+//! [`Node::announcement_floors`] and restored at start with
+//! [`Node::restore_announcement_floors`]: an announcement older than the floor is a replay and
+//! is refused, also by a member that just restarted.
 //!
 //! # Driving contract
 //! [`Membership`] is plain data: the node asks it whether a push, removal or snapshot applies
@@ -38,6 +56,15 @@ use crate::wire::{self, Announcement, MemberEntry};
 /// [`super::REGISTER_INTERVAL`] plus retries), and a working direct path must not be torn down
 /// by that.
 pub(super) const STALE_GRACE: Duration = Duration::from_secs(30);
+/// Most other members kept: the relay's default cap per network (1024) with room to spare. A
+/// relay pushing more is refused beyond this, so it cannot grow our maps without bound.
+pub(crate) const MAX_MEMBERS: usize = 4096;
+/// Most removal records kept: one per member we could know, so a relay streaming removals of
+/// made-up keys cannot grow the map; dropping the oldest only lets an older push revive one.
+pub(crate) const MAX_TOMBSTONES: usize = MAX_MEMBERS;
+/// Most announcement floors kept (and persisted): a few times [`MAX_MEMBERS`], so members that
+/// come and go keep theirs for a long while; the lowest timestamps go first.
+pub(crate) const MAX_ANNOUNCEMENT_FLOORS: usize = 4 * MAX_MEMBERS;
 /// Receiver indices are 24 bits: boringtun keeps the low 8 bits for its sessions.
 const INDEX_MASK: u32 = 0x00FF_FFFF;
 
@@ -47,6 +74,17 @@ pub(crate) struct Conflict {
     pub(crate) ip: Ipv4Addr,
     pub(crate) owner: PeerKey,
     pub(crate) loser: PeerKey,
+}
+
+/// The verdict on a decrypted inner packet (cryptokey routing both ways).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Inner {
+    /// From the sender's own address to ours: deliver it.
+    Deliver,
+    /// The source is not an address the routing table gives to the sender.
+    SpoofedSource,
+    /// The destination is not our own address.
+    NotForUs,
 }
 
 /// What a snapshot changes.
@@ -74,6 +112,12 @@ pub(crate) struct Membership {
     /// Our own address is claimed by `owner`, who keeps it.
     conflict: Option<(Ipv4Addr, PeerKey)>,
     losers: BTreeSet<PeerKey>,
+    /// Each other member's address claim and the change counter at which it began.
+    claims: BTreeMap<PeerKey, (Ipv4Addr, u64)>,
+    /// When our own claim began (from the relay's acknowledgement); unknown ranks last.
+    own_since: Option<u64>,
+    /// The highest announcement timestamp seen per member (see the module doc on ghosts).
+    floors: BTreeMap<PeerKey, u64>,
 }
 
 impl Membership {
@@ -91,6 +135,9 @@ impl Membership {
             next_index: 1,
             conflict: None,
             losers: BTreeSet::new(),
+            claims: BTreeMap::new(),
+            own_since: None,
+            floors: BTreeMap::new(),
         }
     }
 
@@ -119,9 +166,18 @@ impl Membership {
         self.losers.contains(key)
     }
 
-    /// Whether a live push of `key` at `seq` applies (no newer removal); records it if so.
+    /// Whether the table is full and `key` is not in it (a newcomer would be refused).
+    pub(crate) fn is_full_for(&self, key: &PeerKey) -> bool {
+        !self.learned.contains_key(key) && self.learned.len() >= MAX_MEMBERS
+    }
+
+    /// Whether a live push of `key` at `seq` applies (no newer removal, and room for a
+    /// newcomer); records it if so.
     pub(crate) fn accept_push(&mut self, key: PeerKey, seq: u64) -> bool {
         if self.tombstones.get(&key).is_some_and(|gone| *gone > seq) {
+            return false;
+        }
+        if self.is_full_for(&key) {
             return false;
         }
         self.tombstones.remove(&key);
@@ -134,8 +190,14 @@ impl Membership {
         if self.learned.get(&key).is_some_and(|l| *l > seq) {
             return false;
         }
-        self.tombstones.insert(key, seq);
+        self.tombstone(key, seq);
         true
+    }
+
+    /// Records that `key` was removed at `seq`, dropping the oldest record beyond the cap.
+    fn tombstone(&mut self, key: PeerKey, seq: u64) {
+        self.tombstones.insert(key, seq);
+        evict_lowest(&mut self.tombstones, MAX_TOMBSTONES);
     }
 
     /// Takes a snapshot of the member set at change counter `seq`: pushes and removals newer
@@ -149,14 +211,15 @@ impl Membership {
             .copied()
             .collect();
         for key in &gone {
-            self.tombstones.insert(*key, seq);
+            self.tombstone(*key, seq);
             self.forget(*key);
         }
         let mut apply = Vec::new();
         for entry in entries {
             let newer_removal = self.tombstones.get(&entry.key).is_some_and(|t| *t > seq);
             let newer_push = self.learned.get(&entry.key).is_some_and(|l| *l > seq);
-            if !(newer_removal || newer_push) {
+            let full = self.is_full_for(&entry.key);
+            if !(newer_removal || newer_push || full) {
                 self.learned.insert(entry.key, seq);
                 apply.push(entry);
             }
@@ -174,6 +237,73 @@ impl Membership {
     pub(crate) fn forget(&mut self, key: PeerKey) {
         self.entries.remove(&key);
         self.learned.remove(&key);
+        self.claims.remove(&key);
+    }
+
+    /// Records our own claim's start, as the relay first acknowledged it: the other members
+    /// keep the start they first learned for a claim too (a restarted relay counts anew).
+    pub(crate) fn set_own_since(&mut self, since: u64) {
+        self.own_since.get_or_insert(since);
+    }
+
+    /// Records that `key` claims `ip`, present since counter `since` (the relay's entry). A
+    /// claim already known keeps its start; a new address starts a new claim at the counter of
+    /// the push that carried it.
+    pub(crate) fn note_claim(&mut self, key: PeerKey, ip: Ipv4Addr, since: u64) {
+        let start = match self.claims.get(&key) {
+            Some((known, start)) if *known == ip => *start,
+            Some(_) => self.learned.get(&key).copied().unwrap_or(since).max(since),
+            None => since,
+        };
+        self.claims.insert(key, (ip, start));
+    }
+
+    /// Whether an announcement of `key` with timestamp `ts_ms` is not older than the newest
+    /// one seen (a replay otherwise); raises the floor if so.
+    pub(crate) fn accept_announcement(&mut self, key: PeerKey, ts_ms: u64) -> bool {
+        let floor = self.floors.entry(key).or_insert(0);
+        if ts_ms < *floor {
+            return false;
+        }
+        *floor = ts_ms;
+        self.trim_floors();
+        true
+    }
+
+    /// The highest announcement timestamp seen per member.
+    pub(crate) fn floors(&self) -> &BTreeMap<PeerKey, u64> {
+        &self.floors
+    }
+
+    /// Raises the floors to those remembered from an earlier run.
+    pub(crate) fn restore_floors(&mut self, floors: impl IntoIterator<Item = (PeerKey, u64)>) {
+        for (key, ts) in floors {
+            let floor = self.floors.entry(key).or_insert(0);
+            *floor = (*floor).max(ts);
+            self.trim_floors();
+        }
+    }
+
+    /// Drops the lowest floors beyond [`MAX_ANNOUNCEMENT_FLOORS`].
+    fn trim_floors(&mut self) {
+        evict_lowest(&mut self.floors, MAX_ANNOUNCEMENT_FLOORS);
+    }
+
+    /// Where `ip` stands among inner packets from member `from`: its source must be an
+    /// address the routing table gives to `from`, its destination our own address.
+    pub(crate) fn check_inner(
+        &self,
+        from: PeerKey,
+        source: Ipv4Addr,
+        destination: Ipv4Addr,
+    ) -> Inner {
+        if self.route(source) != Some(from) {
+            Inner::SpoofedSource
+        } else if destination != self.own_ip {
+            Inner::NotForUs
+        } else {
+            Inner::Deliver
+        }
     }
 
     /// A fresh receiver index for `key`.
@@ -189,24 +319,27 @@ impl Membership {
         self.by_index.remove(&index);
     }
 
-    /// Rebuilds the routing table from every other member's claim, resolving clashes the same
-    /// way on every member. Returns the clashes worth reporting: all between others, and ours
-    /// only when it is new.
-    pub(crate) fn resolve(
-        &mut self,
-        claims: impl IntoIterator<Item = (PeerKey, Ipv4Addr)>,
-    ) -> Vec<Conflict> {
-        let mut by_ip: BTreeMap<Ipv4Addr, Vec<PeerKey>> = BTreeMap::new();
-        by_ip.entry(self.own_ip).or_default().push(self.own);
-        for (key, ip) in claims {
-            by_ip.entry(ip).or_default().push(key);
+    /// Rebuilds the routing table from every other member's claim (recorded with
+    /// [`Membership::note_claim`]), resolving clashes the same way on every member: the
+    /// earliest claim wins, equal starts go by `addressing::owner_rank`. Returns the clashes
+    /// worth reporting: all between others, and ours only when it is new.
+    pub(crate) fn resolve(&mut self) -> Vec<Conflict> {
+        let mut by_ip: BTreeMap<Ipv4Addr, Vec<(u64, PeerKey)>> = BTreeMap::new();
+        by_ip
+            .entry(self.own_ip)
+            .or_default()
+            .push((self.own_since.unwrap_or(u64::MAX), self.own));
+        for (key, (ip, since)) in &self.claims {
+            by_ip.entry(*ip).or_default().push((*since, *key));
         }
         self.by_ip.clear();
         self.losers.clear();
         let previous = self.conflict.take();
         let mut report = Vec::new();
-        for (ip, mut keys) in by_ip {
-            keys.sort_by_key(|k| addressing::owner_rank(&self.subnet, k, ip));
+        for (ip, mut claimants) in by_ip {
+            claimants
+                .sort_by_key(|(since, k)| (*since, addressing::owner_rank(&self.subnet, k, ip)));
+            let keys: Vec<PeerKey> = claimants.into_iter().map(|(_, k)| k).collect();
             let owner = keys[0];
             if owner != self.own {
                 self.by_ip.insert(ip, owner);
@@ -226,21 +359,46 @@ impl Membership {
     }
 }
 
+/// Once `map` holds more than `cap` entries, drops the lowest-valued eighth of `cap` (ties by
+/// key), so eviction costs a sort only once every `cap / 8` insertions.
+fn evict_lowest(map: &mut BTreeMap<PeerKey, u64>, cap: usize) {
+    if map.len() <= cap {
+        return;
+    }
+    let mut order: Vec<(u64, PeerKey)> = map.iter().map(|(k, v)| (*v, *k)).collect();
+    order.sort_unstable();
+    let excess = map.len() - cap + cap / 8;
+    for (_, key) in order.into_iter().take(excess) {
+        map.remove(&key);
+    }
+}
+
 impl Node {
     // ----- routing relay replies into the member table and the peers ----------------------
 
     /// A live push of `entry` at change counter `seq`; ignored if a newer removal of the same
     /// member arrived first.
     pub(super) fn apply_push(&mut self, now: Instant, seq: u64, entry: MemberEntry) {
+        if self.members.is_full_for(&entry.key) {
+            self.drops.members_full += 1;
+            return;
+        }
         if self.members.accept_push(entry.key, seq) {
             self.upsert_member(now, entry);
         }
     }
 
-    /// A removal of `key` at change counter `seq`; a re-join that overtook it wins.
-    pub(super) fn apply_removal(&mut self, key: PeerKey, seq: u64) {
-        if self.members.accept_removal(key, seq) {
-            self.remove_member(key);
+    /// A removal of `key` at change counter `seq`; a re-join that overtook it wins. A peer
+    /// whose direct path still answers is kept for [`STALE_GRACE`] (the relay may lie).
+    pub(super) fn apply_removal(&mut self, now: Instant, key: PeerKey, seq: u64) {
+        if !self.members.accept_removal(key, seq) {
+            return;
+        }
+        match self.peers.get_mut(&key) {
+            Some(p) if p.paths.direct_alive(now) => {
+                p.stale_since.get_or_insert(now);
+            }
+            Some(_) | None => self.remove_member(key),
         }
     }
 
@@ -264,6 +422,25 @@ impl Node {
         for entry in snapshot.apply {
             self.upsert_member(now, entry);
         }
+    }
+
+    /// The highest announcement timestamp seen per member, for the driver to persist (see the
+    /// module doc on ghosts).
+    pub fn announcement_floors(&self) -> Vec<(PeerKey, u64)> {
+        self.members
+            .floors()
+            .iter()
+            .map(|(k, ts)| (*k, *ts))
+            .collect()
+    }
+
+    /// Restores the floors persisted by an earlier run (call before the first input); an
+    /// announcement older than its floor is refused as a replay.
+    pub fn restore_announcement_floors(
+        &mut self,
+        floors: impl IntoIterator<Item = (PeerKey, u64)>,
+    ) {
+        self.members.restore_floors(floors);
     }
 
     // ----- membership ----------------------------------------------------------------------
@@ -290,19 +467,25 @@ impl Node {
             tracing::warn!(member = %entry.key.short(), ip = %ann.virtual_ip, "member announces an address outside the subnet; ignoring it");
             return;
         }
+        if !self.members.accept_announcement(entry.key, ann.ts_ms) {
+            tracing::debug!(member = %entry.key.short(), "ignoring an announcement older than one already seen");
+            self.drops.stale_announcement += 1;
+            return;
+        }
+        let since = entry.since;
         if let Some(peer) = self.peers.get_mut(&entry.key) {
             peer.stale_since = None;
-            if ann.ts_ms < peer.announcement.ts_ms {
-                return;
-            }
             let endpoints_changed = ann.endpoints != peer.announcement.endpoints
                 || entry.observed != peer.entry.observed;
+            let entry_key = entry.key;
             peer.entry = entry;
             peer.announcement = ann;
             if endpoints_changed {
                 peer.refresh_candidates();
                 peer.paths.reset_backoff(now);
             }
+            let ip = peer.virtual_ip();
+            self.members.note_claim(entry_key, ip, since);
             self.resolve_addresses();
             return;
         }
@@ -328,6 +511,7 @@ impl Node {
             stale_since: None,
         };
         peer.refresh_candidates();
+        self.members.note_claim(peer.key, peer.virtual_ip(), since);
         self.out.event(Event::PeerJoined {
             key: peer.key,
             name: peer.announcement.name.clone(),
@@ -351,8 +535,7 @@ impl Node {
 
     /// Rebuilds the virtual-IP routing table from every member's claim and reports new clashes.
     pub(super) fn resolve_addresses(&mut self) {
-        let claims = self.peers.values().map(|p| (p.key, p.virtual_ip()));
-        for c in self.members.resolve(claims) {
+        for c in self.members.resolve() {
             self.out.event(Event::VirtualIpConflict {
                 ip: c.ip,
                 owner: c.owner,
@@ -385,43 +568,214 @@ mod tests {
             key,
             observed: "198.51.100.1:4000".parse().expect("literal"),
             announcement: Vec::new(),
+            since: 0,
         }
     }
 
+    fn ip(text: &str) -> Ipv4Addr {
+        text.parse().expect("literal")
+    }
+
     #[test]
-    fn a_clash_goes_to_the_derived_address_everywhere_and_we_hear_of_ours_once() {
-        let k = keys(3);
-        let derived = addressing::derive_virtual_ip(&subnet(), &k[1], 0).expect("derives");
-        // k[0] (us) chose k[1]'s derived address by hand; k[2] too.
-        let mut us = Membership::new(k[0], derived, subnet());
-        let claims = [(k[1], derived), (k[2], derived)];
-        let report = us.resolve(claims);
-        assert_eq!(us.route(derived), Some(k[1]), "the derived claim wins");
-        assert_eq!(us.conflict(), Some((derived, k[1])));
-        assert!(us.is_conflicted(&k[2]) && !us.is_conflicted(&k[1]));
-        assert_eq!(report.len(), 2, "both losers reported: {report:?}");
+    fn the_first_holder_keeps_its_address_whatever_the_keys() {
+        let k = keys(4);
+        let derived = addressing::derive_virtual_ip(&subnet(), &k[2], 0).expect("derives");
+        // k[1] holds `derived` by hand since counter 3; k[2] (whose key derives it) and k[3]
+        // (a smaller or larger key, chosen) arrive later.
+        let mut m = Membership::new(k[0], ip("10.77.0.1"), subnet());
+        m.set_own_since(1);
+        m.note_claim(k[1], derived, 3);
+        m.note_claim(k[2], derived, 9);
+        m.note_claim(k[3], derived, 12);
+        let report = m.resolve();
+        assert_eq!(m.route(derived), Some(k[1]), "first holder keeps it");
+        assert!(m.is_conflicted(&k[2]) && m.is_conflicted(&k[3]));
+        assert_eq!(report.len(), 2);
         assert!(report.iter().all(|c| c.owner == k[1]));
-        // Nothing changed: our own loss is not reported again, the others' is.
-        let again = us.resolve(claims);
+
+        // The same claims seen by a member that learned them in another order agree.
+        let mut other = Membership::new(k[3], derived, subnet());
+        other.set_own_since(12);
+        other.note_claim(k[2], derived, 9);
+        other.note_claim(k[1], derived, 3);
+        other.resolve();
+        assert_eq!(other.route(derived), Some(k[1]));
         assert_eq!(
-            again,
+            other.conflict(),
+            Some((derived, k[1])),
+            "the late claimant lost"
+        );
+
+        // Once the holder is gone, the next claim in line takes the address.
+        m.forget(k[1]);
+        m.resolve();
+        assert_eq!(m.route(derived), Some(k[2]));
+    }
+
+    #[test]
+    fn we_keep_our_address_against_a_newcomer_and_hear_of_a_loss_once() {
+        let k = keys(3);
+        let ours = ip("10.77.3.3");
+        let mut m = Membership::new(k[0], ours, subnet());
+        m.set_own_since(4);
+        m.note_claim(k[1], ours, 8);
+        let report = m.resolve();
+        assert_eq!(m.conflict(), None);
+        assert_eq!(
+            m.route(ours),
+            None,
+            "our own address is never routed to a peer"
+        );
+        assert_eq!(
+            report,
             vec![Conflict {
-                ip: derived,
-                owner: k[1],
-                loser: k[2]
+                ip: ours,
+                owner: k[0],
+                loser: k[1]
             }]
         );
 
-        // The same claims seen from k[2] give the same owner.
-        let mut other = Membership::new(k[2], derived, subnet());
-        other.resolve([(k[0], derived), (k[1], derived)]);
-        assert_eq!(other.route(derived), Some(k[1]));
+        // A member we did not know to be older: we lost, reported once.
+        let mut late = Membership::new(k[2], ours, subnet());
+        late.set_own_since(20);
+        late.note_claim(k[0], ours, 4);
+        assert_eq!(late.resolve().len(), 1);
+        assert_eq!(late.conflict(), Some((ours, k[0])));
+        assert!(late.resolve().is_empty(), "our loss is reported once");
 
-        // Without a derived claimant the smaller key wins.
-        let chosen = "10.77.200.1".parse().expect("literal");
-        let mut m = Membership::new(k[0], "10.77.0.9".parse().expect("literal"), subnet());
-        m.resolve([(k[1], chosen), (k[2], chosen)]);
+        // Until the relay told us when our claim began, we rank last.
+        let mut fresh = Membership::new(k[2], ours, subnet());
+        fresh.note_claim(k[1], ours, 8);
+        fresh.resolve();
+        assert_eq!(fresh.route(ours), Some(k[1]));
+    }
+
+    #[test]
+    fn equal_starts_fall_back_to_the_derived_claim_then_the_smaller_key() {
+        let k = keys(3);
+        let derived = addressing::derive_virtual_ip(&subnet(), &k[2], 0).expect("derives");
+        let mut m = Membership::new(k[0], ip("10.77.0.1"), subnet());
+        m.set_own_since(1);
+        m.note_claim(k[1], derived, 5);
+        m.note_claim(k[2], derived, 5);
+        m.resolve();
+        assert_eq!(m.route(derived), Some(k[2]));
+        let chosen = ip("10.77.200.1");
+        m.note_claim(k[1], chosen, 5);
+        m.note_claim(k[2], chosen, 5);
+        m.resolve();
         assert_eq!(m.route(chosen), Some(k[1].min(k[2])));
+    }
+
+    #[test]
+    fn a_live_member_moving_onto_an_address_starts_a_new_claim() {
+        let k = keys(3);
+        let target = ip("10.77.9.9");
+        let mut m = Membership::new(k[0], ip("10.77.0.1"), subnet());
+        m.set_own_since(1);
+        // k[1], present since 2, holds 10.77.1.1; k[2] takes 10.77.9.9 at 6.
+        assert!(m.accept_push(k[1], 2));
+        m.note_claim(k[1], ip("10.77.1.1"), 2);
+        m.note_claim(k[2], target, 6);
+        // At 10 k[1] moves onto k[2]'s address: its old presence counts for nothing.
+        assert!(m.accept_push(k[1], 10));
+        m.note_claim(k[1], target, 2);
+        m.resolve();
+        assert_eq!(m.route(target), Some(k[2]));
+        assert!(m.is_conflicted(&k[1]));
+    }
+
+    #[test]
+    fn inner_packets_need_the_routed_source_and_our_destination() {
+        let k = keys(3);
+        let ours = ip("10.77.0.1");
+        let mut m = Membership::new(k[0], ours, subnet());
+        m.set_own_since(1);
+        m.note_claim(k[1], ip("10.77.0.2"), 2);
+        m.note_claim(k[2], ip("10.77.0.2"), 3);
+        m.resolve();
+        assert_eq!(m.check_inner(k[1], ip("10.77.0.2"), ours), Inner::Deliver);
+        assert_eq!(
+            m.check_inner(k[2], ip("10.77.0.2"), ours),
+            Inner::SpoofedSource,
+            "the loser of a clash may not send with the owner's address"
+        );
+        assert_eq!(
+            m.check_inner(k[1], ip("10.77.5.5"), ours),
+            Inner::SpoofedSource
+        );
+        assert_eq!(m.check_inner(k[1], ours, ours), Inner::SpoofedSource);
+        assert_eq!(
+            m.check_inner(k[1], ip("10.77.0.2"), ip("10.77.0.2")),
+            Inner::NotForUs
+        );
+        assert_eq!(
+            m.check_inner(k[1], ip("10.77.0.2"), ip("192.0.2.1")),
+            Inner::NotForUs
+        );
+    }
+
+    #[test]
+    fn member_tables_stay_bounded() {
+        let k = keys(1);
+        let mut m = Membership::new(k[0], ip("10.77.0.1"), subnet());
+        let key = |i: usize| {
+            let mut b = [0u8; 32];
+            b[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            PeerKey(b)
+        };
+        for i in 0..MAX_MEMBERS {
+            assert!(m.accept_push(key(i), i as u64 + 1));
+        }
+        assert!(m.is_full_for(&key(MAX_MEMBERS)));
+        assert!(
+            !m.accept_push(key(MAX_MEMBERS), 1_000_000),
+            "a newcomer beyond the cap"
+        );
+        assert!(
+            m.accept_push(key(0), 1_000_001),
+            "a known member still updates"
+        );
+        let snap = m.accept_snapshot(2_000_000, vec![entry(key(MAX_MEMBERS + 1))]);
+        assert!(snap.apply.len() <= 1);
+        for i in 0..3 * MAX_TOMBSTONES {
+            m.accept_removal(key(10_000 + i), 3_000_000 + i as u64);
+        }
+        assert!(m.tombstones.len() <= MAX_TOMBSTONES);
+        assert!(
+            m.tombstones
+                .contains_key(&key(10_000 + 3 * MAX_TOMBSTONES - 1)),
+            "the newest removals are kept"
+        );
+        for i in 0..2 * MAX_ANNOUNCEMENT_FLOORS {
+            m.accept_announcement(key(i), i as u64);
+        }
+        assert!(m.floors().len() <= MAX_ANNOUNCEMENT_FLOORS);
+        assert!(m
+            .floors()
+            .contains_key(&key(2 * MAX_ANNOUNCEMENT_FLOORS - 1)));
+    }
+
+    #[test]
+    fn announcements_older_than_the_floor_are_refused_also_after_a_restart() {
+        let k = keys(2);
+        let mut m = Membership::new(k[0], ip("10.77.0.1"), subnet());
+        assert!(m.accept_announcement(k[1], 100));
+        assert!(
+            m.accept_announcement(k[1], 100),
+            "the same announcement again"
+        );
+        assert!(m.accept_announcement(k[1], 150));
+        assert!(
+            !m.accept_announcement(k[1], 120),
+            "an older one is a replay"
+        );
+        let saved: Vec<_> = m.floors().iter().map(|(k, t)| (*k, *t)).collect();
+
+        let mut restarted = Membership::new(k[0], ip("10.77.0.1"), subnet());
+        restarted.restore_floors(saved);
+        assert!(!restarted.accept_announcement(k[1], 100));
+        assert!(restarted.accept_announcement(k[1], 151));
     }
 
     #[test]

@@ -115,6 +115,7 @@ impl Node {
                 echo_ts_ms,
                 observed,
                 digest,
+                since,
                 ..
             } => {
                 match self.relay.handle_ack(now, echo_ts_ms, observed) {
@@ -124,6 +125,8 @@ impl Node {
                     }
                     Ack::Accepted { news: false } => {}
                 }
+                self.members.set_own_since(since);
+                self.resolve_addresses();
                 if self.members.digest() != digest {
                     self.request_sync(now);
                 }
@@ -136,7 +139,7 @@ impl Node {
                 }
             }
             RelayReply::SyncEmpty { seq, .. } => self.apply_full_sync(now, seq, Vec::new()),
-            RelayReply::MemberGone { key, seq } => self.apply_removal(key, seq),
+            RelayReply::MemberGone { key, seq } => self.apply_removal(now, key, seq),
             RelayReply::Error { message } => self.out.event(Event::RelayError { message }),
         }
     }

@@ -119,10 +119,16 @@ pub(crate) enum Ack {
     Accepted { news: bool },
 }
 
+/// Most announcement bytes one sync round may bring: [`super::membership::MAX_MEMBERS`]
+/// announcements of about 1 KiB (a name and a dozen endpoints take a few hundred bytes).
+const MAX_SYNC_BYTES: usize = super::membership::MAX_MEMBERS * 1024;
+
 struct SyncCollector {
     generation: u32,
     total: u16,
     entries: BTreeMap<u16, MemberEntry>,
+    /// Announcement bytes collected so far in this round.
+    bytes: usize,
 }
 
 /// One relay's session (see the module doc).
@@ -402,18 +408,32 @@ impl RelaySession {
     }
 
     /// One entry of a sync snapshot; returns the whole snapshot once every entry arrived.
+    /// A round announcing more than [`super::membership::MAX_MEMBERS`] entries, an index
+    /// outside its total, or more than [`MAX_SYNC_BYTES`] of announcements is dropped whole:
+    /// the relay decides these numbers, so nothing here trusts them with memory.
     pub(crate) fn collect(&mut self, tag: SyncTag, entry: MemberEntry) -> Option<Vec<MemberEntry>> {
+        if usize::from(tag.total) > super::membership::MAX_MEMBERS || tag.index >= tag.total {
+            self.sync = None;
+            return None;
+        }
         let collector = self.sync.get_or_insert_with(|| SyncCollector {
             generation: tag.generation,
             total: tag.total,
             entries: BTreeMap::new(),
+            bytes: 0,
         });
-        if collector.generation != tag.generation {
+        if collector.generation != tag.generation || collector.total != tag.total {
             *collector = SyncCollector {
                 generation: tag.generation,
                 total: tag.total,
                 entries: BTreeMap::new(),
+                bytes: 0,
             };
+        }
+        collector.bytes += entry.announcement.len();
+        if collector.bytes > MAX_SYNC_BYTES {
+            self.sync = None;
+            return None;
         }
         collector.entries.insert(tag.index, entry);
         if collector.entries.len() < usize::from(collector.total) {
@@ -629,5 +649,40 @@ mod tests {
         assert!(s.handle_timeout(t1).register);
         s.note_register_sent(t1, 2);
         assert!(!s.check_if_silent(t1), "one check in flight at a time");
+    }
+
+    #[test]
+    fn sync_rounds_with_huge_totals_or_bad_indices_are_dropped() {
+        let now = Instant::now();
+        let mut s = session(now);
+        let entry = |b: u8| MemberEntry {
+            key: PeerKey([b; 32]),
+            observed: "198.51.100.1:1".parse().expect("literal"),
+            announcement: vec![b; 16],
+            since: 1,
+        };
+        let tag = |index, total| SyncTag {
+            generation: 7,
+            index,
+            total,
+            seq: 9,
+        };
+        assert!(s.collect(tag(0, u16::MAX), entry(1)).is_none());
+        assert!(
+            s.sync.is_none(),
+            "a total beyond the member cap is not collected"
+        );
+        assert!(s.collect(tag(5, 2), entry(1)).is_none());
+        assert!(s.sync.is_none(), "an index outside the total");
+        assert!(s.collect(tag(0, 2), entry(1)).is_none());
+        let done = s.collect(tag(1, 2), entry(2)).expect("complete");
+        assert_eq!(done.len(), 2);
+        let mut big = entry(3);
+        big.announcement = vec![0; u16::MAX as usize];
+        for i in 0..1_000u16 {
+            s.collect(tag(i % 4000, 4000), big.clone());
+        }
+        let held = s.sync.as_ref().map_or(0, |c| c.bytes);
+        assert!(held <= MAX_SYNC_BYTES, "{held} bytes held");
     }
 }

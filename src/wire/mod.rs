@@ -414,6 +414,9 @@ pub struct MemberEntry {
     pub observed: SocketAddr,
     /// The member's sealed [`Announcement`], opaque to the relay.
     pub announcement: Vec<u8>,
+    /// The relay's change counter when this member's current presence began (the push that
+    /// introduced it): members rank address claims by it, first holder first.
+    pub since: u64,
 }
 
 /// Position of a [`RelayReply::Member`] within a full membership sync, or a live push.
@@ -441,6 +444,9 @@ pub enum RelayReply {
         members: u32,
         digest: [u8; 8],
         ttl_s: u16,
+        /// The relay's change counter when the registering member's presence began (see
+        /// [`MemberEntry::since`]).
+        since: u64,
     },
     /// A member of the network (a live update, or one entry of a full sync).
     Member { tag: SyncTag, entry: MemberEntry },
@@ -462,13 +468,15 @@ impl RelayReply {
                 members,
                 digest,
                 ttl_s,
+                since,
             } => {
                 w.u8(1)
                     .u64(*echo_ts_ms)
                     .addr(observed)
                     .u32(*members)
                     .raw(digest)
-                    .u16(*ttl_s);
+                    .u16(*ttl_s)
+                    .u64(*since);
             }
             RelayReply::Member { tag, entry } => {
                 w.u8(2)
@@ -478,7 +486,8 @@ impl RelayReply {
                     .u64(tag.seq);
                 w.raw(&entry.key.0)
                     .addr(&entry.observed)
-                    .bytes(&entry.announcement);
+                    .bytes(&entry.announcement)
+                    .u64(entry.since);
             }
             RelayReply::MemberGone { key, seq } => {
                 w.u8(3).raw(&key.0).u64(*seq);
@@ -502,6 +511,7 @@ impl RelayReply {
                 members: r.u32()?,
                 digest: r.array()?,
                 ttl_s: r.u16()?,
+                since: r.u64()?,
             },
             2 => {
                 let tag = SyncTag {
@@ -514,6 +524,7 @@ impl RelayReply {
                     key: PeerKey(r.array()?),
                     observed: r.addr()?,
                     announcement: r.bytes()?.to_vec(),
+                    since: r.u64()?,
                 };
                 RelayReply::Member { tag, entry }
             }
@@ -539,7 +550,10 @@ pub fn membership_digest<'a>(entries: impl IntoIterator<Item = &'a MemberEntry>)
     let mut h = Blake2s256::new();
     for e in sorted {
         let mut w = Writer::new();
-        w.raw(&e.key.0).addr(&e.observed).bytes(&e.announcement);
+        w.raw(&e.key.0)
+            .addr(&e.observed)
+            .bytes(&e.announcement)
+            .u64(e.since);
         h.update(&w.buf);
     }
     let mut out = [0u8; 8];
@@ -839,6 +853,7 @@ mod tests {
             key: key(3),
             observed: "198.51.100.2:5000".parse().expect("lit"),
             announcement: vec![5; 40],
+            since: 7,
         };
         let replies = [
             RelayReply::RegisterAck {
@@ -847,6 +862,7 @@ mod tests {
                 members: 3,
                 digest: [1; 8],
                 ttl_s: 30,
+                since: 12,
             },
             RelayReply::Member {
                 tag: SyncTag {
@@ -927,6 +943,7 @@ mod tests {
             key: key(b),
             observed: "192.0.2.1:1".parse().expect("lit"),
             announcement: vec![b],
+            since: 0,
         };
         let (a, b) = (e(1), e(2));
         assert_eq!(membership_digest([&a, &b]), membership_digest([&b, &a]));

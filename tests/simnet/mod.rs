@@ -112,6 +112,8 @@ pub struct Sim {
     pub start: Instant,
     pub rng: ChaCha20Rng,
     pub relay: RelayServer,
+    /// The relay's static key (tests playing a hostile relay seal replies with it).
+    pub relay_secret: NodeSecret,
     pub relay_addr: SocketAddr,
     pub relay_alive: bool,
     pub members: Vec<Member>,
@@ -129,6 +131,8 @@ pub struct Sim {
     pub lan_blocked: bool,
     /// If set, the next member added claims this virtual IP instead of a derived one.
     pub next_virtual_ip: Option<Ipv4Addr>,
+    /// If set, the next member added uses this static key instead of a fresh one.
+    pub next_secret: Option<NodeSecret>,
     /// NAT boxes; members with `site: Some(i)` sit behind `nats[i]`.
     pub nats: Vec<nat::Nat>,
     queue: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -145,8 +149,6 @@ pub struct Sim {
     pub observed_lie: Option<std::net::IpAddr>,
     /// How many differently lying copies of each such reply the relay sends.
     pub lie_copies: usize,
-    /// The relay's static key (to re-seal what a lying relay sends).
-    relay_secret: NodeSecret,
     lies: u16,
 }
 
@@ -163,14 +165,14 @@ impl Sim {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let relay_key = NodeSecret::generate(&mut rng);
         let start = Instant::now();
-        let relay_secret = relay_key.clone();
-        let relay = RelayServer::new(relay_key, rng.gen(), unix_clock(start, start));
+        let relay = RelayServer::new(relay_key.clone(), rng.gen(), unix_clock(start, start));
         Self {
             now: start,
             start,
             secret: NetworkSecret::generate(&mut rng),
             rng,
             relay,
+            relay_secret: relay_key,
             relay_addr: "203.0.113.1:3478".parse().unwrap(),
             relay_alive: true,
             members: Vec::new(),
@@ -180,6 +182,7 @@ impl Sim {
             direct_blocked: false,
             lan_blocked: false,
             next_virtual_ip: None,
+            next_secret: None,
             nats: Vec::new(),
             queue: BinaryHeap::new(),
             in_flight: BTreeMap::new(),
@@ -191,7 +194,6 @@ impl Sim {
             tap: None,
             observed_lie: None,
             lie_copies: 1,
-            relay_secret,
             lies: 0,
         }
     }
@@ -233,7 +235,10 @@ impl Sim {
         secret: Option<NetworkSecret>,
     ) -> usize {
         let i = self.members.len();
-        let key = NodeSecret::generate(&mut self.rng);
+        let key = self
+            .next_secret
+            .take()
+            .unwrap_or_else(|| NodeSecret::generate(&mut self.rng));
         let vip = match self.next_virtual_ip.take() {
             Some(ip) => ip,
             None => meshvpn::addressing::derive_virtual_ip(&self.subnet, &key.public(), 0).unwrap(),

@@ -189,7 +189,7 @@ pub struct DropCounters {
     pub unauthenticated: u64,
     /// WireGuard packets that did not decrypt or were not for a known peer.
     pub wireguard: u64,
-    /// Decrypted packets whose inner source was not the sending peer's virtual IP.
+    /// Decrypted packets whose inner source is not routed to the sending peer.
     pub spoofed_source: u64,
     /// Packets from the TUN for an address no member owns.
     pub no_route: u64,
@@ -205,6 +205,15 @@ pub struct DropCounters {
     /// cryptography).
     #[serde(default)]
     pub handshake_replay: u64,
+    /// Decrypted packets whose inner destination was not this member's virtual IP.
+    #[serde(default)]
+    pub wrong_destination: u64,
+    /// Member announcements older than one already seen (replays), refused.
+    #[serde(default)]
+    pub stale_announcement: u64,
+    /// Member pushes refused because the member table is full.
+    #[serde(default)]
+    pub members_full: u64,
 }
 
 /// The address part of `10.1.2.3` or `10.1.2.3/16`.

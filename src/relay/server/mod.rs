@@ -147,6 +147,8 @@ struct Member {
     /// the same key are stale).
     timer: u64,
     syncs: TokenBucket,
+    /// The change counter of the push that introduced this member (see [`MemberEntry::since`]).
+    since: u64,
 }
 
 /// The relay server's state (see the module doc for the driving contract).
@@ -582,6 +584,7 @@ impl RelayServer {
                         session,
                         timer,
                         syncs: TokenBucket::full(now, SYNC_BURST),
+                        since: self.seq + 1,
                     },
                 );
                 self.expiries.push(Reverse((expires, sender, timer)));
@@ -601,6 +604,11 @@ impl RelayServer {
             members: entries.len() as u32,
             digest: wire::membership_digest(entries.iter()),
             ttl_s: MEMBER_TTL.as_secs() as u16,
+            since: self
+                .networks
+                .get(&network)
+                .and_then(|m| m.get(&sender))
+                .map_or(0, |m| m.since),
         };
         self.reply(from, &session, ack);
         if changed {
@@ -726,6 +734,7 @@ impl RelayServer {
                         key: *k,
                         observed: m.link.addr(),
                         announcement: m.announcement.clone(),
+                        since: m.since,
                     })
                     .collect()
             })
@@ -738,6 +747,7 @@ impl RelayServer {
             key,
             observed: m.link.addr(),
             announcement: m.announcement.clone(),
+            since: m.since,
         })
     }
 
