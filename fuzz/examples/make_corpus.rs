@@ -299,7 +299,8 @@ fn relay_sessions() -> Vec<Vec<u8>> {
 }
 
 /// Node target: the node registers, the relay acknowledges, two members are pushed, a member
-/// pings, a packet goes to a member, time passes. Step kinds as in `fuzz_targets/node.rs`.
+/// pings, a packet goes to a member, time passes, a member sends packets through WireGuard
+/// (one with another member's source address). Step kinds as in `fuzz_targets/node.rs`.
 fn node_sessions() -> Vec<Vec<u8>> {
     let member = |i: usize, seq: u64, ts| {
         [
@@ -321,6 +322,11 @@ fn node_sessions() -> Vec<Vec<u8>> {
         0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 77, 0, 2, 10, 77, 1, 1,
     ];
     packet.extend_from_slice(&[0x30, 0x39, 0x30, 0x39, 0, 8, 0, 0]);
+    // The same datagram from member 0 to the node, and one claiming member 1's address.
+    let mut inbound = packet.clone();
+    inbound[12..20].copy_from_slice(&[10, 77, 1, 1, 10, 77, 0, 2]);
+    let mut spoofed = inbound.clone();
+    spoofed[15] = 2;
     let ping = encode_disco(&Disco::Ping { tx: [5; 12] });
     let session = vec![
         step(6, 0, 0u16.to_be_bytes().to_vec()),
@@ -334,6 +340,10 @@ fn node_sessions() -> Vec<Vec<u8>> {
         step(6, 3, 250u16.to_be_bytes().to_vec()),
         step(7, 0, vec![2, 5]),
         step(6, 31, 1000u16.to_be_bytes().to_vec()),
+        step(8, 0, inbound.clone()),
+        step(8, 0, inbound.clone()),
+        step(8, 0x80, inbound),
+        step(8, 0, spoofed),
     ];
     let garbage = vec![
         step(0, 0, vec![1, 0, 0, 0, 1, 2, 3, 4]),
