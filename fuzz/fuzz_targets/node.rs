@@ -1,16 +1,22 @@
 //! One member's state machine fed a sequence of steps (see `meshvpn_fuzz::steps`): raw
 //! datagrams from a few addresses, relay replies and member announcements sealed with the
 //! right keys (any plaintext), disco messages from known members (direct or relayed), relayed
-//! payloads, TUN packets, driver calls and time passing on a synthetic clock. Nothing panics,
-//! and only holders of the network's control key become peers.
+//! payloads, TUN packets, driver calls, time passing on a synthetic clock, and IP packets that
+//! known members send through real WireGuard sessions (the harness runs a boringtun `Tunn` per
+//! member and answers the node's handshakes, so the fuzzer reaches the decrypted-packet checks).
+//! Nothing panics, and only holders of the network's control key become peers.
 #![no_main]
 
 use std::time::{Duration, Instant};
 
+use boringtun::noise::{Tunn, TunnResult};
 use libfuzzer_sys::fuzz_target;
+use meshvpn::keys::PeerKey;
 use meshvpn::node::{Node, NodeConfig, RelayTarget};
 use meshvpn::wire::plain::decode_announcement;
-use meshvpn::wire::{seal_from_relay, Frame, MemberEntry, RelayReply, SyncTag};
+use meshvpn::wire::{
+    classify, seal_from_relay, DatagramKind, Frame, MemberEntry, RelayReply, SyncTag,
+};
 use meshvpn_fuzz::{addr, fixture, kind, relay_addr, sealed_frame, steps, MEMBERS};
 
 fuzz_target!(|data: &[u8]| {
@@ -33,9 +39,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut node = Node::new(cfg, now, 1_700_000_000_000);
     let relay_key = fx.relay.public();
+    let mut wg = WireGuardPeers::new();
     for (n, step) in steps(data).into_iter().enumerate() {
         let n = n as u64;
-        match step.kind % 8 {
+        match step.kind % 9 {
             0 => {
                 let socket = u16::from(step.from >> 6);
                 node.handle_udp_on(now, socket, addr(step.from), &step.bytes);
@@ -111,9 +118,14 @@ fuzz_target!(|data: &[u8]| {
                 now += Duration::from_millis(ms * (1 + u64::from(step.from % 32)));
                 node.handle_timeout(now);
             }
-            _ => driver_call(&mut node, now, step.from, &step.bytes),
+            7 => driver_call(&mut node, now, step.from, &step.bytes),
+            _ => {
+                let (i, _) = fx.member(step.from);
+                let via_relay = step.from & 0x80 != 0;
+                wg.send(&mut node, now, i, via_relay, &step.bytes);
+            }
         }
-        while node.poll_transmit().is_some() {}
+        wg.answer(&mut node, now);
         while node.poll_tun().is_some() {}
         while node.poll_event().is_some() {}
         assert!(
@@ -125,6 +137,103 @@ fuzz_target!(|data: &[u8]| {
     let status = node.status(now);
     let _ = serde_json::to_string(&status);
 });
+
+/// The members' ends of their WireGuard sessions with the node under test. Member `i` is
+/// reached directly at `addr(2 + i)` (the endpoint its seed announcement names) or through the
+/// relay; everything else the node sends is dropped.
+struct WireGuardPeers {
+    tunnels: Vec<Tunn>,
+    buf: Vec<u8>,
+}
+
+impl WireGuardPeers {
+    fn new() -> Self {
+        let fx = fixture();
+        let node_key = fx.node.public().to_public();
+        let tunnels = (0..MEMBERS)
+            .map(|i| {
+                let secret = fx.members[i].to_static();
+                let psk = Some(fx.keys.preshared_key);
+                Tunn::new(secret, node_key, psk, None, i as u32 + 1, None)
+            })
+            .collect();
+        Self {
+            tunnels,
+            buf: vec![0u8; 65_535 + 64],
+        }
+    }
+
+    /// Member `i` sends the IP packet `packet` to the node.
+    fn send(&mut self, node: &mut Node, now: Instant, i: usize, via_relay: bool, packet: &[u8]) {
+        let datagram = match self.tunnels[i].encapsulate(packet, &mut self.buf) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => return,
+        };
+        deliver(node, now, i, via_relay, &datagram);
+    }
+
+    /// Feeds what the node sent to members into their tunnels and delivers the answers, for a
+    /// few rounds (a handshake takes two).
+    fn answer(&mut self, node: &mut Node, now: Instant) {
+        let fx = fixture();
+        for _ in 0..4 {
+            let mut inbound = Vec::new();
+            while let Some(t) = node.poll_transmit() {
+                let direct = (0..MEMBERS).find(|i| addr(2 + *i as u8) == t.dst);
+                if let Some(i) = direct {
+                    if classify(&t.payload) == DatagramKind::WireGuard {
+                        inbound.push((i, false, t.payload));
+                    }
+                } else if t.dst == relay_addr() {
+                    if let Ok(Frame::RelaySend { to, payload }) = Frame::parse(&t.payload) {
+                        let member = (0..MEMBERS).find(|i| fx.members[*i].public() == to);
+                        if let Some(i) =
+                            member.filter(|_| classify(payload) == DatagramKind::WireGuard)
+                        {
+                            inbound.push((i, true, payload.to_vec()));
+                        }
+                    }
+                }
+            }
+            if inbound.is_empty() {
+                break;
+            }
+            for (i, via_relay, datagram) in inbound {
+                let mut input = datagram;
+                loop {
+                    let from = Some(node_addr().ip());
+                    let out = match self.tunnels[i].decapsulate(from, &input, &mut self.buf) {
+                        TunnResult::WriteToNetwork(d) => d.to_vec(),
+                        _ => break,
+                    };
+                    deliver(node, now, i, via_relay, &out);
+                    // boringtun flushes queued packets on repeated calls with empty input.
+                    input = Vec::new();
+                }
+            }
+        }
+        while node.poll_transmit().is_some() {}
+    }
+}
+
+/// Where the members see the node under test.
+fn node_addr() -> std::net::SocketAddr {
+    "203.0.113.30:40000".parse().expect("literal")
+}
+
+/// Delivers a WireGuard datagram from member `i` to the node, directly or through the relay.
+fn deliver(node: &mut Node, now: Instant, i: usize, via_relay: bool, datagram: &[u8]) {
+    let key: PeerKey = fixture().members[i].public();
+    if via_relay {
+        let frame = Frame::RelayRecv {
+            from: key,
+            payload: datagram,
+        };
+        node.handle_udp(now, relay_addr(), &frame.to_vec());
+    } else {
+        node.handle_udp(now, addr(2 + i as u8), datagram);
+    }
+}
 
 /// The calls a driver makes besides delivering datagrams.
 fn driver_call(node: &mut Node, now: Instant, which: u8, bytes: &[u8]) {
