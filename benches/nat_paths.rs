@@ -10,6 +10,8 @@
 //! keep only the pairs whose label contains one of them.
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
+#![allow(clippy::disallowed_methods)]
+// a benchmark: real time and real processes
 // Until Cargo.toml declares this bench with `harness = false`, cargo builds it with the test
 // harness, where `main` is unused.
 #![cfg_attr(test, allow(dead_code))]
@@ -17,7 +19,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use meshvpn::lab::{self, Mesh, Nat, PairReport};
+use meshvpn_lab::{self as lab, Mesh, Nat, PairReport};
 
 const EXE: &str = env!("CARGO_BIN_EXE_meshvpn");
 const RELAY_PORT: u16 = 3478;
@@ -125,7 +127,7 @@ fn one_run(case: &Case, run: u64, direct_bound: Duration) -> anyhow::Result<Samp
     Ok(Sample {
         first_ping,
         direct,
-        paths: format!("{}/{}", r.path_a, r.path_b),
+        paths: format!("{}/{}", r.path_labels().0, r.path_labels().1),
     })
 }
 

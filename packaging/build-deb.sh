@@ -36,7 +36,7 @@ assets=target/assets
 rm -rf "$assets"
 echo "build-deb: $bin generate --out $assets" >&2
 if ! "$bin" generate --out "$assets" >&2; then
-    echo "build-deb: '$bin generate --out $assets' failed (is the hidden 'generate' subcommand wired to meshvpn::generate::write_all?)" >&2
+    echo "build-deb: '$bin generate --out $assets' failed (is the hidden 'generate' subcommand wired to meshvpn::cli::generate::write_all?)" >&2
     exit 1
 fi
 

@@ -6,9 +6,15 @@
 //!
 //! | value | label | who knows it | used for |
 //! |---|---|---|---|
-//! | [`NetworkId`] | `meshvpn v1 network id` | members and the relay | the relay's index of members |
+//! | [`NetworkSigningKey`] | `meshvpn v2 network signing key` | members only | signing relay requests |
+//! | [`NetworkId`] | (the signing key's public half) | members and the relay | the relay's index, and its check of signatures |
 //! | control key | `meshvpn v1 control key` | members only | sealing announcements |
 //! | preshared key | `meshvpn v1 wireguard psk` | members only | WireGuard's PSK slot |
+//!
+//! The network id is an Ed25519 public key, so a relay can check that a registrant knows the
+//! network secret (its requests are signed with the private half) without being able to admit
+//! anyone itself, and someone who only saw the id on the wire can neither register nor read the
+//! member list.
 //!
 //! Pairwise keys come from static-static X25519 Diffie-Hellman: a member and the relay share a
 //! *relay session key* (so each proves possession of its private key to the other), and two
@@ -21,6 +27,7 @@ use std::fmt;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
+use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use hkdf::Hkdf;
 use rand::{CryptoRng, RngCore};
 use sha2::Sha256;
@@ -169,12 +176,16 @@ impl NetworkSecret {
         B64.encode(self.0)
     }
 
-    /// Derives the network id, control key and WireGuard preshared key.
+    /// Derives the signing key, network id, control key and WireGuard preshared key.
     pub fn derive(&self) -> NetworkKeys {
-        let mut id = [0u8; 16];
-        id.copy_from_slice(&hkdf32(NETWORK_SALT, &self.0, b"meshvpn v1 network id")[..16]);
+        let signing = SigningKey::from_bytes(&hkdf32(
+            NETWORK_SALT,
+            &self.0,
+            b"meshvpn v2 network signing key",
+        ));
         NetworkKeys {
-            network_id: NetworkId(id),
+            network_id: NetworkId(signing.verifying_key().to_bytes()),
+            signing: NetworkSigningKey(signing),
             control_key: hkdf32(NETWORK_SALT, &self.0, b"meshvpn v1 control key"),
             preshared_key: hkdf32(NETWORK_SALT, &self.0, b"meshvpn v1 wireguard psk"),
         }
@@ -187,9 +198,45 @@ impl fmt::Debug for NetworkSecret {
     }
 }
 
-/// What the relay indexes members by; derived from the secret, reveals nothing about it.
+/// What the relay indexes members by: the Ed25519 public key matching the network's
+/// [`NetworkSigningKey`]. Derived from the secret, reveals nothing about it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct NetworkId(pub [u8; 16]);
+pub struct NetworkId(pub [u8; 32]);
+
+impl NetworkId {
+    /// Checks an Ed25519 signature made with the network's signing key over `message`.
+    /// `false` for a bad signature and for an id that is not a valid public key.
+    pub fn verify(&self, message: &[u8], signature: &[u8; 64]) -> bool {
+        let Ok(key) = VerifyingKey::from_bytes(&self.0) else {
+            return false;
+        };
+        key.verify_strict(message, &ed25519_dalek::Signature::from_bytes(signature))
+            .is_ok()
+    }
+}
+
+/// The private half of the network id, derived from the network secret: members sign their
+/// relay requests with it. Never printed.
+#[derive(Clone)]
+pub struct NetworkSigningKey(SigningKey);
+
+impl NetworkSigningKey {
+    /// Signs `message` (Ed25519).
+    pub fn sign(&self, message: &[u8]) -> [u8; 64] {
+        self.0.sign(message).to_bytes()
+    }
+
+    /// The public half: the network id.
+    pub fn network_id(&self) -> NetworkId {
+        NetworkId(self.0.verifying_key().to_bytes())
+    }
+}
+
+impl fmt::Debug for NetworkSigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NetworkSigningKey(network {})", self.network_id())
+    }
+}
 
 impl fmt::Debug for NetworkId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -209,8 +256,10 @@ impl fmt::Display for NetworkId {
 /// The keys derived from a network secret.
 #[derive(Clone)]
 pub struct NetworkKeys {
-    /// The relay's index for this network.
+    /// The relay's index for this network (the public half of `signing`).
     pub network_id: NetworkId,
+    /// Signs relay requests; members only.
+    pub signing: NetworkSigningKey,
     /// Seals member announcements; members only.
     pub control_key: [u8; 32],
     /// WireGuard preshared key; members only.
@@ -248,6 +297,20 @@ mod tests {
         let other = NetworkSecret([8u8; 32]).derive();
         assert_ne!(a.network_id, other.network_id);
         assert_ne!(a.preshared_key, other.preshared_key);
+        assert_eq!(a.signing.network_id(), a.network_id);
+    }
+
+    #[test]
+    fn only_the_secret_signs_for_the_network_id() {
+        let keys = NetworkSecret([7u8; 32]).derive();
+        let sig = keys.signing.sign(b"hello");
+        assert!(keys.network_id.verify(b"hello", &sig));
+        assert!(!keys.network_id.verify(b"hellp", &sig));
+        let other = NetworkSecret([8u8; 32]).derive();
+        assert!(!other.network_id.verify(b"hello", &sig));
+        // An id that is not a curve point verifies nothing (and does not panic).
+        assert!(!NetworkId([0xff; 32]).verify(b"hello", &sig));
+        assert!(!format!("{:?}", keys.signing).contains("07070707"));
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! exit. No network namespaces and no network traffic (the token names its relay by key, so
 //! `create` never contacts it).
 
+#![allow(clippy::print_stdout)] // shows what each command printed, or why a test skipped
+#![allow(clippy::disallowed_methods)] // times a child process with the real clock
+
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -109,7 +112,7 @@ fn make_token(dir: &TempDir) -> Result<String> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = stdout.trim().lines().collect();
     ensure!(
-        lines.len() == 1 && lines[0].starts_with("mvpn1"),
+        lines.len() == 1 && lines[0].starts_with("mvpn2"),
         "create should print one token line, printed {stdout:?}"
     );
     Ok(lines[0].to_string())

@@ -4,11 +4,13 @@
 //! Each test builds its own lab and tears it down on drop, even when it fails. Only lab
 //! addresses are ever contacted.
 
+#![allow(clippy::print_stdout)] // an end-to-end test reports its progress
+
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
-use meshvpn::lab::{self, wait_until, Lab, Mesh, Nat, Node, Status};
+use meshvpn_lab::{self as lab, wait_until, Lab, Mesh, Nat, Node, PeerPath, Status};
 
 const EXE: &str = env!("CARGO_BIN_EXE_meshvpn");
 const RELAY_PORT: u16 = 3478;
@@ -39,7 +41,7 @@ fn wait_peers(node: &Node, lab: &Lab, network: &str, want: &[&str]) -> Result<Du
 }
 
 fn vip(node: &Node, lab: &Lab, network: &str) -> Result<Ipv4Addr> {
-    Ok(status_of(node, lab, network)?.virtual_ip)
+    Ok(status_of(node, lab, network)?.virtual_ipv4()?)
 }
 
 #[test]
@@ -211,13 +213,13 @@ fn meshvpn_ping_and_netcheck_report_paths_and_nat() -> Result<()> {
         Duration::from_secs(20),
         Duration::from_millis(200),
         "alice <-> bob direct",
-        || Ok(mesh.path("alice", "bob")?.as_deref() == Some("direct")),
+        || Ok(mesh.path("alice", "bob")? == Some(PeerPath::Direct)),
     )?;
     wait_until(
         Duration::from_secs(20),
         Duration::from_millis(200),
         "dave on relay-tcp",
-        || Ok(mesh.path("dave", "alice")?.as_deref() == Some("relay-tcp")),
+        || Ok(mesh.path("dave", "alice")? == Some(PeerPath::RelayTcp)),
     )?;
 
     let direct = meshvpn_ping(&mesh, "alice", "bob")?;

@@ -15,12 +15,13 @@
 //! Both print their timings (from the join) and the endpoints.
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
+#![allow(clippy::disallowed_methods)] // an end-to-end test: real time and real processes
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
-use meshvpn::lab::{self, Host, Mesh, Status};
+use meshvpn_lab::{self as lab, Host, Mesh, PeerPath, Status};
 
 const EXE: &str = env!("CARGO_BIN_EXE_meshvpn");
 const RELAY_PORT: u16 = 3478;
@@ -177,7 +178,7 @@ fn join_and_ping(mesh: &mut Mesh, tag: &str) -> Result<(Instant, Ipv4Addr, Ipv4A
     mesh.join("bob")?;
     let st = mesh.converge(&["alice", "bob"], PING_BOUND)?;
     let converged = t0.elapsed();
-    let (ip_a, ip_b) = (st[0].virtual_ip, st[1].virtual_ip);
+    let (ip_a, ip_b) = (st[0].virtual_ipv4()?, st[1].virtual_ipv4()?);
     let left = || PING_BOUND.saturating_sub(t0.elapsed());
     mesh.ping_until("alice", ip_b, left())
         .with_context(|| format!("[{tag}] alice -> bob ({ip_b})"))?;
@@ -200,7 +201,7 @@ fn view(st: &Status, peer: &str) -> (String, String) {
     st.peer(peer)
         .map_or(("(unlisted)".into(), "-".into()), |p| {
             (
-                p.path.clone(),
+                p.path.to_string(),
                 p.endpoint.clone().unwrap_or_else(|| "-".into()),
             )
         })
@@ -225,7 +226,7 @@ fn describe(mesh: &Mesh) -> String {
 /// `want`.
 fn direct_v6(st: &Status, peer: &str, want: IpAddr) -> bool {
     st.peer(peer).is_some_and(|p| {
-        p.path == "direct"
+        p.path == PeerPath::Direct
             && p.endpoint_is_ipv6()
             && p.endpoint.as_deref().is_some_and(|e| e.starts_with("[fd"))
             && p.endpoint_addr().is_some_and(|a| a.ip() == want)

@@ -5,7 +5,7 @@
 //! members, waits (bounded) until they list each other, pings both ways and prints the time from
 //! the join to the first reply and to `path == "direct"` on both sides, then checks the path the
 //! NAT pair should end on. The lab's unit tests check what each NAT kind really does
-//! (`cargo test --lib lab::`), so a failure here is the agent's, not the lab's.
+//! (`cargo test -p meshvpn-lab`), so a failure here is the agent's, not the lab's.
 //!
 //! Cases: home↔home, fullcone↔home, cgnat↔home, upnp↔symmetric → direct; home↔symmetric →
 //! direct or relay (printed); symmetric↔symmetric → relay; udp-blocked↔home → relay-tcp on the
@@ -13,11 +13,12 @@
 //! (conntrack flush, then a new public port) in the middle of a ping run.
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
+#![allow(clippy::disallowed_methods)] // an end-to-end test: real time and real processes
 
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{ensure, Context as _, Result};
-use meshvpn::lab::{self, Mesh, Nat, PairReport};
+use meshvpn_lab::{self as lab, Mesh, Nat, PairReport, PeerPath};
 
 const EXE: &str = env!("CARGO_BIN_EXE_meshvpn");
 const RELAY_PORT: u16 = 3478;
@@ -61,10 +62,8 @@ fn pair(
         if let Ok(s) = mesh.status(name) {
             println!(
                 "[{tag}]   {name}: relay observed {}, nat {}",
-                s.raw
-                    .pointer("/relay/observed")
-                    .map_or("?".into(), |v| v.to_string()),
-                s.raw.get("nat").map_or("(none)".into(), |v| v.to_string())
+                s.relay.observed.as_deref().unwrap_or("?"),
+                serde_json::to_string(&s.nat)?
             );
         }
     }
@@ -147,7 +146,7 @@ fn symmetric_to_symmetric_stays_relayed() -> Result<()> {
         RELAY_WATCH,
     )?;
     ensure!(
-        r.path_a == "relay" && r.path_b == "relay",
+        r.path_a == Some(PeerPath::Relay) && r.path_b == Some(PeerPath::Relay),
         "[nat-sym-sym] two symmetric NATs should stay on the relay: {}",
         r.summary()
     );
@@ -170,7 +169,7 @@ fn udp_blocked_falls_back_to_relay_over_tcp() -> Result<()> {
         DIRECT_BOUND,
         Duration::from_millis(200),
         "alice (UDP blocked) to show bob on relay-tcp",
-        || Ok(mesh.path("alice", "bob")?.as_deref() == Some("relay-tcp")),
+        || Ok(mesh.path("alice", "bob")? == Some(PeerPath::RelayTcp)),
     );
     let paths = (mesh.path("alice", "bob")?, mesh.path("bob", "alice")?);
     println!("[{tag}] paths at the end (alice's view, bob's view): {paths:?}");
@@ -356,11 +355,8 @@ fn nat_mapping_change_mid_ping_run() -> Result<()> {
     };
     let lan_port: u16 = mesh
         .status("alice")?
-        .raw
-        .get("endpoints")
-        .and_then(|e| e.as_array())
-        .and_then(|e| e.first())
-        .and_then(|e| e.as_str())
+        .endpoints
+        .first()
         .and_then(|e| e.rsplit_once(':'))
         .and_then(|(_, p)| p.parse().ok())
         .context("alice's status has no endpoint with her UDP port")?;
@@ -392,7 +388,7 @@ fn nat_mapping_change_mid_ping_run() -> Result<()> {
         let (mut left_direct, mut direct_again) = (None, None);
         let end_paths = loop {
             let paths = (mesh.path("alice", "bob")?, mesh.path("bob", "alice")?);
-            let both = paths.0.as_deref() == Some("direct") && paths.1.as_deref() == Some("direct");
+            let both = paths.0 == Some(PeerPath::Direct) && paths.1 == Some(PeerPath::Direct);
             let now = changed.elapsed();
             if !both && left_direct.is_none() {
                 left_direct = Some(now);
@@ -441,7 +437,7 @@ fn nat_mapping_change_mid_ping_run() -> Result<()> {
             log.sent
         );
         ensure!(
-            end_paths.0.as_deref() == Some("direct") && end_paths.1.as_deref() == Some("direct"),
+            end_paths.0 == Some(PeerPath::Direct) && end_paths.1 == Some(PeerPath::Direct),
             "[{tag}] {change}: the path did not end direct within {bound:?}: {end_paths:?}"
         );
     }
@@ -465,7 +461,7 @@ fn udp_blocked_mid_session_moves_to_relay_over_tcp() -> Result<()> {
         Duration::from_secs(40),
         Duration::from_millis(200),
         "alice on relay-tcp",
-        || Ok(mesh.path("alice", "bob")?.as_deref() == Some("relay-tcp")),
+        || Ok(mesh.path("alice", "bob")? == Some(PeerPath::RelayTcp)),
     )?;
     println!("[{tag}] UDP blocked mid-session: alice on relay-tcp after {t:.1?}");
     mesh.ping_until("alice", report.ip_b, Duration::from_secs(20))?;

@@ -3,7 +3,7 @@
 //!
 //! - The unit checks need `systemd-analyze` (Debian: `apt-get install systemd`) and are skipped
 //!   with a message without it. With `man` installed (`man-db`) they also check that every
-//!   `Documentation=man:…` page exists, against the pages `meshvpn::generate` writes.
+//!   `Documentation=man:…` page exists, against the pages `meshvpn::cli::generate` writes.
 //! - The package check is slow (a release build and `cargo deb`). It runs when
 //!   `MESHVPN_TEST_DEB=1`, or when `cargo deb` is installed, `MESHVPN_TEST_DEB` is unset and
 //!   the binary has its hidden `generate` subcommand; `MESHVPN_TEST_DEB=0` skips it. It runs
@@ -140,7 +140,8 @@ fn man_dir(tmp: &Path) -> Result<Option<PathBuf>> {
         return Ok(None);
     }
     let root = tmp.join("man");
-    meshvpn::generate::write_all(&root.join("man1"))?;
+    let cli = <meshvpn::cli::Cli as clap::CommandFactory>::command();
+    meshvpn::cli::generate::write_all(cli, &root.join("man1"))?;
     Ok(Some(root))
 }
 

@@ -9,15 +9,15 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use ipnet::Ipv4Net;
 use meshvpn::control::Request;
 use meshvpn::keys::{NetworkId, NetworkSecret, PeerKey};
+use meshvpn::wire::admission::{open_request, seal_request, Cookie};
 use meshvpn::wire::plain::{
     decode_announcement, decode_disco, decode_relay_reply, decode_relay_request,
     encode_announcement, encode_disco, encode_relay_reply, encode_relay_request,
 };
 use meshvpn::wire::token::{RelayEndpoint, Token, MAX_RELAYS};
 use meshvpn::wire::{
-    open_disco, open_from_relay, open_to_relay, seal_disco, seal_from_relay, seal_to_relay, stun,
-    Announcement, Disco, Frame, MemberEntry, NatKind, RelayReply, RelayRequest, SyncTag,
-    MAX_ANNOUNCEMENT, MAX_ENDPOINTS,
+    open_disco, open_from_relay, seal_disco, seal_from_relay, stun, Announcement, Disco, Frame,
+    MemberEntry, NatKind, RelayReply, RelayRequest, SyncTag, MAX_ANNOUNCEMENT, MAX_ENDPOINTS,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -27,7 +27,7 @@ fn peer_key() -> impl Strategy<Value = PeerKey> {
 }
 
 fn network_id() -> impl Strategy<Value = NetworkId> {
-    any::<[u8; 16]>().prop_map(NetworkId)
+    any::<[u8; 32]>().prop_map(NetworkId)
 }
 
 /// Socket addresses as they travel on the wire: IP and port (no IPv6 flow label or scope).
@@ -75,7 +75,8 @@ fn token() -> impl Strategy<Value = Token> {
 enum FrameSpec {
     KeyRequest,
     KeyResponse(PeerKey),
-    ToRelay(PeerKey, Vec<u8>),
+    ToRelay(PeerKey, Cookie, Vec<u8>),
+    CookieReply([u8; 16], Cookie),
     FromRelay(PeerKey, Vec<u8>),
     RelaySend(PeerKey, Vec<u8>),
     RelayRecv(PeerKey, Vec<u8>),
@@ -87,7 +88,8 @@ fn frame_spec() -> impl Strategy<Value = FrameSpec> {
     prop_oneof![
         Just(FrameSpec::KeyRequest),
         peer_key().prop_map(FrameSpec::KeyResponse),
-        (peer_key(), body()).prop_map(|(k, b)| FrameSpec::ToRelay(k, b)),
+        (peer_key(), any::<Cookie>(), body()).prop_map(|(k, c, b)| FrameSpec::ToRelay(k, c, b)),
+        (any::<[u8; 16]>(), any::<Cookie>()).prop_map(|(e, c)| FrameSpec::CookieReply(e, c)),
         (peer_key(), body()).prop_map(|(k, b)| FrameSpec::FromRelay(k, b)),
         (peer_key(), body()).prop_map(|(k, b)| FrameSpec::RelaySend(k, b)),
         (peer_key(), body()).prop_map(|(k, b)| FrameSpec::RelayRecv(k, b)),
@@ -99,9 +101,14 @@ fn frame_of(spec: &FrameSpec) -> Frame<'_> {
     match spec {
         FrameSpec::KeyRequest => Frame::KeyRequest,
         FrameSpec::KeyResponse(relay) => Frame::KeyResponse { relay: *relay },
-        FrameSpec::ToRelay(sender, sealed) => Frame::ToRelay {
+        FrameSpec::ToRelay(sender, cookie, sealed) => Frame::ToRelay {
             sender: *sender,
+            cookie: *cookie,
             sealed,
+        },
+        FrameSpec::CookieReply(echo, cookie) => Frame::CookieReply {
+            echo: *echo,
+            cookie: *cookie,
         },
         FrameSpec::FromRelay(relay, sealed) => Frame::FromRelay {
             relay: *relay,
@@ -136,6 +143,23 @@ fn relay_request() -> impl Strategy<Value = RelayRequest> {
         (network_id(), any::<u64>())
             .prop_map(|(network, ts_ms)| RelayRequest::Sync { network, ts_ms }),
     ]
+}
+
+/// `req` about network `id` instead.
+fn with_network(req: RelayRequest, id: NetworkId) -> RelayRequest {
+    match req {
+        RelayRequest::Register {
+            ts_ms,
+            announcement,
+            ..
+        } => RelayRequest::Register {
+            network: id,
+            ts_ms,
+            announcement,
+        },
+        RelayRequest::Leave { ts_ms, .. } => RelayRequest::Leave { network: id, ts_ms },
+        RelayRequest::Sync { ts_ms, .. } => RelayRequest::Sync { network: id, ts_ms },
+    }
 }
 
 fn relay_reply() -> impl Strategy<Value = RelayReply> {
@@ -232,7 +256,7 @@ proptest! {
     #[test]
     fn token_round_trips(t in token()) {
         let line = t.encode();
-        prop_assert!(line.starts_with("mvpn1"));
+        prop_assert!(line.starts_with("mvpn2"));
         prop_assert_eq!(Token::decode(&line), Ok(t));
     }
 
@@ -250,14 +274,34 @@ proptest! {
 
     #[test]
     fn relay_requests_round_trip(req in relay_request(), session in any::<[u8; 32]>(),
-                                 sender in peer_key(), nonce in any::<[u8; 24]>()) {
+                                 sender in peer_key(), relay in peer_key(),
+                                 secret in any::<[u8; 32]>(), cookie in any::<Cookie>(),
+                                 signed_by_network in any::<bool>(), nonce in any::<[u8; 24]>()) {
         prop_assert_eq!(decode_relay_request(&encode_relay_request(&req)), Ok(req.clone()));
-        let datagram = seal_to_relay(&session, sender, &req, nonce);
-        let Ok(Frame::ToRelay { sender: s, sealed }) = Frame::parse(&datagram) else {
+        let keys = NetworkSecret(secret).derive();
+        // Half the cases name the signer's own network (a member), half a random id (someone
+        // who only saw an id on the wire): only the first verifies.
+        let req = if signed_by_network { with_network(req, keys.network_id) } else { req };
+        let datagram = seal_request(&session, sender, &relay, &keys.signing, cookie, &req, nonce);
+        let Ok(Frame::ToRelay { sender: s, cookie: c, sealed }) = Frame::parse(&datagram) else {
             return Err(TestCaseError::fail("a sealed request is a ToRelay frame"));
         };
         prop_assert_eq!(s, sender);
-        prop_assert_eq!(open_to_relay(&session, &s, sealed), Ok(req));
+        prop_assert_eq!(c, cookie);
+        let opened = open_request(&session, &s, &relay, &c, sealed);
+        let Ok(signed) = opened else {
+            return Err(TestCaseError::fail(format!("sealed request did not open: {opened:?}")));
+        };
+        prop_assert_eq!(&signed.request, &req);
+        prop_assert_eq!(signed.verify(), req.network() == keys.network_id);
+        // The signature binds the relay and the cookie: another relay or cookie does not verify.
+        let mut other_relay = relay;
+        other_relay.0[0] ^= 1;
+        let moved = open_request(&session, &s, &other_relay, &c, sealed);
+        prop_assert!(moved.is_ok_and(|m| !m.verify()));
+        let mut other_cookie = cookie;
+        other_cookie[0] ^= 1;
+        prop_assert!(open_request(&session, &s, &relay, &other_cookie, sealed).is_err());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! ordered pair, and departures — with latency and loss, on a virtual clock.
 
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::disallowed_methods, clippy::print_stdout)] // wall-clock timing and the printed seed
 
 mod simnet;
 
@@ -226,6 +227,7 @@ fn a_relay_that_cannot_prove_its_key_is_not_trusted() {
     sim.relay = meshvpn::relay::server::RelayServer::new(
         meshvpn::keys::NodeSecret::from_bytes([0x11; 32]),
         1,
+        sim.relay_clock(),
     );
     sim.run_for(Duration::from_secs(20));
     for m in &sim.members {
@@ -297,7 +299,8 @@ fn a_relay_restart_keeps_direct_paths_and_restores_relayed_ones() {
     let seed = simnet::seed(0x5eed_0007);
     let mut sim = Sim::new(seed, (5, 20), 0.0);
     let relay_secret = meshvpn::keys::NodeSecret::from_bytes([0x33; 32]);
-    sim.relay = meshvpn::relay::server::RelayServer::new(relay_secret.clone(), 1);
+    sim.relay =
+        meshvpn::relay::server::RelayServer::new(relay_secret.clone(), 1, sim.relay_clock());
     for _ in 0..3 {
         sim.add_member(None);
     }
@@ -315,8 +318,8 @@ fn a_relay_restart_keeps_direct_paths_and_restores_relayed_ones() {
     // The relay process restarts: same key, empty memory, a larger change counter.
     sim.relay_alive = false;
     sim.run_for(Duration::from_secs(5));
-    sim.relay =
-        meshvpn::relay::server::RelayServer::new(relay_secret, 2).with_sequence_start(1 << 40);
+    sim.relay = meshvpn::relay::server::RelayServer::new(relay_secret, 2, sim.relay_clock())
+        .with_sequence_start(1 << 40);
     sim.relay_alive = true;
     let restarted = sim.now;
     // Direct paths never drop while the relay relearns the members.
@@ -347,6 +350,7 @@ fn a_relay_restart_keeps_direct_paths_and_restores_relayed_ones() {
     sim.relay = meshvpn::relay::server::RelayServer::new(
         meshvpn::keys::NodeSecret::from_bytes([0x33; 32]),
         3,
+        sim.relay_clock(),
     )
     .with_sequence_start(1 << 41);
     sim.relay_alive = true;

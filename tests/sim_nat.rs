@@ -3,6 +3,7 @@
 //! time to the first packet and to the direct path.
 
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::disallowed_methods, clippy::print_stdout)] // wall-clock timing and the printed seed
 
 mod simnet;
 

@@ -1,15 +1,21 @@
 //! The member agent: the thin tokio driver around [`crate::node::Node`].
 //!
-//! It owns the I/O — the TUN device, the one UDP socket, the control socket, signals and the
-//! timer — and runs one loop: wait for the first of (TUN packet, datagram, control request,
-//! deadline, signal), feed it to the node with `Instant::now()`, drain every output, re-arm the
-//! timer. All protocol decisions are the node's.
+//! It owns the I/O — the TUN device, the one UDP socket (and a birthday probe's extra
+//! sockets), the TCP stream to the relay when the node asks for one, the control socket,
+//! signals and the timer — and runs one loop: wait for the first of (TUN packet, datagram,
+//! stream frame, control request, deadline, signal), feed it to the node with
+//! `Instant::now()`, drain every output through the shared [`crate::node::driver::Step`],
+//! re-arm the timer at the node's deadline. All protocol decisions are the node's, including
+//! when to use the stream.
+
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)] // the driver: owns the clock, tasks and sockets
 
 mod ifaddrs;
 pub(crate) mod portmap;
 mod progress;
-mod relay_link;
+mod relay_stream;
 mod sockets;
+mod tcp_client;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -25,16 +31,20 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
 use crate::control::{self, Request};
+use crate::node::driver::{Output, Step};
 use crate::node::{self, Event, Node, NodeConfig, RelayTarget};
 use crate::sockaddr;
 use crate::wire::token::RelayEndpoint;
 use portmap::{PortMapper, PortMapping};
 use progress::Progress;
-use relay_link::{LinkEvent, RelayLink};
+use relay_stream::{RelayStream, StreamEvent};
 use sockets::ExtraSockets;
 
 /// How often the host's addresses are re-read (a change is re-announced to peers).
 const ENDPOINT_REFRESH: Duration = Duration::from_secs(10);
+/// The loop's longest sleep when nothing at all is scheduled (the node always has a deadline
+/// while it runs, so this only bounds a theoretical idle wait).
+const IDLE_WAKE: Duration = Duration::from_secs(60);
 /// Longest wait between attempts to resolve the relay's host name.
 const RESOLVE_RETRY_MAX: Duration = Duration::from_secs(30);
 
@@ -149,7 +159,8 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
     let mut udp_buf = vec![0u8; 65_536];
     let mut tun_buf = vec![0u8; 65_536];
     let mut endpoint_timer = tokio::time::interval(ENDPOINT_REFRESH);
-    let mut link = RelayLink::new(relay_addr, Instant::now());
+    let mut stream = RelayStream::new(relay_addr);
+    let mut step = Step::new();
     let (mut extra, mut extra_rx) = ExtraSockets::new();
     let mut pings = PendingPings::default();
     let mut progress = Progress::new(Instant::now(), &relay.host_port());
@@ -161,46 +172,46 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
     };
 
     loop {
-        drain(
-            &mut node,
-            (&socket, dual_stack),
-            &tun,
-            &mut link,
-            &mut extra,
-            &mut pings,
-            &mut progress,
-        )
-        .await;
+        let mut io = Executor {
+            socket: (&socket, dual_stack),
+            tun: &tun,
+            stream: &mut stream,
+            extra: &mut extra,
+            pings: &mut pings,
+            progress: &mut progress,
+        };
+        io.drain(&mut node, &mut step).await;
         pings.expire(Instant::now());
         progress.tick(Instant::now());
-        if let Some(over_tcp) = link.poll(Instant::now(), node.relay_answering()) {
-            node.set_relay_over_tcp(Instant::now(), over_tcp);
-        }
-        // Wake at least every second so the relay link's fallback decision is timely.
-        let deadline = tokio::time::Instant::from_std(
-            node.poll_timeout()
-                .min(Instant::now() + Duration::from_secs(1)),
-        );
+        // The node's deadline, or the agent's own (a ping's timeout, a progress hint).
+        let deadline = [
+            node.poll_timeout().map(|(at, _)| at),
+            pings.poll_timeout(),
+            progress.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or_else(|| Instant::now() + IDLE_WAKE);
+        let deadline = tokio::time::Instant::from_std(deadline);
         tokio::select! {
             r = socket.recv_from(&mut udp_buf) => match r {
-                Ok((n, from)) => {
-                    let (now, from) = (Instant::now(), sockaddr::unmap(from));
-                    link.note_udp(from, &udp_buf[..n], now);
-                    node.handle_udp(now, from, &udp_buf[..n]);
-                }
+                Ok((n, from)) => node.handle_udp(Instant::now(), sockaddr::unmap(from), &udp_buf[..n]),
                 Err(e) => tracing::debug!(%e, "UDP receive failed"),
             },
             Some((n, from, bytes)) = extra_rx.recv() => node.handle_udp_on(Instant::now(), n, sockaddr::unmap(from), &bytes),
-            ev = link.recv() => match ev {
-                LinkEvent::Datagram(d) => node.handle_udp(Instant::now(), relay_addr, &d),
-                LinkEvent::Connected(result) => {
-                    if link.handle_connected(result) {
-                        node.set_relay_over_tcp(Instant::now(), true);
+            ev = stream.recv() => match ev {
+                StreamEvent::Datagram(d) => node.handle_relay_stream(Instant::now(), 0, &d),
+                StreamEvent::Connected(result) => {
+                    if stream.handle_connected(result) {
+                        node.handle_relay_stream_up(Instant::now(), 0);
+                    } else {
+                        node.handle_relay_stream_down(Instant::now(), 0);
                     }
                 }
-                LinkEvent::Closed => {
-                    link.handle_closed(Instant::now());
-                    node.set_relay_over_tcp(Instant::now(), false);
+                StreamEvent::Closed => {
+                    stream.handle_closed();
+                    node.handle_relay_stream_down(Instant::now(), 0);
                 }
             },
             r = tun.recv(&mut tun_buf) => match r {
@@ -236,59 +247,79 @@ pub async fn run(cfg: Config, run_dir: &Path) -> anyhow::Result<()> {
     tracing::info!("shutting down: telling the relay we leave");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     node.leave(Instant::now());
-    drain(
-        &mut node,
-        (&socket, dual_stack),
-        &tun,
-        &mut link,
-        &mut extra,
-        &mut pings,
-        &mut progress,
-    )
-    .await;
+    let mut io = Executor {
+        socket: (&socket, dual_stack),
+        tun: &tun,
+        stream: &mut stream,
+        extra: &mut extra,
+        pings: &mut pings,
+        progress: &mut progress,
+    };
+    io.drain(&mut node, &mut step).await;
     if let Some(m) = mapper {
         m.shutdown().await;
     }
     // Give the TCP writer a moment to flush the goodbye.
-    if link.over_tcp() {
+    if stream.is_up() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(tun);
     Ok(())
 }
 
-/// Sends every queued datagram and TUN packet, and logs every event.
-async fn drain(
-    node: &mut Node,
-    (socket, dual_stack): (&UdpSocket, bool),
-    tun: &tun_rs::AsyncDevice,
-    link: &mut RelayLink,
-    extra: &mut ExtraSockets,
-    pings: &mut PendingPings,
-    progress: &mut Progress,
-) {
-    while let Some(t) = node.poll_transmit() {
-        if t.socket != 0 {
-            extra.send(t.socket, t.dst, &t.payload).await;
-            continue;
-        }
-        let Some(payload) = link.send(t.dst, t.payload) else {
-            continue;
-        };
-        if let Err(e) = socket
-            .send_to(&payload, sockaddr::for_socket(t.dst, dual_stack))
-            .await
-        {
-            tracing::debug!(%e, dst = %t.dst, "UDP send failed");
+/// Executes the node's outputs: the agent's half of the shared [`Step`].
+struct Executor<'a> {
+    socket: (&'a UdpSocket, bool),
+    tun: &'a tun_rs::AsyncDevice,
+    stream: &'a mut RelayStream,
+    extra: &'a mut ExtraSockets,
+    pings: &'a mut PendingPings,
+    progress: &'a mut Progress,
+}
+
+impl Executor<'_> {
+    /// Sends every queued datagram and TUN packet, opens or closes the relay stream as the node
+    /// asks, and logs every event.
+    async fn drain(&mut self, node: &mut Node, step: &mut Step) {
+        let mut stream_lost = false;
+        while let Some(output) = step.poll(node) {
+            match output {
+                Output::Udp {
+                    socket: 0,
+                    dst,
+                    bytes,
+                } => {
+                    let (socket, dual_stack) = self.socket;
+                    if let Err(e) = socket
+                        .send_to(bytes, sockaddr::for_socket(dst, dual_stack))
+                        .await
+                    {
+                        tracing::debug!(%e, %dst, "UDP send failed");
+                    }
+                }
+                Output::Udp { socket, dst, bytes } => self.extra.send(socket, dst, bytes).await,
+                Output::Stream { bytes, .. } => {
+                    if !self.stream.send(bytes) {
+                        stream_lost = true;
+                    }
+                }
+                Output::Tun(packet) => {
+                    if let Err(e) = self.tun.send(packet).await {
+                        tracing::debug!(%e, "TUN write failed");
+                    }
+                }
+                Output::OpenStream { .. } => self.stream.open(),
+                Output::CloseStream { .. } => self.stream.close(),
+                Output::Event(ev) => self.event(node, ev),
+            }
+            if std::mem::take(&mut stream_lost) {
+                node.handle_relay_stream_down(Instant::now(), 0);
+            }
         }
     }
-    while let Some(pkt) = node.poll_tun() {
-        if let Err(e) = tun.send(&pkt).await {
-            tracing::debug!(%e, "TUN write failed");
-        }
-    }
-    while let Some(ev) = node.poll_event() {
-        progress.on_event(&ev);
+
+    fn event(&mut self, node: &Node, ev: Event) {
+        self.progress.on_event(&ev);
         match &ev {
             Event::PingResult {
                 request,
@@ -296,12 +327,12 @@ async fn drain(
                 direct,
                 ..
             } => {
-                let relayed = if link.over_tcp() {
+                let relayed = if node.relay_on_stream() {
                     "relay-tcp"
                 } else {
                     "relay"
                 };
-                pings.answer(*request, *rtt, *direct, relayed);
+                self.pings.answer(*request, *rtt, *direct, relayed);
             }
             Event::RelayRegistered { .. }
             | Event::RelayLost
@@ -404,6 +435,14 @@ impl PendingPings {
             let path = if direct.is_some() { "direct" } else { relayed };
             let _ = reply.send(ping_reply(&peer, Some(rtt), direct, path, None));
         }
+    }
+
+    /// When the oldest waiting ping times out.
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.waiting
+            .values()
+            .map(|(_, _, deadline)| *deadline)
+            .min()
     }
 
     fn expire(&mut self, now: Instant) {

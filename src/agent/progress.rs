@@ -68,6 +68,11 @@ impl Progress {
         }
     }
 
+    /// When [`Progress::tick`] next has something to say, if ever.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        (self.enabled && !self.registered && !self.told_slow).then(|| self.started + SLOW_RELAY)
+    }
+
     pub(crate) fn tick(&mut self, now: Instant) {
         if self.enabled
             && !self.registered

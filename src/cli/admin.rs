@@ -13,7 +13,7 @@ use super::runtime;
 use crate::config::{self, Config};
 use crate::control::{self, PingReply, Request};
 use crate::status::Status;
-use crate::wire::{self, RelayRequest};
+use crate::wire::{admission, RelayRequest};
 
 /// The network a command is about: the one named, or the only one configured.
 fn resolve_network(config_dir: &Path, name: Option<String>) -> anyhow::Result<String> {
@@ -274,13 +274,22 @@ async fn send_leave(cfg: &Config) -> anyhow::Result<()> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
+    let keys = cfg.secret.derive();
     let req = RelayRequest::Leave {
-        network: cfg.secret.derive().network_id,
+        network: keys.network_id,
         ts_ms,
     };
     let mut nonce = [0u8; 24];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
-    let dgram = wire::seal_to_relay(&session, me, &req, nonce);
+    let dgram = admission::seal_request(
+        &session,
+        me,
+        &relay.key,
+        &keys.signing,
+        [0; 16],
+        &req,
+        nonce,
+    );
     let socket = tokio::net::UdpSocket::bind("0.0.0.0:0")
         .await
         .context("binding a UDP socket")?;
@@ -314,7 +323,7 @@ pub(super) fn enable_service(network: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{DropCounters, NatStatus, PeerStatus, RelayStatus};
+    use crate::status::{DropCounters, NatMapping, NatStatus, PeerPath, PeerStatus, RelayStatus};
 
     #[test]
     fn netcheck_explains_relayed_peers() {
@@ -331,7 +340,7 @@ mod tests {
             },
             endpoints: vec![],
             nat: NatStatus {
-                mapping: "symmetric (endpoint-dependent mapping)".into(),
+                mapping: NatMapping::EndpointDependent,
                 summary: String::new(),
                 reflexive: Some("203.0.113.5:4000".into()),
                 port_mapping: None,
@@ -342,7 +351,7 @@ mod tests {
                 name: "bob".into(),
                 public_key: "b".into(),
                 virtual_ip: "10.0.0.2".into(),
-                path: "relay".into(),
+                path: PeerPath::Relay,
                 endpoint: None,
                 rtt_ms: None,
                 last_handshake_age_s: None,

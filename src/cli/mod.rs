@@ -1,8 +1,12 @@
 //! The command line: argument definitions (clap) and what each command does.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)] // the CLI: wall-clock timestamps, new keys from OS randomness, the demo's timings
 
 mod admin;
+pub mod demo;
+pub mod generate;
+pub mod overlap;
 
 use std::io::Read as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -10,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use ipnet::Ipv4Net;
 use rand::Rng;
 
@@ -55,6 +59,29 @@ pub enum Command {
         /// UDP address to listen on.
         #[arg(long, default_value = "0.0.0.0:3478")]
         listen: SocketAddr,
+        /// Most TCP connections at once (default and ceiling: what the open-file limit allows).
+        #[arg(long, value_name = "N")]
+        tcp_max_connections: Option<usize>,
+        /// Most TCP connections from one IPv4 address or IPv6 /64 (default: 1/64 of the
+        /// connection slots, at least 8).
+        #[arg(long, value_name = "N")]
+        tcp_per_source: Option<usize>,
+        /// Most members registered at once, over all networks.
+        #[arg(long, value_name = "N", default_value_t = relay::server::ServerConfig::default().max_members)]
+        max_members: usize,
+        /// Most members registered at once in one network.
+        #[arg(long, value_name = "N", default_value_t = relay::server::ServerConfig::default().max_members_per_network)]
+        max_members_per_network: usize,
+        /// Most networks with members at once.
+        #[arg(long, value_name = "N", default_value_t = relay::server::ServerConfig::default().max_networks)]
+        max_networks: usize,
+    },
+    /// Show a running relay's members, connections and limit counters (via its control socket
+    /// in --run-dir).
+    RelayStatus {
+        /// Print JSON instead of one `name  value` line per counter.
+        #[arg(long)]
+        json: bool,
     },
     /// Create a network and print its group token (one line on stdout).
     Create {
@@ -158,8 +185,34 @@ pub enum Command {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Relay { listen } => {
-            runtime()?.block_on(relay::driver::run(listen, &cli.config_dir))
+        Command::Relay {
+            listen,
+            tcp_max_connections,
+            tcp_per_source,
+            max_members,
+            max_members_per_network,
+            max_networks,
+        } => runtime()?.block_on(relay::driver::run(&relay::driver::RelayOptions {
+            listen,
+            config_dir: cli.config_dir,
+            run_dir: cli.run_dir,
+            tcp_max_connections,
+            tcp_per_source,
+            server: relay::server::ServerConfig {
+                max_members,
+                max_members_per_network,
+                max_networks,
+                ..relay::server::ServerConfig::default()
+            },
+        })),
+        Command::RelayStatus { json } => {
+            let status = runtime()?.block_on(relay::control::query_status(&cli.run_dir))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.to_text());
+            }
+            Ok(())
         }
         Command::Create {
             name,
@@ -192,7 +245,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let key = NodeSecret::generate(&mut rand::rngs::OsRng);
             let cfg = Config::from_token(&token, name, key, ip, listen_port)
                 .map_err(anyhow::Error::msg)?;
-            crate::overlap::check(&cfg, &cli.config_dir)?;
+            overlap::check(&cfg, &cli.config_dir)?;
             let path = cfg.save(&cli.config_dir)?;
             eprintln!(
                 "joined network {} as {} with virtual IP {} (config: {})",
@@ -212,7 +265,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up { name } => {
             agent::check_privileges()?;
             let cfg = Config::load(&cli.config_dir, &name)?;
-            crate::overlap::check(&cfg, &cli.config_dir)?;
+            overlap::check(&cfg, &cli.config_dir)?;
             runtime()?.block_on(agent::run(cfg, &cli.run_dir))
         }
         Command::Status { name, json } => status(&cli.config_dir, &cli.run_dir, name, json),
@@ -228,10 +281,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List => admin::list(&cli.config_dir, &cli.run_dir),
         Command::Down { name } => admin::down(&cli.run_dir, &name),
         Command::Leave { name, yes } => admin::leave(&cli.config_dir, &cli.run_dir, &name, yes),
-        Command::Generate { out } => crate::generate::write_all(&out),
+        Command::Generate { out } => generate::write_all(Cli::command(), &out),
         Command::Demo => {
             let exe = std::env::current_exe().context("finding the meshvpn binary")?;
-            crate::demo::run(&exe)
+            demo::run(&exe)
         }
     }
 }

@@ -8,9 +8,9 @@
 //! 1. The *hard* (symmetric) side opens [`SPRAY_SOCKETS`] extra sockets and pings the easy
 //!    side's reflexive address from each: its NAT now holds that many mappings, each accepting
 //!    packets from exactly the easy side's address. It tells the easy side, through the relay,
-//!    to start ([`Disco::Spray`](crate::wire::Disco::Spray)).
+//!    to start ([`Disco::Spray`]).
 //! 2. The *easy* side pings random ports of the hard side's public IP from its main socket, at
-//!    most [`PROBES_PER_TICK`] per 250 ms tick (100 per second) and [`PROBE_BUDGET`] in all.
+//!    most [`PROBES_PER_TICK`] per [`BURST_INTERVAL`] (100 per second) and [`PROBE_BUDGET`] in all.
 //!    Each ping hits one of the mappings with probability 256/64512; the chance that 2,000
 //!    pings all miss is (1 − 1/252)^2000 ≈ 0.04 %.
 //! 3. A ping that lands is answered from the extra socket that owns the mapping; the easy side
@@ -26,16 +26,19 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use super::peer::Path;
+use super::peer::Peer;
 use super::Node;
 use crate::keys::PeerKey;
 use crate::wire::{Disco, NatKind};
 
 /// Extra sockets the hard side opens (NAT mappings to be hit).
 pub const SPRAY_SOCKETS: u16 = 256;
-/// Pings the easy side sends per 250 ms tick: 100 per second keeps the burst small for any
-/// router on the way.
+/// Pings the easy side sends per [`BURST_INTERVAL`]: 100 per second keeps the burst small for
+/// any router on the way.
 pub const PROBES_PER_TICK: u32 = 25;
+/// Time between two bursts of the easy side: short enough that the budget is spent within
+/// the attempt, long enough that each burst is small.
+pub const BURST_INTERVAL: Duration = Duration::from_millis(250);
 /// Most pings the easy side sends in one attempt.
 pub const PROBE_BUDGET: u32 = 2_000;
 /// How long an attempt may last: the budget at the rate above takes 20 s.
@@ -57,6 +60,7 @@ enum Phase {
         until: Instant,
         target: IpAddr,
         sent: u32,
+        next_burst: Instant,
     },
 }
 
@@ -110,21 +114,55 @@ impl Birthday {
 }
 
 impl Node {
+    /// Whether this side is the hard (symmetric, unmapped) one.
+    fn we_are_hard(&self) -> bool {
+        self.nat == NatKind::EndpointDependent && self.port_mapping.is_none()
+    }
+
+    /// When the birthday probe with `p` next needs to act, if at all.
+    pub(super) fn birthday_deadline(&self, p: &Peer) -> Option<Instant> {
+        let relayed = p.paths.is_relayed();
+        match p.paths.birthday.phase {
+            Phase::Idle => {
+                let easy_peer = p.announcement.nat == NatKind::EndpointIndependent;
+                if !(self.we_are_hard() && easy_peer && relayed) {
+                    return None;
+                }
+                let waited = p.paths.relayed_since() + START_AFTER;
+                Some(
+                    p.paths
+                        .birthday
+                        .next_attempt
+                        .map_or(waited, |t| t.max(waited)),
+                )
+            }
+            Phase::Hard { until } => Some(until),
+            Phase::Easy {
+                until, next_burst, ..
+            } => Some(until.min(next_burst)),
+        }
+    }
+
     /// Starts, paces and ends birthday attempts with `key`.
     pub(super) fn birthday_timers(&mut self, now: Instant, key: PeerKey) {
-        let we_are_hard = self.nat == NatKind::EndpointDependent && self.port_mapping.is_none();
+        let we_are_hard = self.we_are_hard();
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
-        let relayed = matches!(p.path, Path::Relayed);
-        match p.birthday.phase {
+        let relayed = p.paths.is_relayed();
+        match p.paths.birthday.phase {
             Phase::Idle => {
                 let easy_peer = p.announcement.nat == NatKind::EndpointIndependent;
-                let waited = now.saturating_duration_since(p.relayed_since) >= START_AFTER;
-                if !(we_are_hard && easy_peer && relayed && waited && p.birthday.may_start(now)) {
+                let waited = now.saturating_duration_since(p.paths.relayed_since()) >= START_AFTER;
+                if !(we_are_hard
+                    && easy_peer
+                    && relayed
+                    && waited
+                    && p.paths.birthday.may_start(now))
+                {
                     return;
                 }
-                p.birthday.phase = Phase::Hard {
+                p.paths.birthday.phase = Phase::Hard {
                     until: now + ATTEMPT_DURATION,
                 };
                 let target = p.entry.observed;
@@ -136,23 +174,28 @@ impl Node {
             }
             Phase::Hard { until } => {
                 if now >= until || !relayed {
-                    p.birthday.finish(now, !relayed);
+                    p.paths.birthday.finish(now, !relayed);
                 }
             }
             Phase::Easy {
                 until,
                 target,
                 sent,
+                next_burst,
             } => {
                 if now >= until || sent >= PROBE_BUDGET || !relayed {
-                    p.birthday.finish(now, !relayed);
+                    p.paths.birthday.finish(now, !relayed);
+                    return;
+                }
+                if now < next_burst {
                     return;
                 }
                 let n = PROBES_PER_TICK.min(PROBE_BUDGET - sent);
-                p.birthday.phase = Phase::Easy {
+                p.paths.birthday.phase = Phase::Easy {
                     until,
                     target,
                     sent: sent + n,
+                    next_burst: now + BURST_INTERVAL,
                 };
                 for _ in 0..n {
                     let port: u16 = self.rng.gen_range(1024..=u16::MAX);
@@ -168,15 +211,16 @@ impl Node {
         let Some(p) = self.peers.get_mut(&sender) else {
             return;
         };
-        if !(we_are_easy && matches!(p.path, Path::Relayed) && p.birthday.may_start(now)) {
+        if !(we_are_easy && p.paths.is_relayed() && p.paths.birthday.may_start(now)) {
             return;
         }
         let target = p.entry.observed.ip();
         tracing::debug!(peer = %p.announcement.name, %target, "birthday probe: spraying the symmetric side's ports");
-        p.birthday.phase = Phase::Easy {
+        p.paths.birthday.phase = Phase::Easy {
             until: now + ATTEMPT_DURATION,
             target,
             sent: 0,
+            next_burst: now,
         };
     }
 }

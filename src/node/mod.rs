@@ -1,28 +1,48 @@
 //! The member's protocol engine: a sans-IO state machine for one member of one network.
 //!
+//! # Shape
+//! A [`Node`] routes inputs to smaller machines that own their state, and drains their output
+//! through one outbox of [`Transmit`]s, TUN packets and [`Event`]s (the shape of firezone's
+//! snownet `Node` and quinn-proto's `Connection`):
+//! - the **relay session** (`relay_session`): registration, acknowledgements, syncs, relay
+//!   loss, and whether relay traffic takes UDP or the stream; one instance per relay;
+//! - **membership** (`membership`): the member table, removal records, receiver indices and
+//!   the virtual-IP routing table with its conflict resolution;
+//! - per peer, a **peer link** (`link`, the only owner of boringtun's `Tunn`) and **path
+//!   selection** (`path_selection`, with [`birthday`] probing);
+//! - the **NAT check** ([`netcheck`]) and the **timer table** ([`TimerTable`]).
+//!
 //! # Driving contract
 //! A [`Node`] reads no clock, opens no socket and draws no OS randomness; time comes in as
 //! `now: Instant` arguments and randomness from the seed in [`NodeConfig`]. The driver:
-//! 1. feeds inputs: [`Node::handle_udp`] for every datagram on the member's UDP socket,
-//!    [`Node::handle_tun_packet`] for every IP packet read from the TUN device,
-//!    [`Node::set_local_endpoints`] when the host's addresses change, and
-//!    [`Node::handle_timeout`] when the deadline from [`Node::poll_timeout`] passes;
-//! 2. after every input drains [`Node::poll_transmit`] (datagrams to send on the UDP socket),
-//!    [`Node::poll_tun`] (packets to write to the TUN device) and [`Node::poll_event`]
-//!    (things worth logging) until each returns `None`;
-//! 3. re-arms its timer with [`Node::poll_timeout`].
+//! 1. feeds inputs: [`Node::handle_udp`] / [`Node::handle_udp_on`] for every datagram on a
+//!    UDP socket, [`Node::handle_tun_packet`] for every IP packet read from the TUN device,
+//!    [`Node::handle_relay_stream`] for every datagram read from a relay stream,
+//!    [`Node::handle_relay_stream_up`] / [`Node::handle_relay_stream_down`] when a stream it
+//!    was asked for connects, fails or closes, [`Node::set_local_endpoints`] when the host's
+//!    addresses change, and [`Node::handle_timeout`] when the deadline passes;
+//! 2. after every input drains the outputs until each returns `None`: [`Node::poll_transmit`]
+//!    (a datagram and its [`Transport`]: UDP socket *n* to an address, or the stream to relay
+//!    *r*, written into the driver's reusable buffer), [`Node::poll_tun`] (packets for the
+//!    TUN device, likewise), [`Node::poll_event`], and [`Node::wants_stream`] (open or close
+//!    the stream to the relay). [`driver::Step`] does exactly this and is what every driver
+//!    uses, the agent and the simulator alike;
+//! 3. sleeps until [`Node::poll_timeout`]: the earliest named deadline and why, or "now"
+//!    while output is still queued.
 //!
 //! On shutdown it calls [`Node::leave`] and sends what that queues.
 //!
 //! # Data flow
 //! ```text
-//!  TUN ──ip packet──▶ route by destination virtual IP ─▶ peer's WireGuard session (seal)
-//!                                                       └▶ path: direct addr | relay frame ─▶ UDP
-//!  UDP ──▶ classify: WireGuard ─▶ peer by handshake key / receiver index ─▶ open ─▶
+//!  TUN ──ip packet──▶ route by destination virtual IP ─▶ peer link (seal)
+//!                                         └▶ path: direct addr (UDP) | relay frame (UDP or stream)
+//!  UDP / stream ──▶ classify: WireGuard ─▶ peer by handshake key / receiver index ─▶ open ─▶
 //!                     check inner source == peer's virtual IP (cryptokey routing) ─▶ TUN
 //!          meshvpn frame: relay reply (membership) | relayed payload | disco ping/pong
-//!          STUN: binding responses (reflexive address)
+//!          STUN: binding responses (reflexive address; over UDP, proof that UDP works)
 //! ```
+//! The data path (TUN packets, WireGuard datagrams) allocates nothing per packet: boringtun
+//! seals and opens into one scratch buffer, and the outbox recycles its buffers.
 //!
 //! # Membership
 //! The node registers with its relay every [`REGISTER_INTERVAL`] (with backoff while the relay
@@ -32,45 +52,48 @@
 //! ignored (no replay). Members that leave or expire on the relay are removed here.
 //!
 //! Time inside boringtun's `Tunn` is real time; the node additionally re-sends handshakes on its
-//! own clock ([`peer::HANDSHAKE_RETRY`]) so that simulations with loss make progress.
+//! own clock ([`HANDSHAKE_RETRY`]) so that simulations with loss make progress.
 
 pub mod birthday;
+pub mod driver;
+mod inbound;
+mod link;
 mod membership;
 pub mod netcheck;
+mod outbox;
+mod path_selection;
 mod paths;
 pub mod peer;
+mod registration;
+pub mod relay_session;
+mod report;
+mod timers;
 
-use std::collections::{BTreeMap, VecDeque};
+pub use link::{HANDSHAKE_GIVE_UP, HANDSHAKE_RETRY, SESSION_FRESH};
+pub use outbox::{Transmit, Transport};
+pub use relay_session::{
+    REGISTER_INTERVAL, REGISTER_RETRY_MAX, REGISTER_RETRY_MIN, RELAY_LOST_AFTER, UDP_FALLBACK_AFTER,
+};
+pub use timers::{Timer, TimerTable};
+
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use boringtun::noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult};
 use ipnet::Ipv4Net;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use crate::keys::{NetworkKeys, NetworkSecret, NodeSecret, PeerKey};
-use crate::status::{DropCounters, NatStatus, PeerStatus, RelayStatus, Status};
-use crate::wire::{
-    self, stun, Announcement, DatagramKind, Frame, MemberEntry, NatKind, RelayRequest,
-};
+use crate::status::DropCounters;
+use crate::wire::{self, stun, Announcement, DatagramKind, NatKind, RelayRequest};
+use outbox::Outbox;
 use peer::{Path, Peer};
 
-/// Base tick: boringtun wants `update_timers` about every 250 ms, and every other timer of the
-/// node (probes, registration) is checked at this granularity.
-pub const TICK: Duration = Duration::from_millis(250);
-/// Re-registration interval; a third of the relay's member TTL (30 s), so two lost refreshes
-/// never drop a live member.
-pub const REGISTER_INTERVAL: Duration = Duration::from_secs(10);
-/// First retry delay while the relay does not answer; doubles up to [`REGISTER_RETRY_MAX`].
-pub const REGISTER_RETRY_MIN: Duration = Duration::from_secs(1);
-/// Longest retry delay while the relay does not answer.
-pub const REGISTER_RETRY_MAX: Duration = Duration::from_secs(8);
-/// Without an acknowledgement for this long the relay counts as unreachable (two refreshes
-/// and a half lost).
-pub const RELAY_LOST_AFTER: Duration = Duration::from_secs(25);
-/// A sync request with no complete answer is repeated after this long.
-const SYNC_RETRY: Duration = Duration::from_secs(3);
+/// boringtun wants `update_timers` about every 250 ms (its keepalive and rekey timers have
+/// that resolution); it runs only while the node has peers. Every other timer of the node is a
+/// real deadline in the [`TimerTable`].
+pub const WIREGUARD_TICK: Duration = Duration::from_millis(250);
 /// Largest IP packet handled (TUN MTU is far smaller; the rest is headroom for WireGuard).
 const BUF_LEN: usize = 65_535 + 64;
 
@@ -104,19 +127,6 @@ pub struct NodeConfig {
     pub stun_servers: Vec<SocketAddr>,
     /// Seed for nonces, transaction ids and jitter.
     pub seed: u64,
-}
-
-/// A datagram the node wants sent from one of its UDP sockets.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transmit {
-    /// Destination address.
-    pub dst: SocketAddr,
-    /// Which socket sends it: 0 is the main socket; 1..=256 are the extra sockets of a
-    /// birthday probe, which the driver opens on first use (any free port) and closes when
-    /// [`Node::active_sockets`] no longer lists them.
-    pub socket: u16,
-    /// Datagram bytes.
-    pub payload: Vec<u8>,
 }
 
 /// Things worth telling the operator about.
@@ -165,28 +175,6 @@ pub enum Event {
     },
 }
 
-struct RelaySession {
-    target: RelayTarget,
-    session: [u8; 32],
-    next_register: Instant,
-    backoff: Duration,
-    pending_ts: Option<u64>,
-    register_sent: Option<Instant>,
-    unanswered: bool,
-    last_ack: Option<Instant>,
-    registered: bool,
-    observed: Option<SocketAddr>,
-    sync_sent: Option<Instant>,
-    sync: Option<SyncCollector>,
-    key_mismatch_reported: bool,
-}
-
-struct SyncCollector {
-    generation: u32,
-    total: u16,
-    entries: BTreeMap<u16, MemberEntry>,
-}
-
 /// One member's protocol engine (see the module doc for the driving contract).
 pub struct Node {
     cfg: NodeConfig,
@@ -196,29 +184,30 @@ pub struct Node {
     epoch: Instant,
     epoch_unix_ms: u64,
     last_ts: u64,
-    relay: RelaySession,
-    entries: BTreeMap<PeerKey, MemberEntry>,
+    relay: relay_session::RelaySession,
+    /// The member table, removal records and routing tables.
+    members: membership::Membership,
     peers: BTreeMap<PeerKey, Peer>,
-    by_ip: BTreeMap<Ipv4Addr, PeerKey>,
-    by_index: BTreeMap<u32, PeerKey>,
-    next_index: u32,
-    /// Change counter (relay's) at which each member entry was last set.
-    learned: BTreeMap<PeerKey, u64>,
-    /// Members removed at a change counter, so an older push or snapshot does not revive them.
-    tombstones: BTreeMap<PeerKey, u64>,
     local_endpoints: Vec<SocketAddr>,
     announcement: Vec<u8>,
-    ip_conflict: Option<(Ipv4Addr, PeerKey)>,
     netcheck: netcheck::NetCheck,
     nat: NatKind,
     port_mapping: Option<(String, SocketAddr)>,
-    relay_over_tcp: bool,
-    next_tick: Instant,
-    transmits: VecDeque<Transmit>,
-    tun_out: VecDeque<Vec<u8>>,
-    events: VecDeque<Event>,
+    timers: TimerTable,
+    /// The latest time any input carried; `poll_timeout` answers it while output is queued.
+    now: Instant,
+    out: Outbox,
     drops: DropCounters,
+    /// Scratch space boringtun seals and opens into.
     buf: Vec<u8>,
+}
+
+/// Whether an input touched only the data path (no deadline can have moved except the peer
+/// link's, which the data path arms itself) or control state (recompute the timer table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handled {
+    Data,
+    Control,
 }
 
 impl Node {
@@ -228,22 +217,11 @@ impl Node {
         let public = cfg.secret.public();
         let keys = cfg.network_secret.derive();
         let session = cfg.secret.relay_session_key(&public, &cfg.relay.key);
+        let cfg_relay_addr = cfg.relay.addr;
         let netcheck = netcheck::NetCheck::new(stun_targets(&cfg.relay, &cfg.stun_servers), now);
-        let relay = RelaySession {
-            target: cfg.relay,
-            session,
-            next_register: now,
-            backoff: REGISTER_RETRY_MIN,
-            pending_ts: None,
-            register_sent: None,
-            unanswered: false,
-            last_ack: None,
-            registered: false,
-            observed: None,
-            sync_sent: None,
-            sync: None,
-            key_mismatch_reported: false,
-        };
+        let relay =
+            relay_session::RelaySession::new(0, cfg.relay, session, keys.signing.clone(), now);
+        let members = membership::Membership::new(public, cfg.virtual_ip, cfg.subnet);
         let mut node = Self {
             rng: ChaCha20Rng::seed_from_u64(cfg.seed),
             cfg,
@@ -253,28 +231,24 @@ impl Node {
             epoch_unix_ms: unix_ms,
             last_ts: 0,
             relay,
-            entries: BTreeMap::new(),
+            members,
             peers: BTreeMap::new(),
-            by_ip: BTreeMap::new(),
-            by_index: BTreeMap::new(),
-            next_index: 1,
-            learned: BTreeMap::new(),
-            tombstones: BTreeMap::new(),
             local_endpoints: Vec::new(),
             announcement: Vec::new(),
-            ip_conflict: None,
             netcheck,
             nat: NatKind::Unknown,
             port_mapping: None,
-            relay_over_tcp: false,
-            next_tick: now,
-            transmits: VecDeque::new(),
-            tun_out: VecDeque::new(),
-            events: VecDeque::new(),
+            timers: TimerTable::default(),
+            now,
+            out: Outbox::new(Transport::Udp {
+                socket: 0,
+                dst: cfg_relay_addr,
+            }),
             drops: DropCounters::default(),
             buf: vec![0u8; BUF_LEN],
         };
         node.reseal_announcement(now);
+        node.refresh_timers();
         node
     }
 
@@ -290,14 +264,14 @@ impl Node {
 
     /// Whether the relay has acknowledged a registration recently.
     pub fn is_registered(&self) -> bool {
-        self.relay.registered
+        self.relay.is_registered()
     }
 
     /// Whether the relay answers now: registered, and the latest registration did not go
     /// unanswered (a relay that stopped answering is noticed within seconds, long before the
     /// registration is considered lost).
     pub fn relay_answering(&self) -> bool {
-        self.relay.registered && !self.relay.unanswered
+        self.relay.answering()
     }
 
     /// Keys of the members this node currently knows.
@@ -307,46 +281,43 @@ impl Node {
 
     /// The current path to `key`, if it is a known member.
     pub fn path_to(&self, key: &PeerKey) -> Option<Path> {
-        self.peers.get(key).map(|p| p.path)
+        self.peers.get(key).map(|p| p.paths.path())
     }
 
     /// Tells the node which local addresses (with its UDP port) it can be reached at.
     pub fn set_local_endpoints(&mut self, now: Instant, mut endpoints: Vec<SocketAddr>) {
+        self.now = self.now.max(now);
         endpoints.sort();
         endpoints.dedup();
         endpoints.truncate(wire::MAX_ENDPOINTS);
         if endpoints != self.local_endpoints {
             self.local_endpoints = endpoints;
             self.reseal_announcement(now);
-            self.relay.next_register = now;
+            self.relay.register_now(now);
+            self.refresh_timers();
         }
     }
 
     /// Moves the relay to a new address (after re-resolving its host name).
     pub fn set_relay_addr(&mut self, now: Instant, addr: SocketAddr) {
-        if self.relay.target.addr != addr {
-            self.relay.target.addr = addr;
-            self.relay.next_register = now;
-            let targets = stun_targets(&self.relay.target, &self.cfg.stun_servers);
+        self.now = self.now.max(now);
+        if self.relay.set_addr(now, addr) {
+            self.out.set_relay_transport(self.relay.transport());
+            let targets = stun_targets(&self.relay.target(), &self.cfg.stun_servers);
             self.netcheck.set_targets(targets, now);
+            self.refresh_timers();
         }
     }
 
     /// Tells the node about a port mapping on the gateway (UPnP-IGD, NAT-PMP or PCP): the
     /// external address is announced to peers as a candidate. `label` names the protocol.
     pub fn set_port_mapping(&mut self, now: Instant, mapping: Option<(String, SocketAddr)>) {
+        self.now = self.now.max(now);
         if mapping != self.port_mapping {
             self.port_mapping = mapping;
             self.reseal_announcement(now);
-            self.relay.next_register = now;
-        }
-    }
-
-    /// Tells the node whether its relay traffic goes over TCP (UDP to the relay is blocked).
-    pub fn set_relay_over_tcp(&mut self, now: Instant, over_tcp: bool) {
-        if over_tcp != self.relay_over_tcp {
-            self.relay_over_tcp = over_tcp;
-            self.update_nat_verdict(now);
+            self.relay.register_now(now);
+            self.refresh_timers();
         }
     }
 
@@ -355,35 +326,29 @@ impl Node {
         self.nat
     }
 
-    /// Handles one IP packet read from the TUN device.
+    /// Handles one IP packet read from the TUN device. The data path: nothing here allocates.
     pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8]) {
+        self.now = self.now.max(now);
         let Some(dst) = ipv4_destination(packet) else {
             // IPv6 (router solicitations, MLD) and non-IP: not routed in the overlay yet.
             return;
         };
-        let Some(key) = self.by_ip.get(&dst).copied() else {
+        let Some(key) = self.members.route(dst) else {
             self.drops.no_route += 1;
             return;
         };
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
-        peer.tx_bytes += packet.len() as u64;
-        match peer.tunn.encapsulate(packet, &mut self.buf) {
-            TunnResult::WriteToNetwork(bytes) => {
-                if bytes.first() == Some(&1) {
-                    peer.want_session_since.get_or_insert(now);
-                    peer.last_init_sent = Some(now);
-                }
-                let bytes = bytes.to_vec();
-                self.send_to_peer(key, bytes);
-            }
-            TunnResult::Done => {
-                // Queued inside boringtun until the handshake completes.
-                peer.want_session_since.get_or_insert(now);
-            }
-            TunnResult::Err(e) => tracing::debug!(?e, peer = %key.short(), "encapsulate failed"),
-            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+        let direct = peer.direct();
+        if let Some(bytes) = peer.link.encapsulate(now, packet, &mut self.buf) {
+            self.out.for_peer(direct, key, bytes);
+        }
+        if let Some(at) = peer.link.poll_timeout() {
+            self.timers.arm_earliest(Timer::Handshake, at);
+        }
+        if direct.is_none() && self.relay.check_if_silent(now) {
+            self.timers.arm_earliest(Timer::Relay, now);
         }
     }
 
@@ -392,21 +357,45 @@ impl Node {
         self.handle_udp_on(now, 0, from, bytes);
     }
 
-    /// Handles one datagram received on socket `socket` (see [`Transmit::socket`]) from `from`.
+    /// Handles one datagram received on socket `socket` (see [`Transport::Udp`]) from `from`.
     pub fn handle_udp_on(&mut self, now: Instant, socket: u16, from: SocketAddr, bytes: &[u8]) {
+        self.handle_datagram(now, socket, from, bytes, false);
+    }
+
+    /// One datagram from `from`, on UDP socket `socket` or (`from_stream`) the relay stream.
+    fn handle_datagram(
+        &mut self,
+        now: Instant,
+        socket: u16,
+        from: SocketAddr,
+        bytes: &[u8],
+        from_stream: bool,
+    ) {
+        self.now = self.now.max(now);
         match wire::classify(bytes) {
             DatagramKind::WireGuard => self.handle_wireguard(from, socket, None, bytes),
-            DatagramKind::Meshvpn => self.handle_frame(now, from, socket, bytes),
-            DatagramKind::Stun => match stun::parse(bytes) {
-                Some(stun::Binding::Response { tx, mapped }) => {
-                    if self.netcheck.handle_response(now, from, tx, mapped) {
-                        self.update_nat_verdict(now);
-                    }
+            DatagramKind::Meshvpn => {
+                if self.handle_frame(now, from, socket, bytes) == Handled::Control {
+                    self.refresh_timers();
                 }
-                // Members do not serve STUN.
-                Some(stun::Binding::Request(_)) => {}
-                None => self.drops.malformed += 1,
-            },
+            }
+            DatagramKind::Stun => {
+                match stun::parse(bytes) {
+                    Some(stun::Binding::Response { tx, mapped }) => {
+                        // Only an answer that really came over UDP proves UDP works.
+                        if !from_stream && self.relay.handle_udp_stun(now, from) {
+                            self.relay_transport_changed(now);
+                        }
+                        if self.netcheck.handle_response(now, from, tx, mapped) {
+                            self.update_nat_verdict(now);
+                        }
+                    }
+                    // Members do not serve STUN.
+                    Some(stun::Binding::Request(_)) => {}
+                    None => self.drops.malformed += 1,
+                }
+                self.refresh_timers();
+            }
             DatagramKind::Unknown => self.drops.malformed += 1,
         }
     }
@@ -416,7 +405,7 @@ impl Node {
     pub fn active_sockets(&self) -> std::collections::BTreeSet<u16> {
         let mut set: std::collections::BTreeSet<u16> = [0].into();
         for p in self.peers.values() {
-            if p.birthday.is_hard() {
+            if p.paths.birthday.is_hard() {
                 set.extend(1..=birthday::SPRAY_SOCKETS);
             }
             if let Some((_, socket)) = p.direct() {
@@ -429,6 +418,7 @@ impl Node {
     /// Pings member `key` once on its current path (direct or relay), for `meshvpn ping`; the
     /// answer comes back as [`Event::PingResult`] with `request`. `false` if `key` is unknown.
     pub fn ping_peer(&mut self, now: Instant, key: &PeerKey, request: u64) -> bool {
+        self.now = self.now.max(now);
         let Some((addr, socket)) = self.peers.get(key).map(|p| match p.direct() {
             Some((a, s)) => (Some(a), s),
             None => (None, 0),
@@ -436,12 +426,8 @@ impl Node {
             return false;
         };
         let tx = self.send_ping(now, *key, addr, socket);
-        if let Some(ping) = self
-            .peers
-            .get_mut(key)
-            .and_then(|p| p.outstanding.get_mut(&tx))
-        {
-            ping.request = Some(request);
+        if let Some(p) = self.peers.get_mut(key) {
+            p.paths.set_request(&tx, request);
         }
         true
     }
@@ -454,132 +440,114 @@ impl Node {
             .map(|p| p.key)
     }
 
-    /// Runs every timer that is due.
+    /// Runs every timer that is due at `now` (calling it early is harmless: nothing is due).
     pub fn handle_timeout(&mut self, now: Instant) {
-        if now < self.next_tick {
-            return;
+        self.now = self.now.max(now);
+        for timer in Timer::ALL {
+            if self.timers.get(timer).is_none_or(|at| at > now) {
+                continue;
+            }
+            match timer {
+                Timer::WireGuardTick => self.wireguard_tick(now),
+                Timer::Handshake => self.handshake_timers(now),
+                Timer::Relay => self.relay_timers(now),
+                Timer::Stun => self.stun_round(now),
+                Timer::Paths => self.path_timers(now),
+            }
         }
-        self.next_tick = now + TICK;
-        self.relay_timers(now);
-        self.stun_round(now);
-        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
-        for key in keys {
-            self.peer_timers(now, key);
+        self.refresh_timers();
+    }
+
+    /// When the node next needs [`Node::handle_timeout`], and why. While output is queued this
+    /// is the latest time the node has seen ("now"), so a driver that forgot to drain wakes at
+    /// once.
+    pub fn poll_timeout(&self) -> Option<(Instant, &'static str)> {
+        if !self.out.is_empty() {
+            return Some((self.now, "output queued"));
         }
+        self.timers.next().map(|(at, timer)| (at, timer.reason()))
     }
 
-    /// When the node next needs [`Node::handle_timeout`].
-    pub fn poll_timeout(&self) -> Instant {
-        self.next_tick
+    /// Moves the next datagram to send into `buf` (whose old contents are recycled, so the
+    /// driver allocates nothing by reusing one `Vec`); `None` when nothing is queued.
+    pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> Option<Transmit> {
+        self.out.pop_transmit(buf)
     }
 
-    /// Next datagram to send.
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
-    }
-
-    /// Next packet to write to the TUN device.
-    pub fn poll_tun(&mut self) -> Option<Vec<u8>> {
-        self.tun_out.pop_front()
+    /// Moves the next packet for the TUN device into `buf` and returns its length.
+    pub fn poll_tun(&mut self, buf: &mut Vec<u8>) -> Option<usize> {
+        self.out.pop_tun(buf)
     }
 
     /// Next event.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        self.out.pop_event()
+    }
+
+    /// Recomputes every slot of the timer table from the sub-machines' deadlines.
+    fn refresh_timers(&mut self) {
+        let wireguard = match self.timers.get(Timer::WireGuardTick) {
+            _ if self.peers.is_empty() => None,
+            Some(at) => Some(at),
+            None => Some(self.now + WIREGUARD_TICK),
+        };
+        self.timers.set(Timer::WireGuardTick, wireguard);
+        let handshake = self
+            .peers
+            .values()
+            .filter_map(|p| p.link.poll_timeout())
+            .min();
+        self.timers.set(Timer::Handshake, handshake);
+        self.timers
+            .set(Timer::Relay, Some(self.relay.poll_timeout()));
+        self.timers
+            .set(Timer::Stun, Some(self.netcheck.next_round()));
+        let paths = self
+            .peers
+            .values()
+            .filter_map(|p| self.path_deadline(p))
+            .min();
+        self.timers.set(Timer::Paths, paths);
+    }
+
+    /// boringtun's periodic timers on every peer link.
+    fn wireguard_tick(&mut self, now: Instant) {
+        self.timers
+            .set(Timer::WireGuardTick, Some(now + WIREGUARD_TICK));
+        for (key, p) in &mut self.peers {
+            if let Some(bytes) = p.link.handle_tick(&mut self.buf) {
+                self.out.for_peer(p.direct(), *key, bytes);
+            }
+        }
+    }
+
+    /// The node-side handshake retries of the links that are due.
+    fn handshake_timers(&mut self, now: Instant) {
+        for (key, p) in &mut self.peers {
+            if p.link.poll_timeout().is_none_or(|at| at > now) {
+                continue;
+            }
+            if let Some(bytes) = p.link.handle_timeout(now, &mut self.buf) {
+                self.out.for_peer(p.direct(), *key, bytes);
+            }
+        }
     }
 
     /// Tells the relay this member leaves (graceful shutdown); send what this queues.
     pub fn leave(&mut self, now: Instant) {
+        self.now = self.now.max(now);
         let ts = self.next_ts(now);
         let req = RelayRequest::Leave {
             network: self.keys.network_id,
             ts_ms: ts,
         };
         self.send_to_relay(&req);
-    }
-
-    /// A snapshot for `meshvpn status`.
-    pub fn status(&self, now: Instant) -> Status {
-        let peers = self
-            .peers
-            .values()
-            .map(|p| {
-                let relayed = if self.relay_over_tcp {
-                    "relay-tcp"
-                } else {
-                    "relay"
-                };
-                let (path, endpoint) = match p.path {
-                    Path::Direct { addr, .. } => ("direct", addr),
-                    Path::Relayed => (relayed, self.relay.target.addr),
-                };
-                let (since_handshake, _, _, _, _) = p.tunn.stats();
-                PeerStatus {
-                    name: p.announcement.name.clone(),
-                    public_key: p.key.to_base64(),
-                    virtual_ip: p.virtual_ip().to_string(),
-                    path: path.to_string(),
-                    endpoint: Some(endpoint.to_string()),
-                    rtt_ms: p.rtt().map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
-                    last_handshake_age_s: since_handshake.map(|d| d.as_secs()),
-                    rx_bytes: p.rx_bytes,
-                    tx_bytes: p.tx_bytes,
-                    ip_conflict: p.ip_conflict,
-                    relay_reason: matches!(p.path, Path::Relayed)
-                        .then(|| self.relay_reason(now, p)),
-                }
-            })
-            .collect();
-        Status {
-            network: self.cfg.network_name.clone(),
-            name: self.cfg.name.clone(),
-            virtual_ip: self.cfg.virtual_ip.to_string(),
-            public_key: self.public.to_base64(),
-            relay: RelayStatus {
-                address: self.relay.target.addr.to_string(),
-                public_key: self.relay.target.key.to_base64(),
-                registered: self.relay.registered,
-                observed: self.relay.observed.map(|a| a.to_string()),
-            },
-            endpoints: self.local_endpoints.iter().map(ToString::to_string).collect(),
-            ip_conflict: self.ip_conflict.map(|(ip, owner)| {
-                format!("virtual IP {ip} is also claimed by member {}, which keeps it; this member gets no traffic (choose another address with --ip)", owner.short())
-            }),
-            nat: NatStatus {
-                mapping: self.nat.describe().to_string(),
-                summary: self.nat_summary(),
-                reflexive: self.netcheck.reflexive().or(self.relay.observed).map(|a| a.to_string()),
-                port_mapping: self.port_mapping.as_ref().map(|(l, a)| format!("{l} {a}")),
-                udp_blocked: self.relay_over_tcp,
-            },
-            peers,
-            dropped: self.drops,
-        }
-    }
-
-    /// Why `p` is relayed, in words for `status` and `netcheck`.
-    fn relay_reason(&self, now: Instant, p: &Peer) -> String {
-        let next = p.next_probe.saturating_duration_since(now).as_secs();
-        if self.relay_over_tcp {
-            return "UDP blocked here (relay over TCP)".into();
-        }
-        if p.announcement.nat == NatKind::UdpBlocked {
-            return "UDP blocked at the peer (it uses the relay over TCP)".into();
-        }
-        let hard = |k: NatKind| k == NatKind::EndpointDependent;
-        if hard(self.nat) && hard(p.announcement.nat) && self.port_mapping.is_none() {
-            return format!(
-                "both sides symmetric, no port mapping; next direct attempt in {next} s"
-            );
-        }
-        if p.birthday.is_running() {
-            return "birthday probe in progress (one side symmetric)".into();
-        }
-        format!("no direct answer yet; next direct attempt in {next} s")
+        self.refresh_timers();
     }
 
     // ----- NAT classification --------------------------------------------------------------
 
+    /// Sends the STUN requests of a round, if one is due.
     fn stun_round(&mut self, now: Instant) {
         let rng = &mut self.rng;
         let round = self.netcheck.poll_round(now, || {
@@ -587,17 +555,15 @@ impl Node {
             rng.fill_bytes(&mut tx);
             tx
         });
+        // STUN always goes over UDP: an answer over UDP is what proves UDP works.
         for (dst, tx) in round {
-            self.transmits.push_back(Transmit {
-                dst,
-                socket: 0,
-                payload: stun::binding_request(tx),
-            });
+            self.out.udp(0, dst, &stun::binding_request(tx));
         }
     }
 
+    /// Recomputes the NAT verdict (UDP blocked while on the stream); a change is announced.
     fn update_nat_verdict(&mut self, now: Instant) {
-        let verdict = if self.relay_over_tcp {
+        let verdict = if self.relay.on_stream() {
             NatKind::UdpBlocked
         } else {
             self.netcheck.verdict(&self.local_endpoints)
@@ -605,203 +571,18 @@ impl Node {
         if verdict != self.nat {
             self.nat = verdict;
             self.reseal_announcement(now);
-            self.relay.next_register = now;
-        }
-    }
-
-    /// What `status` says about this member's NAT.
-    fn nat_summary(&self) -> String {
-        let mut text = self.nat.describe().to_string();
-        if let Some((label, addr)) = &self.port_mapping {
-            text.push_str(&format!(", {label} mapped {addr}"));
-        }
-        text
-    }
-
-    // ----- inbound -------------------------------------------------------------------------
-
-    fn handle_frame(&mut self, now: Instant, from: SocketAddr, socket: u16, bytes: &[u8]) {
-        let frame = match Frame::parse(bytes) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::trace!(%e, %from, "dropping frame");
-                self.drops.malformed += 1;
-                return;
-            }
-        };
-        match frame {
-            Frame::FromRelay { relay, sealed } => {
-                if from != self.relay.target.addr {
-                    self.drops.unauthenticated += 1;
-                    return;
-                }
-                if relay != self.relay.target.key {
-                    if !self.relay.key_mismatch_reported {
-                        self.relay.key_mismatch_reported = true;
-                        self.events.push_back(Event::RelayKeyMismatch {
-                            addr: from,
-                            expected: self.relay.target.key,
-                            got: relay,
-                        });
-                    }
-                    self.drops.unauthenticated += 1;
-                    return;
-                }
-                match wire::open_from_relay(&self.relay.session, &relay, sealed) {
-                    Ok(reply) => self.handle_relay_reply(now, reply),
-                    Err(_) => self.drops.unauthenticated += 1,
-                }
-            }
-            Frame::RelayRecv {
-                from: sender,
-                payload,
-            } => {
-                if from != self.relay.target.addr {
-                    self.drops.unauthenticated += 1;
-                    return;
-                }
-                match wire::classify(payload) {
-                    DatagramKind::WireGuard => {
-                        self.handle_wireguard(from, 0, Some(sender), payload)
-                    }
-                    DatagramKind::Meshvpn => match Frame::parse(payload) {
-                        Ok(Frame::Disco {
-                            sender: inner,
-                            sealed,
-                        }) if inner == sender => self.handle_disco(now, None, 0, sender, sealed),
-                        _ => self.drops.malformed += 1,
-                    },
-                    DatagramKind::Stun | DatagramKind::Unknown => self.drops.malformed += 1,
-                }
-            }
-            Frame::Disco { sender, sealed } => {
-                self.handle_disco(now, Some(from), socket, sender, sealed)
-            }
-            Frame::KeyRequest
-            | Frame::KeyResponse { .. }
-            | Frame::ToRelay { .. }
-            | Frame::RelaySend { .. } => self.drops.malformed += 1,
-        }
-    }
-
-    /// A WireGuard message from `from`, relayed on behalf of `via_relay` if set.
-    fn handle_wireguard(
-        &mut self,
-        from: SocketAddr,
-        socket: u16,
-        via_relay: Option<PeerKey>,
-        bytes: &[u8],
-    ) {
-        let key = match via_relay {
-            Some(k) => Some(k),
-            None => self.wireguard_sender(bytes),
-        };
-        let Some(key) = key else {
-            self.drops.wireguard += 1;
-            return;
-        };
-        let mut replies: Vec<Vec<u8>> = Vec::new();
-        let mut queued: Vec<Vec<u8>> = Vec::new();
-        {
-            let Some(p) = self.peers.get_mut(&key) else {
-                self.drops.wireguard += 1;
-                return;
-            };
-            let vip = p.virtual_ip();
-            let mut result = p.tunn.decapsulate(Some(from.ip()), bytes, &mut self.buf);
-            let mut first = true;
-            loop {
-                match result {
-                    TunnResult::WriteToNetwork(b) => {
-                        if first {
-                            replies.push(b.to_vec());
-                        } else {
-                            queued.push(b.to_vec());
-                        }
-                        first = false;
-                        result = p.tunn.decapsulate(None, &[], &mut self.buf);
-                    }
-                    TunnResult::WriteToTunnelV4(pkt, src) => {
-                        if src == vip {
-                            p.rx_bytes += pkt.len() as u64;
-                            self.tun_out.push_back(pkt.to_vec());
-                        } else {
-                            self.drops.spoofed_source += 1;
-                        }
-                        break;
-                    }
-                    TunnResult::WriteToTunnelV6(..) => {
-                        self.drops.spoofed_source += 1;
-                        break;
-                    }
-                    TunnResult::Done => break,
-                    TunnResult::Err(e) => {
-                        tracing::trace!(?e, peer = %key.short(), "decapsulate failed");
-                        self.drops.wireguard += 1;
-                        break;
-                    }
-                }
-            }
-            let (hs, ..) = p.tunn.stats();
-            if hs.is_some_and(|d| d < Duration::from_secs(180)) {
-                p.want_session_since = None;
-            }
-        }
-        for r in replies {
-            // Answer the way the message came, so handshakes complete even before a path is known.
-            match via_relay {
-                Some(k) => self.relay_payload(k, &r),
-                None => self.transmits.push_back(Transmit {
-                    dst: from,
-                    socket,
-                    payload: r,
-                }),
-            }
-        }
-        for q in queued {
-            self.send_to_peer(key, q);
-        }
-    }
-
-    /// Finds the peer a direct WireGuard message belongs to: the initiator's static key for a
-    /// handshake initiation, the receiver index for everything else.
-    fn wireguard_sender(&self, bytes: &[u8]) -> Option<PeerKey> {
-        match Tunn::parse_incoming_packet(bytes).ok()? {
-            Packet::HandshakeInit(init) => {
-                let secret = self.cfg.secret.to_static();
-                let public = x25519_dalek::PublicKey::from(&secret);
-                let half = parse_handshake_anon(&secret, &public, &init).ok()?;
-                let key = PeerKey(half.peer_static_public);
-                self.peers.contains_key(&key).then_some(key)
-            }
-            Packet::HandshakeResponse(p) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
-            Packet::PacketCookieReply(p) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
-            Packet::PacketData(p) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
+            self.relay.register_now(now);
         }
     }
 
     // ----- outbound helpers ----------------------------------------------------------------
 
-    fn send_to_peer(&mut self, key: PeerKey, payload: Vec<u8>) {
-        match self.peers.get(&key).and_then(|p| p.direct()) {
-            Some((dst, socket)) => self.transmits.push_back(Transmit {
-                dst,
-                socket,
-                payload,
-            }),
-            None => self.relay_payload(key, &payload),
-        }
-    }
-
+    /// Sends `payload` to peer `to` through the relay.
     fn relay_payload(&mut self, to: PeerKey, payload: &[u8]) {
-        let dgram = Frame::RelaySend { to, payload }.to_vec();
-        self.transmits.push_back(Transmit {
-            dst: self.relay.target.addr,
-            socket: 0,
-            payload: dgram,
-        });
+        self.out.relay_to_peer(to, payload);
     }
 
+    /// Seals our announcement again (name, virtual IP, endpoints, NAT verdict, timestamp).
     fn reseal_announcement(&mut self, now: Instant) {
         let ann = Announcement {
             key: self.public,
@@ -828,6 +609,7 @@ impl Node {
         self.last_ts
     }
 
+    /// A fresh nonce from the seeded RNG.
     fn nonce(&mut self) -> [u8; 24] {
         let mut n = [0u8; 24];
         self.rng.fill_bytes(&mut n);
@@ -874,5 +656,73 @@ pub fn is_announceable(ip: &IpAddr) -> bool {
                 && !v6.is_unicast_link_local()
                 && v6.to_ipv4_mapped().is_none()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{NetworkSecret, NodeSecret};
+
+    fn node(now: Instant) -> Node {
+        let mut rng = ChaCha20Rng::seed_from_u64(11);
+        let relay = NodeSecret::generate(&mut rng).public();
+        let cfg = NodeConfig {
+            secret: NodeSecret::generate(&mut rng),
+            network_secret: NetworkSecret::generate(&mut rng),
+            network_name: "test".into(),
+            name: "a".into(),
+            virtual_ip: Ipv4Addr::new(10, 77, 0, 1),
+            subnet: "10.77.0.0/16".parse().expect("literal"),
+            relay: RelayTarget {
+                key: relay,
+                addr: "203.0.113.1:3478".parse().expect("literal"),
+            },
+            stun_servers: Vec::new(),
+            seed: 1,
+        };
+        Node::new(cfg, now, 1_700_000_000_000)
+    }
+
+    #[test]
+    fn poll_timeout_says_now_while_output_waits_then_the_next_deadline_and_why() {
+        let t0 = Instant::now();
+        let mut n = node(t0);
+        // Nothing is queued at construction; the registration and the STUN round are due now.
+        assert_eq!(n.poll_timeout(), Some((t0, "relay session")));
+        let later = t0 + Duration::from_millis(5);
+        n.handle_timeout(later);
+        assert_eq!(n.poll_timeout(), Some((later, "output queued")));
+        let mut buf = Vec::new();
+        let mut sent = Vec::new();
+        while let Some(t) = n.poll_transmit(&mut buf) {
+            sent.push(t.transport);
+        }
+        assert_eq!(
+            sent.len(),
+            3,
+            "a registration and two STUN requests: {sent:?}"
+        );
+        assert!(sent
+            .iter()
+            .all(|t| matches!(t, Transport::Udp { socket: 0, .. })));
+        // Drained: the next deadline is the unanswered registration's acknowledgement timeout.
+        let (at, why) = n.poll_timeout().expect("a deadline");
+        assert_eq!(why, "relay session");
+        assert_eq!(at, later + relay_session::REGISTER_RETRY_MIN);
+        // No peers: no WireGuard tick.
+        assert_eq!(n.timers.get(Timer::WireGuardTick), None);
+        // A relay that stays silent: the node asks for the stream within the fallback time.
+        let mut now = later;
+        for _ in 0..100 {
+            if n.wants_stream(0) {
+                break;
+            }
+            now = n.poll_timeout().expect("a deadline").0.max(now);
+            n.handle_timeout(now);
+            while n.poll_transmit(&mut buf).is_some() {}
+        }
+        assert!(n.wants_stream(0));
+        assert_eq!(now - t0, UDP_FALLBACK_AFTER);
     }
 }

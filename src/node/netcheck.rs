@@ -55,6 +55,11 @@ impl NetCheck {
         }
     }
 
+    /// When the next round is due.
+    pub(crate) fn next_round(&self) -> Instant {
+        self.next_round
+    }
+
     /// When a round is due, the (destination, transaction id) pairs to send requests for.
     pub(crate) fn poll_round(
         &mut self,

@@ -1,98 +1,90 @@
-//! Path discovery and upkeep: probe rounds with backoff, call-me through the relay, keepalive
-//! pings on direct paths, handshake retries on the node's clock, and the disco messages
-//! (see the [`super::peer`] module doc for the path state machine).
+//! The node's side of path selection: runs each peer's [`PathSelection`] when its deadline
+//! comes, seals and sends the probes it asks for, answers and routes the disco messages
+//! (pings, pongs, call-mes, spray), and reports path changes. The decisions themselves are
+//! [`PathSelection`]'s (see the [`super::peer`] module doc for the path state machine).
+//!
+//! [`PathSelection`]: super::path_selection::PathSelection
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use boringtun::noise::TunnResult;
 use rand::RngCore;
 
-use super::peer::{self, Path, PendingPing};
-use super::{Event, Node, Transmit};
+use super::path_selection::Probe;
+use super::peer::{Path, Peer, PendingPing};
+use super::{Event, Node};
 use crate::keys::PeerKey;
 use crate::wire::{self, Disco};
 
-/// What a probe round wants sent.
-enum Probe {
-    /// A ping to `addr` from our socket `socket` (`addr` `None`: through the relay).
-    Ping {
-        addr: Option<SocketAddr>,
-        socket: u16,
-    },
-    /// A call-me through the relay.
-    CallMe,
-}
-
 impl Node {
-    pub(super) fn peer_timers(&mut self, now: Instant, key: PeerKey) {
-        let expired = self.peers.get(&key).is_some_and(|p| {
-            p.stale_since.is_some_and(|t| {
-                now.saturating_duration_since(t) > super::membership::STALE_GRACE
-                    || matches!(p.path, Path::Relayed)
-            })
+    /// Runs path selection for every peer whose deadline has come.
+    pub(super) fn path_timers(&mut self, now: Instant) {
+        let due: Vec<PeerKey> = self
+            .peers
+            .values()
+            .filter(|p| self.path_deadline(p).is_some_and(|at| at <= now))
+            .map(|p| p.key)
+            .collect();
+        let mut probes = Vec::new();
+        for key in due {
+            self.peer_timers(now, key, &mut probes);
+        }
+    }
+
+    /// When path selection next needs to act for `p`: its own deadline, a stale member's
+    /// grace ending, or its birthday probe.
+    pub(super) fn path_deadline(&self, p: &Peer) -> Option<Instant> {
+        let stale = p.stale_since.map(|t| {
+            if p.paths.is_relayed() {
+                t
+            } else {
+                t + super::membership::STALE_GRACE
+            }
+        });
+        [
+            Some(p.paths.poll_timeout()),
+            stale,
+            self.birthday_deadline(p),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Runs `key`'s path selection: a stale member whose grace ended is removed; otherwise
+    /// the probes it asks for go out, a fallback to the relay is reported, and a keepalive that
+    /// missed its pong makes the relay session check the relay.
+    fn peer_timers(&mut self, now: Instant, key: PeerKey, probes: &mut Vec<Probe>) {
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let expired = p.stale_since.is_some_and(|t| {
+            now.saturating_duration_since(t) >= super::membership::STALE_GRACE
+                || p.paths.is_relayed()
         });
         if expired {
             self.remove_member(key);
             return;
         }
-        let mut out: Vec<Probe> = Vec::new();
-        let mut changed = None;
-        {
-            let Some(p) = self.peers.get_mut(&key) else {
-                return;
-            };
-            p.outstanding
-                .retain(|_, ping| now.saturating_duration_since(ping.sent) < peer::PING_EXPIRY);
-            if let Path::Direct {
-                addr,
-                socket,
-                last_pong,
-                ..
-            } = p.path
-            {
-                if now.saturating_duration_since(last_pong) > peer::DIRECT_TIMEOUT {
-                    p.path = Path::Relayed;
-                    p.relayed_since = now;
-                    p.backoff = peer::PROBE_BACKOFF_MIN;
-                    p.next_probe = now;
-                    changed = Some(p.path);
-                } else if now >= p.next_probe {
-                    p.next_probe = now + peer::DIRECT_PING_INTERVAL;
-                    out.push(Probe::Ping {
-                        addr: Some(addr),
-                        socket,
-                    });
-                }
-            }
-            if matches!(p.path, Path::Relayed) {
-                if now >= p.next_probe {
-                    for c in &p.candidates {
-                        out.push(Probe::Ping {
-                            addr: Some(*c),
-                            socket: 0,
-                        });
-                    }
-                    // Ask the peer (through the relay) to probe us at the same moment, so both
-                    // NATs open their mappings towards each other together.
-                    out.push(Probe::CallMe);
-                    p.next_probe = now + p.backoff;
-                    p.backoff = (p.backoff * 2).min(peer::PROBE_BACKOFF_MAX);
-                }
-                if now >= p.next_relay_ping {
-                    p.next_relay_ping = now + peer::RELAY_PING_INTERVAL;
-                    out.push(Probe::Ping {
-                        addr: None,
-                        socket: 0,
-                    });
-                }
-            }
-        }
+        probes.clear();
+        // A keepalive whose predecessor went unanswered: perhaps our network changed (UDP
+        // blocked); find out whether the relay still answers.
+        let missed_pong = p.paths.missed_pong(now);
+        let changed = p.paths.handle_timeout(now, probes);
         if let Some(path) = changed {
+            // A handshake in progress went to the old path: retry it on the new one at once.
+            p.link.handle_path_change();
             self.path_changed(key, path);
         }
-        for probe in out {
-            match probe {
+        if missed_pong
+            && probes
+                .iter()
+                .any(|p| matches!(p, Probe::Ping { addr: Some(_), .. }))
+        {
+            self.relay.check_if_silent(now);
+        }
+        for probe in probes.iter() {
+            match *probe {
                 Probe::CallMe => self.send_call_me(key),
                 Probe::Ping { addr, socket } => {
                     self.send_ping(now, key, addr, socket);
@@ -100,40 +92,6 @@ impl Node {
             }
         }
         self.birthday_timers(now, key);
-        self.wireguard_timers(now, key);
-    }
-
-    pub(super) fn wireguard_timers(&mut self, now: Instant, key: PeerKey) {
-        let mut sends: Vec<Vec<u8>> = Vec::new();
-        {
-            let Some(p) = self.peers.get_mut(&key) else {
-                return;
-            };
-            if let Some(since) = p.want_session_since {
-                let (hs, ..) = p.tunn.stats();
-                let established = hs.is_some_and(|d| d < Duration::from_secs(180));
-                if established || now.saturating_duration_since(since) > peer::HANDSHAKE_GIVE_UP {
-                    p.want_session_since = None;
-                } else if p
-                    .last_init_sent
-                    .is_none_or(|t| now.saturating_duration_since(t) >= peer::HANDSHAKE_RETRY)
-                {
-                    if let TunnResult::WriteToNetwork(b) =
-                        p.tunn.format_handshake_initiation(&mut self.buf, true)
-                    {
-                        sends.push(b.to_vec());
-                    }
-                    p.last_init_sent = Some(now);
-                }
-            }
-            // update_timers emits at most one packet (keepalive or handshake) per call.
-            if let TunnResult::WriteToNetwork(b) = p.tunn.update_timers(&mut self.buf) {
-                sends.push(b.to_vec());
-            }
-        }
-        for b in sends {
-            self.send_to_peer(key, b);
-        }
     }
 
     /// Sends a ping to `addr` from our socket `socket`, or through the relay if `addr` is `None`.
@@ -150,7 +108,7 @@ impl Node {
         let Some(p) = self.peers.get_mut(&key) else {
             return tx;
         };
-        p.outstanding.insert(
+        p.paths.record_ping(
             tx,
             PendingPing {
                 addr,
@@ -161,11 +119,7 @@ impl Node {
         );
         let dgram = wire::seal_disco(&p.disco_key, self.public, &Disco::Ping { tx }, nonce);
         match addr {
-            Some(dst) => self.transmits.push_back(Transmit {
-                dst,
-                socket,
-                payload: dgram,
-            }),
+            Some(dst) => self.out.udp(socket, dst, &dgram),
             None => self.relay_payload(key, &dgram),
         }
         tx
@@ -184,16 +138,17 @@ impl Node {
     /// Sends a call-me with every address we know for ourselves through the relay.
     pub(super) fn send_call_me(&mut self, key: PeerKey) {
         let mut endpoints = self.local_endpoints.clone();
-        endpoints.extend(self.relay.observed);
+        endpoints.extend(self.relay.observed());
         endpoints.extend(self.port_mapping.as_ref().map(|(_, a)| *a));
         endpoints.sort();
         endpoints.dedup();
         self.send_disco_via_relay(key, &Disco::CallMe { endpoints });
     }
 
+    /// Reports a new path to `key`.
     pub(super) fn path_changed(&mut self, key: PeerKey, path: Path) {
         if let Some(p) = self.peers.get(&key) {
-            self.events.push_back(Event::PathChanged {
+            self.out.event(Event::PathChanged {
                 key,
                 name: p.announcement.name.clone(),
                 path,
@@ -224,7 +179,7 @@ impl Node {
         };
         match msg {
             Disco::Ping { tx } => {
-                let observed = from.unwrap_or(self.relay.target.addr);
+                let observed = from.unwrap_or(self.relay.target().addr);
                 let nonce = self.nonce();
                 let Some(p) = self.peers.get_mut(&sender) else {
                     return;
@@ -235,21 +190,9 @@ impl Node {
                     &Disco::Pong { tx, observed },
                     nonce,
                 );
-                let mut punch_back = None;
-                if let Some(addr) = from {
-                    let new = socket == 0
-                        && p.candidates.len() < peer::MAX_CANDIDATES
-                        && p.candidates.insert(addr);
-                    if matches!(p.path, Path::Relayed) || new {
-                        punch_back = Some(addr);
-                    }
-                }
+                let punch_back = from.and_then(|addr| p.paths.handle_ping_from(addr, socket));
                 match from {
-                    Some(dst) => self.transmits.push_back(Transmit {
-                        dst,
-                        socket,
-                        payload: pong,
-                    }),
+                    Some(dst) => self.out.udp(socket, dst, &pong),
                     None => self.relay_payload(sender, &pong),
                 }
                 if let Some(addr) = punch_back {
@@ -257,68 +200,24 @@ impl Node {
                 }
             }
             Disco::Pong { tx, .. } => {
-                let Some(ping) = p.outstanding.remove(&tx) else {
+                let Some(pong) = p.paths.handle_pong(now, tx, from, socket) else {
                     return;
                 };
-                let rtt = now.saturating_duration_since(ping.sent);
-                if let Some(request) = ping.request {
-                    self.events.push_back(Event::PingResult {
+                if let Some(request) = pong.ping.request {
+                    self.out.event(Event::PingResult {
                         request,
                         name: p.announcement.name.clone(),
-                        rtt,
-                        direct: ping.addr,
+                        rtt: pong.rtt,
+                        direct: pong.ping.addr,
                     });
                 }
-                match (ping.addr, from) {
-                    (None, None) => p.relay_rtt = Some(rtt),
-                    (Some(addr), Some(src)) if addr == src && ping.socket == socket => {
-                        let switch = match p.path {
-                            Path::Relayed => true,
-                            Path::Direct {
-                                addr: cur,
-                                socket: cur_socket,
-                                rtt: cur_rtt,
-                                last_pong,
-                            } => {
-                                (cur == addr && cur_socket == socket)
-                                    || now.saturating_duration_since(last_pong)
-                                        > peer::DIRECT_PING_INTERVAL * 2
-                                    || rtt.as_secs_f64() < cur_rtt.as_secs_f64() * 0.7
-                            }
-                        };
-                        if switch {
-                            let was_relayed = matches!(p.path, Path::Relayed);
-                            let moved = p.direct() != Some((addr, socket));
-                            p.path = Path::Direct {
-                                addr,
-                                socket,
-                                rtt,
-                                last_pong: now,
-                            };
-                            if was_relayed || moved {
-                                p.next_probe = now + peer::DIRECT_PING_INTERVAL;
-                                p.birthday.finish(now, true);
-                                let path = p.path;
-                                self.path_changed(sender, path);
-                            }
-                        }
-                    }
-                    _ => {}
+                if let Some(path) = pong.changed {
+                    self.path_changed(sender, path);
                 }
             }
             Disco::CallMe { endpoints } => {
-                for e in endpoints {
-                    if p.candidates.len() < peer::MAX_CANDIDATES {
-                        p.candidates.insert(e);
-                    }
-                }
-                if matches!(p.path, Path::Relayed) {
-                    // Probe every candidate now, without a call-me of our own (no ping-pong of
-                    // call-mes) and without touching our backoff.
-                    let targets: Vec<SocketAddr> = p.candidates.iter().copied().collect();
-                    for addr in targets {
-                        self.send_ping(now, sender, Some(addr), 0);
-                    }
+                for addr in p.paths.handle_call_me(endpoints) {
+                    self.send_ping(now, sender, Some(addr), 0);
                 }
             }
             Disco::Spray => self.handle_spray(now, sender),

@@ -14,12 +14,11 @@
 //! address a candidate (peer-reflexive) and is answered with a ping of our own at once, which is
 //! what opens both NATs' mappings when both sides probe together.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use boringtun::noise::Tunn;
-
+use super::link::PeerLink;
+use super::path_selection::PathSelection;
 use crate::keys::PeerKey;
 use crate::wire::{Announcement, MemberEntry};
 
@@ -38,12 +37,10 @@ pub const DIRECT_TIMEOUT: Duration = Duration::from_millis(6_500);
 pub const PING_EXPIRY: Duration = Duration::from_secs(5);
 /// RTT of the relayed path is measured this often while relayed.
 pub const RELAY_PING_INTERVAL: Duration = Duration::from_secs(10);
-/// A handshake that has not completed is re-sent this often (in the node's time, so the
-/// simulator controls it; boringtun's own real-time retry also runs).
-pub const HANDSHAKE_RETRY: Duration = Duration::from_secs(2);
-/// A handshake attempt with no answer is abandoned after this long (data queued for the peer
-/// is dropped by boringtun; new traffic starts a new attempt).
-pub const HANDSHAKE_GIVE_UP: Duration = Duration::from_secs(30);
+/// A faster direct candidate replaces the current direct path only if its round trip is below
+/// this fraction of the current one: measured RTTs jitter by a few tens of percent, and a
+/// 30 % margin keeps two similar paths from flapping on every pong.
+pub const SWITCH_RTT_RATIO: f64 = 0.7;
 /// Most candidate addresses kept per peer.
 pub const MAX_CANDIDATES: usize = 24;
 
@@ -63,7 +60,7 @@ pub enum Path {
 }
 
 /// A ping in flight.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PendingPing {
     /// Where it went (`None`: through the relay).
     pub(crate) addr: Option<SocketAddr>,
@@ -79,24 +76,11 @@ pub(crate) struct Peer {
     pub(crate) key: PeerKey,
     pub(crate) entry: MemberEntry,
     pub(crate) announcement: Announcement,
-    pub(crate) index: u32,
-    pub(crate) tunn: Box<Tunn>,
+    /// The WireGuard session (the only owner of boringtun's `Tunn`).
+    pub(crate) link: PeerLink,
     pub(crate) disco_key: [u8; 32],
-    pub(crate) path: Path,
-    pub(crate) candidates: BTreeSet<SocketAddr>,
-    pub(crate) outstanding: BTreeMap<[u8; 12], PendingPing>,
-    pub(crate) next_probe: Instant,
-    pub(crate) backoff: Duration,
-    pub(crate) next_relay_ping: Instant,
-    pub(crate) relay_rtt: Option<Duration>,
-    pub(crate) want_session_since: Option<Instant>,
-    pub(crate) last_init_sent: Option<Instant>,
-    pub(crate) rx_bytes: u64,
-    pub(crate) tx_bytes: u64,
-    pub(crate) ip_conflict: bool,
-    /// Since when the path has been relayed (for starting a birthday probe).
-    pub(crate) relayed_since: Instant,
-    pub(crate) birthday: super::birthday::Birthday,
+    /// Path selection for this peer (its path, candidates, probes, birthday probing).
+    pub(crate) paths: PathSelection,
     /// Set when the relay's member list stopped listing this peer while its direct path
     /// still answered (see `membership::STALE_GRACE`).
     pub(crate) stale_since: Option<Instant>,
@@ -107,50 +91,16 @@ impl Peer {
         self.announcement.virtual_ip
     }
 
-    /// Replaces the candidate set from the peer's announcement and relay-observed address,
+    /// Adds the peer's announced endpoints and relay-observed address to its candidates,
     /// keeping addresses learned from its pings. Returns whether anything new appeared.
     pub(crate) fn refresh_candidates(&mut self) -> bool {
-        let before = self.candidates.len();
-        let announced = self
-            .announcement
-            .endpoints
-            .iter()
-            .copied()
-            .chain([self.entry.observed]);
-        for a in announced {
-            if self.candidates.len() < MAX_CANDIDATES && usable_candidate(&a) {
-                self.candidates.insert(a);
-            }
-        }
-        self.candidates.len() != before
-    }
-
-    /// Starts probing again soon (new information about the peer).
-    pub(crate) fn reset_backoff(&mut self, now: Instant) {
-        self.backoff = PROBE_BACKOFF_MIN;
-        if matches!(self.path, Path::Relayed) {
-            self.next_probe = now;
-        }
+        let announced = self.announcement.endpoints.iter().copied();
+        self.paths
+            .add_candidates(announced.chain([self.entry.observed]))
     }
 
     /// The direct address and our socket for it, if the path is direct.
     pub(crate) fn direct(&self) -> Option<(SocketAddr, u16)> {
-        match self.path {
-            Path::Direct { addr, socket, .. } => Some((addr, socket)),
-            Path::Relayed => None,
-        }
+        self.paths.direct()
     }
-
-    /// RTT on the current path.
-    pub(crate) fn rtt(&self) -> Option<Duration> {
-        match self.path {
-            Path::Direct { rtt, .. } => Some(rtt),
-            Path::Relayed => self.relay_rtt,
-        }
-    }
-}
-
-/// Addresses worth probing: not unspecified, not multicast, port non-zero.
-fn usable_candidate(a: &SocketAddr) -> bool {
-    a.port() != 0 && !a.ip().is_unspecified() && !a.ip().is_multicast()
 }

@@ -1,19 +1,34 @@
-//! The relay's tokio driver: one UDP socket feeding [`RelayServer`].
+//! The relay's tokio driver: the UDP sockets, the TCP listener and the control socket feeding
+//! [`RelayServer`], with the TCP limits of [`ConnTable`] applied.
+//!
+//! One loop waits for the first of: a datagram on the main UDP port (then drains up to
+//! [`UDP_BATCH`] more without waiting), a STUN request on the second port, an accepted stream, an
+//! event from a connection task, a status request, a deadline (member expiry or a connection's
+//! registration/idle deadline) or a signal. Each input is fed to the server with
+//! `Instant::now()` and every output is sent at once. Outputs also tell the loop which TCP
+//! connections speak for a registered member: a sealed reply or a forwarded packet caused by a
+//! frame marks that frame valid (see [`super::limits`]). Every limit that trips is counted and
+//! logged through a [`LogLimiter`].
 
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)] // the driver: owns the clock, tasks, sockets and the key's randomness
+
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use rand::RngCore;
-use std::collections::BTreeMap;
-
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
-use super::server::{Link, RelayServer};
-use super::tcp;
+use super::control::{self, StatusRequest};
+use super::limits::{self, CloseReason, ConnTable, Limit, LogLimiter, TcpLimits};
+use super::listener::{self, Accepted, ConnEvent};
+use super::server::{Link, RelayServer, Transmit, UnixClock};
+use super::status::{Descriptors, RelayStatus, TcpStatus, UdpCounters};
 use crate::config::write_atomic;
 use crate::keys::NodeSecret;
 use crate::sockaddr;
@@ -38,48 +53,62 @@ pub fn load_or_create_key(config_dir: &Path) -> anyhow::Result<NodeSecret> {
     }
 }
 
-/// Most members attached over TCP at once (each costs two tasks and a queue).
-const MAX_TCP_CONNECTIONS: usize = 4096;
-/// A TCP member that sends nothing for this long is disconnected; members register every 10 s.
-const TCP_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Datagrams taken from the main UDP socket per wake-up before the loop looks at its other
+/// inputs: amortises the wake-up under load without letting UDP starve TCP or timers.
+const UDP_BATCH: usize = 64;
+/// Receive buffer asked for on the main UDP socket: absorbs a burst (a flood, or many members
+/// at once) of about 3,000 full-size datagrams while the loop is busy. The kernel caps it at
+/// `net.core.rmem_max`; the relay logs what it got.
+const UDP_RECV_BUFFER: usize = 4 << 20;
+/// Events from connection tasks waiting for the loop; a full queue makes the tasks wait, which
+/// pushes back on their streams.
+const CONN_EVENT_QUEUE: usize = 1024;
+/// Accepted streams waiting for the loop.
+const ACCEPT_QUEUE: usize = 64;
+/// Wake-up when nothing is scheduled (the loop only needs it to re-arm).
+const IDLE_WAKE: Duration = Duration::from_secs(3600);
 
-enum TcpEvent {
-    Datagram(Link, Vec<u8>),
-    Closed(Link),
+/// How the relay is run: addresses, directories and limit overrides.
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    /// UDP and TCP address (the second STUN port is the next one).
+    pub listen: SocketAddr,
+    /// Where the relay's key lives.
+    pub config_dir: PathBuf,
+    /// Where its control socket goes.
+    pub run_dir: PathBuf,
+    /// Cap on TCP connections (never above what the descriptor limit allows).
+    pub tcp_max_connections: Option<usize>,
+    /// Cap on TCP connections from one source (default: `max(8, slots / 64)`).
+    pub tcp_per_source: Option<usize>,
+    /// Member, network and budget caps of the server.
+    pub server: super::server::ServerConfig,
 }
 
-/// Runs a TCP member's reader and writer; returns the writer's queue.
-fn spawn_tcp_connection(
-    stream: TcpStream,
-    link: Link,
-    events: mpsc::Sender<TcpEvent>,
-) -> mpsc::Sender<Vec<u8>> {
-    let _ = stream.set_nodelay(true);
-    let (mut read, mut write) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(tcp::QUEUE_DEPTH);
-    tokio::spawn(async move {
-        while let Some(d) = rx.recv().await {
-            if tcp::write_frame(&mut write, &d).await.is_err() {
-                break;
-            }
-        }
-    });
-    tokio::spawn(async move {
-        while let Ok(Ok(Some(d))) =
-            tokio::time::timeout(TCP_IDLE_TIMEOUT, tcp::read_frame(&mut read)).await
-        {
-            if events.send(TcpEvent::Datagram(link, d)).await.is_err() {
-                return;
-            }
-        }
-        let _ = events.send(TcpEvent::Closed(link)).await;
-    });
-    tx
+/// One open TCP connection as the loop holds it.
+struct Connection {
+    remote: SocketAddr,
+    outbound: mpsc::UnboundedSender<Vec<u8>>,
+    task: JoinHandle<()>,
 }
 
-/// Runs the relay on `listen` until SIGINT or SIGTERM.
-pub async fn run(listen: SocketAddr, config_dir: &Path) -> anyhow::Result<()> {
-    let key = load_or_create_key(config_dir)?;
+/// Everything the loop owns besides the sockets.
+struct Relay {
+    server: RelayServer,
+    table: ConnTable,
+    conns: BTreeMap<u64, Connection>,
+    log: LogLimiter,
+    udp: UdpCounters,
+    dual_stack: bool,
+}
+
+/// Runs the relay until SIGINT or SIGTERM.
+pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
+    let listen = opts.listen;
+    let key = load_or_create_key(&opts.config_dir)?;
+    let descriptors = listener::raise_descriptor_limit();
+    let limits = TcpLimits::for_descriptors(descriptors.soft)
+        .with_overrides(opts.tcp_max_connections, opts.tcp_per_source);
     let socket = UdpSocket::bind(listen).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             anyhow::anyhow!("UDP {listen} is already in use (is another relay running?)")
@@ -87,6 +116,14 @@ pub async fn run(listen: SocketAddr, config_dir: &Path) -> anyhow::Result<()> {
             anyhow::anyhow!("binding UDP {listen}: {e}")
         }
     })?;
+    let sock = socket2::SockRef::from(&socket);
+    if let Err(e) = sock.set_recv_buffer_size(UDP_RECV_BUFFER) {
+        tracing::debug!(%e, "cannot enlarge the UDP receive buffer");
+    }
+    tracing::info!(
+        bytes = sock.recv_buffer_size().unwrap_or(0),
+        "UDP receive buffer"
+    );
     let start_us = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
@@ -105,90 +142,309 @@ pub async fn run(listen: SocketAddr, config_dir: &Path) -> anyhow::Result<()> {
             anyhow::anyhow!("binding TCP {listen}: {e}")
         }
     })?;
-    // `--listen [::]:3478` gives a dual-stack socket: IPv4 members arrive IPv4-mapped.
-    let dual_stack = listen.is_ipv6();
-    let mut server =
-        RelayServer::new(key, rand::rngs::OsRng.next_u64()).with_sequence_start(start_us);
+    // Without its control socket the relay still relays; only `relay-status` is lost.
+    let control_path = control::socket_path(&opts.run_dir);
+    let control_listener = match control::bind(&opts.run_dir).await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(
+                "no control socket, so `meshvpn relay-status` cannot reach this relay: {e:#} (pass a writable --run-dir)"
+            );
+            None
+        }
+    };
+    let mut relay = Relay {
+        server: RelayServer::new(
+            key,
+            rand::rngs::OsRng.next_u64(),
+            UnixClock {
+                at: Instant::now(),
+                unix_ms: start_us / 1000,
+            },
+        )
+        .with_sequence_start(start_us)
+        .with_config(opts.server.clone()),
+        table: ConnTable::new(limits),
+        conns: BTreeMap::new(),
+        log: LogLimiter::default(),
+        udp: UdpCounters::default(),
+        // `--listen [::]:3478` gives a dual-stack socket: IPv4 members arrive IPv4-mapped.
+        dual_stack: listen.is_ipv6(),
+    };
     #[allow(clippy::print_stdout)]
     {
         println!(
             "meshvpn relay listening on {listen} (UDP and TCP; STUN also on UDP port {}), public key {}",
             alt_addr.port(),
-            server.public_key()
+            relay.server.public_key()
         );
     }
-    tracing::info!(%listen, public_key = %server.public_key(), "relay started");
+    tracing::info!(
+        %listen,
+        public_key = %relay.server.public_key(),
+        tcp_max_connections = limits.max_connections,
+        tcp_per_source = limits.per_source,
+        control = %control_path.display(),
+        "relay started"
+    );
+    let started = Instant::now();
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let (accept_tx, mut accepted) = mpsc::channel::<Accepted>(ACCEPT_QUEUE);
+    let accept_task = tokio::spawn(listener::accept_loop(tcp, accept_tx));
+    let (status_tx, mut status_requests) = mpsc::channel::<StatusRequest>(8);
+    let control_task = control_listener.map(|l| tokio::spawn(control::serve(l, status_tx)));
+    let (event_tx, mut events) = mpsc::channel::<ConnEvent>(CONN_EVENT_QUEUE);
     let mut buf = vec![0u8; 65_536];
     let mut alt_buf = vec![0u8; 1_500];
-    let (tcp_in_tx, mut tcp_in) = mpsc::channel::<TcpEvent>(1024);
-    let mut tcp_writers: BTreeMap<u64, mpsc::Sender<Vec<u8>>> = BTreeMap::new();
-    let mut next_conn: u64 = 1;
     loop {
-        while let Some(t) = server.poll_transmit() {
-            match t.link {
-                Link::Udp(dst) => {
-                    if let Err(e) = socket
-                        .send_to(&t.payload, sockaddr::for_socket(dst, dual_stack))
-                        .await
-                    {
-                        tracing::debug!(%e, %dst, "UDP send failed");
-                    }
+        let now = Instant::now();
+        let deadline = [relay.server.poll_timeout(), relay.table.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(now + IDLE_WAKE);
+        tokio::select! {
+            r = socket.recv_from(&mut buf) => {
+                match r {
+                    Ok((n, from)) => relay.handle_udp(&socket, from, &buf[..n]).await,
+                    Err(e) => tracing::debug!(%e, "UDP receive failed"),
                 }
-                Link::Tcp { id, .. } => {
-                    // A full queue drops the datagram, as congestion on UDP would.
-                    if let Some(w) = tcp_writers.get(&id) {
-                        let _ = w.try_send(t.payload);
-                    }
+                for _ in 1..UDP_BATCH {
+                    let Ok((n, from)) = socket.try_recv_from(&mut buf) else { break };
+                    relay.handle_udp(&socket, from, &buf[..n]).await;
                 }
             }
-        }
-        let deadline = server
-            .poll_timeout()
-            .unwrap_or_else(|| Instant::now() + std::time::Duration::from_secs(3600));
-        tokio::select! {
-            r = socket.recv_from(&mut buf) => match r {
-                Ok((n, from)) => server.handle_datagram(Instant::now(), Link::Udp(sockaddr::unmap(from)), &buf[..n]),
-                Err(e) => tracing::debug!(%e, "UDP receive failed"),
-            },
-            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => server.handle_timeout(Instant::now()),
             r = alt.recv_from(&mut alt_buf) => {
                 if let Ok((n, from)) = r {
-                    if let Some(stun::Binding::Request(tx)) = stun::parse(&alt_buf[..n]) {
-                        let _ = alt.send_to(&stun::binding_response(tx, sockaddr::unmap(from)), from).await;
+                    if let Some(answer) = stun::answer(&alt_buf[..n], sockaddr::unmap(from)) {
+                        relay.udp.alt_stun_answered += 1;
+                        let _ = alt.send_to(&answer, from).await;
+                    } else {
+                        relay.udp.alt_dropped += 1;
                     }
                 }
             }
-            r = tcp.accept() => match r {
-                Ok((stream, remote)) if tcp_writers.len() < MAX_TCP_CONNECTIONS => {
-                    let id = next_conn;
-                    next_conn += 1;
-                    let link = Link::Tcp { id, remote: sockaddr::unmap(remote) };
-                    tcp_writers.insert(id, spawn_tcp_connection(stream, link, tcp_in_tx.clone()));
-                }
-                Ok((_, remote)) => tracing::warn!(%remote, "refusing TCP connection: too many"),
-                Err(e) => tracing::debug!(%e, "TCP accept failed"),
-            },
-            Some(ev) = tcp_in.recv() => match ev {
-                TcpEvent::Datagram(link, bytes) => server.handle_datagram(Instant::now(), link, &bytes),
-                TcpEvent::Closed(link) => {
-                    if let Link::Tcp { id, .. } = link {
-                        tcp_writers.remove(&id);
-                    }
-                    server.handle_link_closed(link);
-                }
-            },
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
+                relay.handle_timeout(&socket).await;
+            }
+            Some(a) = accepted.recv() => relay.handle_accepted(a, &event_tx),
+            Some(ev) = events.recv() => relay.handle_conn_event(&socket, ev).await,
+            Some(reply) = status_requests.recv() => {
+                let _ = reply.send(relay.status(opts, descriptors, started));
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
     }
-    let s = server.stats();
+    accept_task.abort();
+    for conn in relay.conns.values() {
+        conn.task.abort();
+    }
+    if let Some(task) = control_task {
+        task.abort();
+        if let Err(e) = std::fs::remove_file(&control_path) {
+            tracing::debug!(%e, path = %control_path.display(), "removing the control socket");
+        }
+    }
+    let s = relay.server.counters();
     tracing::info!(
-        members = server.member_count(),
+        members = relay.server.member_count(),
         forwarded = s.forwarded,
         dropped = s.dropped,
         "relay stopped"
     );
     Ok(())
+}
+
+impl Relay {
+    async fn handle_udp(&mut self, socket: &UdpSocket, from: SocketAddr, bytes: &[u8]) {
+        self.udp.received += 1;
+        self.server
+            .handle_datagram(Instant::now(), Link::Udp(sockaddr::unmap(from)), bytes);
+        self.flush(socket).await;
+    }
+
+    async fn handle_timeout(&mut self, socket: &UdpSocket) {
+        let now = Instant::now();
+        self.server.handle_timeout(now);
+        for (id, reason) in self.table.handle_timeout(now) {
+            self.close(now, id, reason);
+        }
+        self.flush(socket).await;
+    }
+
+    fn handle_accepted(&mut self, accepted: Accepted, events: &mpsc::Sender<ConnEvent>) {
+        let now = Instant::now();
+        match accepted {
+            Accepted::Stream(stream, remote) => {
+                let remote = sockaddr::unmap(remote);
+                match self.table.handle_accept(now, remote) {
+                    Ok(id) => {
+                        let (outbound, queue) = mpsc::unbounded_channel();
+                        let task = tokio::spawn(listener::serve_connection(
+                            stream,
+                            id,
+                            self.table.limits().max_frame,
+                            queue,
+                            events.clone(),
+                        ));
+                        self.conns.insert(
+                            id,
+                            Connection {
+                                remote,
+                                outbound,
+                                task,
+                            },
+                        );
+                    }
+                    Err(refusal) => {
+                        // Dropping the stream closes it: the slot is never taken.
+                        drop(stream);
+                        self.trip(now, refusal.into(), Some(remote));
+                    }
+                }
+            }
+            Accepted::Error { descriptors, error } => {
+                self.table.handle_accept_error(descriptors);
+                if descriptors {
+                    if let Some(skipped) = self.log.handle_trip(now, Limit::Descriptors) {
+                        tracing::warn!(
+                            %error,
+                            open = self.conns.len(),
+                            not_logged = skipped,
+                            "{}",
+                            Limit::Descriptors.describe()
+                        );
+                    }
+                } else {
+                    tracing::debug!(%error, "TCP accept failed");
+                }
+            }
+        }
+    }
+
+    async fn handle_conn_event(&mut self, socket: &UdpSocket, event: ConnEvent) {
+        let now = Instant::now();
+        match event {
+            ConnEvent::Frames { id, frames } => {
+                for frame in frames {
+                    let Some(remote) = self.conns.get(&id).map(|c| c.remote) else {
+                        return;
+                    };
+                    let link = Link::Tcp { id, remote };
+                    self.server.handle_datagram(now, link, &frame);
+                    if self.flush(socket).await {
+                        self.table.handle_valid(now, id);
+                    }
+                }
+            }
+            ConnEvent::Sent { id, bytes } => self.table.handle_sent(id, bytes),
+            ConnEvent::FrameTooLong { id, announced } => {
+                tracing::debug!(id, announced, "TCP frame over the cap");
+                self.table.handle_frame_too_long(id);
+                self.forget(id);
+                self.trip(now, Limit::FrameTooLong, None);
+            }
+            ConnEvent::Closed { id } => {
+                self.table.handle_closed(id);
+                self.forget(id);
+            }
+        }
+        self.flush(socket).await;
+    }
+
+    /// Sends every pending output; `true` if one of them shows the input came from a member
+    /// (a sealed reply, only sent after authentication, or a forwarded packet, only forwarded
+    /// from the link its sender registered from).
+    async fn flush(&mut self, socket: &UdpSocket) -> bool {
+        let mut member_traffic = false;
+        while let Some(Transmit { link, payload }) = self.server.poll_transmit() {
+            member_traffic |= limits::proves_member(&payload);
+            match link {
+                Link::Udp(dst) => {
+                    if let Err(e) = socket
+                        .send_to(&payload, sockaddr::for_socket(dst, self.dual_stack))
+                        .await
+                    {
+                        self.udp.send_errors += 1;
+                        tracing::debug!(%e, %dst, "UDP send failed");
+                    }
+                }
+                Link::Tcp { id, .. } => {
+                    let Some(conn) = self.conns.get(&id) else {
+                        continue;
+                    };
+                    // A full queue drops the datagram, as congestion on UDP would.
+                    if self.table.handle_enqueue(id, payload.len()) {
+                        let _ = conn.outbound.send(payload);
+                    } else {
+                        self.trip(Instant::now(), Limit::QueueFull, Some(link.addr()));
+                    }
+                }
+            }
+        }
+        member_traffic
+    }
+
+    /// Closes connection `id` for `reason` (the table already removed it).
+    fn close(&mut self, now: Instant, id: u64, reason: CloseReason) {
+        let remote = self.conns.get(&id).map(|c| c.remote);
+        if let Some(conn) = self.conns.get(&id) {
+            conn.task.abort();
+        }
+        self.forget(id);
+        self.trip(now, reason.into(), remote);
+    }
+
+    /// Drops the loop's side of connection `id` and the member attached through it.
+    fn forget(&mut self, id: u64) {
+        if let Some(conn) = self.conns.remove(&id) {
+            self.server.handle_link_closed(Link::Tcp {
+                id,
+                remote: conn.remote,
+            });
+        }
+    }
+
+    fn trip(&mut self, now: Instant, limit: Limit, remote: Option<SocketAddr>) {
+        if let Some(skipped) = self.log.handle_trip(now, limit) {
+            let c = self.table.counters();
+            tracing::warn!(
+                remote = remote.map(|r| r.to_string()).unwrap_or_default(),
+                open = self.table.len(),
+                sources = self.table.sources(),
+                not_logged = skipped,
+                refused_per_source = c.refused_per_source,
+                refused_table_full = c.refused_table_full,
+                "{}",
+                limit.describe()
+            );
+        }
+    }
+
+    fn status(
+        &self,
+        opts: &RelayOptions,
+        descriptors: Descriptors,
+        started: Instant,
+    ) -> RelayStatus {
+        RelayStatus {
+            public_key: self.server.public_key().to_string(),
+            listen: opts.listen.to_string(),
+            uptime_s: started.elapsed().as_secs(),
+            members: self.server.member_count(),
+            networks: self.server.network_count(),
+            descriptors,
+            tcp: TcpStatus {
+                connections: self.table.len(),
+                registered: self.table.registered(),
+                sources: self.table.sources(),
+                limits: self.table.limits(),
+                counters: self.table.counters(),
+            },
+            udp: self.udp,
+            server: self.server.counters(),
+        }
+    }
 }

@@ -1,16 +1,18 @@
-//! Carrying relay datagrams over TCP, for members whose UDP is blocked.
+//! Carrying relay datagrams over TCP, for members whose UDP is blocked: the framing both ends
+//! share.
 //!
 //! Each datagram travels as a 2-byte big-endian length followed by the datagram, exactly the
 //! bytes that would have been one UDP payload; the relay treats a TCP connection as one more
-//! [`Link`](super::server::Link). The member end ([`TcpRelayClient`]) runs a reader and a writer
-//! task so the agent's loop never blocks on the stream.
+//! [`Link`](super::server::Link). The member end lives with the agent (`agent::tcp_client`).
+//!
+//! The relay end reads through a [`FrameDecoder`]: bytes are fed as they arrive and whole frames
+//! come out. A length prefix above the decoder's cap is refused as soon as its two bytes are
+//! seen, and the buffer only ever grows by bytes actually received, so a peer that sends a
+//! length prefix and nothing else costs two bytes of memory, not the 64 KiB it announced.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
 /// Largest datagram carried (a UDP payload never exceeds it).
 pub const MAX_FRAME: usize = u16::MAX as usize;
@@ -20,17 +22,89 @@ pub const QUEUE_DEPTH: usize = 512;
 /// How long connecting to the relay over TCP may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Reads one frame; `Ok(None)` on a clean end of stream.
+/// Length of the big-endian length prefix in front of every frame.
+const PREFIX_LEN: usize = 2;
+
+/// Reads one frame; `Ok(None)` on a clean end of stream. The buffer grows with the bytes that
+/// arrive, not with the announced length.
 pub async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Result<Option<Vec<u8>>> {
-    let mut len = [0u8; 2];
+    let mut len = [0u8; PREFIX_LEN];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
-    let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    r.read_exact(&mut buf).await?;
+    let len = u16::from_be_bytes(len);
+    let mut buf = Vec::new();
+    r.take(u64::from(len)).read_to_end(&mut buf).await?;
+    if buf.len() < usize::from(len) {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     Ok(Some(buf))
+}
+
+/// A frame announced a length above the decoder's cap (the stream cannot be resynchronised:
+/// close it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("frame of {announced} bytes is over the {cap}-byte cap")]
+pub struct FrameTooLong {
+    /// The length the prefix announced.
+    pub announced: usize,
+    /// The decoder's cap.
+    pub cap: usize,
+}
+
+/// Splits a byte stream into frames, refusing lengths above a cap before buffering them.
+///
+/// Feed received bytes with [`handle_bytes`](Self::handle_bytes), then call
+/// [`poll_frame`](Self::poll_frame) until it returns `Ok(None)`. After an `Err` the stream is
+/// unusable and must be closed.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    cap: usize,
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    /// A decoder that refuses frames longer than `cap` bytes.
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Appends bytes received from the stream.
+    pub fn handle_bytes(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole frame, `Ok(None)` if more bytes are needed, or `Err` as soon as a length
+    /// prefix above the cap is seen (before any of that frame is buffered).
+    pub fn poll_frame(&mut self) -> Result<Option<Vec<u8>>, FrameTooLong> {
+        let Some(prefix) = self.buf.get(..PREFIX_LEN) else {
+            return Ok(None);
+        };
+        let len = usize::from(u16::from_be_bytes([prefix[0], prefix[1]]));
+        if len > self.cap {
+            self.buf = Vec::new();
+            return Err(FrameTooLong {
+                announced: len,
+                cap: self.cap,
+            });
+        }
+        if self.buf.len() < PREFIX_LEN + len {
+            return Ok(None);
+        }
+        let frame = self.buf[PREFIX_LEN..PREFIX_LEN + len].to_vec();
+        self.buf.drain(..PREFIX_LEN + len);
+        Ok(Some(frame))
+    }
+
+    /// Bytes held for a frame not yet complete.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
 }
 
 /// Writes one frame (datagrams longer than [`MAX_FRAME`] are refused).
@@ -38,74 +112,25 @@ pub async fn write_frame<W: AsyncWriteExt + Unpin>(
     w: &mut W,
     datagram: &[u8],
 ) -> std::io::Result<()> {
-    let len = u16::try_from(datagram.len()).map_err(|_| {
-        std::io::Error::new(
+    let mut frame = Vec::with_capacity(PREFIX_LEN + datagram.len());
+    if !encode_frame(&mut frame, datagram) {
+        return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "datagram too large for a frame",
-        )
-    })?;
-    let mut frame = Vec::with_capacity(2 + datagram.len());
-    frame.extend_from_slice(&len.to_be_bytes());
-    frame.extend_from_slice(datagram);
+        ));
+    }
     w.write_all(&frame).await
 }
 
-/// A member's TCP connection to its relay.
-pub struct TcpRelayClient {
-    outbound: mpsc::Sender<Vec<u8>>,
-    inbound: mpsc::Receiver<Vec<u8>>,
-}
-
-impl TcpRelayClient {
-    /// Connects to the relay at `addr` over TCP.
-    pub async fn connect(addr: SocketAddr) -> std::io::Result<Self> {
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "TCP connect timed out")
-            })??;
-        stream.set_nodelay(true)?;
-        let (mut read, mut write) = stream.into_split();
-        let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
-        let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
-        tokio::spawn(async move {
-            while let Some(d) = out_rx.recv().await {
-                if write_frame(&mut write, &d).await.is_err() {
-                    break;
-                }
-            }
-        });
-        tokio::spawn(async move {
-            while let Ok(Some(d)) = read_frame(&mut read).await {
-                if in_tx.send(d).await.is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Self {
-            outbound: out_tx,
-            inbound: in_rx,
-        })
-    }
-
-    /// Queues a datagram for the relay; `false` if the connection is gone. A full queue drops
-    /// the datagram, as a congested UDP path would.
-    pub fn send(&self, datagram: Vec<u8>) -> bool {
-        match self.outbound.try_send(datagram) {
-            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => true,
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
-    }
-
-    /// The next datagram from the relay; `None` once the connection closed.
-    pub async fn recv(&mut self) -> Option<Vec<u8>> {
-        self.inbound.recv().await
-    }
-
-    /// Whether the connection is still open for writing.
-    pub fn is_open(&self) -> bool {
-        !self.outbound.is_closed()
-    }
+/// Appends `datagram` as one frame to `out`; `false` (and nothing appended) if it is longer
+/// than [`MAX_FRAME`].
+pub fn encode_frame(out: &mut Vec<u8>, datagram: &[u8]) -> bool {
+    let Ok(len) = u16::try_from(datagram.len()) else {
+        return false;
+    };
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(datagram);
+    true
 }
 
 #[cfg(test)]
@@ -128,6 +153,53 @@ mod tests {
         assert!(write_frame(&mut a, &vec![0u8; MAX_FRAME + 1])
             .await
             .is_err());
+    }
+
+    #[test]
+    fn decoder_splits_frames_across_reads() {
+        let mut d = FrameDecoder::new(100);
+        d.handle_bytes(&[0, 3, b'a']);
+        assert_eq!(d.poll_frame(), Ok(None));
+        d.handle_bytes(&[b'b', b'c', 0, 0, 0]);
+        assert_eq!(d.poll_frame(), Ok(Some(b"abc".to_vec())));
+        assert_eq!(d.poll_frame(), Ok(Some(Vec::new())));
+        assert_eq!(d.poll_frame(), Ok(None));
+        assert_eq!(d.buffered(), 1);
+        d.handle_bytes(&[1, b'x']);
+        assert_eq!(d.poll_frame(), Ok(Some(b"x".to_vec())));
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn decoder_refuses_a_length_over_the_cap_before_buffering_it() {
+        let mut d = FrameDecoder::new(1500);
+        d.handle_bytes(&[0xFF, 0xFF]);
+        assert_eq!(
+            d.poll_frame(),
+            Err(FrameTooLong {
+                announced: 65_535,
+                cap: 1500
+            })
+        );
+        assert_eq!(d.buffered(), 0);
+        let mut d = FrameDecoder::new(1500);
+        d.handle_bytes(&[0x05, 0xDC]);
+        assert_eq!(d.poll_frame(), Ok(None), "exactly the cap is allowed");
+        assert!(
+            d.buf.capacity() < 64,
+            "no allocation for the announced length"
+        );
+    }
+
+    #[tokio::test]
+    async fn read_frame_of_a_long_truncated_frame_is_eof() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&[0xFF, 0xFF, 1, 2, 3]).await.expect("write");
+        drop(a);
+        assert_eq!(
+            read_frame(&mut b).await.expect_err("truncated").kind(),
+            std::io::ErrorKind::UnexpectedEof
+        );
     }
 
     #[tokio::test]

@@ -21,6 +21,7 @@
 //! Parsing never panics: a checked parse returns a typed value or a [`WireError`] naming why
 //! the bytes were refused.
 
+pub mod admission;
 pub(crate) mod codec;
 pub mod plain;
 pub mod stun;
@@ -37,8 +38,9 @@ use codec::{Reader, Writer};
 
 /// First two bytes of every meshvpn frame; 0xFF can start neither WireGuard nor STUN.
 pub const MAGIC: [u8; 2] = [0xFF, b'm'];
-/// Frame format version; a receiver drops frames of other versions.
-pub const VERSION: u8 = 1;
+/// Frame format version; a receiver drops frames of other versions. Version 2 added the
+/// cookie to [`Frame::ToRelay`] and the [`Frame::CookieReply`] (see [`admission`]).
+pub const VERSION: u8 = 2;
 /// Length of the frame header (magic, version, kind).
 pub const HEADER_LEN: usize = 4;
 /// Bytes a relay data frame adds in front of its payload (header + one public key).
@@ -105,6 +107,7 @@ mod kind {
     pub(super) const KEY_RESPONSE: u8 = 0x02;
     pub(super) const TO_RELAY: u8 = 0x10;
     pub(super) const FROM_RELAY: u8 = 0x11;
+    pub(super) const COOKIE_REPLY: u8 = 0x12;
     pub(super) const RELAY_SEND: u8 = 0x20;
     pub(super) const RELAY_RECV: u8 = 0x21;
     pub(super) const DISCO: u8 = 0x30;
@@ -117,10 +120,22 @@ pub enum Frame<'a> {
     KeyRequest,
     /// The relay's answer to [`Frame::KeyRequest`].
     KeyResponse { relay: PeerKey },
-    /// A sealed [`RelayRequest`] from a member, under the member/relay session key.
-    ToRelay { sender: PeerKey, sealed: &'a [u8] },
+    /// A sealed, signed [`RelayRequest`] from a member, under the member/relay session key,
+    /// with the return-path cookie the relay last gave this address (zeros when it has none).
+    ToRelay {
+        sender: PeerKey,
+        cookie: admission::Cookie,
+        sealed: &'a [u8],
+    },
     /// A sealed [`RelayReply`] from a relay, under the member/relay session key.
     FromRelay { relay: PeerKey, sealed: &'a [u8] },
+    /// The relay's answer to a registration from an address that has not proven it receives:
+    /// echo `cookie` in the next request. `echo` repeats the first bytes of the request's nonce
+    /// so an off-path sender cannot feed a member false cookies.
+    CookieReply {
+        echo: [u8; admission::ECHO_LEN],
+        cookie: admission::Cookie,
+    },
     /// Member to relay: forward `payload` to member `to`.
     RelaySend { to: PeerKey, payload: &'a [u8] },
     /// Relay to member: `payload` comes from member `from`.
@@ -149,8 +164,19 @@ impl<'a> Frame<'a> {
             },
             kind::TO_RELAY => Frame::ToRelay {
                 sender: PeerKey(r.array()?),
+                cookie: r.array()?,
                 sealed: r.rest(),
             },
+            kind::COOKIE_REPLY => {
+                let frame = Frame::CookieReply {
+                    echo: r.array()?,
+                    cookie: r.array()?,
+                };
+                if !r.is_empty() {
+                    return Err(WireError::Malformed("trailing bytes after a cookie"));
+                }
+                frame
+            }
             kind::FROM_RELAY => Frame::FromRelay {
                 relay: PeerKey(r.array()?),
                 sealed: r.rest(),
@@ -176,8 +202,9 @@ impl<'a> Frame<'a> {
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         let (k, key, body): (u8, Option<&PeerKey>, &[u8]) = match self {
             Frame::KeyRequest => (kind::KEY_REQUEST, None, &[]),
+            Frame::CookieReply { echo, .. } => (kind::COOKIE_REPLY, None, echo),
             Frame::KeyResponse { relay } => (kind::KEY_RESPONSE, Some(relay), &[]),
-            Frame::ToRelay { sender, sealed } => (kind::TO_RELAY, Some(sender), sealed),
+            Frame::ToRelay { sender, sealed, .. } => (kind::TO_RELAY, Some(sender), sealed),
             Frame::FromRelay { relay, sealed } => (kind::FROM_RELAY, Some(relay), sealed),
             Frame::RelaySend { to, payload } => (kind::RELAY_SEND, Some(to), payload),
             Frame::RelayRecv { from, payload } => (kind::RELAY_RECV, Some(from), payload),
@@ -188,7 +215,14 @@ impl<'a> Frame<'a> {
         if let Some(key) = key {
             out.extend_from_slice(&key.0);
         }
+        // The cookie follows the key in a request and the echo in a cookie reply.
+        if let Frame::ToRelay { cookie, .. } = self {
+            out.extend_from_slice(cookie);
+        }
         out.extend_from_slice(body);
+        if let Frame::CookieReply { cookie, .. } = self {
+            out.extend_from_slice(cookie);
+        }
     }
 
     /// The encoded frame as a new vector.
@@ -228,35 +262,6 @@ pub fn frame_aad(kind_byte: u8, key: &PeerKey) -> [u8; HEADER_LEN + 32] {
     aad[..HEADER_LEN].copy_from_slice(&[MAGIC[0], MAGIC[1], VERSION, kind_byte]);
     aad[HEADER_LEN..].copy_from_slice(&key.0);
     aad
-}
-
-/// Builds a sealed `ToRelay` datagram.
-pub fn seal_to_relay(
-    session: &[u8; 32],
-    sender: PeerKey,
-    msg: &RelayRequest,
-    nonce: [u8; 24],
-) -> Vec<u8> {
-    let sealed = seal(
-        session,
-        &frame_aad(kind::TO_RELAY, &sender),
-        &msg.encode(),
-        nonce,
-    );
-    Frame::ToRelay {
-        sender,
-        sealed: &sealed,
-    }
-    .to_vec()
-}
-
-/// Opens the body of a `ToRelay` frame.
-pub fn open_to_relay(
-    session: &[u8; 32],
-    sender: &PeerKey,
-    sealed: &[u8],
-) -> Result<RelayRequest, WireError> {
-    RelayRequest::decode(&open(session, &frame_aad(kind::TO_RELAY, sender), sealed)?)
 }
 
 /// Builds a sealed `FromRelay` datagram.
@@ -312,10 +317,11 @@ pub fn open_disco(
     Disco::decode(&open(pair_key, &frame_aad(kind::DISCO, sender), sealed)?)
 }
 
-/// A member's request to a relay (sealed under their session key).
+/// A member's request to a relay (signed with the network key and sealed under the session key,
+/// see [`admission`]).
 ///
-/// Every request carries a millisecond timestamp that must grow strictly per member, so a
-/// captured request cannot be replayed.
+/// Every request carries a millisecond Unix timestamp that must lie near the relay's clock and
+/// grow strictly per member, so a captured request cannot be replayed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayRequest {
     /// Join or refresh: store `announcement` (opaque to the relay) for `network`.
@@ -349,7 +355,7 @@ impl RelayRequest {
         }
     }
 
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
         match self {
             RelayRequest::Register {
@@ -369,7 +375,7 @@ impl RelayRequest {
         w.buf
     }
 
-    fn decode(b: &[u8]) -> Result<Self, WireError> {
+    pub(crate) fn decode(b: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(b);
         let t = r.u8()?;
         let network = NetworkId(r.array()?);
@@ -759,7 +765,12 @@ mod tests {
             Frame::KeyResponse { relay: key(1) },
             Frame::ToRelay {
                 sender: key(2),
+                cookie: [7; 16],
                 sealed: b"abc",
+            },
+            Frame::CookieReply {
+                echo: [1; 16],
+                cookie: [2; 16],
             },
             Frame::FromRelay {
                 relay: key(3),
@@ -799,35 +810,8 @@ mod tests {
     }
 
     #[test]
-    fn sealed_relay_messages_round_trip_and_detect_tampering() {
+    fn sealed_relay_replies_round_trip_and_detect_tampering() {
         let session = [9u8; 32];
-        let network = NetworkId([1; 16]);
-        let req = RelayRequest::Register {
-            network,
-            ts_ms: 42,
-            announcement: vec![1, 2, 3],
-        };
-        let dgram = seal_to_relay(&session, key(7), &req, [0; 24]);
-        let Ok(Frame::ToRelay { sender, sealed }) = Frame::parse(&dgram) else {
-            panic!("parse")
-        };
-        assert_eq!(open_to_relay(&session, &sender, sealed), Ok(req));
-        // Re-attributing the body to another sender fails.
-        assert_eq!(
-            open_to_relay(&session, &key(8), sealed),
-            Err(WireError::Unauthenticated)
-        );
-        let mut bad = dgram.clone();
-        let last = bad.len() - 1;
-        bad[last] ^= 1;
-        let Ok(Frame::ToRelay { sender, sealed }) = Frame::parse(&bad) else {
-            panic!("parse")
-        };
-        assert_eq!(
-            open_to_relay(&session, &sender, sealed),
-            Err(WireError::Unauthenticated)
-        );
-
         let entry = MemberEntry {
             key: key(3),
             observed: "198.51.100.2:5000".parse().expect("lit"),
@@ -891,7 +875,7 @@ mod tests {
             };
             assert_eq!(open_disco(&k, &sender, sealed), Ok(msg));
         }
-        let network = NetworkId([2; 16]);
+        let network = NetworkId([2; 32]);
         let a = Announcement {
             key: key(9),
             name: "alice".into(),

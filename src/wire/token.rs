@@ -1,6 +1,6 @@
 //! The group token: one copy-pasteable line that makes a machine a member of a network.
 //!
-//! Format: `mvpn1` followed by URL-safe base64 (no padding) of `payload || checksum`, where the
+//! Format: `mvpn2` followed by URL-safe base64 (no padding) of `payload || checksum`, where the
 //! checksum is the first 4 bytes of SHA-256 over a label and the payload. A mistyped character
 //! fails the checksum and is reported as such, never as a confusing decode error further on.
 //!
@@ -8,6 +8,10 @@
 //! virtual subnet (IPv4 address + prefix length), and the relays, each as its public key, host
 //! and port. The version digit in the prefix leaves room for other schemes (for example an
 //! enterprise mode whose tokens carry a signing key instead of a shared secret).
+//!
+//! Version 2 changed what the secret derives (the network id became an Ed25519 public key that
+//! relays verify registrations with, see `keys`); a version 1 token is refused with a message
+//! saying so, since a member holding one could not register with a current relay.
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -21,10 +25,12 @@ use sha2::{Digest, Sha256};
 use super::codec::{Reader, Writer};
 use crate::keys::{NetworkSecret, PeerKey};
 
-/// The prefix of version-1 tokens.
-pub const PREFIX: &str = "mvpn1";
+/// The prefix of current (version 2) tokens.
+pub const PREFIX: &str = "mvpn2";
+/// The version digit in [`PREFIX`].
+const VERSION: &str = "2";
 const CHECKSUM_LEN: usize = 4;
-const CHECKSUM_LABEL: &[u8] = b"meshvpn token v1";
+const CHECKSUM_LABEL: &[u8] = b"meshvpn token v2";
 /// Most relays a token may carry.
 pub const MAX_RELAYS: usize = 8;
 
@@ -34,8 +40,11 @@ pub enum TokenError {
     /// Does not start with `mvpn`.
     #[error("not a meshvpn group token (it should start with \"{PREFIX}\")")]
     NotAToken,
-    /// A token from a different format version.
-    #[error("unsupported token version {0:?} (this meshvpn reads version 1 tokens)")]
+    /// A token from an older meshvpn, whose keys current relays no longer accept.
+    #[error("this token is from an older meshvpn (version {0}); create a new network or ask for a new token")]
+    OldVersion(String),
+    /// A token from a newer (or unknown) format version.
+    #[error("unsupported token version {0:?} (this meshvpn reads version {VERSION} tokens; is it out of date?)")]
     Version(String),
     /// Characters that base64 cannot contain.
     #[error("token contains a character that cannot appear in a token: {0:?}")]
@@ -173,10 +182,13 @@ impl Token {
             return Err(TokenError::NotAToken);
         };
         let version: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-        if version != "1" {
+        if version == "1" {
+            return Err(TokenError::OldVersion(version));
+        }
+        if version != VERSION {
             return Err(TokenError::Version(version));
         }
-        let body = &rest[1..];
+        let body = &rest[VERSION.len()..];
         if let Some(bad) = body
             .chars()
             .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
@@ -262,7 +274,7 @@ mod tests {
     fn round_trip() {
         let t = sample();
         let line = t.encode();
-        assert!(line.starts_with("mvpn1"));
+        assert!(line.starts_with("mvpn2"));
         assert!(!line.contains(char::is_whitespace));
         assert_eq!(Token::decode(&line), Ok(t.clone()));
         assert_eq!(Token::decode(&format!("  {line}\n")), Ok(t));
@@ -295,11 +307,17 @@ mod tests {
     fn other_errors_are_named() {
         assert_eq!(Token::decode("hello"), Err(TokenError::NotAToken));
         assert_eq!(
-            Token::decode("mvpn2abc"),
-            Err(TokenError::Version("2".into()))
+            Token::decode("mvpn3abc"),
+            Err(TokenError::Version("3".into()))
+        );
+        let old = Token::decode("mvpn1abc").expect_err("version 1 is refused");
+        assert_eq!(old, TokenError::OldVersion("1".into()));
+        assert_eq!(
+            old.to_string(),
+            "this token is from an older meshvpn (version 1); create a new network or ask for a new token"
         );
         assert_eq!(
-            Token::decode("mvpn1ab!c"),
+            Token::decode("mvpn2ab!c"),
             Err(TokenError::BadCharacter('!'))
         );
         assert_eq!(

@@ -2,6 +2,11 @@
 //! ([`RelayServer`]) exchanging datagrams through a virtual clock, with per-link latency and
 //! random loss drawn from one seeded RNG. No sockets, no real time (except inside boringtun,
 //! whose real-time timers never fire within a simulation's few wall-clock seconds).
+//!
+//! Members are driven through the library's own stepping code ([`Step`], the same the agent
+//! uses). A member can have its UDP blocked (every datagram to or from it is dropped); it then
+//! reaches the relay over a simulated stream: reliable, ordered, with the same latency, fed to
+//! the relay server as a `Link::Tcp` exactly as the relay's driver does.
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
@@ -13,8 +18,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use meshvpn::keys::{NetworkSecret, NodeSecret, PeerKey};
-use meshvpn::node::{Node, NodeConfig, RelayTarget};
-use meshvpn::relay::server::{Link, RelayServer};
+use meshvpn::node::driver::{Output, Step};
+use meshvpn::node::{Event, Node, NodeConfig, RelayTarget};
+use meshvpn::relay::server::{Link, RelayServer, UnixClock};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
@@ -28,16 +34,69 @@ pub fn seed(default: u64) -> u64 {
     s
 }
 
-struct InFlight {
-    src: SocketAddr,
-    dst: SocketAddr,
-    payload: Vec<u8>,
+enum InFlight {
+    /// A UDP datagram.
+    Datagram {
+        src: SocketAddr,
+        dst: SocketAddr,
+        payload: Vec<u8>,
+    },
+    /// A connection attempt of member `member`'s stream reaching the relay.
+    Connect { member: usize },
+    /// A frame on member `member`'s stream `link`, towards the relay or towards the member.
+    Stream {
+        member: usize,
+        link: Link,
+        to_relay: bool,
+        payload: Vec<u8>,
+    },
+}
+
+/// One output of a member's [`Step`], owned so the simulator can act on it.
+enum Owned {
+    Udp {
+        socket: u16,
+        dst: SocketAddr,
+        bytes: Vec<u8>,
+    },
+    Stream(Vec<u8>),
+    Tun(Vec<u8>),
+    Event(Event),
+    Open,
+    Close,
+}
+
+impl Owned {
+    fn from(o: Output<'_>) -> Self {
+        match o {
+            Output::Udp { socket, dst, bytes } => Owned::Udp {
+                socket,
+                dst,
+                bytes: bytes.to_vec(),
+            },
+            Output::Stream { bytes, .. } => Owned::Stream(bytes.to_vec()),
+            Output::Tun(p) => Owned::Tun(p.to_vec()),
+            Output::Event(e) => Owned::Event(e),
+            Output::OpenStream { .. } => Owned::Open,
+            Output::CloseStream { .. } => Owned::Close,
+        }
+    }
 }
 
 /// One simulated member.
 pub struct Member {
     pub node: Node,
+    step: Step,
     pub addr: SocketAddr,
+    /// Every UDP datagram to or from this member is dropped (a firewall blocking UDP).
+    pub udp_blocked: bool,
+    /// The member's stream to the relay, once connected.
+    pub stream: Option<Link>,
+    /// Frames this member's stream carried (both directions).
+    pub stream_frames: u64,
+    /// Latest arrival time on the stream, per direction (towards the relay, towards the
+    /// member), so frames stay in order.
+    stream_clock: (Instant, Instant),
     pub alive: bool,
     /// Index of the NAT this member sits behind (its `addr` is then private).
     pub site: Option<usize>,
@@ -75,6 +134,7 @@ pub struct Sim {
     queue: BinaryHeap<Reverse<(Instant, u64)>>,
     in_flight: BTreeMap<u64, InFlight>,
     seq: u64,
+    next_stream_id: u64,
     pub delivered_datagrams: u64,
     pub lost_datagrams: u64,
     pub filtered_datagrams: u64,
@@ -84,8 +144,8 @@ impl Sim {
     pub fn new(seed: u64, latency_ms: (u64, u64), loss: f64) -> Self {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let relay_key = NodeSecret::generate(&mut rng);
-        let relay = RelayServer::new(relay_key, rng.gen());
         let start = Instant::now();
+        let relay = RelayServer::new(relay_key, rng.gen(), unix_clock(start, start));
         Self {
             now: start,
             start,
@@ -105,6 +165,7 @@ impl Sim {
             queue: BinaryHeap::new(),
             in_flight: BTreeMap::new(),
             seq: 0,
+            next_stream_id: 1,
             delivered_datagrams: 0,
             lost_datagrams: 0,
             filtered_datagrams: 0,
@@ -170,18 +231,28 @@ impl Sim {
         let mut node = Node::new(
             cfg,
             self.now,
-            1_700_000_000_000 + self.elapsed().as_millis() as u64,
+            SIM_UNIX_MS + self.elapsed().as_millis() as u64,
         );
         node.set_local_endpoints(self.now, vec![addr]);
         self.members.push(Member {
             node,
+            step: Step::new(),
             addr,
+            udp_blocked: false,
+            stream: None,
+            stream_frames: 0,
+            stream_clock: (self.now, self.now),
             alive: true,
             site,
             sent_direct: 0,
             delivered: Vec::new(),
         });
         i
+    }
+
+    /// The Unix clock a relay (re)started now reads (the members' clocks agree with it).
+    pub fn relay_clock(&self) -> UnixClock {
+        unix_clock(self.start, self.now)
     }
 
     pub fn elapsed(&self) -> Duration {
@@ -198,6 +269,10 @@ impl Sim {
         let src = match i {
             None => self.relay_addr,
             Some(i) => {
+                if self.members[i].udp_blocked {
+                    self.lost_datagrams += 1;
+                    return;
+                }
                 let (mut addr, site) = (self.members[i].addr, self.members[i].site);
                 addr.set_port(addr.port() + socket);
                 match site {
@@ -235,10 +310,69 @@ impl Sim {
         }
         let (lo, hi) = self.latency_ms;
         let delay = Duration::from_millis(self.rng.gen_range(lo..=hi));
+        self.schedule(self.now + delay, InFlight::Datagram { src, dst, payload });
+    }
+
+    fn schedule(&mut self, at: Instant, what: InFlight) {
         self.seq += 1;
-        self.queue.push(Reverse((self.now + delay, self.seq)));
-        self.in_flight
-            .insert(self.seq, InFlight { src, dst, payload });
+        self.queue.push(Reverse((at, self.seq)));
+        self.in_flight.insert(self.seq, what);
+    }
+
+    fn latency(&mut self) -> Duration {
+        let (lo, hi) = self.latency_ms;
+        Duration::from_millis(self.rng.gen_range(lo..=hi))
+    }
+
+    /// Puts a frame on member `i`'s stream (in order, never lost).
+    fn stream_send(&mut self, i: usize, link: Link, to_relay: bool, payload: Vec<u8>) {
+        let delay = self.latency();
+        let clock = &mut self.members[i].stream_clock;
+        let last = if to_relay { &mut clock.0 } else { &mut clock.1 };
+        let at = (self.now + delay).max(*last);
+        *last = at;
+        self.members[i].stream_frames += 1;
+        self.schedule(
+            at,
+            InFlight::Stream {
+                member: i,
+                link,
+                to_relay,
+                payload,
+            },
+        );
+    }
+
+    /// Carries out one output of member `i`'s node.
+    fn execute(&mut self, i: usize, out: Owned) {
+        let alive = self.members[i].alive;
+        match out {
+            Owned::Udp { socket, dst, bytes } => {
+                if alive {
+                    if dst.ip() != self.relay_addr.ip() {
+                        self.members[i].sent_direct += 1;
+                    }
+                    self.send_from(Some(i), socket, dst, bytes);
+                }
+            }
+            Owned::Stream(bytes) => {
+                if let (true, Some(link)) = (alive, self.members[i].stream) {
+                    self.stream_send(i, link, true, bytes);
+                }
+            }
+            Owned::Tun(p) => self.members[i].delivered.push(p),
+            Owned::Event(_) => {}
+            Owned::Open => {
+                // The handshake takes a round trip before the member knows.
+                let rtt = self.latency() * 2;
+                self.schedule(self.now + rtt, InFlight::Connect { member: i });
+            }
+            Owned::Close => {
+                if let Some(link) = self.members[i].stream.take() {
+                    self.relay.handle_link_closed(link);
+                }
+            }
+        }
     }
 
     /// Moves every output of every node and of the relay onto the network.
@@ -246,24 +380,28 @@ impl Sim {
         loop {
             let mut moved = false;
             for i in 0..self.members.len() {
-                while let Some(t) = self.members[i].node.poll_transmit() {
+                loop {
+                    let m = &mut self.members[i];
+                    let Some(out) = m.step.poll(&mut m.node).map(Owned::from) else {
+                        break;
+                    };
                     moved = true;
-                    if self.members[i].alive {
-                        if t.dst.ip() != self.relay_addr.ip() {
-                            self.members[i].sent_direct += 1;
-                        }
-                        self.send_from(Some(i), t.socket, t.dst, t.payload);
-                    }
+                    self.execute(i, out);
                 }
-                while let Some(p) = self.members[i].node.poll_tun() {
-                    self.members[i].delivered.push(p);
-                }
-                while self.members[i].node.poll_event().is_some() {}
             }
             while let Some(t) = self.relay.poll_transmit() {
                 moved = true;
-                if self.relay_alive {
-                    self.send_from(None, 0, t.link.addr(), t.payload);
+                if !self.relay_alive {
+                    continue;
+                }
+                match t.link {
+                    Link::Udp(dst) => self.send_from(None, 0, dst, t.payload),
+                    Link::Tcp { .. } => {
+                        if let Some(i) = self.members.iter().position(|m| m.stream == Some(t.link))
+                        {
+                            self.stream_send(i, t.link, false, t.payload);
+                        }
+                    }
                 }
             }
             if !moved {
@@ -281,7 +419,9 @@ impl Sim {
         }
         for m in &self.members {
             if m.alive {
-                next = next.min(m.node.poll_timeout());
+                if let Some((at, _)) = m.node.poll_timeout() {
+                    next = next.min(at);
+                }
             }
         }
         if let Some(t) = self.relay.poll_timeout() {
@@ -300,7 +440,7 @@ impl Sim {
         }
         let now = self.now;
         for m in &mut self.members {
-            if m.alive && m.node.poll_timeout() <= now {
+            if m.alive && m.node.poll_timeout().is_some_and(|(at, _)| at <= now) {
                 m.node.handle_timeout(now);
             }
         }
@@ -310,7 +450,28 @@ impl Sim {
         self.drain();
     }
 
-    fn deliver(&mut self, p: InFlight) {
+    fn deliver(&mut self, what: InFlight) {
+        let p = match what {
+            InFlight::Datagram { src, dst, payload } => Datagram { src, dst, payload },
+            InFlight::Connect { member } => return self.connect(member),
+            InFlight::Stream {
+                member,
+                link,
+                to_relay,
+                payload,
+            } => {
+                let m = &mut self.members[member];
+                if m.stream != Some(link) {
+                    return;
+                }
+                if to_relay && self.relay_alive {
+                    self.relay.handle_datagram(self.now, link, &payload);
+                } else if !to_relay && m.alive {
+                    m.node.handle_relay_stream(self.now, 0, &payload);
+                }
+                return;
+            }
+        };
         let mut alt = self.relay_addr;
         alt.set_port(self.relay_addr.port() + 1);
         if p.dst == alt {
@@ -352,10 +513,35 @@ impl Sim {
                 && (m.addr.port()..=m.addr.port() + 256).contains(&dst.port())
         };
         if let Some(m) = self.members.iter_mut().find(|m| owner(m)) {
+            if m.udp_blocked {
+                self.lost_datagrams += 1;
+                return;
+            }
             self.delivered_datagrams += 1;
             let socket = dst.port() - m.addr.port();
             m.node.handle_udp_on(now, socket, p.src, &p.payload);
         }
+    }
+
+    /// A stream connection attempt of member `i` reached the relay (or did not).
+    fn connect(&mut self, i: usize) {
+        let now = self.now;
+        if !self.members[i].step.stream_wanted(0) {
+            return;
+        }
+        if !self.relay_alive {
+            self.members[i].node.handle_relay_stream_down(now, 0);
+            return;
+        }
+        let id = self.next_stream_id;
+        self.next_stream_id += 1;
+        let link = Link::Tcp {
+            id,
+            remote: self.members[i].addr,
+        };
+        self.members[i].stream = Some(link);
+        self.members[i].stream_clock = (now, now);
+        self.members[i].node.handle_relay_stream_up(now, 0);
     }
 
     /// Runs until `cond` holds or `limit` of simulated time passes; returns the time it took.
@@ -403,6 +589,13 @@ impl Sim {
     }
 }
 
+/// A UDP datagram in flight.
+struct Datagram {
+    src: SocketAddr,
+    dst: SocketAddr,
+    payload: Vec<u8>,
+}
+
 fn is_private(a: &SocketAddr) -> bool {
     match a.ip() {
         std::net::IpAddr::V4(v4) => v4.is_private(),
@@ -429,4 +622,14 @@ pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, tag: u32) -> Vec<u8> {
     p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
     p[24..28].copy_from_slice(&tag.to_be_bytes());
     p
+}
+
+/// The Unix time (ms) at which every simulation starts.
+pub const SIM_UNIX_MS: u64 = 1_700_000_000_000;
+
+fn unix_clock(start: Instant, now: Instant) -> UnixClock {
+    UnixClock {
+        at: now,
+        unix_ms: SIM_UNIX_MS + (now - start).as_millis() as u64,
+    }
 }

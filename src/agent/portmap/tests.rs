@@ -118,290 +118,66 @@ async fn port_zero_is_never_mapped_and_shuts_down_at_once() {
 
 // ---- End-to-end, in network namespaces (root only) ----
 //
-// internet ns `…i` (11.0.0.2/24) ── wan0 │ router ns `…r` │ lan0 ── eth0 (192.168.77.2/24) host ns `…h`
-//                                  11.0.0.1/24       192.168.77.1/24, default route via .1
-//
-// The router masquerades on wan0 and runs miniupnpd (UPnP-IGD, NAT-PMP and PCP) or a fake
-// NAT-PMP responder; the mapper runs on a thread moved into the host namespace. All traffic
-// stays inside the namespaces the test created, which are deleted (and every process the
-// test started is stopped) by `Lab`'s Drop, also when an assertion fails.
+// A lab (meshvpn-lab) with a public host `peer` and a host `h` behind a UPnP router (WAN
+// 11.0.<n>.2, a routable-looking address: miniupnpd refuses private ones) that runs miniupnpd
+// (UPnP-IGD, NAT-PMP and PCP), or no service at all so that a test can stand in its own
+// gateway. The mapper runs on a thread moved into `h`'s namespace. All traffic stays inside the
+// lab's namespaces, which the lab deletes (stopping every process it started) when dropped,
+// also when an assertion fails.
+
+use meshvpn_lab::{Host, Lab, PortMapService};
 
 /// The port mapped in the namespace tests (the agent's default port).
 const LAB_PORT: u16 = 41641;
-/// The router's WAN address: miniupnpd refuses to map behind a private/reserved one.
-const LAB_WAN: Ipv4Addr = Ipv4Addr::new(11, 0, 0, 1);
-/// The "internet" end of the router's WAN link.
-const LAB_INTERNET: Ipv4Addr = Ipv4Addr::new(11, 0, 0, 2);
-/// The router's LAN address (the host's default gateway).
-const LAB_GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
-/// The host's LAN address.
-const LAB_HOST: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 2);
 
-/// The router's nftables: the tables and chains miniupnpd's nftables backend expects
-/// (table `inet filter`, chains `miniupnpd`, `prerouting_miniupnpd`, `postrouting_miniupnpd`),
-/// hooked into forward / prerouting / postrouting, plus masquerading on the WAN.
-const LAB_NFT: &str = "\
-table inet filter {
-  chain miniupnpd {
-  }
-  chain prerouting_miniupnpd {
-  }
-  chain postrouting_miniupnpd {
-  }
-  chain forward {
-type filter hook forward priority 0; policy accept;
-jump miniupnpd
-  }
-  chain prerouting {
-type nat hook prerouting priority -100; policy accept;
-jump prerouting_miniupnpd
-  }
-  chain postrouting {
-type nat hook postrouting priority 100; policy accept;
-jump postrouting_miniupnpd
-oifname \"wan0\" masquerade
-  }
-}
-";
-
-/// Whether this process runs as root.
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+/// The lab of one test: `host` behind its UPnP router, `peer` on the internet.
+struct Site {
+    lab: Lab,
+    host: Host,
+    peer: Host,
 }
 
-/// Where miniupnpd is installed, if it is.
-fn miniupnpd_path() -> Option<std::path::PathBuf> {
-    [
-        "/usr/sbin/miniupnpd",
-        "/usr/local/sbin/miniupnpd",
-        "/sbin/miniupnpd",
-    ]
-    .into_iter()
-    .map(std::path::PathBuf::from)
-    .find(|p| p.is_file())
-}
-
-/// Runs a command; its stdout, or an error naming it with its stderr.
-fn cmd(args: &[&str]) -> Result<String, String> {
-    let (prog, rest) = args.split_first().ok_or("empty command")?;
-    let out = std::process::Command::new(prog)
-        .args(rest)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Runs `f` on a thread moved into network namespace `name` (via `setns`); a panic in `f`
-/// is re-raised here.
-fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
-    use std::os::fd::AsRawFd as _;
-    let path = format!("/run/netns/{name}");
-    let joined = std::thread::scope(|s| {
-        s.spawn(move || {
-            let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            // SAFETY: `ns` is an open namespace file; setns only changes this thread's
-            // network namespace, and this thread ends with the scope.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-    });
-    match joined {
-        Ok(v) => v,
-        Err(panic) => std::panic::resume_unwind(panic),
-    }
-}
-
-/// The three namespaces; Drop stops the daemon and deletes them.
-struct Lab {
-    /// Namespace name prefix, unique per process and test.
-    prefix: String,
-    /// Namespaces created so far.
-    created: Vec<String>,
-    /// Scratch directory (daemon config, log, pid and lease files).
-    dir: std::path::PathBuf,
-    /// The miniupnpd this test started (the child of `ip netns exec`, which execs it).
-    daemon: Option<std::process::Child>,
-}
-
-impl Lab {
-    /// Builds the topology; `tag` keeps concurrent tests apart.
-    fn new(tag: &str) -> Result<Lab, String> {
-        let prefix = format!("pm{}{tag}", std::process::id());
-        let dir = std::env::temp_dir().join(format!("meshvpn-portmap-{prefix}"));
-        let mut lab = Lab {
-            prefix,
-            created: Vec::new(),
-            dir,
-            daemon: None,
-        };
-        std::fs::create_dir_all(&lab.dir).map_err(|e| e.to_string())?;
-        for role in ["i", "r", "h"] {
-            let ns = lab.ns(role);
-            cmd(&["ip", "netns", "add", &ns])?;
-            lab.created.push(ns);
+impl Site {
+    /// Builds the lab `tag` with `service` on the router; `None` (after saying why) when the
+    /// test cannot run here.
+    fn new(tag: &str, service: PortMapService) -> Option<Site> {
+        if !meshvpn_lab::is_root() {
+            println!("skipping: needs root");
+            return None;
         }
-        let (i, r, h) = (lab.ns("i"), lab.ns("r"), lab.ns("h"));
-        let nft = lab.dir.join("router.nft");
-        std::fs::write(&nft, LAB_NFT).map_err(|e| e.to_string())?;
-        let nft = nft.to_string_lossy().into_owned();
-        let wan = format!("{LAB_WAN}/24");
-        let internet = format!("{LAB_INTERNET}/24");
-        let lan = format!("{LAB_GATEWAY}/24");
-        let host = format!("{LAB_HOST}/24");
-        let gateway = LAB_GATEWAY.to_string();
-        let steps: [&[&str]; 16] = [
-            &[
-                "ip", "link", "add", "wan0", "netns", &r, "type", "veth", "peer", "name", "i0",
-                "netns", &i,
-            ],
-            &[
-                "ip", "link", "add", "lan0", "netns", &r, "type", "veth", "peer", "name", "eth0",
-                "netns", &h,
-            ],
-            &["ip", "-n", &i, "addr", "add", &internet, "dev", "i0"],
-            &["ip", "-n", &r, "addr", "add", &wan, "dev", "wan0"],
-            &["ip", "-n", &r, "addr", "add", &lan, "dev", "lan0"],
-            &["ip", "-n", &h, "addr", "add", &host, "dev", "eth0"],
-            &["ip", "-n", &i, "link", "set", "lo", "up"],
-            &["ip", "-n", &r, "link", "set", "lo", "up"],
-            &["ip", "-n", &h, "link", "set", "lo", "up"],
-            &["ip", "-n", &i, "link", "set", "i0", "up"],
-            &["ip", "-n", &r, "link", "set", "wan0", "up"],
-            &["ip", "-n", &r, "link", "set", "lan0", "up"],
-            &["ip", "-n", &h, "link", "set", "eth0", "up"],
-            &["ip", "-n", &h, "route", "add", "default", "via", &gateway],
-            &[
-                "ip",
-                "netns",
-                "exec",
-                &r,
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-            ],
-            &["ip", "netns", "exec", &r, "nft", "-f", &nft],
-        ];
-        for step in steps {
-            cmd(step)?;
+        if !service.available() {
+            println!(
+                "skipping: miniupnpd not installed (apt-get install miniupnpd miniupnpd-nftables)"
+            );
+            return None;
         }
-        Ok(lab)
+        init_tracing();
+        let mut lab = Lab::new(tag).expect("namespace lab");
+        let peer = lab.add_public_host("peer").expect("the internet host");
+        let host = lab
+            .add_upnp_host("h", service)
+            .expect("the host behind the UPnP router");
+        Some(Site { lab, host, peer })
     }
 
-    /// The name of namespace `role` ("i", "r" or "h").
-    fn ns(&self, role: &str) -> String {
-        format!("{}{role}", self.prefix)
+    /// The router in front of the host.
+    fn router(&self) -> &str {
+        self.host
+            .router_ns
+            .as_deref()
+            .expect("a UPnP host has a router")
     }
 
-    /// The daemon's log so far.
-    fn daemon_log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("miniupnpd.log")).unwrap_or_default()
-    }
-
-    /// Starts miniupnpd in the router (NAT-PMP and PCP always; UPnP-IGD if `upnp`) and
-    /// waits (at most 5 s) until it listens.
-    fn start_miniupnpd(&mut self, path: &std::path::Path, upnp: bool) -> Result<(), String> {
-        let conf = self.dir.join("miniupnpd.conf");
-        let text = format!(
-            "ext_ifname=wan0\n\
-             listening_ip=lan0\n\
-             http_port=0\n\
-             enable_natpmp=yes\n\
-             enable_upnp={}\n\
-             secure_mode=yes\n\
-             system_uptime=yes\n\
-             lease_file={}\n\
-             uuid=6d2f8a1e-3c4b-4e5f-9a0b-1c2d3e4f5a6b\n\
-             allow 1024-65535 192.168.77.0/24 1024-65535\n\
-             deny 0-65535 0.0.0.0/0 0-65535\n",
-            if upnp { "yes" } else { "no" },
-            self.dir.join("leases").display()
-        );
-        std::fs::write(&conf, text).map_err(|e| e.to_string())?;
-        let log =
-            std::fs::File::create(self.dir.join("miniupnpd.log")).map_err(|e| e.to_string())?;
-        let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let child = std::process::Command::new("ip")
-            .args(["netns", "exec", &self.ns("r")])
-            .arg(path)
-            .arg("-d")
-            .arg("-f")
-            .arg(&conf)
-            .arg("-P")
-            .arg(self.dir.join("miniupnpd.pid"))
-            .stdin(std::process::Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(|e| format!("starting miniupnpd: {e}"))?;
-        let log_path = self.dir.join("miniupnpd.log");
-        let daemon = self.daemon.insert(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            if log.contains("Listening for NAT-PMP/PCP traffic")
-                && (!upnp || log.contains("HTTP listening on port"))
-            {
-                return Ok(());
-            }
-            if let Ok(Some(status)) = daemon.try_wait() {
-                return Err(format!("miniupnpd exited ({status}):\n{log}"));
-            }
-            if std::time::Instant::now() > deadline {
-                return Err(format!("miniupnpd not listening after 5 s:\n{log}"));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    /// The host's default gateway (the router's LAN address).
+    fn gateway(&self) -> Ipv4Addr {
+        self.host.gateway.expect("a UPnP host has a gateway")
     }
 
     /// The router's nftables ruleset.
     fn router_rules(&self) -> String {
-        cmd(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.ns("r"),
-            "nft",
-            "list",
-            "ruleset",
-        ])
-        .unwrap_or_else(|e| format!("<{e}>"))
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.daemon.take() {
-            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-                // SAFETY: kill on the PID of our own child, not yet reaped.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-            }
-            let deadline = std::time::Instant::now() + Duration::from_secs(2);
-            while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if matches!(child.try_wait(), Ok(None)) {
-                child.kill().ok();
-            }
-            child.wait().ok();
-        }
-        for ns in self.created.drain(..) {
-            if let Err(e) = cmd(&["ip", "netns", "del", &ns]) {
-                eprintln!("cleanup: {e}");
-            }
-        }
-        std::fs::remove_dir_all(&self.dir).ok();
+        self.lab
+            .ruleset(self.router())
+            .unwrap_or_else(|e| format!("<{e:#}>"))
     }
 }
 
@@ -415,17 +191,21 @@ fn init_tracing() {
 }
 
 /// In the host namespace: maps [`LAB_PORT`], expects `protocol` and `external`, checks a
-/// datagram from the internet namespace reaches the agent's socket through the mapping and
-/// that `mapped_on_router` holds while mapped and not after `shutdown`; then maps, renews and
+/// datagram from the internet host reaches the agent's socket through the mapping and that
+/// `mapped_on_router` holds while mapped and not after `shutdown`; then maps, renews and
 /// removes once more through the internal functions.
 fn map_in_lab(
-    lab: &Lab,
+    site: &Site,
     protocol: MapProtocol,
     external: SocketAddr,
     mapped_on_router: &(dyn Fn() -> bool + Sync),
 ) {
-    let internet = lab.ns("i");
-    in_netns(&lab.ns("h"), || {
+    let internet = site
+        .lab
+        .udp_socket(&site.peer, 0)
+        .expect("a socket on the internet host");
+    let (gateway, local) = (site.gateway(), site.host.addr);
+    let ran = site.lab.in_namespace(&site.host.ns, || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -455,18 +235,16 @@ fn map_in_lab(
 
             // A datagram from the internet to the external address reaches the agent.
             let probe = b"meshvpn portmap probe";
-            in_netns(&internet, || {
-                let s =
-                    std::net::UdpSocket::bind((LAB_INTERNET, 0)).expect("bind in the internet ns");
-                s.send_to(probe, mapping.external).expect("send the probe");
-            });
+            internet
+                .send_to(probe, mapping.external)
+                .expect("send the probe");
             let mut buf = [0u8; 64];
             let (n, from) = timeout(Duration::from_secs(3), agent.recv_from(&mut buf))
                 .await
                 .expect("the probe through the mapping within 3 s")
                 .expect("recv");
             assert_eq!(buf.get(..n), Some(&probe[..]));
-            assert_eq!(from.ip(), IpAddr::V4(LAB_INTERNET));
+            assert_eq!(from.ip(), IpAddr::V4(site.peer.addr));
 
             let stopping = std::time::Instant::now();
             mapper.shutdown().await;
@@ -483,13 +261,7 @@ fn map_in_lab(
 
             // The renewal path, driven directly (leases are too long to wait for).
             let route = default_route().expect("the host's default route");
-            assert_eq!(
-                route,
-                Route {
-                    gateway: LAB_GATEWAY,
-                    local: LAB_HOST
-                }
-            );
+            assert_eq!(route, Route { gateway, local });
             let port = NonZeroU16::new(LAB_PORT).expect("non-zero port");
             let mut active = map(route, port).await.expect("mapping again");
             assert_eq!(active.mapping.protocol, protocol);
@@ -509,59 +281,57 @@ fn map_in_lab(
             );
         });
     });
+    ran.expect("entering the host's namespace");
 }
 
 /// The UPnP-IGD path against miniupnpd.
 #[test]
 fn upnp_mapping_through_miniupnpd() {
-    miniupnpd_scenario("u", true, MapProtocol::Upnp);
+    miniupnpd_scenario("pm-upnp", true, MapProtocol::Upnp);
 }
 
 /// The PCP path against miniupnpd with UPnP disabled.
 #[test]
 fn pcp_mapping_through_miniupnpd() {
-    miniupnpd_scenario("p", false, MapProtocol::Pcp);
+    miniupnpd_scenario("pm-pcp", false, MapProtocol::Pcp);
 }
 
 /// Maps through miniupnpd in a fresh lab and checks its nftables rules follow the mapping.
-fn miniupnpd_scenario(tag: &str, upnp: bool, protocol: MapProtocol) {
-    if !is_root() {
-        println!("skipping: needs root");
-        return;
-    }
-    let Some(daemon) = miniupnpd_path() else {
-        println!("skipping: miniupnpd not installed");
+fn miniupnpd_scenario(tag: &str, igd: bool, protocol: MapProtocol) {
+    let Some(site) = Site::new(tag, PortMapService::Miniupnpd { igd }) else {
         return;
     };
-    init_tracing();
-    let mut lab = Lab::new(tag).expect("namespace lab");
-    lab.start_miniupnpd(&daemon, upnp).expect("miniupnpd");
-    let rule = format!("dport {LAB_PORT} dnat ip to {LAB_HOST}:{LAB_PORT}");
-    let mapped = || lab.router_rules().contains(&rule);
+    let rule = format!("dport {LAB_PORT} dnat ip to {}:{LAB_PORT}", site.host.addr);
+    let mapped = || site.router_rules().contains(&rule);
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         map_in_lab(
-            &lab,
+            &site,
             protocol,
-            SocketAddr::new(LAB_WAN.into(), LAB_PORT),
+            SocketAddr::new(site.host.public_addr.into(), LAB_PORT),
             &mapped,
         );
     }));
     if let Err(panic) = outcome {
         eprintln!(
             "router rules:\n{}\nminiupnpd log:\n{}",
-            lab.router_rules(),
-            lab.daemon_log()
+            site.router_rules(),
+            std::fs::read_to_string(site.lab.miniupnpd_log(&site.host)).unwrap_or_default()
         );
         std::panic::resume_unwind(panic);
     }
 }
 
-/// A NAT-PMP-only gateway: answers PCP with "unsupported version", maps UDP `port` to
-/// `port + 1000` for at most an hour, and tells 11.0.0.1 as its address. Records the requests.
-fn fake_natpmp(stop: &std::sync::atomic::AtomicBool, seen: &std::sync::Mutex<Vec<Vec<u8>>>) {
+/// A NAT-PMP-only gateway on `gateway`: answers PCP with "unsupported version", maps UDP
+/// `port` to `port + 1000` for at most an hour, and tells `wan` as its address. Records the
+/// requests.
+fn fake_natpmp(
+    gateway: Ipv4Addr,
+    wan: Ipv4Addr,
+    stop: &std::sync::atomic::AtomicBool,
+    seen: &std::sync::Mutex<Vec<Vec<u8>>>,
+) {
     use std::sync::atomic::Ordering;
-    let socket =
-        std::net::UdpSocket::bind((LAB_GATEWAY, crab_nat::GATEWAY_PORT)).expect("bind 5351");
+    let socket = std::net::UdpSocket::bind((gateway, crab_nat::GATEWAY_PORT)).expect("bind 5351");
     socket
         .set_read_timeout(Some(Duration::from_millis(50)))
         .expect("read timeout");
@@ -580,7 +350,7 @@ fn fake_natpmp(stop: &std::sync::atomic::AtomicBool, seen: &std::sync::Mutex<Vec
             [0, 0] => {
                 resp.extend([0, 128, 0, 0]);
                 resp.extend(epoch);
-                resp.extend(LAB_WAN.octets());
+                resp.extend(wan.octets());
             }
             [0, 1, 0, 0, i0, i1, _, _, l0, l1, l2, l3] => {
                 let internal = u16::from_be_bytes([*i0, *i1]);
@@ -608,12 +378,9 @@ fn fake_natpmp(stop: &std::sync::atomic::AtomicBool, seen: &std::sync::Mutex<Vec
 /// The NAT-PMP fallback (PCP refused, no IGD) against a fake NAT-PMP gateway.
 #[test]
 fn natpmp_fallback_against_a_fake_gateway() {
-    if !is_root() {
-        println!("skipping: needs root");
+    let Some(site) = Site::new("pm-natpmp", PortMapService::Silent) else {
         return;
-    }
-    init_tracing();
-    let lab = Lab::new("n").expect("namespace lab");
+    };
     let stop = std::sync::atomic::AtomicBool::new(false);
     let seen = std::sync::Mutex::new(Vec::<Vec<u8>>::new());
     // Mapped: the last UDP mapping request seen asked for a non-zero lifetime.
@@ -627,31 +394,39 @@ fn natpmp_fallback_against_a_fake_gateway() {
             })
             .unwrap_or(false)
     };
+    let (gateway, wan) = (site.gateway(), site.host.public_addr);
     std::thread::scope(|s| {
-        let server = s.spawn(|| in_netns(&lab.ns("r"), || fake_natpmp(&stop, &seen)));
+        let server = s.spawn(|| {
+            site.lab
+                .in_namespace(site.router(), || fake_natpmp(gateway, wan, &stop, &seen))
+        });
         // Let the responder bind before the mapper asks.
         std::thread::sleep(Duration::from_millis(200));
         // Forward the mapped port as the fake gateway promised, so the probe arrives.
-        let forward = format!(
-            "add rule inet filter prerouting_miniupnpd iifname \"wan0\" udp dport {} dnat ip to {LAB_HOST}:{LAB_PORT}",
-            LAB_PORT + 1000
-        );
-        let outcome = cmd(&["ip", "netns", "exec", &lab.ns("r"), "nft", &forward]).map(|_| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                map_in_lab(
-                    &lab,
-                    MapProtocol::NatPmp,
-                    SocketAddr::new(LAB_WAN.into(), LAB_PORT + 1000),
-                    &mapped,
-                );
-            }))
-        });
+        let outcome = site
+            .lab
+            .forward_udp_port(&site.host, LAB_PORT + 1000, LAB_PORT)
+            .map(|()| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    map_in_lab(
+                        &site,
+                        MapProtocol::NatPmp,
+                        SocketAddr::new(wan.into(), LAB_PORT + 1000),
+                        &mapped,
+                    );
+                }))
+            });
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        server.join().ok();
+        let served = server.join();
         match outcome {
             Ok(Ok(())) => {}
             Ok(Err(panic)) => std::panic::resume_unwind(panic),
-            Err(e) => panic!("{e}"),
+            Err(e) => panic!("{e:#}"),
+        }
+        match served {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("the fake gateway: {e:#}"),
+            Err(panic) => std::panic::resume_unwind(panic),
         }
     });
     let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
@@ -665,13 +440,10 @@ fn natpmp_fallback_against_a_fake_gateway() {
 /// shutdown in the middle of it is prompt.
 #[test]
 fn silent_gateway_fails_quietly_and_in_bounded_time() {
-    if !is_root() {
-        println!("skipping: needs root");
+    let Some(site) = Site::new("pm-silent", PortMapService::Silent) else {
         return;
-    }
-    init_tracing();
-    let lab = Lab::new("s").expect("namespace lab");
-    in_netns(&lab.ns("h"), || {
+    };
+    let ran = site.lab.in_namespace(&site.host.ns, || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -703,4 +475,5 @@ fn silent_gateway_fails_quietly_and_in_bounded_time() {
             );
         });
     });
+    ran.expect("entering the host's namespace");
 }

@@ -1,14 +1,15 @@
-//! Driving `meshvpn` inside the lab: [`Node`] (one relay or member instance) and [`Status`]
-//! (the parsed `meshvpn status --json`).
+//! Driving `meshvpn` inside the lab: [`Node`] (one relay or member instance), whose
+//! [`Node::status`] parses `meshvpn status --json` into the product's own [`Status`].
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Output};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
+use meshvpn_status::Status;
 
 use super::{wait_until, Host, Lab, Signal, EXEC_TIMEOUT};
 
@@ -202,10 +203,10 @@ impl Node {
         self.pid.is_some_and(|pid| lab.is_running(pid))
     }
 
-    /// `meshvpn status <network> --json`, parsed.
+    /// `meshvpn status <network> --json`, parsed with the product's own schema.
     pub fn status(&self, lab: &Lab, network: &str) -> Result<Status> {
         let out = self.exec(lab, &["status", network, "--json"])?;
-        Status::parse(&String::from_utf8_lossy(&out.stdout))
+        serde_json::from_slice(&out.stdout)
             .with_context(|| format!("{}: parsing `meshvpn status --json`", self.name))
     }
 
@@ -213,172 +214,5 @@ impl Node {
     pub fn status_table(&self, lab: &Lab, network: &str) -> Result<String> {
         let out = self.exec(lab, &["status", network])?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-}
-
-/// The parsed output of `meshvpn status --json` (lenient: unknown fields are ignored and kept
-/// in `raw`).
-#[derive(Clone, Debug)]
-pub struct Status {
-    /// Network name.
-    pub network: String,
-    /// This member's virtual IP.
-    pub virtual_ip: Ipv4Addr,
-    /// This member's public key (base64).
-    pub public_key: String,
-    /// The other members it knows.
-    pub peers: Vec<PeerStatus>,
-    /// The whole JSON object.
-    pub raw: serde_json::Value,
-}
-
-/// One peer in [`Status`].
-#[derive(Clone, Debug)]
-pub struct PeerStatus {
-    /// The peer's node name (empty if it has none).
-    pub name: String,
-    /// Its public key (base64).
-    pub public_key: String,
-    /// Its virtual IP.
-    pub virtual_ip: Ipv4Addr,
-    /// `direct`, `relay` or `relay-tcp`.
-    pub path: String,
-    /// Its current UDP endpoint (`ip:port`), if known.
-    pub endpoint: Option<String>,
-    /// Last measured round-trip time.
-    pub rtt_ms: Option<f64>,
-    /// Seconds since the last WireGuard handshake.
-    pub last_handshake_age_s: Option<f64>,
-    /// Bytes received from it.
-    pub rx_bytes: u64,
-    /// Bytes sent to it.
-    pub tx_bytes: u64,
-}
-
-fn parse_ip(v: &serde_json::Value, what: &str) -> Result<Ipv4Addr> {
-    let s = v
-        .as_str()
-        .ok_or_else(|| anyhow!("{what}: missing or not a string"))?;
-    let s = s.split('/').next().unwrap_or(s);
-    s.parse()
-        .with_context(|| format!("{what}: bad IPv4 address {s:?}"))
-}
-
-fn str_field(v: &serde_json::Value, key: &str) -> String {
-    v.get(key)
-        .and_then(|x| x.as_str())
-        .unwrap_or_default()
-        .to_string()
-}
-
-impl PeerStatus {
-    /// The endpoint as a socket address (`ip:port` or `[ipv6]:port`), if known and parseable.
-    pub fn endpoint_addr(&self) -> Option<SocketAddr> {
-        self.endpoint.as_deref()?.parse().ok()
-    }
-
-    /// Whether the endpoint is an IPv6 socket address (not an IPv4-mapped one).
-    pub fn endpoint_is_ipv6(&self) -> bool {
-        match self.endpoint_addr() {
-            Some(SocketAddr::V6(a)) => a.ip().to_ipv4_mapped().is_none(),
-            _ => false,
-        }
-    }
-}
-
-impl Status {
-    /// Parses the JSON printed by `meshvpn status --json`.
-    pub fn parse(text: &str) -> Result<Status> {
-        let raw: serde_json::Value = serde_json::from_str(text.trim()).context("not JSON")?;
-        let peers = raw
-            .get("peers")
-            .and_then(|p| p.as_array())
-            .ok_or_else(|| anyhow!("no \"peers\" array"))?
-            .iter()
-            .map(|p| {
-                Ok(PeerStatus {
-                    name: str_field(p, "name"),
-                    public_key: str_field(p, "public_key"),
-                    virtual_ip: parse_ip(&p["virtual_ip"], "peer virtual_ip")?,
-                    path: str_field(p, "path"),
-                    endpoint: p
-                        .get("endpoint")
-                        .and_then(|x| x.as_str())
-                        .map(str::to_string),
-                    rtt_ms: p.get("rtt_ms").and_then(serde_json::Value::as_f64),
-                    last_handshake_age_s: p
-                        .get("last_handshake_age_s")
-                        .and_then(serde_json::Value::as_f64),
-                    rx_bytes: p
-                        .get("rx_bytes")
-                        .and_then(serde_json::Value::as_u64)
-                        .unwrap_or(0),
-                    tx_bytes: p
-                        .get("tx_bytes")
-                        .and_then(serde_json::Value::as_u64)
-                        .unwrap_or(0),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Status {
-            network: str_field(&raw, "network"),
-            virtual_ip: parse_ip(&raw["virtual_ip"], "virtual_ip")?,
-            public_key: str_field(&raw, "public_key"),
-            peers,
-            raw,
-        })
-    }
-
-    /// The peer called `name`, if listed.
-    pub fn peer(&self, name: &str) -> Option<&PeerStatus> {
-        self.peers.iter().find(|p| p.name == name)
-    }
-
-    /// The peer with virtual IP `ip`, if listed.
-    pub fn peer_by_ip(&self, ip: Ipv4Addr) -> Option<&PeerStatus> {
-        self.peers.iter().find(|p| p.virtual_ip == ip)
-    }
-
-    /// The peers' names, sorted.
-    pub fn peer_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.peers.iter().map(|p| p.name.clone()).collect();
-        v.sort();
-        v
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_status_json() -> Result<()> {
-        let s = Status::parse(
-            r#"{"network":"demo","virtual_ip":"10.1.2.3","public_key":"k","peers":[
-                {"name":"bob","public_key":"b","virtual_ip":"10.1.2.4","path":"direct",
-                 "endpoint":"198.51.100.6:4000","rtt_ms":0.5,"last_handshake_age_s":3,
-                 "rx_bytes":10,"tx_bytes":20},
-                {"name":"carol","public_key":"c","virtual_ip":"10.1.2.5/16","path":"relay",
-                 "endpoint":null,"rtt_ms":null,"last_handshake_age_s":null,"rx_bytes":0,"tx_bytes":0}]}"#,
-        )?;
-        assert_eq!(s.virtual_ip, Ipv4Addr::new(10, 1, 2, 3));
-        assert_eq!(s.peer_names(), ["bob", "carol"]);
-        let carol = s.peer("carol").ok_or_else(|| anyhow!("no carol"))?;
-        assert_eq!(carol.virtual_ip, Ipv4Addr::new(10, 1, 2, 5));
-        assert_eq!(carol.endpoint, None);
-        assert!(!carol.endpoint_is_ipv6());
-        let bob = s.peer("bob").ok_or_else(|| anyhow!("no bob"))?;
-        assert_eq!(bob.endpoint_addr(), Some("198.51.100.6:4000".parse()?));
-        assert!(!bob.endpoint_is_ipv6());
-        let mut v6 = bob.clone();
-        v6.endpoint = Some("[fd6d:3::2]:41641".into());
-        assert!(v6.endpoint_is_ipv6());
-        v6.endpoint = Some("[::ffff:198.51.100.6]:41641".into());
-        assert!(!v6.endpoint_is_ipv6(), "an IPv4-mapped address is IPv4");
-        assert_eq!(
-            s.peer_by_ip(Ipv4Addr::new(10, 1, 2, 4)).map(|p| p.rtt_ms),
-            Some(Some(0.5))
-        );
-        Ok(())
     }
 }

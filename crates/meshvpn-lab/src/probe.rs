@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
-use super::nat::NATPMP_PORT;
+use super::gateway::NATPMP_PORT;
 use super::{interrupted, Host, Lab, Signal};
 
 /// How long the probe waits for one datagram that may or may not come.
@@ -157,6 +157,37 @@ fn deliver(
 }
 
 impl Lab {
+    /// Runs `f` on a fresh thread inside network namespace `ns` of this lab (a host's
+    /// [`Host::ns`] or a router's) and returns what it returns: code under test (a tokio
+    /// runtime, a port mapper, a stand-in gateway) sees that namespace's interfaces, routes and
+    /// gateway. A panic in `f` (a failed assertion) is raised again here with its own message;
+    /// the error is only for a namespace that is not the lab's or cannot be entered.
+    pub fn in_namespace<T: Send>(&self, ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+        ensure!(
+            self.namespaces.iter().any(|n| n == ns),
+            "lab: {ns} is not a namespace of this lab"
+        );
+        let path = Path::new("/run/netns").join(ns);
+        let file = fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let joined = thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns only changes this (fresh, scoped) thread's network namespace;
+                // the fd is valid for the duration of the call.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                if rc != 0 {
+                    return Err(std::io::Error::last_os_error())
+                        .with_context(|| format!("entering network namespace {ns}"));
+                }
+                Ok(f())
+            })
+            .join()
+        });
+        match joined {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+
     /// A UDP socket bound to `0.0.0.0:port` inside `host` (`port` 0: any free port).
     pub fn udp_socket(&self, host: &Host, port: u16) -> Result<UdpSocket> {
         in_netns(&host.ns, || {

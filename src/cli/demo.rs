@@ -1,6 +1,6 @@
 //! `meshvpn demo`: a whole mesh behind different NATs on one machine, shown and torn down.
 //!
-//! Builds a [`Mesh`] (a namespace [`Lab`](crate::lab::Lab)) with a relay on a public host and
+//! Builds a [`Mesh`] (a namespace [`Lab`](meshvpn_lab::Lab)) with a relay on a public host and
 //! four members: alice behind a home router, bob behind a symmetric NAT, carol behind a
 //! firewall that drops outbound UDP (only TCP gets out), and dave on a public address. It starts
 //! `meshvpn relay`, creates a network with `meshvpn create`, joins the members with
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::lab::{self, Mesh, Nat, PathKind, Status};
+use meshvpn_lab::{self as lab, Mesh, Nat, PeerPath, Status};
 
 /// Network name used by the demo.
 pub const NETWORK: &str = "demo";
@@ -121,7 +121,11 @@ fn run_in(mesh: &mut Mesh) -> Result<()> {
     let t = Instant::now();
     let statuses = mesh.converge(&names, CONVERGE_TIMEOUT)?;
     say(&format!("  converged after {:.1?}", t.elapsed()));
-    let ips: Vec<Ipv4Addr> = statuses.iter().map(|s| s.virtual_ip).collect();
+    let ips: Vec<Ipv4Addr> = statuses
+        .iter()
+        .map(Status::virtual_ipv4)
+        .collect::<Result<_, _>>()
+        .context("a member's virtual IP in `meshvpn status --json`")?;
 
     say("pinging every pair ...");
     let mut rtts: Vec<Vec<Option<Duration>>> = vec![vec![None; names.len()]; names.len()];
@@ -197,10 +201,10 @@ fn run_in(mesh: &mut Mesh) -> Result<()> {
                 statuses[k]
                     .as_ref()
                     .and_then(|s| s.peer(other))
-                    .map_or_else(|| "unknown".to_string(), |p| p.path.clone())
+                    .map(|p| p.path)
             };
             let (pa, pb) = (path(i, b), path(j, a));
-            say(&format!("  {a:<6} <-> {b:<6} {}", describe_pair(&pa, &pb)));
+            say(&format!("  {a:<6} <-> {b:<6} {}", describe_pair(pa, pb)));
         }
     }
     mesh.relay.stop(&mesh.lab, lab::Signal::Term)?;
@@ -214,12 +218,14 @@ fn run_in(mesh: &mut Mesh) -> Result<()> {
     Ok(())
 }
 
-/// "direct", or "relayed (relay-tcp / relay)" with each side's label.
-fn describe_pair(pa: &str, pb: &str) -> String {
-    match (PathKind::of(pa), PathKind::of(pb)) {
-        (PathKind::Direct, PathKind::Direct) => "direct".to_string(),
-        _ if pa == pb => format!("relayed ({pa})"),
-        _ => format!("relayed ({pa} / {pb})"),
+/// "direct", or "relayed (relay-tcp / relay)" with each side's label ("unknown" for a side
+/// whose status is missing).
+fn describe_pair(pa: Option<PeerPath>, pb: Option<PeerPath>) -> String {
+    let label = |p: Option<PeerPath>| p.map_or("unknown", PeerPath::as_str);
+    match (pa, pb) {
+        (Some(PeerPath::Direct), Some(PeerPath::Direct)) => "direct".to_string(),
+        _ if pa == pb => format!("relayed ({})", label(pa)),
+        _ => format!("relayed ({} / {})", label(pa), label(pb)),
     }
 }
 
@@ -248,8 +254,8 @@ fn settle(mesh: &Mesh, names: &[&str]) -> Option<Duration> {
         "direct paths",
         || {
             for (a, b) in &pairs {
-                if mesh.path(a, b)?.as_deref() != Some("direct")
-                    || mesh.path(b, a)?.as_deref() != Some("direct")
+                if mesh.path(a, b)? != Some(PeerPath::Direct)
+                    || mesh.path(b, a)? != Some(PeerPath::Direct)
                 {
                     return Ok(false);
                 }

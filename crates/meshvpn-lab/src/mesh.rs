@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::{interrupted, wait_until, Host, Lab, Nat, Node, Signal, Status};
+use meshvpn_status::{PeerPath, Status};
+
+use super::{interrupted, wait_until, Host, Lab, Nat, Node, Signal};
 
 /// How often status loops poll (one `meshvpn status` per member each time: a few ms).
 const POLL: Duration = Duration::from_millis(100);
@@ -52,45 +54,26 @@ pub struct PairReport {
     pub direct_a: Option<Duration>,
     /// Until `b` showed `a` on a direct path.
     pub direct_b: Option<Duration>,
-    /// `b`'s path as `a` shows it at the end.
-    pub path_a: String,
+    /// `b`'s path as `a` shows it at the end (`None`: `a` does not list `b`).
+    pub path_a: Option<PeerPath>,
     /// `a`'s path as `b` shows it at the end.
-    pub path_b: String,
+    pub path_b: Option<PeerPath>,
     /// `a`'s virtual IP.
     pub ip_a: Ipv4Addr,
     /// `b`'s virtual IP.
     pub ip_b: Ipv4Addr,
 }
 
-/// How a path label reads in a summary.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PathKind {
-    /// `direct`.
-    Direct,
-    /// `relay` (UDP through the relay).
-    Relay,
-    /// `relay-tcp` (through the relay over TCP).
-    RelayTcp,
-    /// Anything else (or no status).
-    Unknown,
-}
-
-impl PathKind {
-    /// Classifies a `path` field of `meshvpn status --json`.
-    pub fn of(path: &str) -> PathKind {
-        match path {
-            "direct" => PathKind::Direct,
-            "relay" => PathKind::Relay,
-            "relay-tcp" => PathKind::RelayTcp,
-            _ => PathKind::Unknown,
-        }
-    }
-}
-
 impl PairReport {
     /// Whether both sides ended on a direct path.
     pub fn is_direct(&self) -> bool {
-        self.path_a == "direct" && self.path_b == "direct"
+        self.path_a.is_some_and(PeerPath::is_direct) && self.path_b.is_some_and(PeerPath::is_direct)
+    }
+
+    /// The final paths as `(a's view of b, b's view of a)` labels, `unlisted` when missing.
+    pub fn path_labels(&self) -> (&'static str, &'static str) {
+        let label = |p: Option<PeerPath>| p.map_or("unlisted", PeerPath::as_str);
+        (label(self.path_a), label(self.path_b))
     }
 
     /// One line: names, time to first ping, time to direct, final paths.
@@ -108,8 +91,8 @@ impl PairReport {
             fmt(self.first_ping_back),
             fmt(self.direct_a),
             fmt(self.direct_b),
-            self.path_a,
-            self.path_b
+            self.path_labels().0,
+            self.path_labels().1
         )
     }
 }
@@ -202,8 +185,8 @@ impl Mesh {
     }
 
     /// `b`'s path as `a` shows it (`None` if `a` does not list `b`).
-    pub fn path(&self, a: &str, b: &str) -> Result<Option<String>> {
-        Ok(self.status(a)?.peer(b).map(|p| p.path.clone()))
+    pub fn path(&self, a: &str, b: &str) -> Result<Option<PeerPath>> {
+        Ok(self.status(a)?.peer(b).map(|p| p.path))
     }
 
     /// Waits until every member in `names` lists exactly the others; returns their statuses
@@ -288,7 +271,7 @@ impl Mesh {
         }
         let statuses = self.converge(&[a, b], ping_bound)?;
         let converged = t0.elapsed();
-        let (ip_a, ip_b) = (statuses[0].virtual_ip, statuses[1].virtual_ip);
+        let (ip_a, ip_b) = (statuses[0].virtual_ipv4()?, statuses[1].virtual_ipv4()?);
         let left = |bound: Duration| bound.saturating_sub(t0.elapsed());
         let first_ping = self
             .ping_until(a, ip_b, left(ping_bound))
@@ -303,12 +286,12 @@ impl Mesh {
             if interrupted() {
                 bail!("interrupted");
             }
-            let path_a = self.path(a, b)?.unwrap_or_default();
-            let path_b = self.path(b, a)?.unwrap_or_default();
-            if direct_a.is_none() && path_a == "direct" {
+            let path_a = self.path(a, b)?;
+            let path_b = self.path(b, a)?;
+            if direct_a.is_none() && path_a == Some(PeerPath::Direct) {
                 direct_a = Some(t0.elapsed());
             }
-            if direct_b.is_none() && path_b == "direct" {
+            if direct_b.is_none() && path_b == Some(PeerPath::Direct) {
                 direct_b = Some(t0.elapsed());
             }
             if (direct_a.is_some() && direct_b.is_some()) || t0.elapsed() >= direct_bound {

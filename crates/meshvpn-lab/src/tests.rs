@@ -384,3 +384,68 @@ fn nat_upnp_maps_ports_with_natpmp() -> Result<()> {
     }
     Ok(())
 }
+
+/// A UPnP router site with no mapping service: nothing answers NAT-PMP, a forwarded port lets
+/// unsolicited UDP from the internet in (and only that port), and code run in a namespace sees
+/// that namespace and re-raises its panics. Needs root (skips otherwise).
+#[test]
+fn silent_upnp_site_forwards_ports_and_runs_code_inside() -> Result<()> {
+    if !is_root() {
+        println!("skipping: needs root");
+        return Ok(());
+    }
+    let mut lab = Lab::new("gateway")?;
+    let peer = lab.add_public_host("peer")?;
+    let h = lab.add_upnp_host("h", PortMapService::Silent)?;
+    let router = h.router_ns.clone().context("no router")?;
+    assert_eq!(h.nat, Some(Nat::Upnp));
+    assert_eq!(h.public_addr.octets()[..2], [11, 0], "routable-looking WAN");
+    assert!(
+        !lab.udp_listening_ns(&router, gateway::NATPMP_PORT)?,
+        "no service answers NAT-PMP"
+    );
+    assert!(lab.forward_udp_port(&peer, 40_000, 40_000).is_err());
+
+    let forwarded = lab.udp_socket(&h, 40_001)?;
+    let closed = lab.udp_socket(&h, 40_002)?;
+    for s in [&forwarded, &closed] {
+        s.set_read_timeout(Some(Duration::from_millis(300)))?;
+    }
+    lab.forward_udp_port(&h, 41_001, 40_001)?;
+    let from = lab.udp_socket(&peer, 0)?;
+    let mut buf = [0u8; 16];
+    let mut got = None;
+    for _ in 0..3 {
+        from.send_to(b"in", (h.public_addr, 41_001))?;
+        if let Ok((n, src)) = forwarded.recv_from(&mut buf) {
+            got = Some((buf[..n].to_vec(), src));
+            break;
+        }
+    }
+    let (data, src) = got.context("forwarded UDP did not arrive")?;
+    assert_eq!(data, b"in");
+    assert_eq!(src.ip(), IpAddr::V4(peer.addr));
+    from.send_to(b"no", (h.public_addr, 40_002))?;
+    assert!(
+        closed.recv_from(&mut buf).is_err(),
+        "an unforwarded port let unsolicited UDP in"
+    );
+
+    let routes =
+        lab.in_namespace(&h.ns, || fs::read_to_string("/proc/thread-self/net/route"))??;
+    let gw = h.gateway.context("no gateway")?;
+    assert!(
+        routes.contains(&format!("{:08X}", u32::from_le_bytes(gw.octets()))),
+        "the host's default route via {gw}: {routes}"
+    );
+    let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        lab.in_namespace(&h.ns, || panic!("inside {}", h.name))
+    }));
+    let message = panic
+        .err()
+        .and_then(|p| p.downcast_ref::<String>().cloned())
+        .context("the panic was not re-raised")?;
+    assert_eq!(message, "inside h");
+    assert!(lab.in_namespace("not-ours", || ()).is_err());
+    Ok(())
+}

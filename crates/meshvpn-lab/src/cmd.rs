@@ -1,4 +1,5 @@
-//! Running commands for the lab: bounded, interruptible, in a namespace; signals; logs.
+//! Running commands for the lab: bounded, interruptible, in a namespace; the interrupt flag,
+//! bounded waits and signals; logs.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -6,12 +7,102 @@ use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
-use super::{interrupted, Signal, LOG_TAIL_LINES, NS_PREFIX, SETUP_TIMEOUT};
+use super::{LOG_TAIL_LINES, NS_PREFIX, SETUP_TIMEOUT};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_signal: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Installs SIGINT and SIGTERM handlers that only set the flag read by [`interrupted`].
+///
+/// After this, Ctrl-C no longer kills the process: every lab wait loop and command notices the
+/// flag and fails with "interrupted", and the lab is torn down on the way out (by `Drop`).
+pub fn install_signal_handler() {
+    // SAFETY: `on_signal` is async-signal-safe (a single atomic store), and `sigaction` is
+    // called with a fully initialised struct.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::sigemptyset(&mut action.sa_mask);
+        action.sa_flags = 0;
+        libc::sigaction(libc::SIGINT, &action, std::ptr::null_mut());
+        libc::sigaction(libc::SIGTERM, &action, std::ptr::null_mut());
+    }
+}
+
+/// Whether SIGINT/SIGTERM arrived since [`install_signal_handler`].
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Whether this process runs as root (effective UID 0), which the lab needs.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Polls `f` every `poll` until it returns `Ok(true)`, for at most `deadline`.
+///
+/// Returns the time it took. On timeout the error names `what` and, if `f` failed on its last
+/// call, that error too (errors from `f` count as "not yet"). Fails early when [`interrupted`].
+pub fn wait_until(
+    deadline: Duration,
+    poll: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Result<bool>,
+) -> Result<Duration> {
+    let start = Instant::now();
+    let mut last_err: Option<anyhow::Error>;
+    loop {
+        if interrupted() {
+            bail!("interrupted while waiting for {what}");
+        }
+        match f() {
+            Ok(true) => return Ok(start.elapsed()),
+            Ok(false) => last_err = None,
+            Err(e) => last_err = Some(e),
+        }
+        let elapsed = start.elapsed();
+        if elapsed >= deadline {
+            return Err(match last_err {
+                Some(e) => {
+                    anyhow!("timed out after {deadline:?} waiting for {what} (last error: {e:#})")
+                }
+                None => anyhow!("timed out after {deadline:?} waiting for {what}"),
+            });
+        }
+        thread::sleep(poll.min(deadline - elapsed));
+    }
+}
+
+/// A signal for [`Lab::stop`](super::Lab::stop) and [`Lab::signal`](super::Lab::signal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM: polite stop.
+    Term,
+    /// SIGINT: like Ctrl-C.
+    Int,
+    /// SIGKILL: no goodbye.
+    Kill,
+}
+
+impl Signal {
+    fn number(self) -> libc::c_int {
+        match self {
+            Signal::Term => libc::SIGTERM,
+            Signal::Int => libc::SIGINT,
+            Signal::Kill => libc::SIGKILL,
+        }
+    }
+}
 
 /// A process started by [`Lab::spawn`](super::Lab::spawn).
 pub(super) struct Proc {

@@ -1,5 +1,5 @@
 //! A network-namespace lab: a tiny "internet" on one Linux machine, for `meshvpn demo`, the
-//! end-to-end tests and the NAT benchmark.
+//! end-to-end tests, the port-mapping tests and the NAT benchmark.
 //!
 //! A [`Lab`] owns a router namespace (the *internet*, with IPv4 forwarding on) and any number of
 //! host namespaces attached to it by veth pairs:
@@ -45,14 +45,21 @@
 //! printed to stderr first; set `MESHVPN_LAB_KEEP=1` to keep the scratch directory.
 //!
 //! The rest drives the `meshvpn` binary inside the lab: a [`Node`] is one `meshvpn` instance
-//! (relay or member) with its own config and run directories, [`Status`] is the parsed form of
-//! `meshvpn status --json`, and a [`Mesh`] is a lab with a relay and some members (the building
+//! (relay or member) with its own config and run directories, [`Status`] (the product's own
+//! schema, from the `meshvpn-status` crate) is what `meshvpn status --json` parses into, and a [`Mesh`] is a lab with a relay and some members (the building
 //! block of the demo, the NAT end-to-end tests and the benchmark).
 //!
-//! Submodules: `cmd` (bounded commands, signals), `nat` (the NAT routers), `probe` (sockets in
-//! namespaces, NAT probing, ping runs), `node` ([`Node`], [`Status`]), `mesh` ([`Mesh`]).
+//! Submodules: `cmd` (bounded commands and waits, the interrupt flag, signals), `nat` (the NAT routers), `gateway`
+//! (port-mapping gateways: [`Lab::add_upnp_host`] with `miniupnpd` or no service), `probe`
+//! (sockets and code in namespaces, NAT probing, ping runs), `node` ([`Node`]), `mesh`
+//! ([`Mesh`]).
+
+// A test harness, not protocol code: it waits on real time, and reports progress and log tails.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+#![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod cmd;
+mod gateway;
 mod mesh;
 mod nat;
 mod node;
@@ -60,9 +67,11 @@ mod probe;
 #[cfg(test)]
 mod tests;
 
-pub use mesh::{Mesh, PairReport, PathKind};
+pub use gateway::PortMapService;
+pub use mesh::{Mesh, PairReport};
+pub use meshvpn_status::{self as status, NatMapping, PeerPath, PeerStatus, Status};
 pub use nat::Nat;
-pub use node::{Node, PeerStatus, Status};
+pub use node::Node;
 pub use probe::{Filtering, Mapping, NatBehavior, PingLog, PingRun};
 
 use std::ffi::OsStr;
@@ -72,12 +81,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+
+pub use cmd::{install_signal_handler, interrupted, is_root, wait_until, Signal};
 
 use cmd::{
     dump_log_tail, netns_command, output_bounded, output_timeout, remove_stale_namespaces,
@@ -98,95 +109,6 @@ const TEARDOWN_GRACE: Duration = Duration::from_secs(3);
 pub(crate) const LOG_TAIL_LINES: usize = 40;
 
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_signal: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// Installs SIGINT and SIGTERM handlers that only set the flag read by [`interrupted`].
-///
-/// After this, Ctrl-C no longer kills the process: every lab wait loop and command notices the
-/// flag and fails with "interrupted", and the lab is torn down on the way out (by `Drop`).
-pub fn install_signal_handler() {
-    // SAFETY: `on_signal` is async-signal-safe (a single atomic store), and `sigaction` is
-    // called with a fully initialised struct.
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        libc::sigemptyset(&mut action.sa_mask);
-        action.sa_flags = 0;
-        libc::sigaction(libc::SIGINT, &action, std::ptr::null_mut());
-        libc::sigaction(libc::SIGTERM, &action, std::ptr::null_mut());
-    }
-}
-
-/// Whether SIGINT/SIGTERM arrived since [`install_signal_handler`].
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
-}
-
-/// Whether this process runs as root (effective UID 0), which the lab needs.
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Polls `f` every `poll` until it returns `Ok(true)`, for at most `deadline`.
-///
-/// Returns the time it took. On timeout the error names `what` and, if `f` failed on its last
-/// call, that error too (errors from `f` count as "not yet"). Fails early when [`interrupted`].
-pub fn wait_until(
-    deadline: Duration,
-    poll: Duration,
-    what: &str,
-    mut f: impl FnMut() -> Result<bool>,
-) -> Result<Duration> {
-    let start = Instant::now();
-    let mut last_err: Option<anyhow::Error>;
-    loop {
-        if interrupted() {
-            bail!("interrupted while waiting for {what}");
-        }
-        match f() {
-            Ok(true) => return Ok(start.elapsed()),
-            Ok(false) => last_err = None,
-            Err(e) => last_err = Some(e),
-        }
-        let elapsed = start.elapsed();
-        if elapsed >= deadline {
-            return Err(match last_err {
-                Some(e) => {
-                    anyhow!("timed out after {deadline:?} waiting for {what} (last error: {e:#})")
-                }
-                None => anyhow!("timed out after {deadline:?} waiting for {what}"),
-            });
-        }
-        thread::sleep(poll.min(deadline - elapsed));
-    }
-}
-
-/// A signal for [`Lab::stop`] and [`Lab::signal`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Signal {
-    /// SIGTERM: polite stop.
-    Term,
-    /// SIGINT: like Ctrl-C.
-    Int,
-    /// SIGKILL: no goodbye.
-    Kill,
-}
-
-impl Signal {
-    fn number(self) -> libc::c_int {
-        match self {
-            Signal::Term => libc::SIGTERM,
-            Signal::Int => libc::SIGINT,
-            Signal::Kill => libc::SIGKILL,
-        }
-    }
-}
-
 /// A host namespace in a [`Lab`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Host {

@@ -1,15 +1,15 @@
 //! Build-time documentation generated from the command-line definition: man pages and shell
 //! completions.
 //!
-//! Everything here is derived from [`crate::cli::Cli`] through [`clap::CommandFactory`], so
-//! the man pages and completions cannot drift from the real arguments. The Debian package build
-//! (`packaging/build-deb.sh`) runs the hidden `meshvpn generate --out DIR` subcommand, which
-//! calls [`write_all`], and then packs the files it wrote.
+//! Everything here is derived from the `clap::Command` the caller passes in (the CLI passes
+//! [`super::Cli`]'s, through [`clap::CommandFactory`]), so the man pages and completions cannot
+//! drift from the real arguments, and this module needs nothing from the CLI that calls it. The
+//! Debian package build (`packaging/build-deb.sh`) runs the hidden `meshvpn generate --out DIR`
+//! subcommand, which calls [`write_all`], and then packs the files it wrote.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use clap::CommandFactory as _;
 use clap_complete::Shell;
 
 /// The name the binary is installed under; completions are registered for this command.
@@ -22,7 +22,8 @@ const SHELLS: [(Shell, &str); 3] = [
     (Shell::Fish, "meshvpn.fish"),
 ];
 
-/// Writes the man pages and shell completions for `meshvpn` into `out`, creating it if needed.
+/// Writes the man pages and shell completions for `cmd` (the `meshvpn` command line) into
+/// `out`, creating it if needed.
 ///
 /// Files written:
 /// - `meshvpn.1`, the main page, and one page per visible subcommand (`meshvpn-join.1`,
@@ -30,16 +31,16 @@ const SHELLS: [(Shell, &str); 3] = [
 /// - `meshvpn.bash` (bash-completion), `_meshvpn` (zsh) and `meshvpn.fish` (fish).
 ///
 /// Existing files of the same names are overwritten.
-pub fn write_all(out: &Path) -> anyhow::Result<()> {
+pub fn write_all(cmd: clap::Command, out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating output directory {}", out.display()))?;
 
-    clap_mangen::generate_to(crate::cli::Cli::command(), out)
+    clap_mangen::generate_to(cmd.clone(), out)
         .with_context(|| format!("writing man pages into {}", out.display()))?;
 
     for (shell, file_name) in SHELLS {
-        let mut cmd = without_hidden_subcommands(crate::cli::Cli::command());
-        let written: PathBuf = clap_complete::generate_to(shell, &mut cmd, BIN_NAME, out)
+        let mut visible = without_hidden_subcommands(cmd.clone());
+        let written: PathBuf = clap_complete::generate_to(shell, &mut visible, BIN_NAME, out)
             .with_context(|| format!("writing {shell} completions into {}", out.display()))?;
         let wanted = out.join(file_name);
         if written != wanted {
@@ -83,7 +84,10 @@ fn without_hidden_subcommands(cmd: clap::Command) -> clap::Command {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use clap::CommandFactory as _;
+
     use super::*;
+    use crate::cli::Cli;
 
     #[test]
     fn writes_man_pages_and_completions() {
@@ -95,7 +99,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         // A nested path: write_all creates every missing level.
         let out = dir.join("assets");
-        write_all(&out).unwrap();
+        write_all(Cli::command(), &out).unwrap();
 
         for name in [
             "meshvpn.1",
@@ -148,7 +152,7 @@ mod tests {
         }
 
         // Running it again over existing files succeeds (the packaging script may rerun).
-        write_all(&out).unwrap();
+        write_all(Cli::command(), &out).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -159,7 +163,7 @@ mod tests {
     fn completions_leave_out_hidden_subcommands() {
         // The reference: the real command line with every subcommand visible (once `generate`
         // is wired in, it is hidden; unhide it so the reference has nothing to drop).
-        let mut reference = crate::cli::Cli::command();
+        let mut reference = Cli::command();
         let hidden: Vec<String> = reference
             .get_subcommands()
             .filter(|s| s.is_hide_set())

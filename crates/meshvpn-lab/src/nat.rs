@@ -10,11 +10,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use super::cmd::run_checked;
+use super::gateway::PortMapService;
 use super::probe::{Filtering, Mapping};
-use super::{wait_until, Host, Lab, SETUP_TIMEOUT};
+use super::{Host, Lab, SETUP_TIMEOUT};
 
-/// UDP port miniupnpd answers NAT-PMP and PCP on (on the router's LAN address).
-pub(crate) const NATPMP_PORT: u16 = 5351;
 /// How long a full-cone router keeps an inbound mapping after the last outbound packet.
 const FULL_CONE_TIMEOUT_S: u32 = 120;
 
@@ -129,11 +128,13 @@ struct RouterRules {
 }
 
 /// The nftables table every lab router uses (miniupnpd is told to use it too).
-const TABLE: &str = "lab";
+pub(crate) const TABLE: &str = "lab";
 /// The chains miniupnpd fills (names given in its config).
-const UPNP_FORWARD: &str = "miniupnpd";
-const UPNP_PREROUTING: &str = "prerouting_miniupnpd";
-const UPNP_POSTROUTING: &str = "postrouting_miniupnpd";
+pub(crate) const UPNP_FORWARD: &str = "miniupnpd";
+/// The chain miniupnpd puts its DNAT rules in (jumped to from prerouting).
+pub(crate) const UPNP_PREROUTING: &str = "prerouting_miniupnpd";
+/// The chain miniupnpd puts its source rewriting in (jumped to from postrouting).
+pub(crate) const UPNP_POSTROUTING: &str = "postrouting_miniupnpd";
 
 impl RouterRules {
     fn render(&self) -> String {
@@ -213,8 +214,20 @@ impl Lab {
     /// `<prefix>-c<name>`), which translates according to `nat`.
     ///
     /// For [`Nat::Upnp`] this also starts `miniupnpd` in the router (logged to
-    /// `<lab dir>/miniupnpd-<name>.log`) and waits until it answers on its NAT-PMP port.
+    /// `<lab dir>/miniupnpd-<name>.log`) and waits until it answers on its NAT-PMP port; see
+    /// [`Lab::add_upnp_host`] for such a router with another port-mapping service or none.
     pub fn add_natted_host(&mut self, name: &str, nat: Nat) -> Result<Host> {
+        self.add_site(name, nat, PortMapService::Miniupnpd { igd: true })
+    }
+
+    /// [`Lab::add_natted_host`], with `service` answering port-mapping requests when `nat` is
+    /// [`Nat::Upnp`] (ignored otherwise).
+    pub(crate) fn add_site(
+        &mut self,
+        name: &str,
+        nat: Nat,
+        service: PortMapService,
+    ) -> Result<Host> {
         self.check_new_name(name)?;
         let site = self.next_site;
         if site > 254 {
@@ -288,8 +301,15 @@ impl Lab {
             gateway: Some(lan_router),
             addr6: None,
         };
-        if nat == Nat::Upnp {
-            self.start_miniupnpd(&host, site8)?;
+        match (nat, service) {
+            (Nat::Upnp, PortMapService::Miniupnpd { igd }) => {
+                self.start_miniupnpd(&host, site8, igd)?;
+            }
+            (Nat::Upnp, PortMapService::Silent)
+            | (
+                Nat::HomeRouter | Nat::Symmetric | Nat::FullCone | Nat::UdpBlocked | Nat::Cgnat,
+                _,
+            ) => {}
         }
         self.hosts.push(host.clone());
         Ok(host)
@@ -368,76 +388,6 @@ impl Lab {
             SETUP_TIMEOUT,
         )
         .context("loading NAT rules (is nftables installed?)")?;
-        Ok(())
-    }
-
-    /// Starts miniupnpd in `host`'s router with NAT-PMP/PCP and UPnP IGD on the LAN side,
-    /// filling the chains [`RouterRules`] made, and waits until its NAT-PMP port is bound.
-    fn start_miniupnpd(&self, host: &Host, site: u8) -> Result<()> {
-        let router = host
-            .router_ns
-            .as_deref()
-            .context("lab: miniupnpd needs a router")?;
-        // A stable UUID per lab site (the daemon insists on one).
-        let uuid = format!(
-            "6d657368-7670-4e6c-6162-{:08x}{:04x}",
-            std::process::id(),
-            u16::from(site)
-        );
-        let conf = format!(
-            "ext_ifname=wan\n\
-             listening_ip=lan\n\
-             ipv6_disable=yes\n\
-             enable_natpmp=yes\n\
-             enable_upnp=yes\n\
-             http_port=0\n\
-             secure_mode=yes\n\
-             system_uptime=yes\n\
-             notify_interval=60\n\
-             clean_ruleset_interval=600\n\
-             min_lifetime=60\n\
-             max_lifetime=86400\n\
-             upnp_table_name={TABLE}\n\
-             upnp_nat_table_name={TABLE}\n\
-             upnp_forward_chain={UPNP_FORWARD}\n\
-             upnp_nat_chain={UPNP_PREROUTING}\n\
-             upnp_nat_postrouting_chain={UPNP_POSTROUTING}\n\
-             uuid={uuid}\n\
-             allow 1024-65535 192.168.{site}.0/24 1024-65535\n\
-             deny 0-65535 0.0.0.0/0 0-65535\n"
-        );
-        let conf_path = self.dir.join(format!("miniupnpd-{}.conf", host.name));
-        fs::write(&conf_path, conf).with_context(|| format!("writing {}", conf_path.display()))?;
-        let pid_path = self.dir.join(format!("miniupnpd-{}.pid", host.name));
-        let log = self.dir.join(format!("miniupnpd-{}.log", host.name));
-        let conf_arg = conf_path.to_string_lossy().into_owned();
-        let pid_arg = pid_path.to_string_lossy().into_owned();
-        let pid = self
-            .spawn_in_ns(
-                router,
-                &format!("r{}", host.name),
-                "miniupnpd".as_ref(),
-                &["-f", &conf_arg, "-d", "-P", &pid_arg],
-                &log,
-            )
-            .context(
-                "starting miniupnpd (is Debian's miniupnpd + miniupnpd-nftables installed?)",
-            )?;
-        wait_until(
-            Duration::from_secs(10),
-            Duration::from_millis(50),
-            "miniupnpd to listen for NAT-PMP",
-            || {
-                if !self.is_running(pid) {
-                    bail!(
-                        "miniupnpd exited ({:?}); see {}",
-                        self.exit_status(pid),
-                        log.display()
-                    );
-                }
-                self.udp_listening_ns(router, NATPMP_PORT)
-            },
-        )?;
         Ok(())
     }
 }

@@ -1,0 +1,487 @@
+//! What `meshvpn status` shows: a serialisable snapshot of one agent, and its table rendering.
+//!
+//! This is the schema of `meshvpn status --json`. It lives in its own crate, depending on serde
+//! only, so that the agent that writes it and the namespace lab that reads it share one
+//! definition without the lab depending on the whole product (`meshvpn` re-exports it as
+//! `meshvpn::status`). Fields with a fixed set of values ([`PeerPath`], [`NatMapping`]) are
+//! enums serialised to the exact strings the JSON has always carried.
+
+use std::fmt::{self, Write as _};
+use std::net::{AddrParseError, Ipv4Addr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+/// A snapshot of one member's view of its network.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    /// Network name.
+    pub network: String,
+    /// This member's node name.
+    pub name: String,
+    /// This member's virtual IPv4 address.
+    pub virtual_ip: String,
+    /// This member's public key (base64).
+    pub public_key: String,
+    /// The relay this member registered with.
+    pub relay: RelayStatus,
+    /// Addresses this member announces (host addresses with its UDP port).
+    pub endpoints: Vec<String>,
+    /// This member's NAT as it classified it.
+    pub nat: NatStatus,
+    /// Set when another member holds this member's virtual IP (this member gets no traffic).
+    pub ip_conflict: Option<String>,
+    /// Every other member.
+    pub peers: Vec<PeerStatus>,
+    /// Datagrams and packets dropped, by reason.
+    pub dropped: DropCounters,
+}
+
+/// The relay as this member sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RelayStatus {
+    /// `ip:port` of the relay.
+    pub address: String,
+    /// The relay's public key (base64), as given by the token.
+    pub public_key: String,
+    /// Whether the relay acknowledged a registration recently.
+    pub registered: bool,
+    /// This member's address as the relay sees it (server-reflexive), if known.
+    pub observed: Option<String>,
+}
+
+/// This member's NAT verdict.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NatStatus {
+    /// Mapping behaviour, as the member classified it.
+    pub mapping: NatMapping,
+    /// One line: the mapping behaviour and the port mapping, if any.
+    pub summary: String,
+    /// This member's address as STUN (or the relay) sees it.
+    pub reflexive: Option<String>,
+    /// A gateway port mapping ("UPnP 203.0.113.2:41641"), if one is held.
+    pub port_mapping: Option<String>,
+    /// Whether UDP to the relay is blocked and the relay is reached over TCP.
+    pub udp_blocked: bool,
+}
+
+/// One peer as this member sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerStatus {
+    /// The peer's node name.
+    pub name: String,
+    /// The peer's public key (base64).
+    pub public_key: String,
+    /// The peer's virtual IPv4 address.
+    pub virtual_ip: String,
+    /// The path packets to this peer take.
+    pub path: PeerPath,
+    /// The underlay `ip:port` packets to this peer go to (the relay's when relayed).
+    pub endpoint: Option<String>,
+    /// Round-trip time on the current path, in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Seconds since the last completed WireGuard handshake.
+    pub last_handshake_age_s: Option<u64>,
+    /// Bytes of decrypted packets received from this peer.
+    pub rx_bytes: u64,
+    /// Bytes of packets sent to this peer (before encryption).
+    pub tx_bytes: u64,
+    /// Set when this peer claims an address another member owns (it gets no route).
+    pub ip_conflict: bool,
+    /// Why the path is relayed (absent when direct).
+    pub relay_reason: Option<String>,
+}
+
+/// The path packets to a peer take, serialised as `"direct"`, `"relay"` or `"relay-tcp"`.
+///
+/// A new relay transport (a TLS stream, say) is one more variant with its own name here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerPath {
+    /// Straight to the peer's confirmed UDP address.
+    #[serde(rename = "direct")]
+    Direct,
+    /// Through the relay, over UDP.
+    #[serde(rename = "relay")]
+    Relay,
+    /// Through the relay, over its TCP stream (UDP to the relay is blocked).
+    #[serde(rename = "relay-tcp")]
+    RelayTcp,
+}
+
+impl PeerPath {
+    /// Every path, in a fixed order.
+    pub const ALL: [PeerPath; 3] = [PeerPath::Direct, PeerPath::Relay, PeerPath::RelayTcp];
+
+    /// The name the JSON and the tables use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerPath::Direct => "direct",
+            PeerPath::Relay => "relay",
+            PeerPath::RelayTcp => "relay-tcp",
+        }
+    }
+
+    /// Whether packets go straight to the peer.
+    pub fn is_direct(self) -> bool {
+        self == PeerPath::Direct
+    }
+}
+
+impl fmt::Display for PeerPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// How this member's NAT maps its UDP port, serialised as the phrase `status` has always shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NatMapping {
+    /// Not classified yet (or STUN got no answer).
+    #[serde(rename = "unknown")]
+    Unknown,
+    /// The member's address is public.
+    #[serde(rename = "no NAT (public address)")]
+    Public,
+    /// Every destination sees the same public address and port.
+    #[serde(rename = "endpoint-independent mapping")]
+    EndpointIndependent,
+    /// Every destination sees another port ("symmetric" NAT).
+    #[serde(rename = "symmetric (endpoint-dependent mapping)")]
+    EndpointDependent,
+    /// UDP to the relay gets no answer; the member is attached over TCP.
+    #[serde(rename = "UDP blocked (relay over TCP)")]
+    UdpBlocked,
+}
+
+impl NatMapping {
+    /// Every verdict, in a fixed order.
+    pub const ALL: [NatMapping; 5] = [
+        NatMapping::Unknown,
+        NatMapping::Public,
+        NatMapping::EndpointIndependent,
+        NatMapping::EndpointDependent,
+        NatMapping::UdpBlocked,
+    ];
+
+    /// The phrase the JSON and `netcheck` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NatMapping::Unknown => "unknown",
+            NatMapping::Public => "no NAT (public address)",
+            NatMapping::EndpointIndependent => "endpoint-independent mapping",
+            NatMapping::EndpointDependent => "symmetric (endpoint-dependent mapping)",
+            NatMapping::UdpBlocked => "UDP blocked (relay over TCP)",
+        }
+    }
+}
+
+impl fmt::Display for NatMapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// Drop counters by reason.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DropCounters {
+    /// Datagrams that were none of WireGuard, STUN or meshvpn frames, or failed to parse.
+    pub malformed: u64,
+    /// Control messages that failed authentication.
+    pub unauthenticated: u64,
+    /// WireGuard packets that did not decrypt or were not for a known peer.
+    pub wireguard: u64,
+    /// Decrypted packets whose inner source was not the sending peer's virtual IP.
+    pub spoofed_source: u64,
+    /// Packets from the TUN for an address no member owns.
+    pub no_route: u64,
+}
+
+/// The address part of `10.1.2.3` or `10.1.2.3/16`.
+fn parse_ipv4(text: &str) -> Result<Ipv4Addr, AddrParseError> {
+    text.split('/').next().unwrap_or(text).parse()
+}
+
+impl PeerStatus {
+    /// The peer's virtual IPv4 address, parsed.
+    pub fn virtual_ipv4(&self) -> Result<Ipv4Addr, AddrParseError> {
+        parse_ipv4(&self.virtual_ip)
+    }
+
+    /// The endpoint as a socket address (`ip:port` or `[ipv6]:port`), if known and parseable.
+    pub fn endpoint_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.as_deref()?.parse().ok()
+    }
+
+    /// Whether the endpoint is an IPv6 socket address (not an IPv4-mapped one).
+    pub fn endpoint_is_ipv6(&self) -> bool {
+        match self.endpoint_addr() {
+            Some(SocketAddr::V6(a)) => a.ip().to_ipv4_mapped().is_none(),
+            Some(SocketAddr::V4(_)) | None => false,
+        }
+    }
+}
+
+impl Status {
+    /// This member's virtual IPv4 address, parsed.
+    pub fn virtual_ipv4(&self) -> Result<Ipv4Addr, AddrParseError> {
+        parse_ipv4(&self.virtual_ip)
+    }
+
+    /// The peer called `name`, if listed.
+    pub fn peer(&self, name: &str) -> Option<&PeerStatus> {
+        self.peers.iter().find(|p| p.name == name)
+    }
+
+    /// The peer with virtual IP `ip`, if listed.
+    pub fn peer_by_ip(&self, ip: Ipv4Addr) -> Option<&PeerStatus> {
+        self.peers.iter().find(|p| p.virtual_ipv4() == Ok(ip))
+    }
+
+    /// The peers' names, sorted.
+    pub fn peer_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.peers.iter().map(|p| p.name.clone()).collect();
+        v.sort();
+        v
+    }
+
+    /// Renders the status as a human-readable table.
+    pub fn to_table(&self) -> String {
+        let mut out = String::new();
+        let relay_state = if self.relay.registered {
+            "registered"
+        } else {
+            "not registered (retrying)"
+        };
+        let _ = writeln!(
+            out,
+            "network {}  member {}  {}",
+            self.network, self.name, self.virtual_ip
+        );
+        let _ = writeln!(out, "public key {}", self.public_key);
+        let _ = writeln!(
+            out,
+            "relay {} {}{}",
+            self.relay.address,
+            relay_state,
+            self.relay
+                .observed
+                .as_ref()
+                .map(|o| format!(", sees us as {o}"))
+                .unwrap_or_default()
+        );
+        let _ = writeln!(out, "nat {}", self.nat.summary);
+        if let Some(c) = &self.ip_conflict {
+            let _ = writeln!(out, "WARNING: {c}");
+        }
+        if self.peers.is_empty() {
+            let _ = writeln!(out, "no peers yet");
+            return out;
+        }
+        let rows: Vec<[String; 8]> = self
+            .peers
+            .iter()
+            .map(|p| {
+                [
+                    p.name.clone(),
+                    p.virtual_ip.clone(),
+                    if p.ip_conflict {
+                        format!("{} (ip conflict)", p.path)
+                    } else {
+                        p.path.to_string()
+                    },
+                    p.endpoint.clone().unwrap_or_else(|| "-".into()),
+                    p.rtt_ms
+                        .map(|r| format!("{r:.1} ms"))
+                        .unwrap_or_else(|| "-".into()),
+                    p.last_handshake_age_s
+                        .map(|s| format!("{s} s ago"))
+                        .unwrap_or_else(|| "never".into()),
+                    human_bytes(p.rx_bytes),
+                    human_bytes(p.tx_bytes),
+                ]
+            })
+            .collect();
+        let header = [
+            "PEER",
+            "VIRTUAL IP",
+            "PATH",
+            "ENDPOINT",
+            "RTT",
+            "HANDSHAKE",
+            "RX",
+            "TX",
+        ];
+        let mut widths = header.map(str::len);
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.len());
+            }
+        }
+        let line = |cells: Vec<&str>| {
+            let mut l = String::new();
+            for (i, c) in cells.iter().enumerate() {
+                let _ = write!(l, "{:<w$}  ", c, w = widths[i]);
+            }
+            l.trim_end().to_string()
+        };
+        let _ = writeln!(out, "{}", line(header.to_vec()));
+        for row in &rows {
+            let _ = writeln!(out, "{}", line(row.iter().map(String::as_str).collect()));
+        }
+        out
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_path_round_trips_through_todays_json_values() {
+        let names: Vec<String> = PeerPath::ALL
+            .iter()
+            .map(|p| serde_json::to_string(p).expect("a unit variant serialises"))
+            .collect();
+        assert_eq!(names, [r#""direct""#, r#""relay""#, r#""relay-tcp""#]);
+        for path in PeerPath::ALL {
+            let json = serde_json::to_string(&path).expect("a unit variant serialises");
+            assert_eq!(json, format!("\"{}\"", path.as_str()));
+            assert_eq!(format!("{path}"), path.as_str());
+            let back: PeerPath = serde_json::from_str(&json).expect("its own name parses");
+            assert_eq!(back, path);
+        }
+        assert!(serde_json::from_str::<PeerPath>(r#""relayed""#).is_err());
+        assert_eq!(format!("{:<9}|", PeerPath::Relay), "relay    |");
+    }
+
+    #[test]
+    fn nat_mapping_round_trips_through_todays_json_values() {
+        let names: Vec<String> = NatMapping::ALL
+            .iter()
+            .map(|m| serde_json::to_string(m).expect("a unit variant serialises"))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                r#""unknown""#,
+                r#""no NAT (public address)""#,
+                r#""endpoint-independent mapping""#,
+                r#""symmetric (endpoint-dependent mapping)""#,
+                r#""UDP blocked (relay over TCP)""#,
+            ]
+        );
+        for mapping in NatMapping::ALL {
+            let json = serde_json::to_string(&mapping).expect("a unit variant serialises");
+            assert_eq!(json, format!("\"{}\"", mapping.as_str()));
+            let back: NatMapping = serde_json::from_str(&json).expect("its own phrase parses");
+            assert_eq!(back, mapping);
+        }
+        assert!(serde_json::from_str::<NatMapping>(r#""symmetric""#).is_err());
+    }
+
+    fn sample() -> Status {
+        Status {
+            network: "demo".into(),
+            name: "alice".into(),
+            virtual_ip: "10.1.2.3".into(),
+            public_key: "a".into(),
+            relay: RelayStatus {
+                address: "198.51.100.1:3478".into(),
+                public_key: "r".into(),
+                registered: true,
+                observed: Some("203.0.113.5:4000".into()),
+            },
+            endpoints: vec!["192.168.1.2:41641".into()],
+            nat: NatStatus {
+                mapping: NatMapping::EndpointDependent,
+                summary: "symmetric (endpoint-dependent mapping)".into(),
+                reflexive: Some("203.0.113.5:4000".into()),
+                port_mapping: None,
+                udp_blocked: false,
+            },
+            ip_conflict: None,
+            peers: vec![
+                PeerStatus {
+                    name: "carol".into(),
+                    public_key: "c".into(),
+                    virtual_ip: "10.1.2.5/16".into(),
+                    path: PeerPath::RelayTcp,
+                    endpoint: None,
+                    rtt_ms: None,
+                    last_handshake_age_s: None,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                    ip_conflict: false,
+                    relay_reason: Some("UDP to the relay is blocked".into()),
+                },
+                PeerStatus {
+                    name: "bob".into(),
+                    public_key: "b".into(),
+                    virtual_ip: "10.1.2.4".into(),
+                    path: PeerPath::Direct,
+                    endpoint: Some("198.51.100.6:4000".into()),
+                    rtt_ms: Some(0.5),
+                    last_handshake_age_s: Some(3),
+                    rx_bytes: 10,
+                    tx_bytes: 2048,
+                    ip_conflict: false,
+                    relay_reason: None,
+                },
+            ],
+            dropped: DropCounters::default(),
+        }
+    }
+
+    #[test]
+    fn status_json_keeps_its_field_values_and_round_trips() {
+        let s = sample();
+        let json = serde_json::to_value(&s).expect("a status serialises");
+        assert_eq!(json["peers"][0]["path"], "relay-tcp");
+        assert_eq!(json["peers"][1]["path"], "direct");
+        assert_eq!(
+            json["nat"]["mapping"],
+            "symmetric (endpoint-dependent mapping)"
+        );
+        let back: Status = serde_json::from_value(json).expect("its own JSON parses");
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn lookups_and_addresses() {
+        let s = sample();
+        assert_eq!(s.virtual_ipv4(), Ok(Ipv4Addr::new(10, 1, 2, 3)));
+        assert_eq!(s.peer_names(), ["bob", "carol"]);
+        let carol = s.peer("carol").expect("carol is listed");
+        assert_eq!(carol.virtual_ipv4(), Ok(Ipv4Addr::new(10, 1, 2, 5)));
+        assert!(!carol.endpoint_is_ipv6());
+        assert_eq!(
+            s.peer_by_ip(Ipv4Addr::new(10, 1, 2, 4)).map(|p| p.rtt_ms),
+            Some(Some(0.5))
+        );
+        assert!(s.peer("mallory").is_none());
+        let mut bob = s.peer("bob").expect("bob is listed").clone();
+        assert_eq!(bob.endpoint_addr(), "198.51.100.6:4000".parse().ok());
+        assert!(!bob.endpoint_is_ipv6());
+        bob.endpoint = Some("[fd6d:3::2]:41641".into());
+        assert!(bob.endpoint_is_ipv6());
+        bob.endpoint = Some("[::ffff:198.51.100.6]:41641".into());
+        assert!(!bob.endpoint_is_ipv6(), "an IPv4-mapped address is IPv4");
+        let table = s.to_table();
+        assert!(table.contains("relay-tcp"), "{table}");
+        assert!(table.contains("2.0 KiB"), "{table}");
+    }
+}

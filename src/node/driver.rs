@@ -1,0 +1,102 @@
+//! One driver path: the stepping code every driver of a [`Node`] uses — the tokio agent and
+//! the deterministic simulator alike — so the two cannot drift apart.
+//!
+//! # Job
+//! [`Step::poll`] drains a node's outputs one at a time into borrowed slices of one reusable
+//! buffer (no allocation per packet): datagrams with their transport, TUN packets, events, and
+//! the commands to open or close the stream to a relay, which [`Step`] derives from
+//! [`Node::wants_stream`] by remembering what it last told the driver.
+//!
+//! # Driving contract
+//! After every input to the node the driver calls [`Step::poll`] until it returns `None` and
+//! executes each [`Output`]: send the datagram, write the packet, log the event, open or close
+//! the stream. It reports the stream's fate back with [`Node::handle_relay_stream_up`],
+//! [`Node::handle_relay_stream_down`] and feeds what the stream carries to
+//! [`Node::handle_relay_stream`]. Then it sleeps until [`Node::poll_timeout`] or the next input.
+
+use std::net::SocketAddr;
+
+use super::{Event, Node, Transport};
+
+/// The one relay the node uses today (several relays will be several stream slots).
+const RELAYS: usize = 1;
+
+/// One thing the driver must do.
+#[derive(Debug, PartialEq)]
+pub enum Output<'a> {
+    /// Send `bytes` from UDP socket `socket` (0 is the main socket) to `dst`.
+    Udp {
+        /// Which socket.
+        socket: u16,
+        /// Where to.
+        dst: SocketAddr,
+        /// The datagram.
+        bytes: &'a [u8],
+    },
+    /// Write one datagram to the stream of relay `relay` (the driver frames it).
+    Stream {
+        /// Which relay.
+        relay: usize,
+        /// The datagram.
+        bytes: &'a [u8],
+    },
+    /// Write one IP packet to the TUN device.
+    Tun(&'a [u8]),
+    /// Something happened worth logging or answering.
+    Event(Event),
+    /// Open a stream (TCP) to relay `relay` and report the outcome to the node.
+    OpenStream {
+        /// Which relay.
+        relay: usize,
+    },
+    /// Close the stream to relay `relay` (or abandon connecting it).
+    CloseStream {
+        /// Which relay.
+        relay: usize,
+    },
+}
+
+/// A driver's stepping state: the reusable buffer and which streams it was told to hold.
+#[derive(Debug, Default)]
+pub struct Step {
+    buf: Vec<u8>,
+    streams: [bool; RELAYS],
+}
+
+impl Step {
+    /// Fresh state: no stream, an empty buffer that grows to the largest datagram once.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The next output of `node`, borrowing this step's buffer; `None` when all is drained.
+    pub fn poll<'a>(&'a mut self, node: &mut Node) -> Option<Output<'a>> {
+        for relay in 0..RELAYS {
+            let wanted = node.wants_stream(relay);
+            if wanted != self.streams[relay] {
+                self.streams[relay] = wanted;
+                return Some(if wanted {
+                    Output::OpenStream { relay }
+                } else {
+                    Output::CloseStream { relay }
+                });
+            }
+        }
+        if let Some(t) = node.poll_transmit(&mut self.buf) {
+            let bytes = &self.buf[..t.len];
+            return Some(match t.transport {
+                Transport::Udp { socket, dst } => Output::Udp { socket, dst, bytes },
+                Transport::Stream { relay } => Output::Stream { relay, bytes },
+            });
+        }
+        if let Some(n) = node.poll_tun(&mut self.buf) {
+            return Some(Output::Tun(&self.buf[..n]));
+        }
+        node.poll_event().map(Output::Event)
+    }
+
+    /// Whether the driver was told to hold the stream to `relay` open.
+    pub fn stream_wanted(&self, relay: usize) -> bool {
+        self.streams.get(relay).copied().unwrap_or(false)
+    }
+}

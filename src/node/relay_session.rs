@@ -1,0 +1,633 @@
+//! The relay session: this member's standing with one relay, and how it reaches that relay.
+//!
+//! # Job
+//! One instance per relay (several relays are several instances). It owns the relay's
+//! address and key, the session key that seals requests to it, registration with backoff,
+//! acknowledgement timeouts, loss of the relay, sync retries and the collection of sync
+//! snapshots, and the choice of transport: UDP on the main socket, or the driver's byte stream
+//! (TCP) to the relay when UDP is blocked.
+//!
+//! # Registration
+//! A registration goes out every [`REGISTER_INTERVAL`]; one not acknowledged within
+//! [`ACK_TIMEOUT`] makes the relay *unanswered* and retries with backoff from
+//! [`REGISTER_RETRY_MIN`] to [`REGISTER_RETRY_MAX`]; with no acknowledgement for
+//! [`RELAY_LOST_AFTER`] the registration counts as lost. Relayed traffic sent, or a direct path
+//! missing a pong, while nothing has come from the relay for [`SILENCE_CHECK_AFTER`] brings the
+//! next registration forward, so a relay (or UDP path) that went silent mid-session is noticed
+//! within seconds rather than at the next refresh.
+//!
+//! # UDP or stream
+//! ```text
+//!            quiet for UDP_FALLBACK_AFTER           driver: stream up
+//!   Udp ─────────────────────────────────▶ Connecting ───────────────────▶ Stream
+//!    ▲  (nothing heard from the relay)         │ driver: stream down         │
+//!    │◀────────────────────────────────────────┘ (retry with backoff)        │ STUN answer
+//!    │                                                                       ▼ over UDP
+//!    └──────── registration acknowledged over UDP (or stream down) ───── Leaving
+//! ```
+//! `Leaving` sends over UDP but keeps the stream open until the relay acknowledges a
+//! registration over UDP (make before break); an unanswered one returns to `Stream`.
+//! The relay is *quiet* while it does not acknowledge registrations; the session moves to the
+//! stream once it has been quiet, heard nothing from the relay and had no STUN answer over UDP
+//! for [`UDP_FALLBACK_AFTER`] (so a relay that was heard long ago is left as soon as a
+//! registration goes unanswered).
+//! While on the stream the node keeps sending STUN over UDP; a STUN answer from the relay's
+//! address proves UDP works both ways and the session goes back to UDP (direct paths need UDP
+//! anyway). Only STUN answers count, since relayed traffic may still trickle in through an old
+//! NAT mapping.
+//!
+//! # Driving contract
+//! The node calls `RelaySession::handle_timeout` at `RelaySession::poll_timeout` and acts on
+//! the returned `Due` (it builds the requests, which need the node's announcement), records
+//! what it sent with `RelaySession::note_register_sent` / `RelaySession::note_sync_sent`,
+//! feeds acknowledgements (`RelaySession::handle_ack`), UDP STUN answers
+//! (`RelaySession::handle_udp_stun`) and the driver's stream reports
+//! (`RelaySession::handle_stream_up` / `RelaySession::handle_stream_down`), and asks
+//! `RelaySession::transport` how relay-bound datagrams travel.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::outbox::Transport;
+use super::RelayTarget;
+use crate::keys::{NetworkSigningKey, PeerKey};
+use crate::wire::admission::{AdmissionClient, Cookie, ECHO_LEN};
+use crate::wire::{MemberEntry, RelayRequest, SyncTag};
+
+/// Re-registration interval; a third of the relay's member TTL (30 s), so two lost refreshes
+/// never drop a live member.
+pub const REGISTER_INTERVAL: Duration = Duration::from_secs(10);
+/// First retry delay while the relay does not answer; doubles up to [`REGISTER_RETRY_MAX`].
+pub const REGISTER_RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest retry delay while the relay does not answer.
+pub const REGISTER_RETRY_MAX: Duration = Duration::from_secs(8);
+/// Without an acknowledgement for this long the relay counts as unreachable (two refreshes
+/// and a half lost).
+pub const RELAY_LOST_AFTER: Duration = Duration::from_secs(25);
+/// A registration not acknowledged within this time counts as unanswered (relay RTTs are far
+/// below it).
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+/// A sync request with no complete answer is repeated after this long.
+pub const SYNC_RETRY: Duration = Duration::from_secs(3);
+/// Relayed traffic sent while nothing has come from the relay for this long brings the next
+/// registration forward: a busy relayed path hears from the relay many times a second, so a
+/// second of silence is already suspicious, and the check costs one small request.
+pub const SILENCE_CHECK_AFTER: Duration = Duration::from_secs(1);
+/// Quiet UDP for this long means UDP to the relay is blocked: three registration attempts (at
+/// 0, 1 and 3 s) have gone unanswered by then.
+pub const UDP_FALLBACK_AFTER: Duration = Duration::from_secs(4);
+/// First delay between stream connection attempts; doubles up to [`STREAM_RETRY_MAX`].
+pub const STREAM_RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest delay between stream connection attempts.
+pub const STREAM_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// How the session reaches its relay now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carrier {
+    /// UDP on the main socket.
+    Udp,
+    /// The driver was asked for a stream and has not reported yet.
+    Connecting,
+    /// The stream is up; relay-bound datagrams use it.
+    Stream,
+    /// UDP answered again: relay-bound datagrams use UDP, and the stream stays open until the
+    /// relay acknowledges a registration over UDP (make before break: the relay forgets a
+    /// member whose stream closes before it re-registered elsewhere).
+    Leaving,
+}
+
+/// What a timer run asks the node to do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Due {
+    /// Send a registration now.
+    pub(crate) register: bool,
+    /// Repeat the sync request now.
+    pub(crate) sync: bool,
+    /// The registration was just lost (report it).
+    pub(crate) lost: bool,
+    /// The transport changed (follow it, re-announce).
+    pub(crate) transport_changed: bool,
+}
+
+/// The answer to an acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ack {
+    /// Not the registration we wait for (stale or replayed).
+    Ignored,
+    /// Accepted; `news` is set when it is the first or the observed address changed.
+    Accepted { news: bool },
+}
+
+struct SyncCollector {
+    generation: u32,
+    total: u16,
+    entries: BTreeMap<u16, MemberEntry>,
+}
+
+/// One relay's session (see the module doc).
+pub(crate) struct RelaySession {
+    id: usize,
+    target: RelayTarget,
+    session_key: [u8; 32],
+    next_register: Instant,
+    backoff: Duration,
+    pending_ts: Option<u64>,
+    register_sent: Option<Instant>,
+    unanswered: bool,
+    last_ack: Option<Instant>,
+    registered: bool,
+    observed: Option<SocketAddr>,
+    sync_sent: Option<Instant>,
+    sync: Option<SyncCollector>,
+    key_mismatch_reported: bool,
+    last_heard: Instant,
+    carrier: Carrier,
+    /// Since when the session has been on UDP this time (start, or back from the stream).
+    udp_since: Instant,
+    next_stream_attempt: Instant,
+    stream_backoff: Duration,
+    /// Signs requests with the network key and carries the relay's return-path cookie.
+    admission: AdmissionClient,
+}
+
+impl RelaySession {
+    /// A session with relay number `id` at `target`, sealing with `session_key` and signing
+    /// with the network's `signing` key, starting now.
+    pub(crate) fn new(
+        id: usize,
+        target: RelayTarget,
+        session_key: [u8; 32],
+        signing: NetworkSigningKey,
+        now: Instant,
+    ) -> Self {
+        Self {
+            admission: AdmissionClient::new(signing, target.key),
+            id,
+            target,
+            session_key,
+            next_register: now,
+            backoff: REGISTER_RETRY_MIN,
+            pending_ts: None,
+            register_sent: None,
+            unanswered: false,
+            last_ack: None,
+            registered: false,
+            observed: None,
+            sync_sent: None,
+            sync: None,
+            key_mismatch_reported: false,
+            last_heard: now,
+            carrier: Carrier::Udp,
+            udp_since: now,
+            next_stream_attempt: now,
+            stream_backoff: STREAM_RETRY_MIN,
+        }
+    }
+
+    /// Seals and signs `req` for this relay with the current return-path cookie.
+    pub(crate) fn seal(&mut self, sender: PeerKey, req: &RelayRequest, nonce: [u8; 24]) -> Vec<u8> {
+        self.admission.seal(&self.session_key, sender, req, nonce)
+    }
+
+    /// A cookie reply from the relay's address: the request it answers, sealed again with the
+    /// new cookie, to send at once (`None` if it answers nothing recent or was re-sent already).
+    pub(crate) fn handle_cookie_reply(
+        &mut self,
+        echo: [u8; ECHO_LEN],
+        cookie: Cookie,
+        sender: PeerKey,
+        nonce: [u8; 24],
+    ) -> Option<Vec<u8>> {
+        self.admission
+            .handle_cookie_reply(echo, cookie, &self.session_key, sender, nonce)
+    }
+
+    /// The relay's key and current address.
+    pub(crate) fn target(&self) -> RelayTarget {
+        self.target
+    }
+
+    /// The key that seals requests to and opens replies from this relay.
+    pub(crate) fn session_key(&self) -> &[u8; 32] {
+        &self.session_key
+    }
+
+    /// Our address as the relay sees it (from its last acknowledgement).
+    pub(crate) fn observed(&self) -> Option<SocketAddr> {
+        self.observed
+    }
+
+    /// Whether the relay has acknowledged a registration recently.
+    pub(crate) fn is_registered(&self) -> bool {
+        self.registered
+    }
+
+    /// Whether the relay answers now (registered, latest registration not unanswered).
+    pub(crate) fn answering(&self) -> bool {
+        self.registered && !self.unanswered
+    }
+
+    /// Whether relay-bound datagrams use the stream.
+    pub(crate) fn on_stream(&self) -> bool {
+        self.carrier == Carrier::Stream
+    }
+
+    /// Whether the driver should hold a stream to this relay open (or open one).
+    pub(crate) fn wants_stream(&self) -> bool {
+        self.carrier != Carrier::Udp
+    }
+
+    /// How relay-bound datagrams travel now.
+    pub(crate) fn transport(&self) -> Transport {
+        match self.carrier {
+            Carrier::Stream => Transport::Stream { relay: self.id },
+            Carrier::Udp | Carrier::Connecting | Carrier::Leaving => Transport::Udp {
+                socket: 0,
+                dst: self.target.addr,
+            },
+        }
+    }
+
+    /// Moves the relay to a new address; `true` if it changed (register there at once).
+    pub(crate) fn set_addr(&mut self, now: Instant, addr: SocketAddr) -> bool {
+        if self.target.addr == addr {
+            return false;
+        }
+        self.target.addr = addr;
+        self.next_register = now;
+        true
+    }
+
+    /// Registers at once (our announcement changed).
+    pub(crate) fn register_now(&mut self, now: Instant) {
+        self.next_register = now;
+    }
+
+    /// Reports a key mismatch only once: `true` the first time.
+    pub(crate) fn first_key_mismatch(&mut self) -> bool {
+        !std::mem::replace(&mut self.key_mismatch_reported, true)
+    }
+
+    /// The session's next deadline.
+    pub(crate) fn poll_timeout(&self) -> Instant {
+        let mut at = self.next_register;
+        if let (true, Some(ack)) = (self.registered, self.last_ack) {
+            at = at.min(ack + RELAY_LOST_AFTER);
+        }
+        if let (false, Some(_), Some(sent)) = (self.unanswered, self.pending_ts, self.register_sent)
+        {
+            at = at.min(sent + ACK_TIMEOUT);
+        }
+        if let Some(sent) = self.sync_sent {
+            at = at.min(sent + SYNC_RETRY);
+        }
+        if let Some(fallback) = self.fallback_at() {
+            at = at.min(fallback);
+        }
+        at
+    }
+
+    /// Runs what is due at `now`.
+    pub(crate) fn handle_timeout(&mut self, now: Instant) -> Due {
+        let mut due = Due::default();
+        if self.registered
+            && self
+                .last_ack
+                .is_none_or(|t| now.saturating_duration_since(t) >= RELAY_LOST_AFTER)
+        {
+            self.registered = false;
+            self.backoff = REGISTER_RETRY_MIN;
+            due.lost = true;
+        }
+        // A registration the relay did not answer: retry soon with backoff instead of after a
+        // full interval, so a restarted relay learns about us within seconds.
+        if !self.unanswered
+            && self.pending_ts.is_some()
+            && self
+                .register_sent
+                .is_some_and(|t| now.saturating_duration_since(t) >= ACK_TIMEOUT)
+        {
+            self.unanswered = true;
+            self.next_register = now;
+            if self.carrier == Carrier::Leaving {
+                // UDP answered STUN but not the registration: stay on the stream.
+                self.carrier = Carrier::Stream;
+                due.transport_changed = true;
+            }
+        }
+        if now >= self.next_register {
+            due.register = true;
+            self.next_register = if self.answering() {
+                now + REGISTER_INTERVAL
+            } else {
+                let wait = self.backoff;
+                self.backoff = (self.backoff * 2).min(REGISTER_RETRY_MAX);
+                now + wait
+            };
+        }
+        if let Some(sent) = self.sync_sent {
+            if now.saturating_duration_since(sent) >= SYNC_RETRY {
+                self.sync_sent = None;
+                due.sync = true;
+            }
+        }
+        if self.fallback_at().is_some_and(|at| at <= now) {
+            tracing::info!(relay = %self.target.addr, "no UDP answer from the relay; trying the stream");
+            self.carrier = Carrier::Connecting;
+            self.next_stream_attempt = now + self.stream_backoff;
+            self.stream_backoff = (self.stream_backoff * 2).min(STREAM_RETRY_MAX);
+        }
+        due
+    }
+
+    /// A registration with timestamp `ts` went out at `now`.
+    pub(crate) fn note_register_sent(&mut self, now: Instant, ts: u64) {
+        self.pending_ts = Some(ts);
+        self.register_sent = Some(now);
+    }
+
+    /// Whether a sync request may go out (none is in flight); if so it is recorded as sent.
+    pub(crate) fn note_sync_sent(&mut self, now: Instant) -> bool {
+        if self.sync_sent.is_some() {
+            return false;
+        }
+        self.sync_sent = Some(now);
+        true
+    }
+
+    /// A sync finished (applied); stop retrying it.
+    pub(crate) fn sync_done(&mut self) {
+        self.sync_sent = None;
+    }
+
+    /// Anything authenticated came from the relay (over either transport).
+    pub(crate) fn note_heard(&mut self, now: Instant) {
+        self.last_heard = self.last_heard.max(now);
+    }
+
+    /// Something suggests the network changed (relayed traffic goes out, or a direct path
+    /// missed a pong): if the relay has been silent a while, register now to find out whether
+    /// it still answers. Returns whether the deadline moved.
+    pub(crate) fn check_if_silent(&mut self, now: Instant) -> bool {
+        let silent = now.saturating_duration_since(self.last_heard) >= SILENCE_CHECK_AFTER;
+        if silent && self.pending_ts.is_none() && self.next_register > now {
+            self.next_register = now;
+            return true;
+        }
+        false
+    }
+
+    /// An acknowledgement of the registration with timestamp `echo_ts`, seeing us at `observed`.
+    pub(crate) fn handle_ack(&mut self, now: Instant, echo_ts: u64, observed: SocketAddr) -> Ack {
+        if self.pending_ts != Some(echo_ts) {
+            return Ack::Ignored;
+        }
+        self.pending_ts = None;
+        self.unanswered = false;
+        self.last_ack = Some(now);
+        self.note_heard(now);
+        self.backoff = REGISTER_RETRY_MIN;
+        let was = self.registered;
+        self.registered = true;
+        self.next_register = now + REGISTER_INTERVAL;
+        if self.carrier == Carrier::Leaving {
+            // Registered over UDP: the stream can go.
+            self.carrier = Carrier::Udp;
+            self.udp_since = now;
+        }
+        let news = !was || self.observed != Some(observed);
+        self.observed = Some(observed);
+        Ack::Accepted { news }
+    }
+
+    /// One entry of a sync snapshot; returns the whole snapshot once every entry arrived.
+    pub(crate) fn collect(&mut self, tag: SyncTag, entry: MemberEntry) -> Option<Vec<MemberEntry>> {
+        let collector = self.sync.get_or_insert_with(|| SyncCollector {
+            generation: tag.generation,
+            total: tag.total,
+            entries: BTreeMap::new(),
+        });
+        if collector.generation != tag.generation {
+            *collector = SyncCollector {
+                generation: tag.generation,
+                total: tag.total,
+                entries: BTreeMap::new(),
+            };
+        }
+        collector.entries.insert(tag.index, entry);
+        if collector.entries.len() < usize::from(collector.total) {
+            return None;
+        }
+        self.sync.take().map(|c| c.entries.into_values().collect())
+    }
+
+    /// A STUN answer arrived over UDP from `from`; returns whether the transport changed (it
+    /// proves UDP to the relay works, so a stream is given up).
+    pub(crate) fn handle_udp_stun(&mut self, now: Instant, from: SocketAddr) -> bool {
+        if from.ip() != self.target.addr.ip() {
+            return false;
+        }
+        self.note_heard(now);
+        match self.carrier {
+            Carrier::Udp | Carrier::Leaving => false,
+            Carrier::Connecting => {
+                self.carrier = Carrier::Udp;
+                self.udp_since = now;
+                false
+            }
+            Carrier::Stream => {
+                tracing::info!(relay = %self.target.addr, "UDP to the relay works again; leaving the stream");
+                self.carrier = Carrier::Leaving;
+                self.stream_backoff = STREAM_RETRY_MIN;
+                self.udp_since = now;
+                self.next_register = now;
+                true
+            }
+        }
+    }
+
+    /// The driver's stream to the relay is up; returns whether the transport changed.
+    pub(crate) fn handle_stream_up(&mut self, now: Instant) -> bool {
+        if self.carrier != Carrier::Connecting {
+            return false;
+        }
+        tracing::info!(relay = %self.target.addr, "attached to the relay over the stream");
+        self.carrier = Carrier::Stream;
+        self.stream_backoff = STREAM_RETRY_MIN;
+        self.next_register = now;
+        true
+    }
+
+    /// The driver's stream failed to connect or closed; returns whether the transport changed.
+    pub(crate) fn handle_stream_down(&mut self, now: Instant) -> bool {
+        match self.carrier {
+            Carrier::Udp => false,
+            Carrier::Connecting => {
+                tracing::warn!(relay = %self.target.addr, "cannot reach the relay over the stream either; retrying");
+                self.carrier = Carrier::Udp;
+                false
+            }
+            Carrier::Leaving => {
+                self.carrier = Carrier::Udp;
+                false
+            }
+            Carrier::Stream => {
+                tracing::warn!(relay = %self.target.addr, "stream to the relay closed");
+                self.carrier = Carrier::Udp;
+                self.udp_since = now;
+                self.next_register = now;
+                true
+            }
+        }
+    }
+
+    /// When the session gives up on UDP, if it is on UDP and the relay is quiet.
+    fn fallback_at(&self) -> Option<Instant> {
+        if self.carrier != Carrier::Udp || self.answering() {
+            return None;
+        }
+        let quiet_since = self.last_heard.max(self.udp_since);
+        Some((quiet_since + UDP_FALLBACK_AFTER).max(self.next_stream_attempt))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::NodeSecret;
+    use rand::SeedableRng;
+
+    fn session(now: Instant) -> RelaySession {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        let target = RelayTarget {
+            key: NodeSecret::generate(&mut rng).public(),
+            addr: "203.0.113.1:3478".parse().expect("literal"),
+        };
+        let signing = crate::keys::NetworkSecret::generate(&mut rng)
+            .derive()
+            .signing;
+        RelaySession::new(0, target, [0; 32], signing, now)
+    }
+
+    /// Runs the session's timers up to `until` the way the node does, sending (but never
+    /// answering) every registration; returns when it first asked for the stream.
+    fn run_unanswered(s: &mut RelaySession, mut now: Instant, until: Instant) -> Option<Instant> {
+        let mut ts = 0;
+        for _ in 0..1_000 {
+            let at = s.poll_timeout();
+            if at > until {
+                return None;
+            }
+            now = now.max(at);
+            let due = s.handle_timeout(now);
+            if due.register {
+                ts += 1;
+                s.note_register_sent(now, ts);
+            }
+            if s.wants_stream() {
+                return Some(now);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn moves_to_the_stream_when_udp_stays_unanswered_and_back_on_a_udp_stun_answer() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        assert_eq!(
+            s.transport(),
+            Transport::Udp {
+                socket: 0,
+                dst: s.target().addr
+            }
+        );
+        let asked = run_unanswered(&mut s, t0, t0 + Duration::from_secs(30)).expect("asks");
+        assert_eq!(
+            asked - t0,
+            UDP_FALLBACK_AFTER,
+            "after {UDP_FALLBACK_AFTER:?} of quiet"
+        );
+        // Until the driver reports the stream up, traffic stays on UDP.
+        assert!(!s.on_stream());
+        assert!(s.handle_stream_up(asked + Duration::from_millis(30)));
+        assert!(s.on_stream());
+        assert_eq!(s.transport(), Transport::Stream { relay: 0 });
+        assert_eq!(
+            s.poll_timeout(),
+            asked + Duration::from_millis(30),
+            "register at once"
+        );
+        // A STUN answer from elsewhere proves nothing; one from the relay's address does.
+        let later = asked + Duration::from_secs(5);
+        assert!(!s.handle_udp_stun(later, "198.51.100.1:3478".parse().expect("literal")));
+        assert!(s.on_stream());
+        let alt = SocketAddr::new(s.target().addr.ip(), 3479);
+        assert!(s.handle_udp_stun(later, alt));
+        assert!(!s.on_stream());
+        assert_eq!(
+            s.transport(),
+            Transport::Udp {
+                socket: 0,
+                dst: s.target().addr
+            }
+        );
+        // Make before break: the stream stays until a registration over UDP is acknowledged.
+        assert!(s.wants_stream());
+        assert_eq!(s.poll_timeout(), later, "register over UDP at once");
+        assert!(s.handle_timeout(later).register);
+        s.note_register_sent(later, 7);
+        s.handle_ack(later, 7, "198.51.100.9:4000".parse().expect("literal"));
+        assert!(!s.wants_stream());
+    }
+
+    #[test]
+    fn an_answering_relay_keeps_udp_and_a_failed_stream_is_retried_with_backoff() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        let due = s.handle_timeout(t0);
+        assert!(due.register);
+        s.note_register_sent(t0, 1);
+        let observed = "198.51.100.9:4000".parse().expect("literal");
+        let ack = s.handle_ack(t0 + Duration::from_millis(40), 1, observed);
+        assert_eq!(ack, Ack::Accepted { news: true });
+        assert!(s.answering());
+        assert_eq!(s.handle_ack(t0, 1, observed), Ack::Ignored, "no replay");
+        // Answering: no fallback, next registration after the interval.
+        assert_eq!(
+            s.poll_timeout(),
+            t0 + Duration::from_millis(40) + REGISTER_INTERVAL
+        );
+
+        // UDP gets blocked: the next registration goes unanswered.
+        let t1 = s.poll_timeout();
+        let asked = run_unanswered(&mut s, t1, t1 + Duration::from_secs(30)).expect("asks");
+        // The relay was last heard long before: the fallback follows the unanswered request.
+        assert_eq!(asked - t1, ACK_TIMEOUT);
+        // The stream cannot connect either: back to UDP, retried after the backoff.
+        assert!(!s.handle_stream_down(asked));
+        assert!(!s.wants_stream());
+        assert_eq!(s.fallback_at(), Some(asked + STREAM_RETRY_MIN));
+    }
+
+    #[test]
+    fn relayed_traffic_into_silence_brings_the_registration_forward() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        s.handle_timeout(t0);
+        s.note_register_sent(t0, 1);
+        s.handle_ack(t0, 1, "198.51.100.9:4000".parse().expect("literal"));
+        s.note_heard(t0);
+        assert!(
+            !s.check_if_silent(t0 + Duration::from_millis(500)),
+            "heard recently"
+        );
+        let t1 = t0 + SILENCE_CHECK_AFTER;
+        assert!(s.check_if_silent(t1));
+        assert_eq!(s.poll_timeout(), t1);
+        assert!(s.handle_timeout(t1).register);
+        s.note_register_sent(t1, 2);
+        assert!(!s.check_if_silent(t1), "one check in flight at a time");
+    }
+}
