@@ -10,15 +10,16 @@ use meshvpn::config::Config;
 use meshvpn::control::Request;
 use meshvpn::keys::{NetworkSecret, NodeSecret, PeerKey};
 use meshvpn::relay::tcp::write_frame;
+use meshvpn::wire::admission::seal_request;
 use meshvpn::wire::plain::{
     encode_announcement, encode_disco, encode_relay_reply, encode_relay_request,
 };
 use meshvpn::wire::token::{RelayEndpoint, Token};
 use meshvpn::wire::{
-    seal_disco, stun, Announcement, Disco, Frame, MemberEntry, NatKind, RelayReply, RelayRequest,
-    SyncTag,
+    frame_aad, open, seal_disco, stun, Announcement, Disco, Frame, MemberEntry, NatKind,
+    RelayReply, RelayRequest, SyncTag,
 };
-use meshvpn_fuzz::{encode_steps, fixture, Step};
+use meshvpn_fuzz::{encode_steps, fixture, kind, nonce, Step};
 
 fn main() -> std::io::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
@@ -30,10 +31,7 @@ fn main() -> std::io::Result<()> {
         ("relay_endpoint", relay_endpoints()),
         ("classify", datagrams()),
         ("frame", frames()),
-        (
-            "relay_request",
-            requests().iter().map(encode_relay_request).collect(),
-        ),
+        ("relay_request", signed_requests()),
         (
             "relay_reply",
             replies().iter().map(encode_relay_reply).collect(),
@@ -111,7 +109,13 @@ fn frames() -> Vec<Vec<u8>> {
         Frame::KeyResponse { relay: key }.to_vec(),
         Frame::ToRelay {
             sender: key,
+            cookie: [3; 16],
             sealed: &[1; 40],
+        }
+        .to_vec(),
+        Frame::CookieReply {
+            echo: [1; 16],
+            cookie: [3; 16],
         }
         .to_vec(),
         Frame::RelaySend {
@@ -138,6 +142,36 @@ fn requests() -> Vec<RelayRequest> {
         RelayRequest::Leave { network, ts_ms: 2 },
         RelayRequest::Sync { network, ts_ms: 3 },
     ]
+}
+
+/// The plaintexts the relay opens from `ToRelay` frames (request and signature), as the
+/// `relay_request` target seals them: member 0, cookie `[7; 16]`. The last is signed for
+/// another relay.
+fn signed_requests() -> Vec<Vec<u8>> {
+    let fx = fixture();
+    let sender = fx.members[0].public();
+    let cookie = [7u8; 16];
+    let session = &fx.member_sessions[0];
+    let mut aad = frame_aad(kind::TO_RELAY, &sender).to_vec();
+    aad.extend_from_slice(&cookie);
+    let relays = [fx.relay.public(), PeerKey([9; 32])];
+    let mut out: Vec<Vec<u8>> = requests().iter().map(encode_relay_request).collect();
+    for (i, req) in requests().iter().enumerate() {
+        let relay = relays[usize::from(i == 2)];
+        let datagram = seal_request(
+            session,
+            sender,
+            &relay,
+            &fx.keys.signing,
+            cookie,
+            req,
+            nonce(0),
+        );
+        if let Ok(Frame::ToRelay { sealed, .. }) = Frame::parse(&datagram) {
+            out.extend(open(session, &aad, sealed).ok());
+        }
+    }
+    out
 }
 
 fn replies() -> Vec<RelayReply> {
@@ -259,8 +293,12 @@ fn step(kind: u8, from: u8, bytes: Vec<u8>) -> Step {
     Step { kind, from, bytes }
 }
 
-/// Relay target: two members register from different links, sync, relay to each other,
-/// time passes, one leaves. Step kinds as in `fuzz_targets/relay_server.rs`.
+/// Relay target: two members register from different UDP links (each sends its registration
+/// twice: the relay answers the first with a cookie, the harness puts that cookie on the
+/// second, which admits it), sync, relay to each other, time passes, one re-registers and
+/// leaves; and two members register over TCP (no cookie needed) and one replays a request.
+/// Request timestamps are offsets from the relay's clock. Step kinds as in
+/// `fuzz_targets/relay_server.rs`.
 fn relay_sessions() -> Vec<Vec<u8>> {
     let network = fixture().keys.network_id;
     let register = |ts_ms| {
@@ -272,6 +310,8 @@ fn relay_sessions() -> Vec<Vec<u8>> {
     };
     let session = vec![
         step(1, 2 << 2, register(1)),
+        step(1, 2 << 2, register(1)),
+        step(1, 1 | (4 << 2), register(1)),
         step(1, 1 | (4 << 2), register(1)),
         step(
             1,
@@ -282,6 +322,7 @@ fn relay_sessions() -> Vec<Vec<u8>> {
         step(0, 5, stun::binding_request([7; 12])),
         step(3, 10, 1000u16.to_be_bytes().to_vec()),
         step(1, 1 | (4 << 2), register(2)),
+        step(1, 1 | (4 << 2), register(2)),
         step(3, 2, 1000u16.to_be_bytes().to_vec()),
         step(
             1,
@@ -291,6 +332,7 @@ fn relay_sessions() -> Vec<Vec<u8>> {
     ];
     let tcp = vec![
         step(1, 8 << 2, register(5)),
+        step(1, 3 | (9 << 2), register(5)),
         step(1, 3 | (9 << 2), register(5)),
         step(2, 8 << 2, [vec![3], vec![2, 0, 0, 0, 1]].concat()),
         step(4, 8, Vec::new()),
@@ -340,6 +382,11 @@ fn node_sessions() -> Vec<Vec<u8>> {
         step(6, 3, 250u16.to_be_bytes().to_vec()),
         step(7, 0, vec![2, 5]),
         step(6, 31, 1000u16.to_be_bytes().to_vec()),
+        step(9, 0, vec![0xC0; 16]),
+        step(7, 1, vec![0]),
+        step(1, 0x40, ack(1_700_000_000_002)),
+        step(9, 0x40, vec![0xC1; 16]),
+        step(7, 1, vec![2]),
         step(8, 0, inbound.clone()),
         step(8, 0, inbound.clone()),
         step(8, 0x80, inbound),

@@ -1,10 +1,12 @@
 //! One member's state machine fed a sequence of steps (see `meshvpn_fuzz::steps`): raw
 //! datagrams from a few addresses, relay replies and member announcements sealed with the
 //! right keys (any plaintext), disco messages from known members (direct or relayed), relayed
-//! payloads, TUN packets, driver calls, time passing on a synthetic clock, and IP packets that
-//! known members send through real WireGuard sessions (the harness runs a boringtun `Tunn` per
-//! member and answers the node's handshakes, so the fuzzer reaches the decrypted-packet checks).
-//! Nothing panics, and only holders of the network's control key become peers.
+//! payloads, TUN packets, driver calls (the relay stream coming up, going down, carrying
+//! datagrams), time passing on a synthetic clock, cookie replies answering the node's latest
+//! signed request to the relay, and IP packets that known members send through real WireGuard
+//! sessions (the harness runs a boringtun `Tunn` per member and answers the node's handshakes,
+//! so the fuzzer reaches the decrypted-packet checks). Nothing panics, and only holders of the
+//! network's control key become peers.
 #![no_main]
 
 use std::time::{Duration, Instant};
@@ -12,12 +14,13 @@ use std::time::{Duration, Instant};
 use boringtun::noise::{Tunn, TunnResult};
 use libfuzzer_sys::fuzz_target;
 use meshvpn::keys::PeerKey;
-use meshvpn::node::{Node, NodeConfig, RelayTarget};
+use meshvpn::node::{Node, NodeConfig, RelayTarget, Transport};
+use meshvpn::wire::admission::{echo_of, ECHO_LEN};
 use meshvpn::wire::plain::decode_announcement;
 use meshvpn::wire::{
     classify, seal_from_relay, DatagramKind, Frame, MemberEntry, RelayReply, SyncTag,
 };
-use meshvpn_fuzz::{addr, fixture, kind, relay_addr, sealed_frame, steps, MEMBERS};
+use meshvpn_fuzz::{addr, fixture, kind, relay_addr, sealed_frame, steps, MEMBERS, START_UNIX_MS};
 
 fuzz_target!(|data: &[u8]| {
     let fx = fixture();
@@ -37,12 +40,12 @@ fuzz_target!(|data: &[u8]| {
         stun_servers: Vec::new(),
         seed: 3,
     };
-    let mut node = Node::new(cfg, now, 1_700_000_000_000);
+    let mut node = Node::new(cfg, now, START_UNIX_MS);
     let relay_key = fx.relay.public();
     let mut wg = WireGuardPeers::new();
     for (n, step) in steps(data).into_iter().enumerate() {
         let n = n as u64;
-        match step.kind % 9 {
+        match step.kind % 10 {
             0 => {
                 let socket = u16::from(step.from >> 6);
                 node.handle_udp_on(now, socket, addr(step.from), &step.bytes);
@@ -55,12 +58,13 @@ fuzz_target!(|data: &[u8]| {
                     &step.bytes,
                     n,
                 );
-                let from = if step.from & 0x80 == 0 {
-                    relay_addr()
+                if step.from & 0x40 != 0 {
+                    node.handle_relay_stream(now, 0, &datagram);
+                } else if step.from & 0x80 == 0 {
+                    node.handle_udp(now, relay_addr(), &datagram);
                 } else {
-                    addr(step.from)
-                };
-                node.handle_udp(now, from, &datagram);
+                    node.handle_udp(now, addr(step.from), &datagram);
+                }
             }
             2 => {
                 // A live push of member `from`'s announcement: [seq u64][announcement body].
@@ -119,14 +123,30 @@ fuzz_target!(|data: &[u8]| {
                 node.handle_timeout(now);
             }
             7 => driver_call(&mut node, now, step.from, &step.bytes),
-            _ => {
+            8 => {
                 let (i, _) = fx.member(step.from);
                 let via_relay = step.from & 0x80 != 0;
                 wg.send(&mut node, now, i, via_relay, &step.bytes);
             }
+            _ => {
+                // The relay's cookie reply: [cookie 16][echo 16, only with `from` bit 7].
+                let mut cookie = [0u8; 16];
+                let n = step.bytes.len().min(16);
+                cookie[..n].copy_from_slice(&step.bytes[..n]);
+                let echo = match step.bytes.get(16..16 + ECHO_LEN) {
+                    Some(e) if step.from & 0x80 != 0 => e.try_into().unwrap_or_default(),
+                    _ => wg.last_echo,
+                };
+                let reply = Frame::CookieReply { echo, cookie }.to_vec();
+                if step.from & 0x40 != 0 {
+                    node.handle_relay_stream(now, 0, &reply);
+                } else {
+                    node.handle_udp(now, relay_addr(), &reply);
+                }
+            }
         }
         wg.answer(&mut node, now);
-        while node.poll_tun().is_some() {}
+        while node.poll_tun(&mut wg.out).is_some() {}
         while node.poll_event().is_some() {}
         assert!(
             node.peer_keys().count() <= MEMBERS,
@@ -144,6 +164,10 @@ fuzz_target!(|data: &[u8]| {
 struct WireGuardPeers {
     tunnels: Vec<Tunn>,
     buf: Vec<u8>,
+    /// What the node's latest request to the relay asks a cookie reply to echo.
+    last_echo: [u8; ECHO_LEN],
+    /// The node's output (datagrams and TUN packets; `buf` stays full size for boringtun).
+    out: Vec<u8>,
 }
 
 impl WireGuardPeers {
@@ -160,6 +184,8 @@ impl WireGuardPeers {
         Self {
             tunnels,
             buf: vec![0u8; 65_535 + 64],
+            last_echo: [0; ECHO_LEN],
+            out: Vec::new(),
         }
     }
 
@@ -178,20 +204,35 @@ impl WireGuardPeers {
         let fx = fixture();
         for _ in 0..4 {
             let mut inbound = Vec::new();
-            while let Some(t) = node.poll_transmit() {
-                let direct = (0..MEMBERS).find(|i| addr(2 + *i as u8) == t.dst);
+            while let Some(t) = node.poll_transmit(&mut self.out) {
+                let payload = &self.out[..t.len];
+                let (to_relay, direct) = match t.transport {
+                    Transport::Udp { dst, .. } => (
+                        dst == relay_addr(),
+                        (0..MEMBERS).find(|i| addr(2 + *i as u8) == dst),
+                    ),
+                    Transport::Stream { .. } => (true, None),
+                };
                 if let Some(i) = direct {
-                    if classify(&t.payload) == DatagramKind::WireGuard {
-                        inbound.push((i, false, t.payload));
+                    if classify(payload) == DatagramKind::WireGuard {
+                        inbound.push((i, false, payload.to_vec()));
                     }
-                } else if t.dst == relay_addr() {
-                    if let Ok(Frame::RelaySend { to, payload }) = Frame::parse(&t.payload) {
-                        let member = (0..MEMBERS).find(|i| fx.members[*i].public() == to);
-                        if let Some(i) =
-                            member.filter(|_| classify(payload) == DatagramKind::WireGuard)
-                        {
-                            inbound.push((i, true, payload.to_vec()));
+                } else if to_relay {
+                    match Frame::parse(payload) {
+                        Ok(Frame::RelaySend { to, payload }) => {
+                            let member = (0..MEMBERS).find(|i| fx.members[*i].public() == to);
+                            if let Some(i) =
+                                member.filter(|_| classify(payload) == DatagramKind::WireGuard)
+                            {
+                                inbound.push((i, true, payload.to_vec()));
+                            }
                         }
+                        Ok(Frame::ToRelay { sealed, .. }) => {
+                            if let Some(echo) = echo_of(sealed) {
+                                self.last_echo = echo;
+                            }
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -212,7 +253,7 @@ impl WireGuardPeers {
                 }
             }
         }
-        while node.poll_transmit().is_some() {}
+        while node.poll_transmit(&mut self.out).is_some() {}
     }
 }
 
@@ -243,7 +284,11 @@ fn driver_call(node: &mut Node, now: Instant, which: u8, bytes: &[u8]) {
             let endpoints = bytes.iter().map(|b| addr(*b)).collect();
             node.set_local_endpoints(now, endpoints);
         }
-        1 => node.set_relay_over_tcp(now, bytes.first().is_some_and(|b| b & 1 == 1)),
+        1 => match bytes.split_first() {
+            Some((b, _)) if b % 3 == 0 => node.handle_relay_stream_up(now, 0),
+            Some((b, rest)) if b % 3 == 1 => node.handle_relay_stream(now, 0, rest),
+            _ => node.handle_relay_stream_down(now, 0),
+        },
         2 => {
             let mapping = bytes.first().map(|b| ("upnp".to_string(), addr(*b)));
             node.set_port_mapping(now, mapping);

@@ -4,13 +4,21 @@
 //! in a plain length-prefixed format (see [`steps`]), so that the seed generator can write
 //! real protocol exchanges in it and libFuzzer mutates one datagram at a time. A step that
 //! carries a plaintext is sealed by the harness with the right key before it is delivered:
-//! the fuzzer never has to forge an AEAD tag to reach the state machines behind it.
+//! the fuzzer never has to forge an AEAD tag to reach the state machines behind it. Requests
+//! to the relay are also signed with the network key and carry the cookie the relay last gave
+//! their address, so the fuzzer reaches admitted members without forging a signature either.
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 
 use meshvpn::keys::{NetworkKeys, NetworkSecret, NodeSecret, PeerKey};
 use meshvpn::relay::server::Link;
+use meshvpn::wire::admission::{seal_request, Cookie};
+use meshvpn::wire::plain::decode_relay_request;
+use meshvpn::wire::{Frame, RelayRequest};
+
+/// Unix time (milliseconds) of the synthetic clock at the start of every stateful run.
+pub const START_UNIX_MS: u64 = 1_700_000_000_000;
 
 /// Members (besides the node under test) that the fixtures know keys for.
 pub const MEMBERS: usize = 4;
@@ -181,6 +189,71 @@ pub fn sealed_frame(kind: u8, key: &[u8; 32], sender: PeerKey, plain: &[u8], n: 
     out.extend_from_slice(&sender.0);
     out.extend_from_slice(&body);
     out
+}
+
+/// The `ToRelay` datagram member `sender` (with relay session key `session`) sends with cookie
+/// `cookie`: when `plain` decodes as a [`RelayRequest`], that request with its `ts_ms` taken as
+/// an offset from `unix_ms` (wrapping, so large offsets are in the past), signed with the
+/// network key; otherwise `plain` itself sealed unsigned, as a member with a bug would.
+pub fn request_frame(
+    session: &[u8; 32],
+    sender: PeerKey,
+    cookie: Cookie,
+    plain: &[u8],
+    unix_ms: u64,
+    n: u64,
+) -> Vec<u8> {
+    let fx = fixture();
+    match decode_relay_request(plain) {
+        Ok(req) => {
+            let req = at_time(req, unix_ms);
+            let relay = fx.relay.public();
+            seal_request(
+                session,
+                sender,
+                &relay,
+                &fx.keys.signing,
+                cookie,
+                &req,
+                nonce(n),
+            )
+        }
+        Err(_) => {
+            let mut aad = meshvpn::wire::frame_aad(kind::TO_RELAY, &sender).to_vec();
+            aad.extend_from_slice(&cookie);
+            let sealed = meshvpn::wire::seal(session, &aad, plain, nonce(n));
+            Frame::ToRelay {
+                sender,
+                cookie,
+                sealed: &sealed,
+            }
+            .to_vec()
+        }
+    }
+}
+
+/// `req` with its timestamp read as an offset from `unix_ms`.
+fn at_time(req: RelayRequest, unix_ms: u64) -> RelayRequest {
+    let ts = |offset: u64| unix_ms.wrapping_add(offset);
+    match req {
+        RelayRequest::Register {
+            network,
+            ts_ms,
+            announcement,
+        } => RelayRequest::Register {
+            network,
+            ts_ms: ts(ts_ms),
+            announcement,
+        },
+        RelayRequest::Leave { network, ts_ms } => RelayRequest::Leave {
+            network,
+            ts_ms: ts(ts_ms),
+        },
+        RelayRequest::Sync { network, ts_ms } => RelayRequest::Sync {
+            network,
+            ts_ms: ts(ts_ms),
+        },
+    }
 }
 
 /// A nonce for sealing, varied by a counter so equal plaintexts give different datagrams.
