@@ -47,6 +47,13 @@ pub enum ConfigError {
         line: usize,
         reason: String,
     },
+    /// The file holds secrets but others may read it, or others may replace it.
+    #[error("{path} has mode {mode:04o}: {reason}")]
+    Permissions {
+        path: PathBuf,
+        mode: u32,
+        reason: &'static str,
+    },
     /// Well-formed TOML whose values are invalid.
     #[error("{path}: field `{field}`: {reason}")]
     Invalid {
@@ -162,6 +169,7 @@ impl Config {
         ip: Option<Ipv4Addr>,
         listen_port: u16,
     ) -> Result<Self, String> {
+        check_private_subnet(&token.subnet)?;
         let virtual_ip = match ip {
             Some(ip) if addressing::is_usable(&token.subnet, ip) => ip,
             Some(ip) => {
@@ -195,17 +203,22 @@ impl Config {
     }
 
     /// Loads network `network` from `dir`.
+    ///
+    /// Refuses a file readable by group or others (it holds the member's private key and the
+    /// network secret) and a directory writable by group or others (they could replace it).
     pub fn load(dir: &Path, network: &str) -> Result<Self, ConfigError> {
         let path = Self::path(dir, network);
-        let text = match fs::read_to_string(&path) {
+        let text = match read_private(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(ConfigError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
                 return Err(ConfigError::Missing {
                     network: network.to_string(),
                     path,
                 })
             }
-            Err(source) => return Err(ConfigError::Io { path, source }),
+            Err(e) => return Err(e),
         };
         Self::parse(&text, &path)
     }
@@ -361,8 +374,12 @@ impl Config {
     }
 
     /// Writes the config to `dir` atomically with mode 0600 (creating `dir` 0700 if needed).
+    /// Refuses an existing `dir` writable by group or others.
     pub fn save(&self, dir: &Path) -> Result<PathBuf, ConfigError> {
         let path = Self::path(dir, &self.network);
+        if dir.exists() {
+            check_dir(dir)?;
+        }
         write_atomic(&path, self.to_toml().as_bytes()).map_err(|source| ConfigError::Io {
             path: path.clone(),
             source,
@@ -411,12 +428,15 @@ fn write_atomic_inner(
         .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
     let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let mut f = match create_private(&tmp) {
+            // A temporary file left by a crash of a process with our id: remove it (a symlink
+            // is removed, not followed) and try once more.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                fs::remove_file(&tmp)?;
+                create_private(&tmp)?
+            }
+            other => other?,
+        };
         if let Some(n) = crash_after {
             f.write_all(&bytes[..n.min(bytes.len())])?;
             return Err(std::io::Error::other("simulated crash"));
@@ -431,6 +451,86 @@ fn write_atomic_inner(
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Creates `path` 0600 for writing; fails if anything (even a dangling symlink) is there.
+fn create_private(path: &Path) -> std::io::Result<fs::File> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Reads a file that holds secrets, refusing it if group or others may read it or may replace
+/// it (a group- or world-writable directory).
+fn read_private(path: &Path) -> Result<String, ConfigError> {
+    let io = |source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io)?;
+    let mode = f.metadata().map_err(io)?.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(ConfigError::Permissions {
+            path: path.to_path_buf(),
+            mode,
+            reason: "it holds a private key and the network secret, so group and others must have no access (chmod 600 it)",
+        });
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        check_dir(dir)?;
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut f, &mut text).map_err(io)?;
+    Ok(text)
+}
+
+/// Refuses a config directory that group or others may write to (they could swap the file).
+fn check_dir(dir: &Path) -> Result<(), ConfigError> {
+    let meta = fs::metadata(dir).map_err(|source| ConfigError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(ConfigError::Permissions {
+            path: dir.to_path_buf(),
+            mode,
+            reason: "this directory holds secrets, so group and others must not write to it (chmod go-w it)",
+        });
+    }
+    Ok(())
+}
+
+/// Private IPv4 space a virtual subnet must lie in: RFC 1918 and the shared address space of
+/// RFC 6598 (100.64.0.0/10). Anything wider would route public addresses into the overlay.
+pub const PRIVATE_RANGES: [&str; 4] = [
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+];
+
+/// Refuses a virtual subnet outside [`PRIVATE_RANGES`].
+pub fn check_private_subnet(subnet: &Ipv4Net) -> Result<(), String> {
+    let inside = PRIVATE_RANGES.iter().any(|r| {
+        r.parse::<Ipv4Net>()
+            .is_ok_and(|range| range.contains(subnet))
+    });
+    if inside {
+        Ok(())
+    } else {
+        Err(format!(
+            "subnet {subnet} is outside private address space: use one inside {}",
+            PRIVATE_RANGES.join(", ")
+        ))
+    }
 }
 
 /// Networks configured in `dir` (file stems of `*.toml`), sorted.
@@ -599,6 +699,112 @@ mod tests {
             .expect_err("syntax")
             .to_string();
         assert!(e.contains("line 1"), "{e}");
+    }
+
+    /// A fresh directory (mode 0700) for one test.
+    fn scratch(label: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("meshvpn-{label}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create scratch dir");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).expect("chmod scratch");
+        dir
+    }
+
+    #[test]
+    fn a_config_others_may_read_is_refused_naming_file_and_mode() {
+        let dir = scratch("mode-test");
+        let path = sample().save(&dir).expect("save");
+        for mode in [0o644, 0o640, 0o604, 0o660] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod");
+            let e = Config::load(&dir, "lab").expect_err("readable by others");
+            let text = e.to_string();
+            assert!(matches!(e, ConfigError::Permissions { .. }), "{text}");
+            assert!(
+                text.contains(&path.display().to_string()) && text.contains(&format!("{mode:04o}")),
+                "{text}"
+            );
+        }
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).expect("chmod");
+        assert!(Config::load(&dir, "lab").is_ok(), "0400 is private");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_directory_others_may_write_is_refused() {
+        let dir = scratch("dir-mode-test");
+        sample().save(&dir).expect("save");
+        for mode in [0o775, 0o757, 0o1777] {
+            fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).expect("chmod");
+            let e = Config::load(&dir, "lab").expect_err("writable directory");
+            assert!(e.to_string().contains(&dir.display().to_string()), "{e}");
+            assert!(sample().save(&dir).is_err(), "save into {mode:o}");
+        }
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+        assert!(Config::load(&dir, "lab").is_ok());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_temporary_file_is_created_exclusively_and_never_followed() {
+        let dir = scratch("nofollow-test");
+        let victim = dir.join("victim");
+        fs::write(&victim, "untouched").expect("write victim");
+        let path = dir.join("lab.toml");
+        let tmp = dir.join(format!(".lab.toml.tmp{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).expect("symlink");
+        assert!(create_private(&tmp).is_err(), "a symlink is never opened");
+        assert!(
+            create_private(&victim).is_err(),
+            "an existing file is never reused"
+        );
+        write_atomic(&path, b"new").expect("write past the stale link");
+        assert_eq!(fs::read_to_string(&victim).expect("victim"), "untouched");
+        assert_eq!(fs::read_to_string(&path).expect("written"), "new");
+        assert!(
+            fs::symlink_metadata(&tmp).is_err(),
+            "no temporary file left"
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn subnets_outside_private_space_are_refused() {
+        for ok in [
+            "10.0.0.0/8",
+            "10.99.0.0/16",
+            "172.16.0.0/12",
+            "172.31.255.0/24",
+            "192.168.7.0/24",
+            "100.64.0.0/10",
+            "100.127.0.0/16",
+        ] {
+            let net: Ipv4Net = ok.parse().expect("lit");
+            assert_eq!(check_private_subnet(&net), Ok(()), "{ok}");
+        }
+        for bad in [
+            "0.0.0.0/1",
+            "0.0.0.0/0",
+            "8.8.8.0/24",
+            "10.0.0.0/7",
+            "172.32.0.0/16",
+            "192.169.0.0/16",
+            "100.128.0.0/16",
+            "198.51.100.0/24",
+        ] {
+            let net: Ipv4Net = bad.parse().expect("lit");
+            let e = check_private_subnet(&net).expect_err(bad);
+            assert!(e.contains(bad) && e.contains("private"), "{e}");
+        }
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(6);
+        let token = Token {
+            network: "wide".into(),
+            secret: NetworkSecret::generate(&mut rng),
+            subnet: "0.0.0.0/1".parse().expect("lit"),
+            relays: sample().relays,
+        };
+        let key = NodeSecret::generate(&mut rng);
+        let e = Config::from_token(&token, "a".into(), key, None, 0).expect_err("public subnet");
+        assert!(e.contains("0.0.0.0/1"), "{e}");
     }
 
     #[test]

@@ -3,11 +3,14 @@
 //! `create` never contacts it).
 
 #![allow(clippy::print_stdout)] // shows what each command printed, or why a test skipped
+#![allow(clippy::disallowed_methods)] // times a child process with the real clock
 
+use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
 
@@ -209,4 +212,189 @@ fn up_as_non_root_asks_for_root() -> Result<()> {
         .output()
         .context("running setpriv")?;
     assert_one_line_error(&out, "root")
+}
+
+#[test]
+fn subnets_outside_private_space_are_refused() -> Result<()> {
+    let dir = TempDir::new()?;
+    let relay = format!("{RELAY_KEY}@127.0.0.1:9");
+    for subnet in ["0.0.0.0/1", "8.8.0.0/16", "172.32.0.0/16"] {
+        let out = meshvpn(
+            EXE.as_ref(),
+            &dir,
+            &["create", "x", "--relay", &relay, "--subnet", subnet],
+        )?;
+        assert_one_line_error(
+            &out,
+            &format!("subnet {subnet} is outside private address space"),
+        )?;
+    }
+    let out = meshvpn(
+        EXE.as_ref(),
+        &dir,
+        &[
+            "create",
+            "x",
+            "--relay",
+            &relay,
+            "--subnet",
+            "100.64.0.0/16",
+        ],
+    )?;
+    ensure!(out.status.success(), "a 100.64/10 subnet must be accepted");
+
+    // A token made elsewhere (an older build, or by hand) with a public subnet.
+    let wide = meshvpn::wire::token::Token {
+        network: "wide".into(),
+        secret: meshvpn::keys::NetworkSecret([7; 32]),
+        subnet: "0.0.0.0/1".parse()?,
+        relays: vec![relay.parse().map_err(anyhow::Error::msg)?],
+    };
+    let out = meshvpn(
+        EXE.as_ref(),
+        &dir,
+        &["join", &wide.encode(), "--no-start", "--name", "t"],
+    )?;
+    assert_one_line_error(&out, "subnet 0.0.0.0/1 is outside private address space")?;
+    ensure!(
+        !dir.config().join("wide.toml").exists(),
+        "a refused subnet must not write a config"
+    );
+    Ok(())
+}
+
+/// Waits for `child` to exit within `limit`; kills it (and fails) otherwise.
+fn wait_bounded(child: &mut std::process::Child, limit: Duration) -> Result<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            println!("exited with {status} after {:?}", start.elapsed());
+            return Ok(status);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("still running after {limit:?}; killed it");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_token_from_stdin_never_appears_in_the_process_arguments() -> Result<()> {
+    let dir = TempDir::new()?;
+    let token = make_token(&dir)?;
+    let mut child = Command::new(EXE)
+        .arg("--config-dir")
+        .arg(dir.config())
+        .arg("--run-dir")
+        .arg(dir.run())
+        .args(["join", "-", "--no-start", "--name", "t"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting meshvpn join -")?;
+    // Until exec completes, /proc shows the test's own arguments: wait for meshvpn's.
+    let cmdline_path = format!("/proc/{}/cmdline", child.id());
+    let start = Instant::now();
+    let cmdline = loop {
+        let raw = std::fs::read(&cmdline_path).unwrap_or_default();
+        let text = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if text.contains(" join - ") {
+            break text;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("meshvpn's arguments never showed in {cmdline_path}: {text:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    println!("{cmdline_path}: {cmdline}");
+    let leaked = cmdline.contains(&token) || cmdline.contains("mvpn1");
+    let mut stdin = child.stdin.take().context("stdin is piped")?;
+    writeln!(stdin, "{token}")?;
+    drop(stdin);
+    let status = wait_bounded(&mut child, Duration::from_secs(20))?;
+    ensure!(!leaked, "the token is in {cmdline_path}: {cmdline:?}");
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut stderr)?;
+    }
+    ensure!(status.success(), "join - failed: {stderr}");
+    ensure!(
+        dir.config().join("x.toml").exists(),
+        "join - did not write x.toml (the token from stdin was not used)"
+    );
+
+    // --token-file reads it from a file.
+    let dir = TempDir::new()?;
+    let token = make_token(&dir)?;
+    let file = dir.0.join("token.txt");
+    std::fs::write(&file, format!("{token}\n"))?;
+    let file = file.to_string_lossy().into_owned();
+    let out = meshvpn(
+        EXE.as_ref(),
+        &dir,
+        &["join", "--token-file", &file, "--no-start", "--name", "t"],
+    )?;
+    ensure!(
+        out.status.success(),
+        "join --token-file failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(dir.config().join("x.toml").exists(), "no x.toml written");
+    let out = meshvpn(
+        EXE.as_ref(),
+        &dir,
+        &["join", "--token-file", "/nonexistent/token", "--no-start"],
+    )?;
+    assert_one_line_error(&out, "/nonexistent/token")
+}
+
+#[test]
+fn a_config_others_may_read_is_refused() -> Result<()> {
+    if !is_root() {
+        println!("skipping: needs root (a non-root `up` fails on privileges first)");
+        return Ok(());
+    }
+    let dir = TempDir::new()?;
+    let token = make_token(&dir)?;
+    let out = meshvpn(
+        EXE.as_ref(),
+        &dir,
+        &["join", &token, "--no-start", "--name", "t"],
+    )?;
+    ensure!(
+        out.status.success(),
+        "join --no-start failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = dir.config().join("x.toml");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+    // Were the check missing, `up` would start an agent: bound it and kill it.
+    let mut child = Command::new(EXE)
+        .arg("--config-dir")
+        .arg(dir.config())
+        .arg("--run-dir")
+        .arg(dir.run())
+        .args(["up", "x"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting meshvpn up")?;
+    let status = wait_bounded(&mut child, Duration::from_secs(20))?;
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut stderr)?;
+    }
+    let out = Output {
+        status,
+        stdout: Vec::new(),
+        stderr: stderr.into_bytes(),
+    };
+    assert_one_line_error(&out, &format!("{} has mode 0644", path.display()))
 }

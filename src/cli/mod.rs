@@ -8,8 +8,9 @@ pub mod demo;
 pub mod generate;
 pub mod overlap;
 
+use std::io::Read as _;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -127,8 +128,13 @@ pub enum Command {
     },
     /// Join a network with a group token: write its config and run the agent in the foreground.
     Join {
-        /// The group token from `meshvpn create`.
-        token: String,
+        /// The group token from `meshvpn create`, or `-` to read it from standard input (keeps
+        /// it out of the process list and the shell history).
+        #[arg(required_unless_present = "token_file", conflicts_with = "token_file")]
+        token: Option<String>,
+        /// Read the group token from this file instead.
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<PathBuf>,
         /// This member's name (default: the host name).
         #[arg(long)]
         name: Option<String>,
@@ -267,13 +273,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } => create(&name, &relay, subnet),
         Command::Join {
             token,
+            token_file,
             name,
             ip,
             listen_port,
             no_start,
             enable,
         } => {
-            let token = Token::decode(&token)?;
+            let token = read_token(token.as_deref(), token_file.as_deref())?;
             if !no_start && !enable {
                 agent::check_privileges()?;
             }
@@ -347,7 +354,10 @@ fn create(name: &str, relays: &[String], subnet: Option<Ipv4Net>) -> anyhow::Res
         Some(s) if s.prefix_len() > 30 => {
             bail!("subnet {s} is too small: use a prefix of /30 or wider")
         }
-        Some(s) => s.trunc(),
+        Some(s) => {
+            config::check_private_subnet(&s).map_err(anyhow::Error::msg)?;
+            s.trunc()
+        }
         None => {
             let second: u8 = rand::rngs::OsRng.gen_range(100..=250);
             Ipv4Net::new(Ipv4Addr::new(10, second, 0, 0), 16).expect("/16 is a valid prefix")
@@ -379,6 +389,36 @@ fn create(name: &str, relays: &[String], subnet: Option<Ipv4Net>) -> anyhow::Res
     };
     println!("{}", token.encode());
     Ok(())
+}
+
+/// Longest token text read from standard input or a file (a token naming eight relays with
+/// long host names stays under 2 KiB; more is not a token).
+const MAX_TOKEN_TEXT: u64 = 16 * 1024;
+
+/// The group token of `join`: the argument itself, standard input for `-`, or a file.
+fn read_token(arg: Option<&str>, file: Option<&Path>) -> anyhow::Result<Token> {
+    let text = match (arg, file) {
+        (Some("-"), _) => {
+            let mut text = String::new();
+            std::io::stdin()
+                .take(MAX_TOKEN_TEXT)
+                .read_to_string(&mut text)
+                .context("reading the group token from standard input")?;
+            text
+        }
+        (Some(t), _) => t.to_string(),
+        (None, Some(path)) => {
+            let mut text = String::new();
+            std::fs::File::open(path)
+                .and_then(|f| f.take(MAX_TOKEN_TEXT).read_to_string(&mut text))
+                .with_context(|| format!("reading the group token from {}", path.display()))?;
+            text
+        }
+        (None, None) => bail!(
+            "no group token: pass it as an argument, `-` to read it from standard input, or --token-file PATH"
+        ),
+    };
+    Ok(Token::decode(&text)?)
 }
 
 /// `meshvpn relay-probe`: the relay's key, asked over a TCP or TLS stream.

@@ -23,6 +23,7 @@
 
 pub mod admission;
 pub(crate) mod codec;
+pub mod plain;
 pub mod stun;
 pub mod token;
 
@@ -728,17 +729,8 @@ impl Announcement {
 
     /// Seals the announcement for the relay to store and forward.
     pub fn seal(&self, control_key: &[u8; 32], network: &NetworkId, nonce: [u8; 24]) -> Vec<u8> {
-        let mut w = Writer::new();
-        w.u8(1)
-            .str(&self.name)
-            .raw(&self.virtual_ip.octets())
-            .u64(self.ts_ms);
-        w.u8(self.endpoints.len().min(MAX_ENDPOINTS) as u8);
-        for e in self.endpoints.iter().take(MAX_ENDPOINTS) {
-            w.addr(e);
-        }
-        w.u8(self.nat.to_byte());
-        seal(control_key, &Self::aad(network, &self.key), &w.buf, nonce)
+        let aad = Self::aad(network, &self.key);
+        seal(control_key, &aad, &self.encode_body(), nonce)
     }
 
     /// Opens an announcement stored under `key`; fails unless sealed by a member for that key.
@@ -749,7 +741,25 @@ impl Announcement {
         sealed: &[u8],
     ) -> Result<Self, WireError> {
         let plain = open(control_key, &Self::aad(network, &key), sealed)?;
-        let mut r = Reader::new(&plain);
+        Self::decode_body(key, &plain)
+    }
+
+    fn encode_body(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u8(1)
+            .str(&self.name)
+            .raw(&self.virtual_ip.octets())
+            .u64(self.ts_ms);
+        w.u8(self.endpoints.len().min(MAX_ENDPOINTS) as u8);
+        for e in self.endpoints.iter().take(MAX_ENDPOINTS) {
+            w.addr(e);
+        }
+        w.u8(self.nat.to_byte());
+        w.buf
+    }
+
+    fn decode_body(key: PeerKey, plain: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(plain);
         if r.u8()? != 1 {
             return Err(WireError::Malformed("unknown announcement version"));
         }
