@@ -22,19 +22,24 @@
 //! the bytes were refused.
 
 pub mod admission;
+mod announcement;
 pub(crate) mod codec;
+mod disco;
 pub mod plain;
 pub mod stun;
 pub mod token;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 
 use blake2::{Blake2s256, Digest};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
 use crate::keys::{NetworkId, PeerKey};
+
+pub use announcement::{Announcement, NatKind};
 use codec::{Reader, Writer};
+pub use disco::{open_disco, seal_disco, Disco, DiscoStamp, DISCO_VERSION};
 
 /// First two bytes of every meshvpn frame; 0xFF can start neither WireGuard nor STUN.
 pub const MAGIC: [u8; 2] = [0xFF, b'm'];
@@ -293,37 +298,6 @@ pub fn open_from_relay(
     RelayReply::decode(&open(session, &frame_aad(kind::FROM_RELAY, relay), sealed)?)
 }
 
-/// Builds a sealed `Disco` datagram: `msg` stamped with `stamp` (see [`DiscoStamp`]).
-pub fn seal_disco(
-    pair_key: &[u8; 32],
-    sender: PeerKey,
-    stamp: DiscoStamp,
-    msg: &Disco,
-    nonce: [u8; 24],
-) -> Vec<u8> {
-    let sealed = seal(
-        pair_key,
-        &frame_aad(kind::DISCO, &sender),
-        &msg.encode(stamp),
-        nonce,
-    );
-    Frame::Disco {
-        sender,
-        sealed: &sealed,
-    }
-    .to_vec()
-}
-
-/// Opens the body of a `Disco` frame: the message and its freshness stamp, which the caller
-/// must check (window and replay) before acting on the message.
-pub fn open_disco(
-    pair_key: &[u8; 32],
-    sender: &PeerKey,
-    sealed: &[u8],
-) -> Result<(DiscoStamp, Disco), WireError> {
-    Disco::decode(&open(pair_key, &frame_aad(kind::DISCO, sender), sealed)?)
-}
-
 /// A member's request to a relay (signed with the network key and sealed under the session key,
 /// see [`admission`]).
 ///
@@ -562,230 +536,13 @@ pub fn membership_digest<'a>(entries: impl IntoIterator<Item = &'a MemberEntry>)
     out
 }
 
-/// Member-to-member path discovery messages (sealed under the pair's disco key).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Disco {
-    /// "Are you there on this path?"; `tx` is random and echoed in the pong.
-    Ping { tx: [u8; 12] },
-    /// Answer to a ping; `observed` is the address the ping came from, as the answerer saw it.
-    Pong { tx: [u8; 12], observed: SocketAddr },
-    /// "Probe these addresses of mine now" (sent through the relay so both sides punch together).
-    CallMe { endpoints: Vec<SocketAddr> },
-    /// "My symmetric NAT now holds many mappings towards you: ping random ports of my address"
-    /// (a birthday probe, see `node::birthday`).
-    Spray,
-}
-
 /// At most this many endpoints in an announcement or a call-me.
 pub const MAX_ENDPOINTS: usize = 16;
-
-/// Version of the sealed disco body. The body before it carried no version byte and began
-/// with the message type (1..=4), so this value lies outside that range: each build refuses the
-/// other's bodies instead of misreading them. Version 5 added the [`DiscoStamp`].
-pub const DISCO_VERSION: u8 = 5;
-
-/// The freshness stamp inside every sealed disco body: the sender's wall clock and a random
-/// nonce. The receiver accepts a message only near its own clock and only once (see
-/// `node::peer::ReplayCache`), so a captured disco datagram cannot be replayed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct DiscoStamp {
-    /// Milliseconds since the Unix epoch when the sender sealed the message.
-    pub ts_ms: u64,
-    /// Random per message (from the sender's seeded RNG).
-    pub nonce: u64,
-}
-
-impl Disco {
-    fn encode(&self, stamp: DiscoStamp) -> Vec<u8> {
-        let mut w = Writer::new();
-        w.u8(DISCO_VERSION).u64(stamp.ts_ms).u64(stamp.nonce);
-        match self {
-            Disco::Ping { tx } => {
-                w.u8(1).raw(tx);
-            }
-            Disco::Pong { tx, observed } => {
-                w.u8(2).raw(tx).addr(observed);
-            }
-            Disco::CallMe { endpoints } => {
-                w.u8(3).u8(endpoints.len().min(MAX_ENDPOINTS) as u8);
-                for e in endpoints.iter().take(MAX_ENDPOINTS) {
-                    w.addr(e);
-                }
-            }
-            Disco::Spray => {
-                w.u8(4);
-            }
-        }
-        w.buf
-    }
-
-    fn decode(b: &[u8]) -> Result<(DiscoStamp, Self), WireError> {
-        let mut r = Reader::new(b);
-        let version = r.u8()?;
-        if version != DISCO_VERSION {
-            return Err(WireError::Version(version));
-        }
-        let stamp = DiscoStamp {
-            ts_ms: r.u64()?,
-            nonce: r.u64()?,
-        };
-        let msg = match r.u8()? {
-            1 => Disco::Ping { tx: r.array()? },
-            2 => Disco::Pong {
-                tx: r.array()?,
-                observed: r.addr()?,
-            },
-            3 => {
-                let n = usize::from(r.u8()?);
-                if n > MAX_ENDPOINTS {
-                    return Err(WireError::Malformed("too many endpoints"));
-                }
-                let endpoints = (0..n).map(|_| r.addr()).collect::<Result<_, _>>()?;
-                Disco::CallMe { endpoints }
-            }
-            4 => Disco::Spray,
-            other => return Err(WireError::UnknownType("disco", other)),
-        };
-        Ok((stamp, msg))
-    }
-}
-
-/// What a member tells the others about itself, sealed with the network's control key.
-///
-/// The key is bound into the associated data, so a relay cannot move an announcement to
-/// another member's entry; `ts_ms` lets receivers refuse an older announcement (replay).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Announcement {
-    /// The announcing member's public key.
-    pub key: PeerKey,
-    /// Human-readable node name.
-    pub name: String,
-    /// The member's virtual IPv4 address.
-    pub virtual_ip: Ipv4Addr,
-    /// Milliseconds since the Unix epoch when this announcement was made (grows per member).
-    pub ts_ms: u64,
-    /// The member's own view of where it can be reached (host addresses, mapped ports).
-    pub endpoints: Vec<SocketAddr>,
-    /// The member's NAT as it classified it (lets peers pick a strategy and explain a relay).
-    pub nat: NatKind,
-}
-
-/// A member's own verdict on its NAT, shared in its announcement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum NatKind {
-    /// Not classified yet (or STUN got no answer).
-    #[default]
-    Unknown,
-    /// The member's address is public (the reflexive address is one of its own).
-    Public,
-    /// Endpoint-independent mapping: peers see the address the relay sees.
-    EndpointIndependent,
-    /// Endpoint-dependent ("symmetric") mapping: every destination sees another port.
-    EndpointDependent,
-    /// UDP to the relay gets no answer; the member is attached over TCP.
-    UdpBlocked,
-}
-
-impl NatKind {
-    fn to_byte(self) -> u8 {
-        match self {
-            NatKind::Unknown => 0,
-            NatKind::Public => 1,
-            NatKind::EndpointIndependent => 2,
-            NatKind::EndpointDependent => 3,
-            NatKind::UdpBlocked => 4,
-        }
-    }
-
-    fn from_byte(b: u8) -> Self {
-        match b {
-            1 => NatKind::Public,
-            2 => NatKind::EndpointIndependent,
-            3 => NatKind::EndpointDependent,
-            4 => NatKind::UdpBlocked,
-            _ => NatKind::Unknown,
-        }
-    }
-
-    /// Human-readable description.
-    pub fn describe(self) -> &'static str {
-        match self {
-            NatKind::Unknown => "unknown",
-            NatKind::Public => "no NAT (public address)",
-            NatKind::EndpointIndependent => "endpoint-independent mapping",
-            NatKind::EndpointDependent => "symmetric (endpoint-dependent mapping)",
-            NatKind::UdpBlocked => "UDP blocked (relay over TCP)",
-        }
-    }
-}
-
-impl Announcement {
-    fn aad(network: &NetworkId, key: &PeerKey) -> Vec<u8> {
-        let mut aad = b"meshvpn v1 announcement".to_vec();
-        aad.extend_from_slice(&network.0);
-        aad.extend_from_slice(&key.0);
-        aad
-    }
-
-    /// Seals the announcement for the relay to store and forward.
-    pub fn seal(&self, control_key: &[u8; 32], network: &NetworkId, nonce: [u8; 24]) -> Vec<u8> {
-        let aad = Self::aad(network, &self.key);
-        seal(control_key, &aad, &self.encode_body(), nonce)
-    }
-
-    /// Opens an announcement stored under `key`; fails unless sealed by a member for that key.
-    pub fn open(
-        control_key: &[u8; 32],
-        network: &NetworkId,
-        key: PeerKey,
-        sealed: &[u8],
-    ) -> Result<Self, WireError> {
-        let plain = open(control_key, &Self::aad(network, &key), sealed)?;
-        Self::decode_body(key, &plain)
-    }
-
-    fn encode_body(&self) -> Vec<u8> {
-        let mut w = Writer::new();
-        w.u8(1)
-            .str(&self.name)
-            .raw(&self.virtual_ip.octets())
-            .u64(self.ts_ms);
-        w.u8(self.endpoints.len().min(MAX_ENDPOINTS) as u8);
-        for e in self.endpoints.iter().take(MAX_ENDPOINTS) {
-            w.addr(e);
-        }
-        w.u8(self.nat.to_byte());
-        w.buf
-    }
-
-    fn decode_body(key: PeerKey, plain: &[u8]) -> Result<Self, WireError> {
-        let mut r = Reader::new(plain);
-        if r.u8()? != 1 {
-            return Err(WireError::Malformed("unknown announcement version"));
-        }
-        let name = r.str()?;
-        let virtual_ip = Ipv4Addr::from(r.array::<4>()?);
-        let ts_ms = r.u64()?;
-        let n = usize::from(r.u8()?);
-        if n > MAX_ENDPOINTS {
-            return Err(WireError::Malformed("too many endpoints"));
-        }
-        let endpoints = (0..n).map(|_| r.addr()).collect::<Result<_, _>>()?;
-        let nat = NatKind::from_byte(r.u8()?);
-        Ok(Self {
-            key,
-            name,
-            virtual_ip,
-            ts_ms,
-            endpoints,
-            nat,
-        })
-    }
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn key(b: u8) -> PeerKey {
         PeerKey([b; 32])

@@ -1,0 +1,125 @@
+//! Member-to-member path discovery ("disco") messages: ping, pong, call-me and spray, each
+//! stamped with the sender's clock and a random nonce and sealed under the pair's disco key.
+//! The receiver checks the stamp (window and replay cache, `node::peer`) before acting.
+
+use std::net::SocketAddr;
+
+use super::codec::{Reader, Writer};
+use super::{frame_aad, kind, open, seal, Frame, WireError, MAX_ENDPOINTS};
+use crate::keys::PeerKey;
+
+/// Member-to-member path discovery messages (sealed under the pair's disco key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disco {
+    /// "Are you there on this path?"; `tx` is random and echoed in the pong.
+    Ping { tx: [u8; 12] },
+    /// Answer to a ping; `observed` is the address the ping came from, as the answerer saw it.
+    Pong { tx: [u8; 12], observed: SocketAddr },
+    /// "Probe these addresses of mine now" (sent through the relay so both sides punch together).
+    CallMe { endpoints: Vec<SocketAddr> },
+    /// "My symmetric NAT now holds many mappings towards you: ping random ports of my address"
+    /// (a birthday probe, see `node::birthday`).
+    Spray,
+}
+
+/// Version of the sealed disco body. The body before it carried no version byte and began
+/// with the message type (1..=4), so this value lies outside that range: each build refuses the
+/// other's bodies instead of misreading them. Version 5 added the [`DiscoStamp`].
+pub const DISCO_VERSION: u8 = 5;
+
+/// The freshness stamp inside every sealed disco body: the sender's wall clock and a random
+/// nonce. The receiver accepts a message only near its own clock and only once (see
+/// `node::peer::ReplayCache`), so a captured disco datagram cannot be replayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DiscoStamp {
+    /// Milliseconds since the Unix epoch when the sender sealed the message.
+    pub ts_ms: u64,
+    /// Random per message (from the sender's seeded RNG).
+    pub nonce: u64,
+}
+
+impl Disco {
+    pub(super) fn encode(&self, stamp: DiscoStamp) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u8(DISCO_VERSION).u64(stamp.ts_ms).u64(stamp.nonce);
+        match self {
+            Disco::Ping { tx } => {
+                w.u8(1).raw(tx);
+            }
+            Disco::Pong { tx, observed } => {
+                w.u8(2).raw(tx).addr(observed);
+            }
+            Disco::CallMe { endpoints } => {
+                w.u8(3).u8(endpoints.len().min(MAX_ENDPOINTS) as u8);
+                for e in endpoints.iter().take(MAX_ENDPOINTS) {
+                    w.addr(e);
+                }
+            }
+            Disco::Spray => {
+                w.u8(4);
+            }
+        }
+        w.buf
+    }
+
+    pub(super) fn decode(b: &[u8]) -> Result<(DiscoStamp, Self), WireError> {
+        let mut r = Reader::new(b);
+        let version = r.u8()?;
+        if version != DISCO_VERSION {
+            return Err(WireError::Version(version));
+        }
+        let stamp = DiscoStamp {
+            ts_ms: r.u64()?,
+            nonce: r.u64()?,
+        };
+        let msg = match r.u8()? {
+            1 => Disco::Ping { tx: r.array()? },
+            2 => Disco::Pong {
+                tx: r.array()?,
+                observed: r.addr()?,
+            },
+            3 => {
+                let n = usize::from(r.u8()?);
+                if n > MAX_ENDPOINTS {
+                    return Err(WireError::Malformed("too many endpoints"));
+                }
+                let endpoints = (0..n).map(|_| r.addr()).collect::<Result<_, _>>()?;
+                Disco::CallMe { endpoints }
+            }
+            4 => Disco::Spray,
+            other => return Err(WireError::UnknownType("disco", other)),
+        };
+        Ok((stamp, msg))
+    }
+}
+
+/// Builds a sealed `Disco` datagram: `msg` stamped with `stamp` (see [`DiscoStamp`]).
+pub fn seal_disco(
+    pair_key: &[u8; 32],
+    sender: PeerKey,
+    stamp: DiscoStamp,
+    msg: &Disco,
+    nonce: [u8; 24],
+) -> Vec<u8> {
+    let sealed = seal(
+        pair_key,
+        &frame_aad(kind::DISCO, &sender),
+        &msg.encode(stamp),
+        nonce,
+    );
+    Frame::Disco {
+        sender,
+        sealed: &sealed,
+    }
+    .to_vec()
+}
+
+/// Opens the body of a `Disco` frame: the message and its freshness stamp, which the caller
+/// must check (window and replay) before acting on the message.
+pub fn open_disco(
+    pair_key: &[u8; 32],
+    sender: &PeerKey,
+    sealed: &[u8],
+) -> Result<(DiscoStamp, Disco), WireError> {
+    Disco::decode(&open(pair_key, &frame_aad(kind::DISCO, sender), sealed)?)
+}
