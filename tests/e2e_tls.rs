@@ -15,6 +15,10 @@
 //! `/vpn/relay` to the relay's plain `--ws-listen` on loopback; the same 443-only client gets
 //! the key through it, and the relay counts the connection.
 //!
+//! A member on such a 443-only site (DNS allowed too) joins with the token alone: its agent
+//! finds UDP and the relay's TCP port blocked, falls back to WebSocket-over-TLS on its own,
+//! pings a public member through the relay, and its `status` shows that peer on `relay-tls`.
+//!
 //! Every wait is bounded; traffic only goes to addresses inside the lab's namespaces; the lab
 //! (and every process it started) is torn down on drop, also on failure.
 
@@ -27,7 +31,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
 use meshvpn::wire::token::{TlsEndpoint, Token};
-use meshvpn_lab::{self as lab, wait_until, Host, Lab, Nat, Node};
+use meshvpn_lab::{self as lab, wait_until, Host, Lab, Nat, Node, PeerPath};
 
 const EXE: &str = env!("CARGO_BIN_EXE_meshvpn");
 const RELAY_PORT: u16 = 3478;
@@ -38,6 +42,12 @@ const START_BOUND: Duration = Duration::from_secs(10);
 const PROBE_BOUND: Duration = Duration::from_secs(15);
 /// The CONNECT proxy's port on its host.
 const PROXY_PORT: u16 = 8888;
+/// Joining through TLS: UDP is given up after 4 s, the TCP attempt times out after 5 s, then
+/// TLS connects and registers within a second; members list each other soon after. Three
+/// times that leaves room for a loaded machine.
+const TLS_JOIN_BOUND: Duration = Duration::from_secs(45);
+/// One ping through the tunnel waits this long for its reply.
+const PING_WAIT: Duration = Duration::from_millis(500);
 
 #[test]
 fn host_that_only_reaches_tcp_443_gets_the_relay_over_tls() -> Result<()> {
@@ -52,30 +62,7 @@ fn host_that_only_reaches_tcp_443_gets_the_relay_over_tls() -> Result<()> {
     let mut relay = Node::new(&lab, exe, &relay_host, "relay")?;
     let client = Node::new(&lab, exe, &client_host, "client")?;
 
-    let pid = relay.spawn(
-        &lab,
-        &[
-            "relay",
-            "--listen",
-            &format!("0.0.0.0:{RELAY_PORT}"),
-            "--tls-listen",
-            &format!("0.0.0.0:{TLS_PORT}"),
-        ],
-    )?;
-    wait_until(
-        START_BOUND,
-        Duration::from_millis(50),
-        "the relay's TLS listener",
-        || {
-            ensure!(lab.is_running(pid), "the relay exited early");
-            let out = lab.run(
-                &relay_host,
-                &["ss", "-Hltn", "sport", "=", ":443"],
-                START_BOUND,
-            )?;
-            Ok(!out.stdout.is_empty())
-        },
-    )?;
+    start_tls_relay(&lab, &mut relay)?;
 
     // The operator's `create` asks the relay and records its TLS endpoint.
     let relay_addr = format!("{}:{RELAY_PORT}", relay_host.public_addr);
@@ -330,6 +317,132 @@ fn host_that_only_reaches_tcp_443_gets_the_relay_behind_nginx() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn member_on_a_443_only_site_joins_through_the_tls_relay_and_pings_a_public_member() -> Result<()> {
+    if !lab::is_root() {
+        println!("skipping: needs root");
+        return Ok(());
+    }
+    let mut lab = Lab::new("tls-join")?;
+    let relay_host = lab.add_public_host("relay")?;
+    let alice_host = lab.add_public_host("alice")?;
+    let bob_host = lab.add_natted_host("bob", Nat::HomeRouter)?;
+    let exe = Path::new(EXE);
+    let mut relay = Node::new(&lab, exe, &relay_host, "relay")?;
+    let mut alice = Node::new(&lab, exe, &alice_host, "alice")?;
+    let mut bob = Node::new(&lab, exe, &bob_host, "bob")?;
+    start_tls_relay(&lab, &mut relay)?;
+    let relay_addr = format!("{}:{RELAY_PORT}", relay_host.public_addr);
+    let token = relay.create_token(&lab, "tlsjoin", &relay_addr, None)?;
+
+    only_tcp_443_out(&lab, &bob_host)?;
+    // The site's firewall guards the uplink; what bob sends into his own tunnel is his.
+    lab.exec(
+        &bob_host,
+        &[
+            "nft",
+            "insert",
+            "rule",
+            "inet",
+            "egress",
+            "out",
+            "oifname",
+            "mvpn-tlsjoin",
+            "accept",
+        ],
+    )?;
+    alice.join(&lab, &token, &[])?;
+    let joined = std::time::Instant::now();
+    bob.join(&lab, &token, &[])?;
+
+    // Bob lists alice, and alice's virtual IP answers a ping through the relay's TLS stream.
+    let mut alice_ip = None;
+    wait_until(
+        TLS_JOIN_BOUND,
+        Duration::from_millis(200),
+        "bob to list alice",
+        || {
+            ensure!(
+                bob.is_running(&lab),
+                "bob exited; see {}",
+                bob.log.display()
+            );
+            ensure!(
+                alice.is_running(&lab),
+                "alice exited; see {}",
+                alice.log.display()
+            );
+            let status = bob.status(&lab, "tlsjoin")?;
+            alice_ip = status
+                .peer("alice")
+                .and_then(|p| p.virtual_ip.parse::<std::net::Ipv4Addr>().ok());
+            Ok(alice_ip.is_some())
+        },
+    )?;
+    let alice_ip = alice_ip.context("alice's virtual IP")?;
+    let wait_s = format!("{:.2}", PING_WAIT.as_secs_f64());
+    let ip = alice_ip.to_string();
+    let ping = ["ping", "-n", "-c", "1", "-W", wait_s.as_str(), ip.as_str()];
+    wait_until(
+        TLS_JOIN_BOUND,
+        Duration::from_millis(100),
+        "a ping from bob to alice through the TLS relay",
+        || {
+            Ok(lab
+                .run(&bob_host, &ping, PING_WAIT + Duration::from_secs(5))?
+                .status
+                .success())
+        },
+    )?;
+    println!(
+        "[tls-join] bob (443 only) pings alice {:.1?} after joining",
+        joined.elapsed()
+    );
+
+    let status = bob.status(&lab, "tlsjoin")?;
+    let path = status.peer("alice").map(|p| p.path);
+    println!("[tls-join] bob shows alice on {path:?}");
+    assert_eq!(
+        path,
+        Some(PeerPath::RelayTls),
+        "bob reaches the relay over TLS only"
+    );
+    assert!(status.relay.registered, "bob is registered with the relay");
+    let table = bob.status_table(&lab, "tlsjoin")?;
+    assert!(table.contains("relay-tls"), "{table}");
+    let alice_view = alice.status(&lab, "tlsjoin")?;
+    let bob_path = alice_view.peer("bob").map(|p| p.path);
+    println!("[tls-join] alice shows bob on {bob_path:?}");
+    assert_eq!(
+        bob_path,
+        Some(PeerPath::Relay),
+        "alice still uses the relay over UDP"
+    );
+    let relay_view = relay_status(&lab, &relay)?;
+    assert!(
+        counter(&relay_view, "/tcp/counters/accepted")? > 0,
+        "bob's stream went through the relay's connection table"
+    );
+    lab.teardown();
+    Ok(())
+}
+
+/// Starts the relay on `relay`'s host with its UDP port and WebSocket-over-TLS on 443, and
+/// waits until the TLS listener is up.
+fn start_tls_relay(lab: &Lab, relay: &mut Node) -> Result<()> {
+    let pid = relay.spawn(
+        lab,
+        &[
+            "relay",
+            "--listen",
+            &format!("0.0.0.0:{RELAY_PORT}"),
+            "--tls-listen",
+            &format!("0.0.0.0:{TLS_PORT}"),
+        ],
+    )?;
+    wait_for_tcp(lab, &relay.host, TLS_PORT, pid, "the relay's TLS listener")
+}
+
 /// Waits until `pid` listens on TCP `port` in `host`.
 fn wait_for_tcp(lab: &Lab, host: &Host, port: u16, pid: u32, what: &str) -> Result<()> {
     wait_until(START_BOUND, Duration::from_millis(50), what, || {
@@ -341,7 +454,7 @@ fn wait_for_tcp(lab: &Lab, host: &Host, port: u16, pid: u32, what: &str) -> Resu
     Ok(())
 }
 
-/// The host's own firewall: only TCP 443 (and replies) out.
+/// The host's own firewall: only TCP 443 and DNS (and replies) out.
 fn only_tcp_443_out(lab: &Lab, host: &Host) -> Result<()> {
     for rule in [
         "add table inet egress",
@@ -349,6 +462,8 @@ fn only_tcp_443_out(lab: &Lab, host: &Host) -> Result<()> {
         "add rule inet egress out oifname lo accept",
         "add rule inet egress out ct state established,related accept",
         "add rule inet egress out tcp dport 443 accept",
+        "add rule inet egress out udp dport 53 accept",
+        "add rule inet egress out tcp dport 53 accept",
     ] {
         let mut args = vec!["nft"];
         args.extend(rule.split(' '));
