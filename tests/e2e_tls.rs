@@ -319,23 +319,49 @@ fn host_that_only_reaches_tcp_443_gets_the_relay_behind_nginx() -> Result<()> {
 
 #[test]
 fn member_on_a_443_only_site_joins_through_the_tls_relay_and_pings_a_public_member() -> Result<()> {
+    join_through_tls("tls-join", false)
+}
+
+#[test]
+fn member_behind_a_connect_proxy_joins_through_the_tls_relay_and_pings_a_public_member(
+) -> Result<()> {
+    join_through_tls("tls-join-proxy", true)
+}
+
+/// A public member (alice) and a member (bob) on a home network whose firewall lets only TCP
+/// 443 and DNS out, or with `via_proxy` only a CONNECT proxy (tinyproxy, named to bob's agent
+/// in `HTTPS_PROXY`): bob joins with the token alone, pings alice's virtual IP and shows her on
+/// `relay-tls`.
+fn join_through_tls(tag: &str, via_proxy: bool) -> Result<()> {
     if !lab::is_root() {
         println!("skipping: needs root");
         return Ok(());
     }
-    let mut lab = Lab::new("tls-join")?;
+    let mut lab = Lab::new(tag)?;
     let relay_host = lab.add_public_host("relay")?;
     let alice_host = lab.add_public_host("alice")?;
     let bob_host = lab.add_natted_host("bob", Nat::HomeRouter)?;
     let exe = Path::new(EXE);
     let mut relay = Node::new(&lab, exe, &relay_host, "relay")?;
     let mut alice = Node::new(&lab, exe, &alice_host, "alice")?;
-    let mut bob = Node::new(&lab, exe, &bob_host, "bob")?;
+    let bob = Node::new(&lab, exe, &bob_host, "bob")?;
     start_tls_relay(&lab, &mut relay)?;
     let relay_addr = format!("{}:{RELAY_PORT}", relay_host.public_addr);
     let token = relay.create_token(&lab, "tlsjoin", &relay_addr, None)?;
 
-    only_tcp_443_out(&lab, &bob_host)?;
+    let mut env = Vec::new();
+    let proxy_log = lab.dir().join("tinyproxy.log");
+    if via_proxy {
+        let proxy_host = lab.add_public_host("proxy")?;
+        start_tinyproxy(&lab, &proxy_host, &proxy_log)?;
+        only_proxy_out(&lab, &bob_host, &proxy_host)?;
+        env.push(format!(
+            "HTTPS_PROXY=http://member:s3cret@{}:{PROXY_PORT}",
+            proxy_host.addr
+        ));
+    } else {
+        only_tcp_443_out(&lab, &bob_host)?;
+    }
     // The site's firewall guards the uplink; what bob sends into his own tunnel is his.
     lab.exec(
         &bob_host,
@@ -353,7 +379,10 @@ fn member_on_a_443_only_site_joins_through_the_tls_relay_and_pings_a_public_memb
     )?;
     alice.join(&lab, &token, &[])?;
     let joined = std::time::Instant::now();
-    bob.join(&lab, &token, &[])?;
+    let mut args: Vec<OsString> = env.into_iter().map(OsString::from).collect();
+    args.push(EXE.into());
+    args.extend(bob.args(&["join", token.as_str(), "--name", "bob"]));
+    let bob_pid = lab.spawn(&bob_host, "env", &args, &bob.log)?;
 
     // Bob lists alice, and alice's virtual IP answers a ping through the relay's TLS stream.
     let mut alice_ip = None;
@@ -363,7 +392,7 @@ fn member_on_a_443_only_site_joins_through_the_tls_relay_and_pings_a_public_memb
         "bob to list alice",
         || {
             ensure!(
-                bob.is_running(&lab),
+                lab.is_running(bob_pid),
                 "bob exited; see {}",
                 bob.log.display()
             );
@@ -395,13 +424,13 @@ fn member_on_a_443_only_site_joins_through_the_tls_relay_and_pings_a_public_memb
         },
     )?;
     println!(
-        "[tls-join] bob (443 only) pings alice {:.1?} after joining",
+        "[{tag}] bob pings alice {:.1?} after joining",
         joined.elapsed()
     );
 
     let status = bob.status(&lab, "tlsjoin")?;
     let path = status.peer("alice").map(|p| p.path);
-    println!("[tls-join] bob shows alice on {path:?}");
+    println!("[{tag}] bob shows alice on {path:?}");
     assert_eq!(
         path,
         Some(PeerPath::RelayTls),
@@ -412,7 +441,7 @@ fn member_on_a_443_only_site_joins_through_the_tls_relay_and_pings_a_public_memb
     assert!(table.contains("relay-tls"), "{table}");
     let alice_view = alice.status(&lab, "tlsjoin")?;
     let bob_path = alice_view.peer("bob").map(|p| p.path);
-    println!("[tls-join] alice shows bob on {bob_path:?}");
+    println!("[{tag}] alice shows bob on {bob_path:?}");
     assert_eq!(
         bob_path,
         Some(PeerPath::Relay),
@@ -423,7 +452,51 @@ fn member_on_a_443_only_site_joins_through_the_tls_relay_and_pings_a_public_memb
         counter(&relay_view, "/tcp/counters/accepted")? > 0,
         "bob's stream went through the relay's connection table"
     );
+    if via_proxy {
+        let log = std::fs::read_to_string(&proxy_log).unwrap_or_default();
+        assert!(
+            log.contains(&format!("{}:{TLS_PORT}", relay_host.public_addr)),
+            "tinyproxy logged the CONNECT to the relay:\n{log}"
+        );
+    }
     lab.teardown();
+    Ok(())
+}
+
+/// Starts tinyproxy on `host` (CONNECT to port 443 only, basic authentication
+/// `member:s3cret`), logging to `log`, and waits until it listens.
+fn start_tinyproxy(lab: &Lab, host: &Host, log: &Path) -> Result<()> {
+    let conf = lab.dir().join("tinyproxy.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "User nobody\nGroup nogroup\nPort {PROXY_PORT}\nListen 0.0.0.0\nTimeout 60\n\
+             MaxClients 10\nConnectPort 443\nBasicAuth member s3cret\nLogLevel Connect\n"
+        ),
+    )?;
+    let conf_arg = conf.to_string_lossy().into_owned();
+    let pid = lab.spawn(host, "tinyproxy", &["-d", "-c", &conf_arg], log)?;
+    wait_for_tcp(lab, host, PROXY_PORT, pid, "tinyproxy")
+}
+
+/// The host's own firewall: only the proxy (and DNS, and replies) out.
+fn only_proxy_out(lab: &Lab, host: &Host, proxy: &Host) -> Result<()> {
+    for rule in [
+        "add table inet egress".to_string(),
+        "add chain inet egress out { type filter hook output priority 0; policy drop; }"
+            .to_string(),
+        "add rule inet egress out oifname lo accept".to_string(),
+        "add rule inet egress out ct state established,related accept".to_string(),
+        "add rule inet egress out udp dport 53 accept".to_string(),
+        format!(
+            "add rule inet egress out ip daddr {} tcp dport {PROXY_PORT} accept",
+            proxy.addr
+        ),
+    ] {
+        let mut args = vec!["nft"];
+        args.extend(rule.split(' '));
+        lab.exec(host, &args)?;
+    }
     Ok(())
 }
 
