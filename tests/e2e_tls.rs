@@ -115,31 +115,8 @@ fn host_that_only_reaches_tcp_443_gets_the_relay_over_tls() -> Result<()> {
 
     // A corporate network: only the proxy is reachable, and it wants a password.
     let proxy_host = lab.add_public_host("proxy")?;
-    let conf = lab.dir().join("tinyproxy.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "User nobody\nGroup nogroup\nPort {PROXY_PORT}\nListen 0.0.0.0\nTimeout 60\n\
-             MaxClients 10\nConnectPort 443\nBasicAuth member s3cret\nLogLevel Connect\n"
-        ),
-    )?;
     let proxy_log = lab.dir().join("tinyproxy.log");
-    let conf_arg = conf.to_string_lossy().into_owned();
-    let proxy_pid = lab.spawn(
-        &proxy_host,
-        "tinyproxy",
-        &["-d", "-c", &conf_arg],
-        &proxy_log,
-    )?;
-    wait_until(START_BOUND, Duration::from_millis(50), "tinyproxy", || {
-        ensure!(lab.is_running(proxy_pid), "tinyproxy exited early");
-        let out = lab.run(
-            &proxy_host,
-            &["ss", "-Hltn", "sport", "=", ":8888"],
-            START_BOUND,
-        )?;
-        Ok(!out.stdout.is_empty())
-    })?;
+    start_tinyproxy(&lab, &proxy_host, &proxy_log)?;
     lab.exec(
         &client_host,
         &["nft", "flush", "chain", "inet", "egress", "out"],
