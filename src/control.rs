@@ -70,7 +70,7 @@ pub struct PingReply {
     pub peer: String,
     /// Whether a pong came back within [`PING_TIMEOUT`].
     pub ok: bool,
-    /// `"direct"`, `"relay"` or `"relay-tcp"`.
+    /// `"direct"`, `"relay"`, `"relay-tcp"` or `"relay-tls"`.
     pub path: Option<String>,
     /// Where the pong came from when direct.
     pub endpoint: Option<String>,

@@ -15,6 +15,10 @@
 //! `/vpn/relay` to the relay's plain `--ws-listen` on loopback; the same 443-only client gets
 //! the key through it, and the relay counts the connection.
 //!
+//! A member on such a 443-only site (DNS allowed too) joins with the token alone: its agent
+//! finds UDP and the relay's TCP port blocked, falls back to WebSocket-over-TLS on its own,
+//! pings a public member through the relay, and its `status` shows that peer on `relay-tls`.
+//!
 //! Every wait is bounded; traffic only goes to addresses inside the lab's namespaces; the lab
 //! (and every process it started) is torn down on drop, also on failure.
 
@@ -27,7 +31,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
 use meshvpn::wire::token::{TlsEndpoint, Token};
-use meshvpn_lab::{self as lab, wait_until, Host, Lab, Nat, Node};
+use meshvpn_lab::{self as lab, wait_until, Host, Lab, Nat, Node, PeerPath};
 
 const EXE: &str = env!("CARGO_BIN_EXE_meshvpn");
 const RELAY_PORT: u16 = 3478;
@@ -38,6 +42,12 @@ const START_BOUND: Duration = Duration::from_secs(10);
 const PROBE_BOUND: Duration = Duration::from_secs(15);
 /// The CONNECT proxy's port on its host.
 const PROXY_PORT: u16 = 8888;
+/// Joining through TLS: UDP is given up after 4 s, the TCP attempt times out after 5 s, then
+/// TLS connects and registers within a second; members list each other soon after. Three
+/// times that leaves room for a loaded machine.
+const TLS_JOIN_BOUND: Duration = Duration::from_secs(45);
+/// One ping through the tunnel waits this long for its reply.
+const PING_WAIT: Duration = Duration::from_millis(500);
 
 #[test]
 fn host_that_only_reaches_tcp_443_gets_the_relay_over_tls() -> Result<()> {
@@ -52,30 +62,7 @@ fn host_that_only_reaches_tcp_443_gets_the_relay_over_tls() -> Result<()> {
     let mut relay = Node::new(&lab, exe, &relay_host, "relay")?;
     let client = Node::new(&lab, exe, &client_host, "client")?;
 
-    let pid = relay.spawn(
-        &lab,
-        &[
-            "relay",
-            "--listen",
-            &format!("0.0.0.0:{RELAY_PORT}"),
-            "--tls-listen",
-            &format!("0.0.0.0:{TLS_PORT}"),
-        ],
-    )?;
-    wait_until(
-        START_BOUND,
-        Duration::from_millis(50),
-        "the relay's TLS listener",
-        || {
-            ensure!(lab.is_running(pid), "the relay exited early");
-            let out = lab.run(
-                &relay_host,
-                &["ss", "-Hltn", "sport", "=", ":443"],
-                START_BOUND,
-            )?;
-            Ok(!out.stdout.is_empty())
-        },
-    )?;
+    start_tls_relay(&lab, &mut relay)?;
 
     // The operator's `create` asks the relay and records its TLS endpoint.
     let relay_addr = format!("{}:{RELAY_PORT}", relay_host.public_addr);
@@ -128,31 +115,8 @@ fn host_that_only_reaches_tcp_443_gets_the_relay_over_tls() -> Result<()> {
 
     // A corporate network: only the proxy is reachable, and it wants a password.
     let proxy_host = lab.add_public_host("proxy")?;
-    let conf = lab.dir().join("tinyproxy.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "User nobody\nGroup nogroup\nPort {PROXY_PORT}\nListen 0.0.0.0\nTimeout 60\n\
-             MaxClients 10\nConnectPort 443\nBasicAuth member s3cret\nLogLevel Connect\n"
-        ),
-    )?;
     let proxy_log = lab.dir().join("tinyproxy.log");
-    let conf_arg = conf.to_string_lossy().into_owned();
-    let proxy_pid = lab.spawn(
-        &proxy_host,
-        "tinyproxy",
-        &["-d", "-c", &conf_arg],
-        &proxy_log,
-    )?;
-    wait_until(START_BOUND, Duration::from_millis(50), "tinyproxy", || {
-        ensure!(lab.is_running(proxy_pid), "tinyproxy exited early");
-        let out = lab.run(
-            &proxy_host,
-            &["ss", "-Hltn", "sport", "=", ":8888"],
-            START_BOUND,
-        )?;
-        Ok(!out.stdout.is_empty())
-    })?;
+    start_tinyproxy(&lab, &proxy_host, &proxy_log)?;
     lab.exec(
         &client_host,
         &["nft", "flush", "chain", "inet", "egress", "out"],
@@ -330,6 +294,205 @@ fn host_that_only_reaches_tcp_443_gets_the_relay_behind_nginx() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn member_on_a_443_only_site_joins_through_the_tls_relay_and_pings_a_public_member() -> Result<()> {
+    join_through_tls("tls-join", false)
+}
+
+#[test]
+fn member_behind_a_connect_proxy_joins_through_the_tls_relay_and_pings_a_public_member(
+) -> Result<()> {
+    join_through_tls("tls-join-proxy", true)
+}
+
+/// A public member (alice) and a member (bob) on a home network whose firewall lets only TCP
+/// 443 and DNS out, or with `via_proxy` only a CONNECT proxy (tinyproxy, named to bob's agent
+/// in `HTTPS_PROXY`): bob joins with the token alone, pings alice's virtual IP and shows her on
+/// `relay-tls`.
+fn join_through_tls(tag: &str, via_proxy: bool) -> Result<()> {
+    if !lab::is_root() {
+        println!("skipping: needs root");
+        return Ok(());
+    }
+    let mut lab = Lab::new(tag)?;
+    let relay_host = lab.add_public_host("relay")?;
+    let alice_host = lab.add_public_host("alice")?;
+    let bob_host = lab.add_natted_host("bob", Nat::HomeRouter)?;
+    let exe = Path::new(EXE);
+    let mut relay = Node::new(&lab, exe, &relay_host, "relay")?;
+    let mut alice = Node::new(&lab, exe, &alice_host, "alice")?;
+    let bob = Node::new(&lab, exe, &bob_host, "bob")?;
+    start_tls_relay(&lab, &mut relay)?;
+    let relay_addr = format!("{}:{RELAY_PORT}", relay_host.public_addr);
+    let token = relay.create_token(&lab, "tlsjoin", &relay_addr, None)?;
+
+    let mut env = Vec::new();
+    let proxy_log = lab.dir().join("tinyproxy.log");
+    if via_proxy {
+        let proxy_host = lab.add_public_host("proxy")?;
+        start_tinyproxy(&lab, &proxy_host, &proxy_log)?;
+        only_proxy_out(&lab, &bob_host, &proxy_host)?;
+        env.push(format!(
+            "HTTPS_PROXY=http://member:s3cret@{}:{PROXY_PORT}",
+            proxy_host.addr
+        ));
+    } else {
+        only_tcp_443_out(&lab, &bob_host)?;
+    }
+    // The site's firewall guards the uplink; what bob sends into his own tunnel is his.
+    lab.exec(
+        &bob_host,
+        &[
+            "nft",
+            "insert",
+            "rule",
+            "inet",
+            "egress",
+            "out",
+            "oifname",
+            "mvpn-tlsjoin",
+            "accept",
+        ],
+    )?;
+    alice.join(&lab, &token, &[])?;
+    let joined = std::time::Instant::now();
+    let mut args: Vec<OsString> = env.into_iter().map(OsString::from).collect();
+    args.push(EXE.into());
+    args.extend(bob.args(&["join", token.as_str(), "--name", "bob"]));
+    let bob_pid = lab.spawn(&bob_host, "env", &args, &bob.log)?;
+
+    // Bob lists alice, and alice's virtual IP answers a ping through the relay's TLS stream.
+    let mut alice_ip = None;
+    wait_until(
+        TLS_JOIN_BOUND,
+        Duration::from_millis(200),
+        "bob to list alice",
+        || {
+            ensure!(
+                lab.is_running(bob_pid),
+                "bob exited; see {}",
+                bob.log.display()
+            );
+            ensure!(
+                alice.is_running(&lab),
+                "alice exited; see {}",
+                alice.log.display()
+            );
+            let status = bob.status(&lab, "tlsjoin")?;
+            alice_ip = status
+                .peer("alice")
+                .and_then(|p| p.virtual_ip.parse::<std::net::Ipv4Addr>().ok());
+            Ok(alice_ip.is_some())
+        },
+    )?;
+    let alice_ip = alice_ip.context("alice's virtual IP")?;
+    let wait_s = format!("{:.2}", PING_WAIT.as_secs_f64());
+    let ip = alice_ip.to_string();
+    let ping = ["ping", "-n", "-c", "1", "-W", wait_s.as_str(), ip.as_str()];
+    wait_until(
+        TLS_JOIN_BOUND,
+        Duration::from_millis(100),
+        "a ping from bob to alice through the TLS relay",
+        || {
+            Ok(lab
+                .run(&bob_host, &ping, PING_WAIT + Duration::from_secs(5))?
+                .status
+                .success())
+        },
+    )?;
+    println!(
+        "[{tag}] bob pings alice {:.1?} after joining",
+        joined.elapsed()
+    );
+
+    let status = bob.status(&lab, "tlsjoin")?;
+    let path = status.peer("alice").map(|p| p.path);
+    println!("[{tag}] bob shows alice on {path:?}");
+    assert_eq!(
+        path,
+        Some(PeerPath::RelayTls),
+        "bob reaches the relay over TLS only"
+    );
+    assert!(status.relay.registered, "bob is registered with the relay");
+    let table = bob.status_table(&lab, "tlsjoin")?;
+    assert!(table.contains("relay-tls"), "{table}");
+    let alice_view = alice.status(&lab, "tlsjoin")?;
+    let bob_path = alice_view.peer("bob").map(|p| p.path);
+    println!("[{tag}] alice shows bob on {bob_path:?}");
+    assert_eq!(
+        bob_path,
+        Some(PeerPath::Relay),
+        "alice still uses the relay over UDP"
+    );
+    let relay_view = relay_status(&lab, &relay)?;
+    assert!(
+        counter(&relay_view, "/tcp/counters/accepted")? > 0,
+        "bob's stream went through the relay's connection table"
+    );
+    if via_proxy {
+        let log = std::fs::read_to_string(&proxy_log).unwrap_or_default();
+        assert!(
+            log.contains(&format!("{}:{TLS_PORT}", relay_host.public_addr)),
+            "tinyproxy logged the CONNECT to the relay:\n{log}"
+        );
+    }
+    lab.teardown();
+    Ok(())
+}
+
+/// Starts tinyproxy on `host` (CONNECT to port 443 only, basic authentication
+/// `member:s3cret`), logging to `log`, and waits until it listens.
+fn start_tinyproxy(lab: &Lab, host: &Host, log: &Path) -> Result<()> {
+    let conf = lab.dir().join("tinyproxy.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "User nobody\nGroup nogroup\nPort {PROXY_PORT}\nListen 0.0.0.0\nTimeout 60\n\
+             MaxClients 10\nConnectPort 443\nBasicAuth member s3cret\nLogLevel Connect\n"
+        ),
+    )?;
+    let conf_arg = conf.to_string_lossy().into_owned();
+    let pid = lab.spawn(host, "tinyproxy", &["-d", "-c", &conf_arg], log)?;
+    wait_for_tcp(lab, host, PROXY_PORT, pid, "tinyproxy")
+}
+
+/// The host's own firewall: only the proxy (and DNS, and replies) out.
+fn only_proxy_out(lab: &Lab, host: &Host, proxy: &Host) -> Result<()> {
+    for rule in [
+        "add table inet egress".to_string(),
+        "add chain inet egress out { type filter hook output priority 0; policy drop; }"
+            .to_string(),
+        "add rule inet egress out oifname lo accept".to_string(),
+        "add rule inet egress out ct state established,related accept".to_string(),
+        "add rule inet egress out udp dport 53 accept".to_string(),
+        format!(
+            "add rule inet egress out ip daddr {} tcp dport {PROXY_PORT} accept",
+            proxy.addr
+        ),
+    ] {
+        let mut args = vec!["nft"];
+        args.extend(rule.split(' '));
+        lab.exec(host, &args)?;
+    }
+    Ok(())
+}
+
+/// Starts the relay on `relay`'s host with its UDP port and WebSocket-over-TLS on 443, and
+/// waits until the TLS listener is up.
+fn start_tls_relay(lab: &Lab, relay: &mut Node) -> Result<()> {
+    let pid = relay.spawn(
+        lab,
+        &[
+            "relay",
+            "--listen",
+            &format!("0.0.0.0:{RELAY_PORT}"),
+            "--tls-listen",
+            &format!("0.0.0.0:{TLS_PORT}"),
+        ],
+    )?;
+    wait_for_tcp(lab, &relay.host, TLS_PORT, pid, "the relay's TLS listener")
+}
+
 /// Waits until `pid` listens on TCP `port` in `host`.
 fn wait_for_tcp(lab: &Lab, host: &Host, port: u16, pid: u32, what: &str) -> Result<()> {
     wait_until(START_BOUND, Duration::from_millis(50), what, || {
@@ -341,7 +504,7 @@ fn wait_for_tcp(lab: &Lab, host: &Host, port: u16, pid: u32, what: &str) -> Resu
     Ok(())
 }
 
-/// The host's own firewall: only TCP 443 (and replies) out.
+/// The host's own firewall: only TCP 443 and DNS (and replies) out.
 fn only_tcp_443_out(lab: &Lab, host: &Host) -> Result<()> {
     for rule in [
         "add table inet egress",
@@ -349,6 +512,8 @@ fn only_tcp_443_out(lab: &Lab, host: &Host) -> Result<()> {
         "add rule inet egress out oifname lo accept",
         "add rule inet egress out ct state established,related accept",
         "add rule inet egress out tcp dport 443 accept",
+        "add rule inet egress out udp dport 53 accept",
+        "add rule inet egress out tcp dport 53 accept",
     ] {
         let mut args = vec!["nft"];
         args.extend(rule.split(' '));

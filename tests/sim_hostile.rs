@@ -87,6 +87,7 @@ fn standalone(sim: &mut Sim) -> Node {
         relay: RelayTarget {
             key: sim.relay_secret.public(),
             addr: sim.relay_addr,
+            tls: false,
         },
         stun_servers: Vec::new(),
         seed: sim.rng.gen(),

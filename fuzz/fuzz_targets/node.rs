@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use boringtun::noise::{Tunn, TunnResult};
 use libfuzzer_sys::fuzz_target;
 use meshvpn::keys::PeerKey;
-use meshvpn::node::{Node, NodeConfig, RelayTarget, Transport};
+use meshvpn::node::{Node, NodeConfig, RelayTarget, StreamKind, Transport};
 use meshvpn::wire::admission::{echo_of, ECHO_LEN};
 use meshvpn::wire::plain::decode_announcement;
 use meshvpn::wire::{
@@ -39,6 +39,8 @@ fuzz_target!(|data: &[u8]| {
         relay: RelayTarget {
             key: fx.relay.public(),
             addr: relay_addr(),
+            // A relay with a TLS endpoint, so the stream kinds alternate too.
+            tls: true,
         },
         stun_servers: Vec::new(),
         seed: 3,
@@ -290,7 +292,14 @@ fn driver_call(node: &mut Node, now: Instant, which: u8, bytes: &[u8]) {
             node.set_local_endpoints(now, endpoints);
         }
         1 => match bytes.split_first() {
-            Some((b, _)) if b % 3 == 0 => node.handle_relay_stream_up(now, 0),
+            Some((b, _)) if b % 3 == 0 => {
+                let kind = if b & 0x10 == 0 {
+                    StreamKind::Tcp
+                } else {
+                    StreamKind::Tls
+                };
+                node.handle_relay_stream_up(now, 0, kind)
+            }
             Some((b, rest)) if b % 3 == 1 => node.handle_relay_stream(now, 0, rest),
             _ => node.handle_relay_stream_down(now, 0),
         },

@@ -17,7 +17,6 @@ mod progress;
 mod relay_stream;
 mod sockets;
 pub(crate) mod stream;
-mod tcp_client;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -34,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::Config;
 use crate::control::{self, Request};
 use crate::node::driver::{Output, Step};
-use crate::node::{self, Event, Node, NodeConfig, RelayTarget};
+use crate::node::{self, Event, Node, NodeConfig, RelayTarget, StreamKind};
 use crate::sockaddr;
 use crate::wire::token::RelayEndpoint;
 use portmap::{PortMapper, PortMapping};
@@ -141,6 +140,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
             relay: RelayTarget {
                 key: relay.key,
                 addr: relay_addr,
+                tls: relay.tls.is_some(),
             },
             stun_servers: resolve_stun_servers(&cfg.stun_servers).await,
             seed: rand::rngs::OsRng.next_u64(),
@@ -165,7 +165,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
     let mut udp_buf = vec![0u8; 65_536];
     let mut tun_buf = vec![0u8; 65_536];
     let mut endpoint_timer = tokio::time::interval(ENDPOINT_REFRESH);
-    let mut stream = RelayStream::new(relay_addr);
+    let mut stream = RelayStream::new(relay.clone());
     let mut step = Step::new();
     let (mut extra, mut extra_rx) = ExtraSockets::new();
     let mut pings = PendingPings::default();
@@ -208,13 +208,10 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
             Some((n, from, bytes)) = extra_rx.recv() => node.handle_udp_on(Instant::now(), n, sockaddr::unmap(from), &bytes),
             ev = stream.recv() => match ev {
                 StreamEvent::Datagram(d) => node.handle_relay_stream(Instant::now(), 0, &d),
-                StreamEvent::Connected(result) => {
-                    if stream.handle_connected(result) {
-                        node.handle_relay_stream_up(Instant::now(), 0);
-                    } else {
-                        node.handle_relay_stream_down(Instant::now(), 0);
-                    }
-                }
+                StreamEvent::Connected(result) => match stream.handle_connected(result) {
+                    Some(kind) => node.handle_relay_stream_up(Instant::now(), 0, kind),
+                    None => node.handle_relay_stream_down(Instant::now(), 0),
+                },
                 StreamEvent::Closed => {
                     stream.handle_closed();
                     node.handle_relay_stream_down(Instant::now(), 0);
@@ -316,7 +313,7 @@ impl Executor<'_> {
                         tracing::debug!(%e, "TUN write failed");
                     }
                 }
-                Output::OpenStream { .. } => self.stream.open(),
+                Output::OpenStream { kind, .. } => self.stream.open(kind),
                 Output::CloseStream { .. } => self.stream.close(),
                 Output::Event(ev) => self.event(node, ev),
             }
@@ -335,10 +332,10 @@ impl Executor<'_> {
                 direct,
                 ..
             } => {
-                let relayed = if node.relay_on_stream() {
-                    "relay-tcp"
-                } else {
-                    "relay"
+                let relayed = match node.relay_stream_kind() {
+                    Some(StreamKind::Tls) => "relay-tls",
+                    Some(StreamKind::Tcp) => "relay-tcp",
+                    None => "relay",
                 };
                 self.pings.answer(*request, *rtt, *direct, relayed);
             }

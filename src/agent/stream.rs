@@ -35,14 +35,8 @@ use crate::wire::token::RelayEndpoint;
 /// hundred bytes; the cap keeps a hostile one from growing our buffer.
 const MAX_PROXY_RESPONSE: usize = 8 * 1024;
 
-/// How to reach the relay over a stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StreamKind {
-    /// Length-framed TCP on the relay's main port.
-    Tcp,
-    /// WebSocket over TLS on the relay's TLS endpoint.
-    Tls,
-}
+/// How to reach the relay over a stream (the node's relay session chooses).
+pub(crate) use crate::node::StreamKind;
 
 /// An HTTP CONNECT proxy.
 #[derive(Clone, PartialEq, Eq)]

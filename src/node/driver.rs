@@ -4,8 +4,9 @@
 //! # Job
 //! [`Step::poll`] drains a node's outputs one at a time into borrowed slices of one reusable
 //! buffer (no allocation per packet): datagrams with their transport, TUN packets, events, and
-//! the commands to open or close the stream to a relay, which [`Step`] derives from
-//! [`Node::wants_stream`] by remembering what it last told the driver.
+//! the commands to open or close the stream to a relay (and which kind, TCP or TLS), which
+//! [`Step`] derives from [`Node::wanted_stream`] by remembering what it last told the driver;
+//! a change of kind is a close followed by an open.
 //!
 //! # Driving contract
 //! After every input to the node the driver calls [`Step::poll`] until it returns `None` and
@@ -16,7 +17,7 @@
 
 use std::net::SocketAddr;
 
-use super::{Event, Node, Transport};
+use super::{Event, Node, StreamKind, Transport};
 
 /// The one relay the node uses today (several relays will be several stream slots).
 const RELAYS: usize = 1;
@@ -44,10 +45,12 @@ pub enum Output<'a> {
     Tun(&'a [u8]),
     /// Something happened worth logging or answering.
     Event(Event),
-    /// Open a stream (TCP) to relay `relay` and report the outcome to the node.
+    /// Open a stream of `kind` to relay `relay` and report the outcome to the node.
     OpenStream {
         /// Which relay.
         relay: usize,
+        /// TCP or TLS.
+        kind: StreamKind,
     },
     /// Close the stream to relay `relay` (or abandon connecting it).
     CloseStream {
@@ -60,7 +63,7 @@ pub enum Output<'a> {
 #[derive(Debug, Default)]
 pub struct Step {
     buf: Vec<u8>,
-    streams: [bool; RELAYS],
+    streams: [Option<StreamKind>; RELAYS],
 }
 
 impl Step {
@@ -72,14 +75,17 @@ impl Step {
     /// The next output of `node`, borrowing this step's buffer; `None` when all is drained.
     pub fn poll<'a>(&'a mut self, node: &mut Node) -> Option<Output<'a>> {
         for relay in 0..RELAYS {
-            let wanted = node.wants_stream(relay);
-            if wanted != self.streams[relay] {
+            let wanted = node.wanted_stream(relay);
+            let held = self.streams[relay];
+            if wanted != held {
+                if held.is_some() {
+                    self.streams[relay] = None;
+                    return Some(Output::CloseStream { relay });
+                }
                 self.streams[relay] = wanted;
-                return Some(if wanted {
-                    Output::OpenStream { relay }
-                } else {
-                    Output::CloseStream { relay }
-                });
+                if let Some(kind) = wanted {
+                    return Some(Output::OpenStream { relay, kind });
+                }
             }
         }
         if let Some(t) = node.poll_transmit(&mut self.buf) {
@@ -97,6 +103,6 @@ impl Step {
 
     /// Whether the driver was told to hold the stream to `relay` open.
     pub fn stream_wanted(&self, relay: usize) -> bool {
-        self.streams.get(relay).copied().unwrap_or(false)
+        self.streams.get(relay).is_some_and(Option::is_some)
     }
 }

@@ -189,6 +189,7 @@ mod tests {
             relay: RelayTarget {
                 key: relay,
                 addr: "203.0.113.1:3478".parse().expect("literal"),
+                tls: false,
             },
             stun_servers: Vec::new(),
             seed: 1,

@@ -74,7 +74,8 @@ pub use link::guard::{HANDSHAKE_BUDGET, HANDSHAKE_LOAD_THRESHOLD, LIMITER_RESET}
 pub use link::{HANDSHAKE_GIVE_UP, HANDSHAKE_RETRY, SESSION_FRESH};
 pub use outbox::{Transmit, Transport};
 pub use relay_session::{
-    REGISTER_INTERVAL, REGISTER_RETRY_MAX, REGISTER_RETRY_MIN, RELAY_LOST_AFTER, UDP_FALLBACK_AFTER,
+    StreamKind, REGISTER_INTERVAL, REGISTER_RETRY_MAX, REGISTER_RETRY_MIN, RELAY_LOST_AFTER,
+    UDP_FALLBACK_AFTER,
 };
 pub use timers::{Timer, TimerTable};
 
@@ -106,6 +107,9 @@ pub struct RelayTarget {
     pub key: PeerKey,
     /// The relay's resolved UDP address.
     pub addr: SocketAddr,
+    /// Whether the relay serves WebSocket-over-TLS (its token entry names a TLS endpoint), so
+    /// a stream to it may be TLS when plain TCP does not get through.
+    pub tls: bool,
 }
 
 /// Everything a node needs to start.
@@ -695,6 +699,7 @@ mod tests {
             relay: RelayTarget {
                 key: relay,
                 addr: "203.0.113.1:3478".parse().expect("literal"),
+                tls: false,
             },
             stun_servers: Vec::new(),
             seed: 1,

@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use super::relay_session::Ack;
+use super::relay_session::{Ack, StreamKind};
 use super::{Event, Handled, Node};
 use crate::keys::PeerKey;
 use crate::wire::{self, RelayReply, RelayRequest};
@@ -151,10 +151,16 @@ impl Node {
         relay == 0 && self.relay.wants_stream()
     }
 
-    /// The driver's stream to relay `relay` is connected.
-    pub fn handle_relay_stream_up(&mut self, now: Instant, relay: usize) {
+    /// The kind of stream to relay `relay` the driver should hold open, if any: TCP first,
+    /// TLS when TCP does not get through (see [`relay_session`](super::relay_session)).
+    pub fn wanted_stream(&self, relay: usize) -> Option<StreamKind> {
+        self.wants_stream(relay).then(|| self.relay.stream_kind())
+    }
+
+    /// The driver's stream of `kind` to relay `relay` is connected.
+    pub fn handle_relay_stream_up(&mut self, now: Instant, relay: usize, kind: StreamKind) {
         self.now = self.now.max(now);
-        if relay == 0 && self.relay.handle_stream_up(now) {
+        if relay == 0 && self.relay.handle_stream_up(now, kind) {
             self.relay_transport_changed(now);
         }
         self.refresh_timers();
@@ -183,5 +189,10 @@ impl Node {
     /// Whether relay traffic goes over the stream now.
     pub fn relay_on_stream(&self) -> bool {
         self.relay.on_stream()
+    }
+
+    /// The kind of stream relay traffic uses now, if it uses one.
+    pub fn relay_stream_kind(&self) -> Option<StreamKind> {
+        self.relay.stream_in_use()
     }
 }

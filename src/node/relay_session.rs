@@ -5,7 +5,7 @@
 //! address and key, the session key that seals requests to it, registration with backoff,
 //! acknowledgement timeouts, loss of the relay, sync retries and the collection of sync
 //! snapshots, and the choice of transport: UDP on the main socket, or the driver's byte stream
-//! (TCP) to the relay when UDP is blocked.
+//! (TCP, or TLS when TCP does not get through) to the relay when UDP is blocked.
 //!
 //! # Registration
 //! A registration goes out every [`REGISTER_INTERVAL`]; one not acknowledged within
@@ -31,6 +31,13 @@
 //! stream once it has been quiet, heard nothing from the relay and had no STUN answer over UDP
 //! for [`UDP_FALLBACK_AFTER`] (so a relay that was heard long ago is left as soon as a
 //! registration goes unanswered).
+//!
+//! # TCP or TLS
+//! A stream is plain TCP on the relay's main port first. A TCP attempt that fails, or a TCP
+//! stream that closes before the relay acknowledged a registration over it, makes the next
+//! attempt TLS (WebSocket over TLS, usually TCP 443) if the relay has a TLS endpoint, at once;
+//! a TLS attempt failing the same way makes the next one TCP again, after the backoff. A kind
+//! over which the relay acknowledged a registration is the first one tried next time.
 //! While on the stream the node keeps sending STUN over UDP; a STUN answer from the relay's
 //! address proves UDP works both ways and the session goes back to UDP (direct paths need UDP
 //! anyway). Only STUN answers count, since relayed traffic may still trickle in through an old
@@ -81,6 +88,15 @@ pub const UDP_FALLBACK_AFTER: Duration = Duration::from_secs(4);
 pub const STREAM_RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest delay between stream connection attempts.
 pub const STREAM_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Which kind of stream to the relay the driver opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// Length-framed TCP on the relay's main port.
+    Tcp,
+    /// WebSocket over TLS on the relay's TLS endpoint.
+    Tls,
+}
 
 /// How the session reaches its relay now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +169,12 @@ pub(crate) struct RelaySession {
     udp_since: Instant,
     next_stream_attempt: Instant,
     stream_backoff: Duration,
+    /// The kind of stream asked for (or up) now, or to ask for next.
+    stream_kind: StreamKind,
+    /// The kind each round of attempts starts with: the last one the relay answered over.
+    preferred_kind: StreamKind,
+    /// Whether the relay acknowledged a registration over the current stream.
+    acked_on_stream: bool,
     /// Signs requests with the network key and carries the relay's return-path cookie.
     admission: AdmissionClient,
 }
@@ -188,6 +210,9 @@ impl RelaySession {
             udp_since: now,
             next_stream_attempt: now,
             stream_backoff: STREAM_RETRY_MIN,
+            stream_kind: StreamKind::Tcp,
+            preferred_kind: StreamKind::Tcp,
+            acked_on_stream: false,
         }
     }
 
@@ -242,6 +267,16 @@ impl RelaySession {
     /// Whether the driver should hold a stream to this relay open (or open one).
     pub(crate) fn wants_stream(&self) -> bool {
         self.carrier != Carrier::Udp
+    }
+
+    /// The kind of stream the driver should hold (meaningful while [`Self::wants_stream`]).
+    pub(crate) fn stream_kind(&self) -> StreamKind {
+        self.stream_kind
+    }
+
+    /// The kind of stream relay-bound datagrams use now, if they use one.
+    pub(crate) fn stream_in_use(&self) -> Option<StreamKind> {
+        self.on_stream().then_some(self.stream_kind)
     }
 
     /// How relay-bound datagrams travel now.
@@ -339,7 +374,7 @@ impl RelaySession {
             }
         }
         if self.fallback_at().is_some_and(|at| at <= now) {
-            tracing::info!(relay = %self.target.addr, "no UDP answer from the relay; trying the stream");
+            tracing::info!(relay = %self.target.addr, kind = ?self.stream_kind, "no UDP answer from the relay; trying the stream");
             self.carrier = Carrier::Connecting;
             self.next_stream_attempt = now + self.stream_backoff;
             self.stream_backoff = (self.stream_backoff * 2).min(STREAM_RETRY_MAX);
@@ -397,6 +432,10 @@ impl RelaySession {
         let was = self.registered;
         self.registered = true;
         self.next_register = now + REGISTER_INTERVAL;
+        if self.carrier == Carrier::Stream {
+            self.acked_on_stream = true;
+            self.preferred_kind = self.stream_kind;
+        }
         if self.carrier == Carrier::Leaving {
             // Registered over UDP: the stream can go.
             self.carrier = Carrier::Udp;
@@ -468,12 +507,15 @@ impl RelaySession {
     }
 
     /// The driver's stream to the relay is up; returns whether the transport changed.
-    pub(crate) fn handle_stream_up(&mut self, now: Instant) -> bool {
-        if self.carrier != Carrier::Connecting {
+    /// A stream of another kind than the one asked for is ignored (the driver closes it when
+    /// it sees the kind wanted now).
+    pub(crate) fn handle_stream_up(&mut self, now: Instant, kind: StreamKind) -> bool {
+        if self.carrier != Carrier::Connecting || kind != self.stream_kind {
             return false;
         }
-        tracing::info!(relay = %self.target.addr, "attached to the relay over the stream");
+        tracing::info!(relay = %self.target.addr, ?kind, "attached to the relay over the stream");
         self.carrier = Carrier::Stream;
+        self.acked_on_stream = false;
         self.stream_backoff = STREAM_RETRY_MIN;
         self.next_register = now;
         true
@@ -484,8 +526,9 @@ impl RelaySession {
         match self.carrier {
             Carrier::Udp => false,
             Carrier::Connecting => {
-                tracing::warn!(relay = %self.target.addr, "cannot reach the relay over the stream either; retrying");
+                tracing::warn!(relay = %self.target.addr, kind = ?self.stream_kind, "cannot reach the relay over this stream either; retrying");
                 self.carrier = Carrier::Udp;
+                self.stream_failed(now);
                 false
             }
             Carrier::Leaving => {
@@ -493,13 +536,30 @@ impl RelaySession {
                 false
             }
             Carrier::Stream => {
-                tracing::warn!(relay = %self.target.addr, "stream to the relay closed");
+                tracing::warn!(relay = %self.target.addr, kind = ?self.stream_kind, "stream to the relay closed");
                 self.carrier = Carrier::Udp;
                 self.udp_since = now;
                 self.next_register = now;
+                if !self.acked_on_stream {
+                    self.stream_failed(now);
+                }
                 true
             }
         }
+    }
+
+    /// The current kind of stream did not get a registration through: try the other kind next,
+    /// at once when that completes a round started with the preferred kind and the relay has a
+    /// TLS endpoint, else after the backoff already running.
+    fn stream_failed(&mut self, now: Instant) {
+        let other = match self.stream_kind {
+            StreamKind::Tcp if self.target.tls => StreamKind::Tls,
+            StreamKind::Tcp | StreamKind::Tls => StreamKind::Tcp,
+        };
+        if self.stream_kind == self.preferred_kind && other != self.stream_kind {
+            self.next_stream_attempt = now;
+        }
+        self.stream_kind = other;
     }
 
     /// When the session gives up on UDP, if it is on UDP and the relay is quiet.
@@ -519,10 +579,15 @@ mod tests {
     use rand::SeedableRng;
 
     fn session(now: Instant) -> RelaySession {
+        session_with_tls(now, true)
+    }
+
+    fn session_with_tls(now: Instant, tls: bool) -> RelaySession {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
         let target = RelayTarget {
             key: NodeSecret::generate(&mut rng).public(),
             addr: "203.0.113.1:3478".parse().expect("literal"),
+            tls,
         };
         let signing = crate::keys::NetworkSecret::generate(&mut rng)
             .derive()
@@ -571,7 +636,7 @@ mod tests {
         );
         // Until the driver reports the stream up, traffic stays on UDP.
         assert!(!s.on_stream());
-        assert!(s.handle_stream_up(asked + Duration::from_millis(30)));
+        assert!(s.handle_stream_up(asked + Duration::from_millis(30), StreamKind::Tcp));
         assert!(s.on_stream());
         assert_eq!(s.transport(), Transport::Stream { relay: 0 });
         assert_eq!(
@@ -605,7 +670,7 @@ mod tests {
     #[test]
     fn an_answering_relay_keeps_udp_and_a_failed_stream_is_retried_with_backoff() {
         let t0 = Instant::now();
-        let mut s = session(t0);
+        let mut s = session_with_tls(t0, false);
         let due = s.handle_timeout(t0);
         assert!(due.register);
         s.note_register_sent(t0, 1);
@@ -684,5 +749,94 @@ mod tests {
         }
         let held = s.sync.as_ref().map_or(0, |c| c.bytes);
         assert!(held <= MAX_SYNC_BYTES, "{held} bytes held");
+    }
+
+    /// Registers once at `now` and has the relay acknowledge it.
+    fn acked(s: &mut RelaySession, now: Instant, ts: u64) {
+        assert!(s.handle_timeout(now).register);
+        s.note_register_sent(now, ts);
+        let observed = "198.51.100.9:4000".parse().expect("literal");
+        assert!(matches!(
+            s.handle_ack(now, ts, observed),
+            Ack::Accepted { .. }
+        ));
+    }
+
+    #[test]
+    fn udp_then_tcp_then_tls_and_back_to_udp_then_tls_first() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        let asked = run_unanswered(&mut s, t0, t0 + Duration::from_secs(30)).expect("asks");
+        assert_eq!(s.stream_kind(), StreamKind::Tcp, "TCP first");
+        // TCP does not connect (only 443 gets out): TLS is asked for at once.
+        let t1 = asked + Duration::from_secs(5);
+        assert!(!s.handle_stream_down(t1));
+        assert!(!s.wants_stream());
+        assert_eq!(s.stream_kind(), StreamKind::Tls);
+        assert_eq!(s.poll_timeout().max(t1), t1, "no backoff within a round");
+        s.handle_timeout(t1);
+        assert!(s.wants_stream());
+        assert_eq!(s.stream_kind(), StreamKind::Tls);
+        // A late TCP stream is not the one asked for.
+        assert!(!s.handle_stream_up(t1, StreamKind::Tcp));
+        assert!(!s.on_stream());
+        let t2 = t1 + Duration::from_millis(200);
+        assert!(s.handle_stream_up(t2, StreamKind::Tls));
+        assert_eq!(s.stream_in_use(), Some(StreamKind::Tls));
+        assert_eq!(s.transport(), Transport::Stream { relay: 0 });
+        acked(&mut s, t2, 100);
+
+        // UDP answers again: back to UDP once a registration over UDP is acknowledged.
+        let t3 = t2 + Duration::from_secs(20);
+        assert!(s.handle_udp_stun(t3, s.target().addr));
+        assert_eq!(s.stream_in_use(), None);
+        acked(&mut s, t3, 101);
+        assert!(!s.wants_stream());
+        assert!(!s.handle_stream_down(t3), "the driver closed the stream");
+
+        // UDP blocked again: the kind that worked last is tried first.
+        let t4 = s.poll_timeout();
+        run_unanswered(&mut s, t4, t4 + Duration::from_secs(60)).expect("asks again");
+        assert_eq!(s.stream_kind(), StreamKind::Tls);
+    }
+
+    #[test]
+    fn a_stream_closed_before_any_acknowledgement_counts_as_failed() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        let asked = run_unanswered(&mut s, t0, t0 + Duration::from_secs(30)).expect("asks");
+        // TCP connects (a middlebox accepts it) but closes before the relay answered.
+        assert!(s.handle_stream_up(asked, StreamKind::Tcp));
+        let t1 = asked + Duration::from_secs(1);
+        assert!(s.handle_stream_down(t1));
+        assert_eq!(s.stream_kind(), StreamKind::Tls);
+        let asked = run_unanswered(&mut s, t1, t1 + Duration::from_secs(30)).expect("asks");
+        assert_eq!(s.stream_kind(), StreamKind::Tls);
+        // TLS fails too: TCP again, after the backoff rather than at once.
+        assert!(!s.handle_stream_down(asked));
+        assert_eq!(s.stream_kind(), StreamKind::Tcp);
+        let retry = s.fallback_at().expect("retries");
+        assert!(retry > asked, "backs off between rounds");
+
+        // A stream acknowledged over and later closed keeps its kind.
+        let mut s = session(t0);
+        let asked = run_unanswered(&mut s, t0, t0 + Duration::from_secs(30)).expect("asks");
+        assert!(s.handle_stream_up(asked, StreamKind::Tcp));
+        acked(&mut s, asked, 5);
+        assert!(s.handle_stream_down(asked + Duration::from_secs(60)));
+        assert_eq!(s.stream_kind(), StreamKind::Tcp);
+    }
+
+    #[test]
+    fn a_relay_without_tls_is_retried_over_tcp_only() {
+        let t0 = Instant::now();
+        let mut s = session_with_tls(t0, false);
+        let mut now = t0;
+        for _ in 0..4 {
+            let asked = run_unanswered(&mut s, now, now + Duration::from_secs(120)).expect("asks");
+            assert_eq!(s.stream_kind(), StreamKind::Tcp);
+            assert!(!s.handle_stream_down(asked));
+            now = asked;
+        }
     }
 }

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::peer::{Path, Peer};
-use super::Node;
+use super::{Node, StreamKind};
 use crate::status::{NatStatus, PeerPath, PeerStatus, RelayStatus, Status};
 use crate::wire::NatKind;
 
@@ -15,10 +15,10 @@ impl Node {
             .peers
             .values()
             .map(|p| {
-                let relayed = if self.relay.on_stream() {
-                    PeerPath::RelayTcp
-                } else {
-                    PeerPath::Relay
+                let relayed = match self.relay.stream_in_use() {
+                    Some(StreamKind::Tls) => PeerPath::RelayTls,
+                    Some(StreamKind::Tcp) => PeerPath::RelayTcp,
+                    None => PeerPath::Relay,
                 };
                 let (path, endpoint) = match p.paths.path() {
                     Path::Direct { addr, .. } => (PeerPath::Direct, addr),

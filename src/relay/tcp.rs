@@ -3,7 +3,7 @@
 //!
 //! Each datagram travels as a 2-byte big-endian length followed by the datagram, exactly the
 //! bytes that would have been one UDP payload; the relay treats a TCP connection as one more
-//! [`Link`](super::server::Link). The member end lives with the agent (`agent::tcp_client`).
+//! [`Link`](super::server::Link). The member end lives with the agent (`agent::relay_stream`).
 //!
 //! The relay end reads through a [`FrameDecoder`]: bytes are fed as they arrive and whole frames
 //! come out. A length prefix above the decoder's cap is refused as soon as its two bytes are

@@ -253,6 +253,7 @@ impl Sim {
             relay: RelayTarget {
                 key: self.relay.public_key(),
                 addr: self.relay_addr,
+                tls: false,
             },
             stun_servers: Vec::new(),
             seed: self.rng.gen(),
@@ -614,6 +615,9 @@ impl Sim {
         if !self.members[i].step.stream_wanted(0) {
             return;
         }
+        let Some(kind) = self.members[i].node.wanted_stream(0) else {
+            return;
+        };
         if !self.relay_alive {
             self.members[i].node.handle_relay_stream_down(now, 0);
             return;
@@ -626,7 +630,7 @@ impl Sim {
         };
         self.members[i].stream = Some(link);
         self.members[i].stream_clock = (now, now);
-        self.members[i].node.handle_relay_stream_up(now, 0);
+        self.members[i].node.handle_relay_stream_up(now, 0, kind);
     }
 
     /// Runs until `cond` holds or `limit` of simulated time passes; returns the time it took.

@@ -91,9 +91,10 @@ pub struct PeerStatus {
     pub relay_reason: Option<String>,
 }
 
-/// The path packets to a peer take, serialised as `"direct"`, `"relay"` or `"relay-tcp"`.
+/// The path packets to a peer take, serialised as `"direct"`, `"relay"`, `"relay-tcp"` or
+/// `"relay-tls"`.
 ///
-/// A new relay transport (a TLS stream, say) is one more variant with its own name here.
+/// A new relay transport is one more variant with its own name here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerPath {
     /// Straight to the peer's confirmed UDP address.
@@ -105,11 +106,20 @@ pub enum PeerPath {
     /// Through the relay, over its TCP stream (UDP to the relay is blocked).
     #[serde(rename = "relay-tcp")]
     RelayTcp,
+    /// Through the relay, over its WebSocket-over-TLS stream (only TLS, usually TCP 443, gets
+    /// out).
+    #[serde(rename = "relay-tls")]
+    RelayTls,
 }
 
 impl PeerPath {
     /// Every path, in a fixed order.
-    pub const ALL: [PeerPath; 3] = [PeerPath::Direct, PeerPath::Relay, PeerPath::RelayTcp];
+    pub const ALL: [PeerPath; 4] = [
+        PeerPath::Direct,
+        PeerPath::Relay,
+        PeerPath::RelayTcp,
+        PeerPath::RelayTls,
+    ];
 
     /// The name the JSON and the tables use.
     pub fn as_str(self) -> &'static str {
@@ -117,6 +127,7 @@ impl PeerPath {
             PeerPath::Direct => "direct",
             PeerPath::Relay => "relay",
             PeerPath::RelayTcp => "relay-tcp",
+            PeerPath::RelayTls => "relay-tls",
         }
     }
 
@@ -377,7 +388,15 @@ mod tests {
             .iter()
             .map(|p| serde_json::to_string(p).expect("a unit variant serialises"))
             .collect();
-        assert_eq!(names, [r#""direct""#, r#""relay""#, r#""relay-tcp""#]);
+        assert_eq!(
+            names,
+            [
+                r#""direct""#,
+                r#""relay""#,
+                r#""relay-tcp""#,
+                r#""relay-tls""#
+            ]
+        );
         for path in PeerPath::ALL {
             let json = serde_json::to_string(&path).expect("a unit variant serialises");
             assert_eq!(json, format!("\"{}\"", path.as_str()));
