@@ -192,7 +192,12 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
         )
         .with_sequence_start(start_us)
         .with_config(opts.server.clone())
-        .with_tls_endpoint(tls_endpoint),
+        .with_tls_endpoint(tls_endpoint)
+        .with_cookie_secret({
+            let mut secret = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut secret);
+            secret
+        }),
         table: ConnTable::new(limits),
         conns: BTreeMap::new(),
         log: LogLimiter::default(),

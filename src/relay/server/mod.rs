@@ -209,6 +209,13 @@ impl RelayServer {
         }
     }
 
+    /// Replaces the cookie secret with `secret` (the driver passes 32 bytes of OS randomness,
+    /// so the secret does not rest on the 64-bit `seed` alone).
+    pub fn with_cookie_secret(mut self, secret: [u8; 32]) -> Self {
+        self.cookies = CookieKey::new(secret);
+        self
+    }
+
     /// Uses `config` for the relay's limits.
     pub fn with_config(mut self, config: ServerConfig) -> Self {
         self.config = config;
