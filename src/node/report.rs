@@ -77,11 +77,13 @@ impl Node {
             .next_probe()
             .saturating_duration_since(now)
             .as_secs();
-        if self.relay.on_stream() {
-            return "UDP blocked here (relay over TCP)".into();
+        match self.relay.stream_in_use() {
+            Some(StreamKind::Tcp) => return "UDP blocked here (relay over TCP)".into(),
+            Some(StreamKind::Tls) => return "UDP blocked here (relay over TLS)".into(),
+            None => {}
         }
         if p.announcement.nat == NatKind::UdpBlocked {
-            return "UDP blocked at the peer (it uses the relay over TCP)".into();
+            return "UDP blocked at the peer (it uses the relay over a stream)".into();
         }
         let hard = |k: NatKind| k == NatKind::EndpointDependent;
         if hard(self.nat) && hard(p.announcement.nat) && self.port_mapping.is_none() {
