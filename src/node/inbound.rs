@@ -168,33 +168,15 @@ fn inner_addresses(packet: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{NodeConfig, RelayTarget, Transport, HANDSHAKE_LOAD_THRESHOLD};
+    use super::super::{Transport, HANDSHAKE_LOAD_THRESHOLD};
     use super::*;
-    use crate::keys::{NetworkSecret, NodeSecret};
+    use crate::keys::NodeSecret;
     use boringtun::noise::{Tunn, TunnResult};
     use rand::SeedableRng;
     use rand_chacha::ChaCha20Rng;
-    use std::net::Ipv4Addr;
 
     fn node(now: Instant) -> Node {
-        let mut rng = ChaCha20Rng::seed_from_u64(12);
-        let relay = NodeSecret::generate(&mut rng).public();
-        let cfg = NodeConfig {
-            secret: NodeSecret::generate(&mut rng),
-            network_secret: NetworkSecret::generate(&mut rng),
-            network_name: "test".into(),
-            name: "a".into(),
-            virtual_ip: Ipv4Addr::new(10, 77, 0, 1),
-            subnet: "10.77.0.0/16".parse().expect("literal"),
-            relay: RelayTarget {
-                key: relay,
-                addr: "203.0.113.1:3478".parse().expect("literal"),
-                tls: false,
-            },
-            stun_servers: Vec::new(),
-            seed: 1,
-        };
-        Node::new(cfg, now, 1_700_000_000_000)
+        super::super::test_support::node(12, now)
     }
 
     #[test]

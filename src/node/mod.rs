@@ -682,12 +682,13 @@ pub fn is_announceable(ip: &IpAddr) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_support {
     use super::*;
     use crate::keys::{NetworkSecret, NodeSecret};
 
-    fn node(now: Instant) -> Node {
-        let mut rng = ChaCha20Rng::seed_from_u64(11);
+    /// A node of a one-member test network, its keys drawn from `seed`, starting at `now`.
+    pub(crate) fn node(seed: u64, now: Instant) -> Node {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let relay = NodeSecret::generate(&mut rng).public();
         let cfg = NodeConfig {
             secret: NodeSecret::generate(&mut rng),
@@ -705,6 +706,15 @@ mod tests {
             seed: 1,
         };
         Node::new(cfg, now, 1_700_000_000_000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(now: Instant) -> Node {
+        test_support::node(11, now)
     }
 
     #[test]
