@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use boringtun::noise::{Tunn, TunnResult};
-use meshvpn_lab::{self as lab, Mesh};
+use meshvpn_lab::{self as lab, cpu_share, cpu_ticks, Mesh};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -408,29 +408,4 @@ fn udp_payload_to(packet: &[u8], to: Ipv4Addr) -> Option<(u16, &[u8])> {
         return None;
     }
     Some((dport, udp.get(8..len)?))
-}
-
-/// User plus system CPU ticks of process `pid`.
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').context("odd /proc stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| -> Result<u64> {
-        fields
-            .get(i)
-            .and_then(|f| f.parse().ok())
-            .context("odd /proc stat field")
-    };
-    // utime and stime are fields 14 and 15 of the line: 11 and 12 counted from the state.
-    Ok(field(11)? + field(12)?)
-}
-
-/// CPU share of one core used by `pid` since `before` ticks, over `wall`.
-fn cpu_share(pid: u32, before: u64, wall: Duration) -> Result<f64> {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let used = cpu_ticks(pid)?.saturating_sub(before) as f64 / hz;
-    Ok(used / wall.as_secs_f64().max(0.001))
 }

@@ -31,7 +31,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
-use meshvpn_lab::{self as lab, wait_until, Lab, Mesh, Nat, Node, PeerPath};
+use meshvpn_lab::{self as lab, cpu_share, cpu_ticks, wait_until, Lab, Mesh, Nat, Node, PeerPath};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
@@ -125,7 +125,7 @@ fn flood_of_garbage_and_replays_does_not_starve_relayed_members() -> Result<()> 
         "[{tag}] captured no meshvpn frame to replay ({kinds})"
     );
 
-    let before = relay_status(&mesh.lab, &mesh.relay)?;
+    let before = mesh.relay.relay_status(&mesh.lab)?;
     let seed: u64 = rand::rngs::OsRng.next_u64();
     println!("[{tag}] flood seed {seed}");
     let socket = mesh.lab.udp_socket(&flood_host, 0)?;
@@ -141,9 +141,11 @@ fn flood_of_garbage_and_replays_does_not_starve_relayed_members() -> Result<()> 
         .join()
         .map_err(|_| anyhow::anyhow!("flood thread panicked"))??;
     let log = ping.finish(&mesh.lab)?;
-    let after = relay_status(&mesh.lab, &mesh.relay)?;
-    let dropped = counter(&after, "/server/dropped")? - counter(&before, "/server/dropped")?;
-    let forwarded = counter(&after, "/server/forwarded")? - counter(&before, "/server/forwarded")?;
+    let after = mesh.relay.relay_status(&mesh.lab)?;
+    let dropped = lab::relay_counter(&after, "/server/dropped")?
+        - lab::relay_counter(&before, "/server/dropped")?;
+    let forwarded = lab::relay_counter(&after, "/server/forwarded")?
+        - lab::relay_counter(&before, "/server/forwarded")?;
     println!(
         "[{tag}] flood: {} garbage + {} replayed datagrams in {:.1?}; relay dropped {dropped}, forwarded {forwarded}",
         sent.garbage, sent.replayed, sent.took
@@ -221,13 +223,13 @@ fn idle_tcp_connections_from_one_host_do_not_lock_out_a_udp_blocked_member() -> 
         token: String::new(),
         lab,
     };
-    let status = relay_status(&mesh.lab, &mesh.relay)?;
-    let per_source = counter(&status, "/tcp/limits/per_source")?;
+    let status = mesh.relay.relay_status(&mesh.lab)?;
+    let per_source = lab::relay_counter(&status, "/tcp/limits/per_source")?;
     println!(
         "[{tag}] relay under open-file limit {}/{} (soft/hard): {} TCP slots, {per_source} per source",
-        counter(&status, "/descriptors/soft")?,
-        counter(&status, "/descriptors/hard")?,
-        counter(&status, "/tcp/limits/max_connections")?
+        lab::relay_counter(&status, "/descriptors/soft")?,
+        lab::relay_counter(&status, "/descriptors/hard")?,
+        lab::relay_counter(&status, "/tcp/limits/max_connections")?
     );
     mesh.create_network("abuse", Some("10.93.0.0/16"))?;
     mesh.join("bob")?;
@@ -235,7 +237,7 @@ fn idle_tcp_connections_from_one_host_do_not_lock_out_a_udp_blocked_member() -> 
     let hog = Hog::start(&hog_host.ns, relay_addr, HOG_CONNECTIONS)?;
     let opened = hog.wait_opened(HOG_OPEN_BOUND)?;
     println!("[{tag}] hog opened {opened} idle connections");
-    let held = counter(&relay_status(&mesh.lab, &mesh.relay)?, "/tcp/connections")?;
+    let held = lab::relay_counter(&mesh.relay.relay_status(&mesh.lab)?, "/tcp/connections")?;
     println!("[{tag}] relay holds {held} TCP connections");
 
     let cpu_before = cpu_ticks(pid)?;
@@ -252,11 +254,11 @@ fn idle_tcp_connections_from_one_host_do_not_lock_out_a_udp_blocked_member() -> 
         cpu * 100.0
     );
     let churn = hog.stop()?;
-    let status = relay_status(&mesh.lab, &mesh.relay)?;
-    let refused = counter(&status, "/tcp/counters/refused_per_source")?;
+    let status = mesh.relay.relay_status(&mesh.lab)?;
+    let refused = lab::relay_counter(&status, "/tcp/counters/refused_per_source")?;
     println!(
         "[{tag}] hog re-opened {churn} closed connections; relay refused {refused} per source, closed {} at the registration deadline",
-        counter(&status, "/tcp/counters/closed_register_deadline")?
+        lab::relay_counter(&status, "/tcp/counters/closed_register_deadline")?
     );
     ensure!(
         path == Some(PeerPath::RelayTcp),
@@ -341,15 +343,15 @@ fn a_relay_out_of_descriptors_backs_off_instead_of_spinning() -> Result<()> {
         Duration::from_millis(200),
         "the relay to serve its control socket again",
         || {
-            status = relay_status(&lab, &relay)?;
-            Ok(counter(&status, "/tcp/connections")? == 0)
+            status = relay.relay_status(&lab)?;
+            Ok(lab::relay_counter(&status, "/tcp/connections")? == 0)
         },
     )?;
-    let errors = counter(&status, "/tcp/counters/accept_descriptor_errors")?;
+    let errors = lab::relay_counter(&status, "/tcp/counters/accept_descriptor_errors")?;
     let rate = errors as f64 / starved.as_secs_f64();
     println!(
         "[{tag}] relay counted {errors} accepts failing for lack of descriptors ({rate:.0}/s over {starved:.1?}), accepted {}",
-        counter(&status, "/tcp/counters/accepted")?
+        lab::relay_counter(&status, "/tcp/counters/accepted")?
     );
     let log = std::fs::read_to_string(&relay.log)?;
     ensure!(
@@ -366,19 +368,6 @@ fn a_relay_out_of_descriptors_backs_off_instead_of_spinning() -> Result<()> {
         "[{tag}] {rate:.0} failed accepts a second: the relay retries without backing off"
     );
     Ok(())
-}
-
-/// Reads `meshvpn relay-status --json` of the relay node.
-fn relay_status(lab: &Lab, relay: &Node) -> Result<serde_json::Value> {
-    let out = relay.exec(lab, &["relay-status", "--json"])?;
-    serde_json::from_slice(&out.stdout).context("parsing relay-status --json")
-}
-
-fn counter(status: &serde_json::Value, pointer: &str) -> Result<u64> {
-    status
-        .pointer(pointer)
-        .and_then(serde_json::Value::as_u64)
-        .with_context(|| format!("relay-status has no {pointer}"))
 }
 
 /// Moves the calling thread into network namespace `ns` (only this thread).
@@ -685,29 +674,4 @@ fn raise_own_descriptor_limit(want: u64) -> Result<()> {
         return Err(std::io::Error::last_os_error()).context("setrlimit");
     }
     Ok(())
-}
-
-/// User plus system CPU ticks of process `pid`.
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').context("odd /proc stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| -> Result<u64> {
-        fields
-            .get(i)
-            .and_then(|f| f.parse().ok())
-            .context("odd /proc stat field")
-    };
-    // utime and stime are fields 14 and 15 of the line: 11 and 12 counted from the state.
-    Ok(field(11)? + field(12)?)
-}
-
-/// CPU share of one core used by `pid` since `before` ticks, over `wall`.
-fn cpu_share(pid: u32, before: u64, wall: Duration) -> Result<f64> {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let used = cpu_ticks(pid)?.saturating_sub(before) as f64 / hz;
-    Ok(used / wall.as_secs_f64().max(0.001))
 }

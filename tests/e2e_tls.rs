@@ -87,7 +87,7 @@ fn host_that_only_reaches_tcp_443_gets_the_relay_over_tls() -> Result<()> {
     );
 
     // Over WebSocket-over-TLS on 443: the relay answers with the key in the token.
-    let before = relay_status(&lab, &relay)?;
+    let before = relay.relay_status(&lab)?;
     let tls = client.run(
         &lab,
         &["relay-probe", &named, "--tls-port", &TLS_PORT.to_string()],
@@ -101,13 +101,13 @@ fn host_that_only_reaches_tcp_443_gets_the_relay_over_tls() -> Result<()> {
         String::from_utf8_lossy(&tls.stderr)
     );
     assert!(said.contains("over Tls"), "{said}");
-    let after = relay_status(&lab, &relay)?;
-    let answered = |s: &serde_json::Value| counter(s, "/server/key_requests_answered");
+    let after = relay.relay_status(&lab)?;
+    let answered = |s: &serde_json::Value| lab::relay_counter(s, "/server/key_requests_answered");
     assert!(
         answered(&after)? > answered(&before)?,
         "relay-status counts the key request answered over TLS"
     );
-    let accepted = |s: &serde_json::Value| counter(s, "/tcp/counters/accepted");
+    let accepted = |s: &serde_json::Value| lab::relay_counter(s, "/tcp/counters/accepted");
     assert!(
         accepted(&after)? > accepted(&before)?,
         "the TLS connection went through the relay's connection table"
@@ -263,7 +263,7 @@ fn host_that_only_reaches_tcp_443_gets_the_relay_behind_nginx() -> Result<()> {
     );
     only_tcp_443_out(&lab, &client_host)?;
 
-    let before = relay_status(&lab, &relay)?;
+    let before = relay.relay_status(&lab)?;
     let args = [
         "relay-probe",
         &named,
@@ -280,9 +280,10 @@ fn host_that_only_reaches_tcp_443_gets_the_relay_behind_nginx() -> Result<()> {
         "relay-probe through nginx failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let after = relay_status(&lab, &relay)?;
+    let after = relay.relay_status(&lab)?;
     assert!(
-        counter(&after, "/tcp/counters/accepted")? > counter(&before, "/tcp/counters/accepted")?,
+        lab::relay_counter(&after, "/tcp/counters/accepted")?
+            > lab::relay_counter(&before, "/tcp/counters/accepted")?,
         "the proxied connection went through the relay's connection table"
     );
     let wrong_path = client.run(&lab, &args[..4], PROBE_BOUND)?;
@@ -424,9 +425,9 @@ fn join_through_tls(tag: &str, via_proxy: bool) -> Result<()> {
         Some(PeerPath::Relay),
         "alice still uses the relay over UDP"
     );
-    let relay_view = relay_status(&lab, &relay)?;
+    let relay_view = relay.relay_status(&lab)?;
     assert!(
-        counter(&relay_view, "/tcp/counters/accepted")? > 0,
+        lab::relay_counter(&relay_view, "/tcp/counters/accepted")? > 0,
         "bob's stream went through the relay's connection table"
     );
     if via_proxy {
@@ -520,16 +521,4 @@ fn only_tcp_443_out(lab: &Lab, host: &Host) -> Result<()> {
         lab.exec(host, &args)?;
     }
     Ok(())
-}
-
-fn relay_status(lab: &Lab, relay: &Node) -> Result<serde_json::Value> {
-    let out = relay.exec(lab, &["relay-status", "--json"])?;
-    serde_json::from_slice(&out.stdout).context("parsing relay-status --json")
-}
-
-fn counter(status: &serde_json::Value, pointer: &str) -> Result<u64> {
-    status
-        .pointer(pointer)
-        .and_then(serde_json::Value::as_u64)
-        .with_context(|| format!("relay-status has no {pointer}"))
 }

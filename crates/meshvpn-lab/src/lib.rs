@@ -71,7 +71,7 @@ pub use gateway::PortMapService;
 pub use mesh::{Mesh, PairReport};
 pub use meshvpn_status::{self as status, NatMapping, PeerPath, PeerStatus, Status};
 pub use nat::Nat;
-pub use node::Node;
+pub use node::{cpu_share, cpu_ticks, relay_counter, Node};
 pub use probe::{Filtering, Mapping, NatBehavior, PingLog, PingRun};
 
 use std::ffi::OsStr;

@@ -82,6 +82,12 @@ impl Node {
         lab.run(&self.host, &full, timeout)
     }
 
+    /// A relay's `meshvpn relay-status --json`, parsed.
+    pub fn relay_status(&self, lab: &Lab) -> Result<serde_json::Value> {
+        let out = self.exec(lab, &["relay-status", "--json"])?;
+        serde_json::from_slice(&out.stdout).context("parsing relay-status --json")
+    }
+
     /// Like [`run`](Self::run) with [`EXEC_TIMEOUT`], failing on a non-zero exit (error
     /// carries stderr).
     pub fn exec<S: AsRef<OsStr>>(&self, lab: &Lab, args: &[S]) -> Result<Output> {
@@ -215,4 +221,38 @@ impl Node {
         let out = self.exec(lab, &["status", network])?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+}
+
+/// The counter at JSON `pointer` (e.g. `/tcp/counters/refused_per_source`) of a
+/// [`Node::relay_status`] answer.
+pub fn relay_counter(status: &serde_json::Value, pointer: &str) -> Result<u64> {
+    status
+        .pointer(pointer)
+        .and_then(serde_json::Value::as_u64)
+        .with_context(|| format!("relay-status has no {pointer}"))
+}
+
+/// CPU time (user + system) `pid` has used so far, in clock ticks (from `/proc/PID/stat`).
+pub fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').context("odd /proc stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .context("odd /proc stat field")
+    };
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 counted from the state.
+    Ok(field(11)? + field(12)?)
+}
+
+/// CPU share of one core used by `pid` since `before` ticks ([`cpu_ticks`]), over `wall`.
+pub fn cpu_share(pid: u32, before: u64, wall: Duration) -> Result<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let used = cpu_ticks(pid)?.saturating_sub(before) as f64 / hz;
+    Ok(used / wall.as_secs_f64().max(0.001))
 }
