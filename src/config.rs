@@ -387,6 +387,16 @@ impl Config {
         Ok(path)
     }
 
+    /// The network's current group token (what `meshvpn invite` prints).
+    pub fn token(&self) -> crate::wire::token::Token {
+        crate::wire::token::Token {
+            network: self.network.clone(),
+            secret: self.secret.clone(),
+            subnet: self.subnet,
+            relays: self.relays.clone(),
+        }
+    }
+
     /// The TUN interface name: `mvpn-<network>`, shortened with a hash to fit 15 bytes.
     pub fn interface_name(&self) -> String {
         interface_name(&self.network)

@@ -3,7 +3,9 @@
 //!
 //! Protocol: the client sends one request line, the agent answers with one line of JSON and
 //! closes the connection. Requests: `status`; `ping <peer>` (peer = node name or virtual IP),
-//! answered with a [`PingReply`]; `down`, answered with `{"ok":true}` before the agent leaves.
+//! answered with a [`PingReply`]; `down`, answered with `{"ok":true}` before the agent leaves;
+//! `rotate` and `rotate without <member>` (name, virtual IP or public key), answered with a
+//! [`RotateReply`] once the relay holds the rotation (within [`ROTATE_TIMEOUT`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,6 +19,9 @@ use crate::status::Status;
 
 /// How long a client waits for the agent's answer (a ping may take up to [`PING_TIMEOUT`]).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client waits for a rotation: the node gives up after
+/// [`crate::node::ROTATE_GIVE_UP`] and answers, so a little more than that.
+pub const ROTATE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the agent waits for a pong before answering a ping request with a timeout.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -34,6 +39,8 @@ pub enum Request {
     Ping(String),
     /// Leave the network and stop the agent.
     Down,
+    /// Rotate the network secret, handing the new one to every member but `exclude`.
+    Rotate { exclude: Option<String> },
 }
 
 impl Request {
@@ -44,10 +51,17 @@ impl Request {
             Some(("ping", peer)) if !peer.trim().is_empty() => {
                 Some(Request::Ping(peer.trim().to_string()))
             }
+            Some(("rotate", rest)) => match rest.trim().split_once(' ') {
+                Some(("without", member)) if !member.trim().is_empty() => Some(Request::Rotate {
+                    exclude: Some(member.trim().to_string()),
+                }),
+                _ => None,
+            },
             Some(_) => None,
             None => match line {
                 "status" => Some(Request::Status),
                 "down" => Some(Request::Down),
+                "rotate" => Some(Request::Rotate { exclude: None }),
                 _ => None,
             },
         }
@@ -59,6 +73,10 @@ impl Request {
             Request::Status => "status\n".into(),
             Request::Ping(peer) => format!("ping {peer}\n"),
             Request::Down => "down\n".into(),
+            Request::Rotate { exclude: None } => "rotate\n".into(),
+            Request::Rotate {
+                exclude: Some(member),
+            } => format!("rotate without {member}\n"),
         }
     }
 }
@@ -78,6 +96,27 @@ pub struct PingReply {
     pub rtt_ms: Option<f64>,
     /// Why the ping failed, if it did.
     pub error: Option<String>,
+}
+
+/// The answer to a rotate request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RotateReply {
+    /// Whether the rotation finished (the relay holds it and this agent switched).
+    pub ok: bool,
+    /// The network's new group token.
+    pub token: Option<String>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+}
+
+/// A failed [`RotateReply`] as one line of JSON.
+pub fn error_reply(message: &str) -> String {
+    let reply = RotateReply {
+        ok: false,
+        token: None,
+        error: Some(message.to_string()),
+    };
+    serde_json::to_string(&reply).unwrap_or_default()
 }
 
 /// How a one-line exchange on a control socket failed.
@@ -124,9 +163,13 @@ pub async fn exchange_line(
 /// Sends `request` to the agent of `network` and returns its one-line answer.
 pub async fn ask(run_dir: &Path, network: &str, request: &Request) -> anyhow::Result<String> {
     let path = socket_path(run_dir, network);
-    match exchange_line(&path, request.to_line().as_bytes(), CLIENT_TIMEOUT).await {
+    let timeout = match request {
+        Request::Rotate { .. } => ROTATE_TIMEOUT,
+        Request::Status | Request::Ping(_) | Request::Down => CLIENT_TIMEOUT,
+    };
+    match exchange_line(&path, request.to_line().as_bytes(), timeout).await {
         Err(ExchangeError::TimedOut) => bail!(
-            "the agent of network {network:?} did not answer on {} within {CLIENT_TIMEOUT:?}",
+            "the agent of network {network:?} did not answer on {} within {timeout:?}",
             path.display()
         ),
         Err(ExchangeError::NotRunning) => {
@@ -166,12 +209,18 @@ mod tests {
             Request::Down,
             Request::Ping("bob".into()),
             Request::Ping("10.1.2.3".into()),
+            Request::Rotate { exclude: None },
+            Request::Rotate {
+                exclude: Some("bob".into()),
+            },
         ] {
             assert_eq!(Request::parse(&r.to_line()), Some(r));
         }
         assert_eq!(Request::parse("ping"), None);
         assert_eq!(Request::parse("ping "), None);
         assert_eq!(Request::parse("reboot now"), None);
+        assert_eq!(Request::parse("rotate bob"), None);
+        assert_eq!(Request::parse("rotate without "), None);
         assert_eq!(Request::parse(""), None);
     }
 }

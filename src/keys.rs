@@ -145,6 +145,29 @@ impl NodeSecret {
         info.extend_from_slice(&b.0);
         hkdf32(control_key, &self.dh(peer), &info)
     }
+
+    /// The key that seals a secret handed over at a rotation (see `wire::rotation`): X25519
+    /// between an ephemeral key and the recipient's static key, bound to the *old* network's
+    /// control key so that only a holder of the old secret can produce a handover a member
+    /// accepts (a relay can seal to a member's public key, but not with that salt). Computed
+    /// by the sender with the ephemeral secret and the recipient's key, and by the recipient
+    /// with its own secret and the ephemeral key; `recipient` and `ephemeral` are the two
+    /// public keys in that order either way.
+    pub fn handover_key(
+        &self,
+        other: &PeerKey,
+        control_key: &[u8; 32],
+        network: &NetworkId,
+        recipient: &PeerKey,
+        ephemeral: &PeerKey,
+    ) -> [u8; 32] {
+        let mut info = Vec::with_capacity(32 * 3 + 24);
+        info.extend_from_slice(b"meshvpn v1 rotation");
+        info.extend_from_slice(&network.0);
+        info.extend_from_slice(&recipient.0);
+        info.extend_from_slice(&ephemeral.0);
+        hkdf32(control_key, &self.dh(other), &info)
+    }
 }
 
 impl fmt::Debug for NodeSecret {

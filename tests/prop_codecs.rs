@@ -14,11 +14,12 @@ use meshvpn::wire::plain::{
     decode_announcement, decode_disco, decode_relay_reply, decode_relay_request,
     encode_announcement, encode_disco, encode_relay_reply, encode_relay_request,
 };
+use meshvpn::wire::rotation::{ENTRIES_PER_REQUEST, SEALED_LEN};
 use meshvpn::wire::token::{RelayEndpoint, TlsEndpoint, Token, MAX_RELAYS};
 use meshvpn::wire::{
     open_disco, open_from_relay, seal_disco, seal_from_relay, stun, Announcement, Disco,
-    DiscoStamp, Frame, MemberEntry, NatKind, RelayReply, RelayRequest, SyncTag, MAX_ANNOUNCEMENT,
-    MAX_ENDPOINTS,
+    DiscoStamp, Frame, MemberEntry, NatKind, RelayReply, RelayRequest, RotationEntry, SyncTag,
+    MAX_ANNOUNCEMENT, MAX_ENDPOINTS,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -146,7 +147,29 @@ fn relay_request() -> impl Strategy<Value = RelayRequest> {
             .prop_map(|(network, ts_ms)| RelayRequest::Leave { network, ts_ms }),
         (network_id(), any::<u64>())
             .prop_map(|(network, ts_ms)| RelayRequest::Sync { network, ts_ms }),
+        (
+            network_id(),
+            any::<u64>(),
+            any::<bool>(),
+            vec(rotation_entry(), 0..=ENTRIES_PER_REQUEST)
+        )
+            .prop_map(|(network, ts_ms, complete, entries)| RelayRequest::Rotate {
+                network,
+                ts_ms,
+                complete,
+                entries,
+            }),
     ]
+}
+
+fn rotation_entry() -> impl Strategy<Value = RotationEntry> {
+    (peer_key(), peer_key(), vec(any::<u8>(), SEALED_LEN)).prop_map(
+        |(recipient, ephemeral, sealed)| RotationEntry {
+            recipient,
+            ephemeral,
+            sealed: sealed.try_into().expect("SEALED_LEN bytes"),
+        },
+    )
 }
 
 /// `req` about network `id` instead.
@@ -163,6 +186,17 @@ fn with_network(req: RelayRequest, id: NetworkId) -> RelayRequest {
         },
         RelayRequest::Leave { ts_ms, .. } => RelayRequest::Leave { network: id, ts_ms },
         RelayRequest::Sync { ts_ms, .. } => RelayRequest::Sync { network: id, ts_ms },
+        RelayRequest::Rotate {
+            ts_ms,
+            complete,
+            entries,
+            ..
+        } => RelayRequest::Rotate {
+            network: id,
+            ts_ms,
+            complete,
+            entries,
+        },
     }
 }
 
@@ -215,6 +249,15 @@ fn relay_reply() -> impl Strategy<Value = RelayReply> {
         (any::<u32>(), any::<u64>())
             .prop_map(|(generation, seq)| RelayReply::SyncEmpty { generation, seq }),
         ".{0,100}".prop_map(|message| RelayReply::Error { message }),
+        (any::<u64>(), any::<u32>(), any::<bool>()).prop_map(|(echo_ts_ms, stored, complete)| {
+            RelayReply::RotateAck {
+                echo_ts_ms,
+                stored,
+                complete,
+            }
+        }),
+        (network_id(), proptest::option::of(rotation_entry()))
+            .prop_map(|(network, entry)| RelayReply::Rotated { network, entry }),
     ]
 }
 
@@ -377,6 +420,8 @@ proptest! {
         Just(Request::Status),
         Just(Request::Down),
         "[!-~]{1,40}".prop_map(Request::Ping),
+        Just(Request::Rotate { exclude: None }),
+        "[!-~]{1,40}".prop_map(|m| Request::Rotate { exclude: Some(m) }),
     ]) {
         prop_assert_eq!(Request::parse(&req.to_line()), Some(req));
     }

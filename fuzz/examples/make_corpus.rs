@@ -14,10 +14,11 @@ use meshvpn::wire::admission::seal_request;
 use meshvpn::wire::plain::{
     encode_announcement, encode_disco, encode_relay_reply, encode_relay_request,
 };
+use meshvpn::wire::rotation::Handover;
 use meshvpn::wire::token::{RelayEndpoint, Token};
 use meshvpn::wire::{
     frame_aad, open, seal_disco, stun, Announcement, Disco, DiscoStamp, Frame, MemberEntry,
-    NatKind, RelayReply, RelayRequest, SyncTag,
+    NatKind, RelayReply, RelayRequest, RotationEntry, SyncTag,
 };
 use meshvpn_fuzz::{encode_steps, fixture, kind, nonce, Step};
 
@@ -165,7 +166,30 @@ fn requests() -> Vec<RelayRequest> {
         },
         RelayRequest::Leave { network, ts_ms: 2 },
         RelayRequest::Sync { network, ts_ms: 3 },
+        RelayRequest::Rotate {
+            network,
+            ts_ms: 4,
+            complete: false,
+            entries: vec![rotation_entry(); 2],
+        },
+        RelayRequest::Rotate {
+            network,
+            ts_ms: 5,
+            complete: true,
+            entries: Vec::new(),
+        },
     ]
+}
+
+/// A sealed handover for member 1 of the fixture, under the fixture's network keys.
+fn rotation_entry() -> RotationEntry {
+    let fx = fixture();
+    let handover = Handover {
+        secret: NetworkSecret([0x42; 32]),
+        rotated_at_ms: 1_700_000_000_000,
+    };
+    let mut rng = <rand_chacha::ChaCha20Rng as rand_chacha::rand_core::SeedableRng>::seed_from_u64(7);
+    RotationEntry::seal(&fx.keys, fx.members[1].public(), &handover, &mut rng)
 }
 
 /// The plaintexts the relay opens from `ToRelay` frames (request and signature), as the
@@ -232,6 +256,19 @@ fn replies() -> Vec<RelayReply> {
         },
         RelayReply::Error {
             message: "network full".into(),
+        },
+        RelayReply::RotateAck {
+            echo_ts_ms: 1_700_000_000_004,
+            stored: 2,
+            complete: true,
+        },
+        RelayReply::Rotated {
+            network: fixture().keys.network_id,
+            entry: Some(rotation_entry()),
+        },
+        RelayReply::Rotated {
+            network: fixture().keys.network_id,
+            entry: None,
         },
     ]
 }

@@ -253,6 +253,17 @@ fn at_time(req: RelayRequest, unix_ms: u64) -> RelayRequest {
             network,
             ts_ms: ts(ts_ms),
         },
+        RelayRequest::Rotate {
+            network,
+            ts_ms,
+            complete,
+            entries,
+        } => RelayRequest::Rotate {
+            network,
+            ts_ms: ts(ts_ms),
+            complete,
+            entries,
+        },
     }
 }
 

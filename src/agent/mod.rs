@@ -124,34 +124,11 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
         sd_notify::NotifyState::Status(&format!("{} on {ifname}, UDP port {port}", cfg.virtual_ip)),
     ]);
     let relay_addr = resolve_relay(&relay).await;
-    let now = Instant::now();
-    let unix_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    let mut node = Node::new(
-        NodeConfig {
-            secret: cfg.private_key.clone(),
-            network_secret: cfg.secret.clone(),
-            network_name: cfg.network.clone(),
-            name: cfg.name.clone(),
-            virtual_ip: cfg.virtual_ip,
-            subnet: cfg.subnet,
-            relay: RelayTarget {
-                key: relay.key,
-                addr: relay_addr,
-                tls: relay.tls.is_some(),
-            },
-            stun_servers: resolve_stun_servers(&cfg.stun_servers).await,
-            seed: rand::rngs::OsRng.next_u64(),
-        },
-        now,
-        unix_ms,
-    );
+    let stun_servers = resolve_stun_servers(&cfg.stun_servers).await;
     let floors_path = floors::path(state_dir, &cfg.network);
-    node.restore_announcement_floors(floors::load(&floors_path));
+    let mut node = start_node(&cfg, relay_addr, &stun_servers, &floors_path);
     let mut saved_floors = node.announcement_floors();
-    node.set_local_endpoints(now, local_endpoints(port, &ifname, dual_stack));
+    node.set_local_endpoints(Instant::now(), local_endpoints(port, &ifname, dual_stack));
     tracing::info!(
         network = %cfg.network, name = %cfg.name, virtual_ip = %cfg.virtual_ip, interface = %ifname, udp_port = port,
         relay = %relay_addr, public_key = %node.public_key(), "agent started"
@@ -169,6 +146,8 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
     let mut step = Step::new();
     let (mut extra, mut extra_rx) = ExtraSockets::new();
     let mut pings = PendingPings::default();
+    let mut rotation = RotationWaiter::default();
+    let mut cfg = cfg;
     let mut progress = Progress::new(Instant::now(), &relay.host_port());
     let (mapper, mut mapping) = if cfg.port_mapping {
         let (m, rx) = PortMapper::spawn(port);
@@ -185,8 +164,30 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
             extra: &mut extra,
             pings: &mut pings,
             progress: &mut progress,
+            rotation: &mut rotation,
         };
         io.drain(&mut node, &mut step).await;
+        if let Some(secret) = rotation.new_secret.take() {
+            // The network has a new secret: keep it, then run a fresh node on it. Sessions
+            // restart (new network id, control key and WireGuard preshared key); the TUN,
+            // the sockets and the control socket stay.
+            cfg.secret = secret;
+            match cfg.save(state_dir) {
+                Ok(path) => {
+                    tracing::info!(config = %path.display(), "network secret rotated; saved the new secret and rejoining under it")
+                }
+                Err(e) => {
+                    tracing::error!(%e, "network secret rotated but the config could not be saved; the agent uses the new secret until it stops")
+                }
+            }
+            rotation.answer_token(&cfg);
+            save_floors(&node, &floors_path, &mut saved_floors);
+            node = start_node(&cfg, node.relay_addr(), &stun_servers, &floors_path);
+            node.set_local_endpoints(Instant::now(), local_endpoints(port, &ifname, dual_stack));
+            stream.close();
+            extra.retain(&node.active_sockets());
+            continue;
+        }
         pings.expire(Instant::now());
         progress.tick(Instant::now());
         // The node's deadline, or the agent's own (a ping's timeout, a progress hint).
@@ -228,6 +229,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
                     let _ = reply.send(serde_json::to_string(&status).unwrap_or_default());
                 }
                 Request::Ping(peer) => pings.start(&mut node, Instant::now(), &peer, reply),
+                Request::Rotate { exclude } => rotation.start(&mut node, Instant::now(), exclude.as_deref(), reply),
                 Request::Down => {
                     let _ = reply.send("{\"ok\":true}".into());
                     tracing::info!("asked to go down over the control socket");
@@ -259,6 +261,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
         extra: &mut extra,
         pings: &mut pings,
         progress: &mut progress,
+        rotation: &mut rotation,
     };
     io.drain(&mut node, &mut step).await;
     if let Some(m) = mapper {
@@ -280,6 +283,7 @@ struct Executor<'a> {
     extra: &'a mut ExtraSockets,
     pings: &'a mut PendingPings,
     progress: &'a mut Progress,
+    rotation: &'a mut RotationWaiter,
 }
 
 impl Executor<'_> {
@@ -339,6 +343,15 @@ impl Executor<'_> {
                 };
                 self.pings.answer(*request, *rtt, *direct, relayed);
             }
+            Event::SecretRotated { secret, request } => {
+                self.rotation.new_secret = Some(secret.clone());
+                self.rotation.finished = *request;
+            }
+            Event::RotationFailed { request, reason } => {
+                tracing::warn!(%reason, "rotation failed");
+                self.rotation.fail(*request, reason);
+            }
+            Event::LeftOutOfRotation => log_event(&ev),
             Event::RelayRegistered { .. }
             | Event::RelayLost
             | Event::RelayKeyMismatch { .. }
@@ -382,7 +395,12 @@ fn log_event(ev: &Event) {
             }
             node::peer::Path::Relayed => tracing::info!(peer = %name, "path via relay"),
         },
-        Event::PingResult { .. } => {}
+        Event::PingResult { .. }
+        | Event::SecretRotated { .. }
+        | Event::RotationFailed { .. } => {}
+        Event::LeftOutOfRotation => tracing::error!(
+            "this network's secret was rotated without this member (kicked, or an old token): it reaches nobody; ask a member for a current token (`meshvpn invite`)"
+        ),
         Event::VirtualIpConflict {
             ip,
             owner,
@@ -405,6 +423,136 @@ async fn changed(
     match rx {
         Some(rx) => rx.changed().await.map_err(|_| ()),
         None => std::future::pending().await,
+    }
+}
+
+/// Builds the node for `cfg` (its announcement floors restored from `floors_path`).
+fn start_node(
+    cfg: &Config,
+    relay_addr: SocketAddr,
+    stun_servers: &[SocketAddr],
+    floors_path: &Path,
+) -> Node {
+    let relay = cfg
+        .relays
+        .first()
+        .expect("the agent checked at start that the config names a relay");
+    let unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut node = Node::new(
+        NodeConfig {
+            secret: cfg.private_key.clone(),
+            network_secret: cfg.secret.clone(),
+            network_name: cfg.network.clone(),
+            name: cfg.name.clone(),
+            virtual_ip: cfg.virtual_ip,
+            subnet: cfg.subnet,
+            relay: RelayTarget {
+                key: relay.key,
+                addr: relay_addr,
+                tls: relay.tls.is_some(),
+            },
+            stun_servers: stun_servers.to_vec(),
+            seed: rand::rngs::OsRng.next_u64(),
+        },
+        Instant::now(),
+        unix_ms,
+    );
+    node.restore_announcement_floors(floors::load(floors_path));
+    node
+}
+
+/// A control-socket rotation request waiting for its upload, and a new secret to switch to.
+#[derive(Default)]
+struct RotationWaiter {
+    next: u64,
+    waiting: Option<(u64, oneshot::Sender<String>)>,
+    /// Set by [`Event::SecretRotated`]: the loop saves it and restarts the node on it.
+    new_secret: Option<crate::keys::NetworkSecret>,
+    /// The request id of a rotation of ours that finished, if that is what `new_secret` is.
+    finished: Option<u64>,
+}
+
+impl RotationWaiter {
+    /// Starts a rotation for every member this node knows of (current peers and every key it
+    /// has seen announced), without `exclude` (a name, virtual IP or public key) if given.
+    fn start(
+        &mut self,
+        node: &mut Node,
+        now: Instant,
+        exclude: Option<&str>,
+        reply: oneshot::Sender<String>,
+    ) {
+        let mut recipients: Vec<crate::keys::PeerKey> = node.peer_keys().copied().collect();
+        recipients.extend(node.announcement_floors().into_iter().map(|(k, _)| k));
+        recipients.sort();
+        recipients.dedup();
+        if let Some(member) = exclude {
+            let key = node.find_peer(member).or_else(|| {
+                crate::keys::PeerKey::from_base64(member).filter(|k| recipients.contains(k))
+            });
+            let Some(key) = key else {
+                let _ = reply.send(control::error_reply(&format!(
+                    "no member named, addressed or keyed {member:?} (see `meshvpn peers`)"
+                )));
+                return;
+            };
+            if key == node.public_key() {
+                let _ = reply.send(control::error_reply(
+                    "this member cannot kick itself (run `meshvpn kick` on another member)",
+                ));
+                return;
+            }
+            recipients.retain(|k| *k != key);
+            tracing::info!(member = %member, key = %key.short(), "kicking a member: rotating the secret without it");
+        }
+        if self.waiting.is_some() {
+            let _ = reply.send(control::error_reply("a rotation is already running"));
+            return;
+        }
+        self.next += 1;
+        let secret = crate::keys::NetworkSecret::generate(&mut rand::rngs::OsRng);
+        match node.start_rotation(now, secret, &recipients, self.next) {
+            Ok(()) => {
+                tracing::info!(recipients = recipients.len(), "rotating the network secret");
+                self.waiting = Some((self.next, reply));
+            }
+            Err(e) => {
+                let _ = reply.send(control::error_reply(&e.to_string()));
+            }
+        }
+    }
+
+    fn fail(&mut self, request: u64, reason: &str) {
+        if let Some((id, reply)) = self.waiting.take() {
+            if id == request {
+                let _ = reply.send(control::error_reply(reason));
+            } else {
+                self.waiting = Some((id, reply));
+            }
+        }
+    }
+
+    /// Answers the waiting request, if the rotation that finished is its own, with the token
+    /// of `cfg` (which holds the new secret).
+    fn answer_token(&mut self, cfg: &Config) {
+        let Some(finished) = self.finished.take() else {
+            return;
+        };
+        if let Some((id, reply)) = self.waiting.take() {
+            if id == finished {
+                let answer = control::RotateReply {
+                    ok: true,
+                    token: Some(cfg.token().encode()),
+                    error: None,
+                };
+                let _ = reply.send(serde_json::to_string(&answer).unwrap_or_default());
+            } else {
+                self.waiting = Some((id, reply));
+            }
+        }
     }
 }
 

@@ -57,6 +57,9 @@ impl Progress {
             Event::RelayKeyMismatch { .. } => {
                 eprintln!("meshvpn: the relay cannot prove the key in the token; not trusting it (see the log)")
             }
+            Event::LeftOutOfRotation => {
+                eprintln!("meshvpn: this network's secret was rotated without this member; ask a member for a current token (`meshvpn invite`)")
+            }
             Event::RelayRegistered { .. }
             | Event::PeerJoined { .. }
             | Event::RelayLost
@@ -64,7 +67,9 @@ impl Progress {
             | Event::PeerLeft { .. }
             | Event::PathChanged { .. }
             | Event::PingResult { .. }
-            | Event::VirtualIpConflict { .. } => {}
+            | Event::VirtualIpConflict { .. }
+            | Event::SecretRotated { .. }
+            | Event::RotationFailed { .. } => {}
         }
     }
 

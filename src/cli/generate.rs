@@ -173,9 +173,9 @@ mod tests {
             reference = reference.mut_subcommand(name, |s| s.hide(false));
         }
         let with_secret = reference.clone().subcommand(
-            clap::Command::new("secret-tool")
+            clap::Command::new("xyzzy-tool")
                 .hide(true)
-                .arg(clap::Arg::new("secret-arg").long("secret-arg")),
+                .arg(clap::Arg::new("xyzzy-arg").long("xyzzy-arg")),
         );
         let render = |shell: Shell, mut cmd: clap::Command| {
             let mut buf = Vec::new();
@@ -183,7 +183,7 @@ mod tests {
             String::from_utf8(buf).unwrap()
         };
         assert!(
-            render(Shell::Bash, with_secret.clone()).contains("secret-tool"),
+            render(Shell::Bash, with_secret.clone()).contains("xyzzy-tool"),
             "premise: clap_complete lists hidden subcommands"
         );
 
@@ -197,7 +197,7 @@ mod tests {
         for (shell, _) in SHELLS {
             let text = render(shell, visible.clone());
             assert!(
-                !text.contains("secret"),
+                !text.contains("xyzzy"),
                 "{shell}: hidden subcommand completed"
             );
             assert!(

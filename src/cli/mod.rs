@@ -7,6 +7,7 @@ mod admin;
 pub mod demo;
 pub mod generate;
 pub mod overlap;
+mod revoke;
 
 use std::io::Read as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -203,6 +204,25 @@ pub enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Print the network's current group token (to invite a new member).
+    Invite {
+        /// Network name.
+        name: String,
+    },
+    /// Replace the network secret: every member moves to the new one, the old token admits
+    /// nobody. Prints the new token. Needs the network's agent running.
+    Rotate {
+        /// Network name.
+        name: String,
+    },
+    /// Rotate the secret without one member (by name, virtual IP or public key): it reaches
+    /// nobody afterwards. Prints the new token. Needs the network's agent running.
+    Kick {
+        /// Network name.
+        name: String,
+        /// The member to remove.
+        member: String,
+    },
     /// Build a demo mesh on this machine in network namespaces (root), show it, tear it down.
     Demo,
     /// Write man pages and shell completions into a directory (for packaging).
@@ -333,6 +353,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List => admin::list(&cli.config_dir, &cli.run_dir),
         Command::Down { name } => admin::down(&cli.run_dir, &name),
         Command::Leave { name, yes } => admin::leave(&cli.config_dir, &cli.run_dir, &name, yes),
+        Command::Invite { name } => revoke::invite(&cli.config_dir, &name),
+        Command::Rotate { name } => revoke::rotate(&cli.run_dir, &name, None),
+        Command::Kick { name, member } => revoke::rotate(&cli.run_dir, &name, Some(&member)),
         Command::Generate { out } => generate::write_all(Cli::command(), &out),
         Command::Demo => {
             let exe = std::env::current_exe().context("finding the meshvpn binary")?;

@@ -68,6 +68,7 @@ pub mod peer;
 mod registration;
 pub mod relay_session;
 mod report;
+mod rotation;
 mod timers;
 
 pub use link::guard::{HANDSHAKE_BUDGET, HANDSHAKE_LOAD_THRESHOLD, LIMITER_RESET};
@@ -77,6 +78,7 @@ pub use relay_session::{
     StreamKind, REGISTER_INTERVAL, REGISTER_RETRY_MAX, REGISTER_RETRY_MIN, RELAY_LOST_AFTER,
     UDP_FALLBACK_AFTER,
 };
+pub use rotation::{RotationRefused, ROTATE_GIVE_UP, ROTATE_RETRY};
 pub use timers::{Timer, TimerTable};
 
 use std::collections::BTreeMap;
@@ -179,6 +181,18 @@ pub enum Event {
         loser: PeerKey,
         we_lost: bool,
     },
+    /// The network's secret is now `secret`: this node's rotation finished (`request` is the
+    /// id given to [`Node::start_rotation`]), or another member's rotation handed it over
+    /// (`None`). The driver saves it and restarts the node on it.
+    SecretRotated {
+        secret: NetworkSecret,
+        request: Option<u64>,
+    },
+    /// This node's rotation did not finish; nothing changed.
+    RotationFailed { request: u64, reason: String },
+    /// The relay says the network was rotated without this member (it was kicked, or its
+    /// token is an old one); it reaches nobody until it is given a current token.
+    LeftOutOfRotation,
 }
 
 /// One member's protocol engine (see the module doc for the driving contract).
@@ -208,6 +222,8 @@ pub struct Node {
     guard: link::HandshakeGuard,
     /// Scratch space boringtun seals and opens into.
     buf: Vec<u8>,
+    /// A rotation this node uploads, and whether a handover was already reported.
+    rotation: rotation::RotationState,
 }
 
 /// Whether an input touched only the data path (no deadline can have moved except the peer
@@ -256,6 +272,7 @@ impl Node {
             drops: DropCounters::default(),
             guard: link::HandshakeGuard::new(cfg_secret),
             buf: vec![0u8; BUF_LEN],
+            rotation: rotation::RotationState::default(),
         };
         node.reseal_announcement(now);
         node.refresh_timers();
@@ -520,8 +537,12 @@ impl Node {
             .filter_map(|p| p.link.poll_timeout())
             .min();
         self.timers.set(Timer::Handshake, handshake);
-        self.timers
-            .set(Timer::Relay, Some(self.relay.poll_timeout()));
+        // The rotation upload talks to the relay, so its retries share the relay's slot.
+        let relay = match self.rotation.poll_timeout() {
+            Some(at) => self.relay.poll_timeout().min(at),
+            None => self.relay.poll_timeout(),
+        };
+        self.timers.set(Timer::Relay, Some(relay));
         self.timers
             .set(Timer::Stun, Some(self.netcheck.next_round()));
         let paths = self

@@ -30,6 +30,7 @@ impl Node {
         if due.transport_changed {
             self.relay_transport_changed(now);
         }
+        self.rotation_timers(now);
     }
 
     /// Follows a change of the relay transport: the outbox routes relay-bound datagrams the new
@@ -140,7 +141,17 @@ impl Node {
             }
             RelayReply::SyncEmpty { seq, .. } => self.apply_full_sync(now, seq, Vec::new()),
             RelayReply::MemberGone { key, seq } => self.apply_removal(now, key, seq),
-            RelayReply::Error { message } => self.out.event(Event::RelayError { message }),
+            RelayReply::Error { message } => {
+                if !self.handle_rotation_error(&message) {
+                    self.out.event(Event::RelayError { message });
+                }
+            }
+            RelayReply::RotateAck {
+                echo_ts_ms,
+                complete,
+                ..
+            } => self.handle_rotate_ack(now, echo_ts_ms, complete),
+            RelayReply::Rotated { network, entry } => self.handle_rotated(now, network, entry),
         }
     }
 
@@ -184,6 +195,11 @@ impl Node {
         }
         let from = self.relay.target().addr;
         self.handle_datagram(now, 0, from, bytes, true);
+    }
+
+    /// The relay's UDP address as the node uses it now.
+    pub fn relay_addr(&self) -> SocketAddr {
+        self.relay.target().addr
     }
 
     /// Whether relay traffic goes over the stream now.

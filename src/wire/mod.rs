@@ -26,6 +26,7 @@ mod announcement;
 pub(crate) mod codec;
 mod disco;
 pub mod plain;
+pub mod rotation;
 pub mod stun;
 pub mod token;
 
@@ -40,6 +41,7 @@ use crate::keys::{NetworkId, PeerKey};
 pub use announcement::{Announcement, NatKind};
 use codec::{Reader, Writer};
 pub use disco::{open_disco, seal_disco, Disco, DiscoStamp, DISCO_VERSION};
+pub use rotation::RotationEntry;
 
 /// First two bytes of every meshvpn frame; 0xFF can start neither WireGuard nor STUN.
 pub const MAGIC: [u8; 2] = [0xFF, b'm'];
@@ -315,6 +317,16 @@ pub enum RelayRequest {
     Leave { network: NetworkId, ts_ms: u64 },
     /// Send me every member of `network` again.
     Sync { network: NetworkId, ts_ms: u64 },
+    /// Store entries of a secret rotation of `network` (the id being retired): one sealed
+    /// handover per recipient (see [`rotation`]). A rotation spans several requests; the
+    /// one with `complete` set ends it, and from then on the relay hands each member of
+    /// `network` its entry and admits nobody under `network`.
+    Rotate {
+        network: NetworkId,
+        ts_ms: u64,
+        complete: bool,
+        entries: Vec<RotationEntry>,
+    },
 }
 
 impl RelayRequest {
@@ -323,7 +335,8 @@ impl RelayRequest {
         match self {
             RelayRequest::Register { ts_ms, .. }
             | RelayRequest::Leave { ts_ms, .. }
-            | RelayRequest::Sync { ts_ms, .. } => *ts_ms,
+            | RelayRequest::Sync { ts_ms, .. }
+            | RelayRequest::Rotate { ts_ms, .. } => *ts_ms,
         }
     }
 
@@ -332,7 +345,8 @@ impl RelayRequest {
         match self {
             RelayRequest::Register { network, .. }
             | RelayRequest::Leave { network, .. }
-            | RelayRequest::Sync { network, .. } => *network,
+            | RelayRequest::Sync { network, .. }
+            | RelayRequest::Rotate { network, .. } => *network,
         }
     }
 
@@ -351,6 +365,18 @@ impl RelayRequest {
             }
             RelayRequest::Sync { network, ts_ms } => {
                 w.u8(3).raw(&network.0).u64(*ts_ms);
+            }
+            RelayRequest::Rotate {
+                network,
+                ts_ms,
+                complete,
+                entries,
+            } => {
+                w.u8(4).raw(&network.0).u64(*ts_ms);
+                w.u8(u8::from(*complete)).u8(entries.len() as u8);
+                for e in entries {
+                    e.encode_into(&mut w);
+                }
             }
         }
         w.buf
@@ -375,6 +401,23 @@ impl RelayRequest {
             }
             2 => RelayRequest::Leave { network, ts_ms },
             3 => RelayRequest::Sync { network, ts_ms },
+            4 => {
+                let complete = flag(&mut r)?;
+                let count = usize::from(r.u8()?);
+                if count > rotation::ENTRIES_PER_REQUEST {
+                    return Err(WireError::Malformed("too many rotation entries"));
+                }
+                let mut entries = Vec::with_capacity(count);
+                for _ in 0..count {
+                    entries.push(RotationEntry::decode_from(&mut r)?);
+                }
+                RelayRequest::Rotate {
+                    network,
+                    ts_ms,
+                    complete,
+                    entries,
+                }
+            }
             other => return Err(WireError::UnknownType("relay request", other)),
         })
     }
@@ -431,6 +474,20 @@ pub enum RelayReply {
     SyncEmpty { generation: u32, seq: u64 },
     /// The relay refused a request.
     Error { message: String },
+    /// The rotation request with timestamp `echo_ts_ms` was stored; `stored` entries are
+    /// held for the rotation now.
+    RotateAck {
+        echo_ts_ms: u64,
+        stored: u32,
+        complete: bool,
+    },
+    /// Network id `network`, which this member registers under, was rotated: here is its
+    /// entry, or `None` when the rotation left it out. The member is not admitted under that
+    /// network id.
+    Rotated {
+        network: NetworkId,
+        entry: Option<RotationEntry>,
+    },
 }
 
 impl RelayReply {
@@ -473,6 +530,28 @@ impl RelayReply {
             RelayReply::Error { message } => {
                 w.u8(5).str(message);
             }
+            RelayReply::RotateAck {
+                echo_ts_ms,
+                stored,
+                complete,
+            } => {
+                w.u8(6)
+                    .u64(*echo_ts_ms)
+                    .u32(*stored)
+                    .u8(u8::from(*complete));
+            }
+            RelayReply::Rotated { network, entry } => {
+                w.u8(7).raw(&network.0);
+                match entry {
+                    Some(e) => {
+                        w.u8(1);
+                        e.encode_into(&mut w);
+                    }
+                    None => {
+                        w.u8(0);
+                    }
+                }
+            }
         }
         w.buf
     }
@@ -512,8 +591,29 @@ impl RelayReply {
                 seq: r.u64()?,
             },
             5 => RelayReply::Error { message: r.str()? },
+            6 => RelayReply::RotateAck {
+                echo_ts_ms: r.u64()?,
+                stored: r.u32()?,
+                complete: flag(&mut r)?,
+            },
+            7 => RelayReply::Rotated {
+                network: NetworkId(r.array()?),
+                entry: match flag(&mut r)? {
+                    false => None,
+                    true => Some(RotationEntry::decode_from(&mut r)?),
+                },
+            },
             other => return Err(WireError::UnknownType("relay reply", other)),
         })
+    }
+}
+
+/// A boolean byte: exactly 0 or 1, so every value has one encoding.
+fn flag(r: &mut Reader<'_>) -> Result<bool, WireError> {
+    match r.u8()? {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(WireError::Malformed("flag byte is not 0 or 1")),
     }
 }
 

@@ -104,6 +104,11 @@ pub struct Member {
     pub sent_direct: u64,
     /// IP packets the node wrote to its TUN device.
     pub delivered: Vec<Vec<u8>>,
+    /// The config the node was built from (a rotation rebuilds it with a new secret).
+    pub cfg: NodeConfig,
+    /// Rotation events, with the simulated time they came at (a driver restarts the node on
+    /// the new secret after `SecretRotated`, as the agent does).
+    pub rotation_events: Vec<(Duration, Event)>,
 }
 
 /// The simulated world.
@@ -259,12 +264,14 @@ impl Sim {
             seed: self.rng.gen(),
         };
         let mut node = Node::new(
-            cfg,
+            cfg.clone(),
             self.now,
             SIM_UNIX_MS + self.elapsed().as_millis() as u64,
         );
         node.set_local_endpoints(self.now, vec![addr]);
         self.members.push(Member {
+            cfg,
+            rotation_events: Vec::new(),
             node,
             step: Step::new(),
             addr,
@@ -404,7 +411,27 @@ impl Sim {
                 }
             }
             Owned::Tun(p) => self.members[i].delivered.push(p),
-            Owned::Event(_) => {}
+            Owned::Event(e) => match e {
+                Event::SecretRotated { ref secret, .. } => {
+                    let secret = secret.clone();
+                    let at = self.elapsed();
+                    self.members[i].rotation_events.push((at, e));
+                    self.rejoin(i, secret);
+                }
+                Event::RotationFailed { .. } | Event::LeftOutOfRotation => {
+                    let at = self.elapsed();
+                    self.members[i].rotation_events.push((at, e));
+                }
+                Event::RelayRegistered { .. }
+                | Event::RelayLost
+                | Event::RelayKeyMismatch { .. }
+                | Event::RelayError { .. }
+                | Event::PeerJoined { .. }
+                | Event::PeerLeft { .. }
+                | Event::PathChanged { .. }
+                | Event::PingResult { .. }
+                | Event::VirtualIpConflict { .. } => {}
+            },
             Owned::Open => {
                 // The handshake takes a round trip before the member knows.
                 let rtt = self.latency() * 2;
@@ -416,6 +443,28 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// Restarts member `i`'s node on network secret `secret`, as the agent does after a
+    /// rotation: same key, address and virtual IP, fresh protocol state.
+    fn rejoin(&mut self, i: usize, secret: NetworkSecret) {
+        let mut cfg = self.members[i].cfg.clone();
+        cfg.network_secret = secret;
+        cfg.seed = self.rng.gen();
+        let mut node = Node::new(
+            cfg.clone(),
+            self.now,
+            SIM_UNIX_MS + self.elapsed().as_millis() as u64,
+        );
+        let addr = self.members[i].addr;
+        node.set_local_endpoints(self.now, vec![addr]);
+        if let Some(link) = self.members[i].stream.take() {
+            self.relay.handle_link_closed(link);
+        }
+        let m = &mut self.members[i];
+        m.cfg = cfg;
+        m.node = node;
+        m.step = Step::new();
     }
 
     /// Moves every output of every node and of the relay onto the network.
@@ -491,7 +540,9 @@ impl Sim {
             RelayReply::Member { entry, .. } => entry.observed = bogus,
             RelayReply::MemberGone { .. }
             | RelayReply::SyncEmpty { .. }
-            | RelayReply::Error { .. } => return payload,
+            | RelayReply::Error { .. }
+            | RelayReply::RotateAck { .. }
+            | RelayReply::Rotated { .. } => return payload,
         }
         seal_from_relay(&session, relay, &reply, self.rng.gen())
     }

@@ -124,6 +124,20 @@ pub struct Counters {
     pub network_member_cap_reached: u64,
     /// Registrations refused by the network cap.
     pub network_cap_reached: u64,
+    /// Rotation requests accepted (parts of uploads).
+    #[serde(default)]
+    pub rotation_requests: u64,
+    /// Rotations completed (network ids retired).
+    #[serde(default)]
+    pub rotations: u64,
+    /// Registrations under a retired network id, answered with the registrant's handover and
+    /// refused.
+    #[serde(default)]
+    pub retired_registrations: u64,
+    /// Rotation requests refused: another member's rotation of the id, too many entries, or
+    /// the cap on records.
+    #[serde(default)]
+    pub rotation_cap_reached: u64,
 }
 
 /// A limit that can trip (each has a counter in [`Counters`] and a rate-limited log line).
@@ -136,6 +150,7 @@ pub(super) enum Limit {
     MemberCap,
     NetworkMemberCap,
     NetworkCap,
+    RotationCap,
 }
 
 impl Limit {
@@ -148,6 +163,7 @@ impl Limit {
             Limit::MemberCap => "the relay holds its maximum number of members",
             Limit::NetworkMemberCap => "a network holds its maximum number of members",
             Limit::NetworkCap => "the relay holds its maximum number of networks",
+            Limit::RotationCap => "a rotation request was refused (owner, entries or record cap)",
         }
     }
 
@@ -160,6 +176,7 @@ impl Limit {
             Limit::MemberCap => &mut c.member_cap_reached,
             Limit::NetworkMemberCap => &mut c.network_member_cap_reached,
             Limit::NetworkCap => &mut c.network_cap_reached,
+            Limit::RotationCap => &mut c.rotation_cap_reached,
         }
     }
 }

@@ -45,6 +45,7 @@
 //! from the link a member registered from, and are never decrypted.
 
 mod limits;
+mod rotation;
 #[cfg(test)]
 mod tests;
 
@@ -174,6 +175,8 @@ pub struct RelayServer {
     seq: u64,
     counters: Counters,
     trips: TripLog,
+    /// Records of secret rotations: retired network ids and their sealed handovers.
+    rotations: rotation::Rotations,
 }
 
 impl RelayServer {
@@ -206,6 +209,7 @@ impl RelayServer {
             seq: 0,
             counters: Counters::default(),
             trips: TripLog::default(),
+            rotations: rotation::Rotations::default(),
         }
     }
 
@@ -303,6 +307,7 @@ impl RelayServer {
             self.counters.expired += 1;
             self.remove_member(net, key);
         }
+        self.rotations.expire(now);
         if self.next_housekeeping.is_some_and(|t| t <= now) {
             self.last_ts
                 .retain(|_, (_, seen)| now.saturating_duration_since(*seen) < REPLAY_MEMORY);
@@ -316,10 +321,10 @@ impl RelayServer {
     /// When [`RelayServer::handle_timeout`] should next be called, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let expiry = self.expiries.peek().map(|Reverse((at, _, _))| *at);
-        match (expiry, self.next_housekeeping) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [expiry, self.next_housekeeping, self.rotations.next_expiry()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Next datagram to send.
@@ -479,6 +484,9 @@ impl RelayServer {
                     self.trips.trip(now, Limit::SyncRate, &mut self.counters);
                 }
             }
+            RelayRequest::Rotate {
+                complete, entries, ..
+            } => self.rotate(now, from, sender, network, session, ts, complete, entries),
         }
     }
 
@@ -529,6 +537,9 @@ impl RelayServer {
         session: [u8; 32],
         ts: u64,
     ) {
+        if self.refuse_retired(from, sender, network, &session) {
+            return;
+        }
         // A key belongs to one network per relay; moving networks drops the old entry.
         if let Some(old) = self.member_network.get(&sender).copied() {
             if old != network {

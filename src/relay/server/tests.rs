@@ -10,7 +10,7 @@ use crate::wire::admission::AdmissionClient;
 /// The Unix time the tests' relays start at.
 const T0_MS: u64 = 1_700_000_000_000;
 
-fn relay(now: Instant, seed: u64) -> RelayServer {
+pub(super) fn relay(now: Instant, seed: u64) -> RelayServer {
     RelayServer::new(
         NodeSecret::from_bytes([1; 32]),
         seed,
@@ -21,20 +21,20 @@ fn relay(now: Instant, seed: u64) -> RelayServer {
     )
 }
 
-fn ts(relay: &RelayServer, now: Instant) -> u64 {
+pub(super) fn ts(relay: &RelayServer, now: Instant) -> u64 {
     relay.clock.unix_ms(now)
 }
 
-struct Client {
-    secret: NodeSecret,
-    link: Link,
-    keys: NetworkKeys,
+pub(super) struct Client {
+    pub(super) secret: NodeSecret,
+    pub(super) link: Link,
+    pub(super) keys: NetworkKeys,
     admission: AdmissionClient,
     nonce: u8,
 }
 
 impl Client {
-    fn new(b: u8, port: u16, network: &NetworkSecret) -> Self {
+    pub(super) fn new(b: u8, port: u16, network: &NetworkSecret) -> Self {
         let keys = network.derive();
         let admission = AdmissionClient::new(
             keys.signing.clone(),
@@ -67,7 +67,7 @@ impl Client {
     }
 
     /// Sends `req`, answers a cookie reply once, and returns the replies meant for this member.
-    fn send(
+    pub(super) fn send(
         &mut self,
         relay: &mut RelayServer,
         now: Instant,
@@ -78,7 +78,7 @@ impl Client {
         self.drain(relay, now)
     }
 
-    fn drain(&mut self, relay: &mut RelayServer, now: Instant) -> Vec<RelayReply> {
+    pub(super) fn drain(&mut self, relay: &mut RelayServer, now: Instant) -> Vec<RelayReply> {
         let session = self.session(relay);
         let mut out = Vec::new();
         let mut others = Vec::new();
@@ -113,7 +113,7 @@ impl Client {
         out
     }
 
-    fn register(&self, relay: &RelayServer, now: Instant) -> RelayRequest {
+    pub(super) fn register(&self, relay: &RelayServer, now: Instant) -> RelayRequest {
         RelayRequest::Register {
             network: self.keys.network_id,
             ts_ms: ts(relay, now),
