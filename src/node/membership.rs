@@ -525,6 +525,7 @@ impl Node {
         self.members.forget(key);
         if let Some(peer) = self.peers.remove(&key) {
             self.members.release_index(peer.link.index());
+            self.drops.handshake_pending += peer.link.held_packets() as u64;
             self.out.event(Event::PeerLeft {
                 key,
                 name: peer.announcement.name,

@@ -43,7 +43,9 @@
 //!          STUN: binding responses (reflexive address; over UDP, proof that UDP works)
 //! ```
 //! The data path (TUN packets, WireGuard datagrams) allocates nothing per packet: boringtun
-//! seals and opens into one scratch buffer, and the outbox recycles its buffers.
+//! seals and opens into one scratch buffer, and the outbox recycles its buffers. A packet is
+//! held, not dropped, while its peer's handshake is in progress (in the peer link), bounded
+//! in packets, bytes and time.
 //!
 //! # Membership
 //! The node registers with its relay every [`REGISTER_INTERVAL`] (with backoff while the relay
@@ -57,6 +59,7 @@
 
 pub mod birthday;
 pub mod driver;
+mod hold;
 mod inbound;
 mod link;
 mod membership;
@@ -71,7 +74,9 @@ mod report;
 mod timers;
 
 pub use link::guard::{HANDSHAKE_BUDGET, HANDSHAKE_LOAD_THRESHOLD, LIMITER_RESET};
-pub use link::{HANDSHAKE_GIVE_UP, HANDSHAKE_RETRY, SESSION_FRESH};
+pub use link::{
+    HANDSHAKE_GIVE_UP, HANDSHAKE_RETRY, HOLD_BYTES, HOLD_MAX_AGE, HOLD_PACKETS, SESSION_FRESH,
+};
 pub use outbox::{Transmit, Transport};
 pub use relay_session::{
     StreamKind, REGISTER_INTERVAL, REGISTER_RETRY_MAX, REGISTER_RETRY_MIN, RELAY_LOST_AFTER,
@@ -336,7 +341,8 @@ impl Node {
         self.nat
     }
 
-    /// Handles one IP packet read from the TUN device. The data path: nothing here allocates.
+    /// Handles one IP packet read from the TUN device. The data path: nothing here allocates
+    /// (a packet that must wait for a handshake is copied into a buffer its hold recycles).
     pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8]) {
         self.now = self.now.max(now);
         let Some(dst) = ipv4_destination(packet) else {
@@ -347,13 +353,20 @@ impl Node {
             self.drops.no_route += 1;
             return;
         };
+        self.send_to_peer(now, key, packet);
+    }
+
+    /// Sends one IP packet from the TUN to member `key` (held by its link while the handshake
+    /// is in progress).
+    fn send_to_peer(&mut self, now: Instant, key: PeerKey, packet: &[u8]) {
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
-        let direct = peer.direct();
-        if let Some(bytes) = peer.link.encapsulate(now, packet, &mut self.buf) {
-            self.out.for_peer(direct, key, bytes);
-        }
+        let (direct, out) = (peer.direct(), &mut self.out);
+        peer.link
+            .encapsulate(now, packet, &mut self.buf, &mut self.drops, |bytes| {
+                out.for_peer(direct, key, bytes)
+            });
         if let Some(at) = peer.link.poll_timeout() {
             self.timers.arm_earliest(Timer::Handshake, at);
         }
@@ -549,7 +562,7 @@ impl Node {
             if p.link.poll_timeout().is_none_or(|at| at > now) {
                 continue;
             }
-            if let Some(bytes) = p.link.handle_timeout(now, &mut self.buf) {
+            if let Some(bytes) = p.link.handle_timeout(now, &mut self.buf, &mut self.drops) {
                 self.out.for_peer(p.direct(), *key, bytes);
             }
         }
