@@ -534,7 +534,8 @@ impl Node {
         }
     }
 
-    /// Rebuilds the virtual-IP routing table from every member's claim and reports new clashes.
+    /// Rebuilds the virtual-IP routing table from every member's claim and reports new clashes;
+    /// packets held for an address that now has a member go to it.
     pub(super) fn resolve_addresses(&mut self) {
         for c in self.members.resolve() {
             self.out.event(Event::VirtualIpConflict {
@@ -544,6 +545,7 @@ impl Node {
                 we_lost: c.loser == self.public,
             });
         }
+        self.release_unrouted();
     }
 }
 

@@ -44,8 +44,9 @@
 //! ```
 //! The data path (TUN packets, WireGuard datagrams) allocates nothing per packet: boringtun
 //! seals and opens into one scratch buffer, and the outbox recycles its buffers. A packet is
-//! held, not dropped, while its peer's handshake is in progress (in the peer link), bounded
-//! in packets, bytes and time.
+//! held, not dropped, while its peer's handshake is in progress (in the peer link) and while
+//! no member has its destination address yet (the `unrouted` hold), both bounded in packets,
+//! bytes and time.
 //!
 //! # Membership
 //! The node registers with its relay every [`REGISTER_INTERVAL`] (with backoff while the relay
@@ -72,6 +73,7 @@ mod registration;
 pub mod relay_session;
 mod report;
 mod timers;
+mod unrouted;
 
 pub use link::guard::{HANDSHAKE_BUDGET, HANDSHAKE_LOAD_THRESHOLD, LIMITER_RESET};
 pub use link::{
@@ -83,6 +85,7 @@ pub use relay_session::{
     UDP_FALLBACK_AFTER,
 };
 pub use timers::{Timer, TimerTable};
+pub use unrouted::{UNROUTED_BYTES, UNROUTED_MAX_AGE, UNROUTED_PACKETS, UNROUTED_PER_DESTINATION};
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -213,6 +216,8 @@ pub struct Node {
     guard: link::HandshakeGuard,
     /// Scratch space boringtun seals and opens into.
     buf: Vec<u8>,
+    /// Packets for subnet addresses no member has yet, until one joins.
+    unrouted: hold::HoldQueue,
 }
 
 /// Whether an input touched only the data path (no deadline can have moved except the peer
@@ -261,6 +266,7 @@ impl Node {
             drops: DropCounters::default(),
             guard: link::HandshakeGuard::new(cfg_secret),
             buf: vec![0u8; BUF_LEN],
+            unrouted: unrouted::queue(),
         };
         node.reseal_announcement(now);
         node.refresh_timers();
@@ -342,7 +348,8 @@ impl Node {
     }
 
     /// Handles one IP packet read from the TUN device. The data path: nothing here allocates
-    /// (a packet that must wait for a handshake is copied into a buffer its hold recycles).
+    /// (a packet that must wait, for a handshake or for its destination's member, is copied
+    /// into a buffer its hold recycles).
     pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8]) {
         self.now = self.now.max(now);
         let Some(dst) = ipv4_destination(packet) else {
@@ -350,7 +357,7 @@ impl Node {
             return;
         };
         let Some(key) = self.members.route(dst) else {
-            self.drops.no_route += 1;
+            self.hold_unrouted(now, dst, packet);
             return;
         };
         self.send_to_peer(now, key, packet);
@@ -481,6 +488,7 @@ impl Node {
                     let next = now + LIMITER_RESET;
                     self.timers.set(Timer::HandshakeLimiter, Some(next));
                 }
+                Timer::Unrouted => self.expire_unrouted(now),
             }
         }
         self.refresh_timers();
@@ -543,6 +551,8 @@ impl Node {
             .filter_map(|p| self.path_deadline(p))
             .min();
         self.timers.set(Timer::Paths, paths);
+        self.timers
+            .set(Timer::Unrouted, self.unrouted.next_expiry());
     }
 
     /// boringtun's periodic timers on every peer link.
