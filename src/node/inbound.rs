@@ -125,6 +125,7 @@ impl Node {
         let members = &self.members;
         let mut refused = Inner::Deliver;
         p.link.decapsulate(
+            now,
             from.ip(),
             bytes,
             vip,

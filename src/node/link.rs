@@ -2,8 +2,8 @@
 //!
 //! # Job
 //! Everything boringtun does for one peer happens here and nowhere else: sealing packets from
-//! the TUN, opening datagrams (including boringtun's flush loop that releases packets queued
-//! during a handshake), its periodic `update_timers`, and the node's own handshake retries.
+//! the TUN, holding them while no session is up, opening datagrams, its periodic
+//! `update_timers`, and the node's own handshake retries.
 //! Every link's `Tunn` shares the node's one cookie rate limiter, owned by the [`guard`]
 //! (mac1 first, cookies under load, a global budget of key agreements), which sees every
 //! WireGuard datagram before any link does: boringtun stays behind this module. The link knows
@@ -11,6 +11,21 @@
 //! [`LinkOutput::Reply`] (answer the way the message came) or a [`LinkOutput::Send`] (send on
 //! the peer's current path), and each opened packet as [`LinkOutput::Tun`] once its inner source
 //! address is the peer's own virtual IP (cryptokey routing).
+//!
+//! # Packets sent during a handshake
+//! boringtun seals with its current session, and has none until a handshake completes (for
+//! the initiator, when the response arrives; for the responder, when the first data packet
+//! arrives on the new session). Left to itself it would queue such packets internally (up to
+//! 256, a fresh `Vec` each, no byte or age limit, uncounted) and release them only from
+//! the flush loop after a handshake message, where its attempt to seal them again starts a
+//! new initiation; when both sides initiate at once, that new initiation replaces the one
+//! whose response is in flight, and the queued packets wait for a later handshake. So the
+//! link never hands boringtun a packet it cannot seal: while `Tunn::time_since_last_handshake`
+//! is `None` (exactly when boringtun's `encapsulate` has no current session) packets go into
+//! the link's own [`HoldQueue`] ([`HOLD_PACKETS`], [`HOLD_BYTES`], [`HOLD_MAX_AGE`], oldest
+//! dropped first, each drop counted as `handshake_pending`), and only the first of them starts
+//! a handshake. After every datagram the link opens, if a session has come up, the held
+//! packets are sealed in order and sent on the peer's current path.
 //!
 //! # Handshake retries
 //! boringtun retries handshakes on the real clock. The link also retries on the node's clock
@@ -29,6 +44,8 @@ use std::time::{Duration, Instant};
 
 use boringtun::noise::{Tunn, TunnResult};
 
+use super::hold::{HoldLimits, HoldQueue};
+
 pub(crate) mod guard;
 pub(crate) use guard::{Admission, HandshakeGuard};
 
@@ -44,6 +61,29 @@ pub const HANDSHAKE_GIVE_UP: Duration = Duration::from_secs(30);
 /// A session whose last handshake is younger than this is fresh: WireGuard's `REJECT_AFTER_TIME`
 /// is 180 s, after which boringtun refuses to use the keys, so an older handshake is no session.
 pub const SESSION_FRESH: Duration = Duration::from_secs(180);
+
+/// Packets held per peer while its handshake is in progress: a connection's first packets (a
+/// TCP SYN, a DNS query and its retry, a ping or two) fit many times over, while a sender
+/// that floods an unreachable peer loses its oldest packets rather than the node's memory.
+pub const HOLD_PACKETS: usize = 16;
+/// Bytes held per peer while its handshake is in progress: 16 full-size packets of the
+/// default 1,420-byte MTU are 22 KiB, so the count binds first for ordinary traffic and this
+/// caps a peer's queue when the host sends jumbo (offloaded) packets.
+pub const HOLD_BYTES: usize = 64 * 1024;
+/// A packet held this long for a handshake is dropped: it covers a first initiation and two
+/// node-side retries ([`HANDSHAKE_RETRY`] apart) with a relayed round trip to spare, and an
+/// older packet has been replaced by the sender's own retransmission (TCP's 1 s initial
+/// retransmission timeout, ping's 1 s interval), so delivering it would only add a duplicate.
+pub const HOLD_MAX_AGE: Duration = Duration::from_secs(5);
+
+/// The limits of a link's [`HoldQueue`]; every packet goes to the one peer, so one
+/// destination may use the whole queue.
+const HOLD_LIMITS: HoldLimits = HoldLimits {
+    packets: HOLD_PACKETS,
+    bytes: HOLD_BYTES,
+    per_destination: HOLD_PACKETS,
+    max_age: HOLD_MAX_AGE,
+};
 
 /// What a link asks its caller to do with bytes it produced.
 #[derive(Debug, PartialEq, Eq)]
@@ -64,6 +104,8 @@ pub(crate) struct PeerLink {
     /// Since when traffic waits for a session (cleared once one is fresh or we gave up).
     want_session_since: Option<Instant>,
     last_init_sent: Option<Instant>,
+    /// Packets from the TUN waiting for a session (see the module doc).
+    held: HoldQueue,
     rx_bytes: u64,
     tx_bytes: u64,
 }
@@ -92,6 +134,7 @@ impl PeerLink {
             index,
             want_session_since: None,
             last_init_sent: None,
+            held: HoldQueue::new(HOLD_LIMITS),
             rx_bytes: 0,
             tx_bytes: 0,
         }
@@ -117,41 +160,59 @@ impl PeerLink {
         self.handshake_age().is_some_and(|d| d < SESSION_FRESH)
     }
 
-    /// Seals one IP packet from the TUN into `scratch`; returns the datagram to send on the
-    /// current path, or `None` while the packet waits inside boringtun for a handshake.
-    pub(crate) fn encapsulate<'b>(
+    /// How many packets wait for a session.
+    pub(crate) fn held_packets(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Handles one IP packet from the TUN: with a session, sealed into `scratch` and handed to
+    /// `send` (for the peer's current path); without one, held until the handshake completes,
+    /// and the first packet held starts the handshake (its initiation goes to `send`). Drops
+    /// from the hold are counted in `drops`.
+    pub(crate) fn encapsulate(
         &mut self,
         now: Instant,
         packet: &[u8],
-        scratch: &'b mut [u8],
-    ) -> Option<&'b [u8]> {
-        self.tx_bytes += packet.len() as u64;
-        match self.tunn.encapsulate(packet, scratch) {
+        scratch: &mut [u8],
+        drops: &mut DropCounters,
+        mut send: impl FnMut(&[u8]),
+    ) {
+        if self.has_session() {
+            // Held packets go first, so the peer sees packets in the order they were sent.
+            self.flush_held(now, scratch, drops, &mut send);
+            if let Some(bytes) = self.seal(packet, scratch) {
+                send(bytes);
+            }
+            return;
+        }
+        drops.handshake_pending += self.held.expire(now);
+        drops.handshake_pending += self.held.push(now, Ipv4Addr::UNSPECIFIED, packet);
+        if self.want_session_since.is_some() {
+            // A handshake is under way; the node-side retry covers a lost one.
+            return;
+        }
+        self.want_session_since = Some(now);
+        match self.tunn.format_handshake_initiation(scratch, false) {
             TunnResult::WriteToNetwork(bytes) => {
-                if bytes.first() == Some(&1) {
-                    self.want_session_since.get_or_insert(now);
-                    self.last_init_sent = Some(now);
-                }
-                Some(bytes)
+                self.last_init_sent = Some(now);
+                send(bytes);
             }
-            TunnResult::Done => {
-                // Queued inside boringtun until the handshake completes.
-                self.want_session_since.get_or_insert(now);
-                None
-            }
-            TunnResult::Err(e) => {
-                tracing::debug!(?e, "encapsulate failed");
-                None
-            }
-            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => None,
+            // boringtun has an attempt of its own in progress (or answered the peer's
+            // initiation and waits for its first data packet): the retry timer takes over.
+            TunnResult::Done => {}
+            TunnResult::Err(e) => tracing::debug!(?e, "handshake initiation failed"),
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
         }
     }
 
-    /// Opens one WireGuard datagram that came from `from`, then runs boringtun's flush loop
-    /// (packets queued during a handshake come out as [`LinkOutput::Send`]). Opened packets
-    /// whose inner source is not `allowed_source` are counted as spoofed and dropped.
+    /// Opens one WireGuard datagram that came from `from` at `now`, then runs boringtun's
+    /// flush loop; if a session is up afterwards, the packets held for it come out, in order,
+    /// as [`LinkOutput::Send`]. Opened packets whose inner source is not `allowed_source` are
+    /// counted as spoofed and dropped.
+    #[allow(clippy::too_many_arguments)] // each is one input of the one datagram
     pub(crate) fn decapsulate(
         &mut self,
+        now: Instant,
         from: IpAddr,
         bytes: &[u8],
         allowed_source: Ipv4Addr,
@@ -193,6 +254,9 @@ impl PeerLink {
                 }
             }
         }
+        if !self.held.is_empty() {
+            self.flush_held(now, scratch, drops, |b| out(LinkOutput::Send(b)));
+        }
         if self.session_fresh() {
             self.want_session_since = None;
         }
@@ -210,12 +274,15 @@ impl PeerLink {
         }
     }
 
-    /// When the node-side handshake retry (or give-up) is due; `None` while no session is wanted.
+    /// When the node-side handshake retry (or give-up) or the expiry of a held packet is
+    /// due; `None` while no session is wanted and nothing is held.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        let since = self.want_session_since?;
-        let give_up = since + HANDSHAKE_GIVE_UP;
-        let retry = self.last_init_sent.map_or(since, |t| t + HANDSHAKE_RETRY);
-        Some(retry.min(give_up))
+        let retry = self.want_session_since.map(|since| {
+            let give_up = since + HANDSHAKE_GIVE_UP;
+            let retry = self.last_init_sent.map_or(since, |t| t + HANDSHAKE_RETRY);
+            retry.min(give_up)
+        });
+        [retry, self.held.next_expiry()].into_iter().flatten().min()
     }
 
     /// The path to the peer changed: a handshake in progress went to the old path, so the
@@ -226,16 +293,20 @@ impl PeerLink {
         }
     }
 
-    /// Runs the handshake retry if due: a fresh session or a long wait ends the attempt,
-    /// otherwise a new initiation is returned, to be sent on the current path.
+    /// Drops held packets that expired, then runs the handshake retry if due: a fresh
+    /// session or a long wait ends the attempt (dropping what is still held), otherwise a new
+    /// initiation is returned, to be sent on the current path.
     pub(crate) fn handle_timeout<'b>(
         &mut self,
         now: Instant,
         scratch: &'b mut [u8],
+        drops: &mut DropCounters,
     ) -> Option<&'b [u8]> {
+        drops.handshake_pending += self.held.expire(now);
         let since = self.want_session_since?;
         if self.session_fresh() || now.saturating_duration_since(since) >= HANDSHAKE_GIVE_UP {
             self.want_session_since = None;
+            drops.handshake_pending += self.held.clear();
             return None;
         }
         let due = self
@@ -252,6 +323,52 @@ impl PeerLink {
             | TunnResult::WriteToTunnelV4(..)
             | TunnResult::WriteToTunnelV6(..) => None,
         }
+    }
+
+    /// Whether boringtun has a current session, i.e. its `encapsulate` seals instead of
+    /// queueing (`time_since_last_handshake` tests exactly that session slot).
+    fn has_session(&self) -> bool {
+        self.tunn.time_since_last_handshake().is_some()
+    }
+
+    /// Seals `packet` with the current session; `None` (and nothing queued in boringtun)
+    /// without one.
+    fn seal<'b>(&mut self, packet: &[u8], scratch: &'b mut [u8]) -> Option<&'b [u8]> {
+        if !self.has_session() {
+            return None;
+        }
+        match self.tunn.encapsulate(packet, scratch) {
+            TunnResult::WriteToNetwork(bytes) => {
+                self.tx_bytes += packet.len() as u64;
+                Some(bytes)
+            }
+            TunnResult::Done
+            | TunnResult::Err(_)
+            | TunnResult::WriteToTunnelV4(..)
+            | TunnResult::WriteToTunnelV6(..) => None,
+        }
+    }
+
+    /// With a session up, seals every held packet that has not expired, oldest first, and
+    /// hands each to `send`; then frees the hold's buffers.
+    fn flush_held(
+        &mut self,
+        now: Instant,
+        scratch: &mut [u8],
+        drops: &mut DropCounters,
+        mut send: impl FnMut(&[u8]),
+    ) {
+        if self.held.is_empty() || !self.has_session() {
+            return;
+        }
+        drops.handshake_pending += self.held.expire(now);
+        while let Some(held) = self.held.pop() {
+            if let Some(bytes) = self.seal(&held.packet, scratch) {
+                send(bytes);
+            }
+            self.held.recycle(held.packet);
+        }
+        self.held.release_spares();
     }
 }
 
@@ -314,6 +431,7 @@ mod tests {
         let mut scratch = vec![0u8; 2048];
         let (mut replies, mut sends, mut tun) = (Vec::new(), Vec::new(), Vec::new());
         to.decapsulate(
+            Instant::now(),
             "192.0.2.1".parse().expect("literal"),
             bytes,
             allowed,
@@ -328,35 +446,179 @@ mod tests {
         (replies, sends, tun)
     }
 
+    /// Hands `packet` from the TUN to `link` at `now`; returns what it sent.
+    fn seal(
+        link: &mut PeerLink,
+        now: Instant,
+        packet: &[u8],
+        drops: &mut DropCounters,
+    ) -> Vec<Vec<u8>> {
+        let mut scratch = vec![0u8; 2048];
+        let mut sent = Vec::new();
+        link.encapsulate(now, packet, &mut scratch, drops, |b| sent.push(b.to_vec()));
+        sent
+    }
+
+    /// A packet from `src` to `dst` whose payload carries `tag`.
+    fn tagged(src: Ipv4Addr, dst: Ipv4Addr, tag: u8) -> Vec<u8> {
+        let mut p = packet(src, dst);
+        p[27] = tag;
+        p
+    }
+
     #[test]
-    fn handshake_flushes_queued_packet_and_checks_the_inner_source() {
+    fn handshake_flushes_held_packet_and_checks_the_inner_source() {
         let (mut a, mut b, ip_a, ip_b) = pair();
         let now = Instant::now();
-        let mut scratch = vec![0u8; 2048];
         let mut drops = DropCounters::default();
-        let init = a
-            .encapsulate(now, &packet(ip_a, ip_b), &mut scratch)
-            .expect("first packet starts a handshake")
-            .to_vec();
-        assert_eq!(init[0], 1, "a handshake initiation");
+        let sent = seal(&mut a, now, &packet(ip_a, ip_b), &mut drops);
+        assert_eq!(sent.len(), 1, "the first packet starts a handshake");
+        assert_eq!(sent[0][0], 1, "a handshake initiation");
+        assert_eq!(a.held_packets(), 1);
         assert!(a.poll_timeout().is_some(), "a session is wanted");
-        let (replies, _, _) = deliver(&mut b, &init, ip_a, &mut drops);
+        let (replies, _, _) = deliver(&mut b, &sent[0], ip_a, &mut drops);
         assert_eq!(replies.len(), 1, "the response goes back the way it came");
-        let (_, sends, _) = deliver(&mut a, &replies[0], ip_b, &mut drops);
-        assert_eq!(sends.len(), 1, "the queued packet is flushed on the path");
+        let (keepalive, sends, _) = deliver(&mut a, &replies[0], ip_b, &mut drops);
+        assert_eq!(
+            keepalive.len(),
+            1,
+            "boringtun's keepalive answers the response"
+        );
+        assert_eq!(sends.len(), 1, "the held packet is sent on the path");
+        assert_eq!(a.held_packets(), 0);
         assert!(a.session_fresh());
         assert_eq!(a.poll_timeout(), None, "no retry once the session is fresh");
+        deliver(&mut b, &keepalive[0], ip_a, &mut drops);
         let (_, _, tun) = deliver(&mut b, &sends[0], ip_a, &mut drops);
         assert_eq!(tun, vec![packet(ip_a, ip_b)]);
 
         // A packet whose inner source is not the peer's address is dropped and counted.
-        let spoofed = a
-            .encapsulate(now, &packet(Ipv4Addr::new(10, 0, 0, 9), ip_b), &mut scratch)
-            .expect("session up")
-            .to_vec();
-        let (_, _, tun) = deliver(&mut b, &spoofed, ip_a, &mut drops);
+        let spoofed = seal(
+            &mut a,
+            now,
+            &packet(Ipv4Addr::new(10, 0, 0, 9), ip_b),
+            &mut drops,
+        );
+        assert_eq!(spoofed.len(), 1, "session up: sealed at once");
+        let (_, _, tun) = deliver(&mut b, &spoofed[0], ip_a, &mut drops);
         assert!(tun.is_empty());
         assert_eq!(drops.spoofed_source, 1);
+        assert_eq!(drops.handshake_pending, 0);
+    }
+
+    #[test]
+    fn packets_held_during_the_handshake_arrive_in_order_within_the_bounds() {
+        let (mut a, mut b, ip_a, ip_b) = pair();
+        let now = Instant::now();
+        let mut drops = DropCounters::default();
+        let mut init = Vec::new();
+        for tag in 0..(HOLD_PACKETS as u8 + 4) {
+            let sent = seal(&mut a, now, &tagged(ip_a, ip_b, tag), &mut drops);
+            init.extend(sent);
+        }
+        assert_eq!(init.len(), 1, "one initiation, however many packets wait");
+        assert_eq!(a.held_packets(), HOLD_PACKETS);
+        assert_eq!(drops.handshake_pending, 4, "the four oldest were dropped");
+        let (replies, _, _) = deliver(&mut b, &init[0], ip_a, &mut drops);
+        let (keepalive, sends, _) = deliver(&mut a, &replies[0], ip_b, &mut drops);
+        deliver(&mut b, &keepalive[0], ip_a, &mut drops);
+        let tags: Vec<u8> = sends
+            .iter()
+            .flat_map(|d| deliver(&mut b, d, ip_a, &mut drops).2)
+            .map(|p| p[27])
+            .collect();
+        assert_eq!(tags, (4..HOLD_PACKETS as u8 + 4).collect::<Vec<_>>());
+        // Once up, a packet is sealed at once, after anything still held.
+        assert_eq!(
+            seal(&mut a, now, &tagged(ip_a, ip_b, 99), &mut drops).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn held_packets_expire_on_the_node_clock() {
+        let (mut a, mut b, ip_a, ip_b) = pair();
+        let now = Instant::now();
+        let mut drops = DropCounters::default();
+        let init = seal(&mut a, now, &tagged(ip_a, ip_b, 1), &mut drops);
+        let later = now + HOLD_MAX_AGE - Duration::from_millis(1);
+        assert!(seal(&mut a, later, &tagged(ip_a, ip_b, 2), &mut drops).is_empty());
+        assert_eq!(a.poll_timeout(), Some(now + HANDSHAKE_RETRY));
+        let mut scratch = vec![0u8; 2048];
+        // The first packet's expiry passes while the handshake is still out.
+        a.handle_timeout(now + HOLD_MAX_AGE, &mut scratch, &mut drops);
+        assert_eq!((a.held_packets(), drops.handshake_pending), (1, 1));
+        let (replies, _, _) = deliver(&mut b, &init[0], ip_a, &mut drops);
+        let mut sends = Vec::new();
+        a.decapsulate(
+            now + HOLD_MAX_AGE,
+            "192.0.2.1".parse().expect("literal"),
+            &replies[0],
+            ip_b,
+            &mut scratch,
+            &mut drops,
+            |o| {
+                if let LinkOutput::Send(b) = o {
+                    sends.push(b.to_vec());
+                }
+            },
+        );
+        assert_eq!(sends.len(), 1, "only the packet that has not expired");
+        let (_, _, tun) = deliver(&mut b, &sends[0], ip_a, &mut drops);
+        assert_eq!(tun, vec![tagged(ip_a, ip_b, 2)]);
+    }
+
+    #[test]
+    fn a_responder_holds_until_the_initiators_first_data_packet() {
+        let (mut a, mut b, ip_a, ip_b) = pair();
+        let now = Instant::now();
+        let mut drops = DropCounters::default();
+        let init = seal(&mut a, now, &tagged(ip_a, ip_b, 1), &mut drops);
+        let (replies, _, _) = deliver(&mut b, &init[0], ip_a, &mut drops);
+        // b answered but cannot send yet: WireGuard's responder waits for the initiator's
+        // first data packet before using the new keys.
+        let early = seal(&mut b, now, &tagged(ip_b, ip_a, 2), &mut drops);
+        assert!(
+            early.iter().all(|d| d[0] != 4),
+            "nothing sealed before confirmation"
+        );
+        assert_eq!(b.held_packets(), 1);
+        let (keepalive, sends, _) = deliver(&mut a, &replies[0], ip_b, &mut drops);
+        let (_, b_sends, _) = deliver(&mut b, &keepalive[0], ip_a, &mut drops);
+        assert_eq!(
+            b_sends.len(),
+            1,
+            "the keepalive confirms the session: b's packet goes"
+        );
+        let (_, _, tun) = deliver(&mut b, &sends[0], ip_a, &mut drops);
+        assert_eq!(tun, vec![tagged(ip_a, ip_b, 1)]);
+        let (_, _, tun) = deliver(&mut a, &b_sends[0], ip_b, &mut drops);
+        assert_eq!(tun, vec![tagged(ip_b, ip_a, 2)]);
+        assert_eq!(drops.handshake_pending, 0);
+    }
+
+    #[test]
+    fn crossing_initiations_deliver_both_first_packets() {
+        let (mut a, mut b, ip_a, ip_b) = pair();
+        let now = Instant::now();
+        let mut drops = DropCounters::default();
+        let init_a = seal(&mut a, now, &tagged(ip_a, ip_b, 1), &mut drops);
+        let init_b = seal(&mut b, now, &tagged(ip_b, ip_a, 2), &mut drops);
+        let (resp_b, _, _) = deliver(&mut b, &init_a[0], ip_a, &mut drops);
+        let (resp_a, _, _) = deliver(&mut a, &init_b[0], ip_b, &mut drops);
+        let (ka, sends_a, _) = deliver(&mut a, &resp_b[0], ip_b, &mut drops);
+        let (kb, sends_b, _) = deliver(&mut b, &resp_a[0], ip_a, &mut drops);
+        assert_eq!(
+            (sends_a.len(), sends_b.len()),
+            (1, 1),
+            "both sessions came up"
+        );
+        deliver(&mut b, &ka[0], ip_a, &mut drops);
+        deliver(&mut a, &kb[0], ip_b, &mut drops);
+        let (_, _, at_b) = deliver(&mut b, &sends_a[0], ip_a, &mut drops);
+        let (_, _, at_a) = deliver(&mut a, &sends_b[0], ip_b, &mut drops);
+        assert_eq!(at_b, vec![tagged(ip_a, ip_b, 1)]);
+        assert_eq!(at_a, vec![tagged(ip_b, ip_a, 2)]);
     }
 
     #[test]
@@ -364,21 +626,21 @@ mod tests {
         let (mut a, _b, ip_a, ip_b) = pair();
         let now = Instant::now();
         let mut scratch = vec![0u8; 2048];
-        assert!(a
-            .encapsulate(now, &packet(ip_a, ip_b), &mut scratch)
-            .is_some());
+        let mut drops = DropCounters::default();
+        assert_eq!(seal(&mut a, now, &packet(ip_a, ip_b), &mut drops).len(), 1);
         assert_eq!(a.poll_timeout(), Some(now + HANDSHAKE_RETRY));
         assert!(a
-            .handle_timeout(now + Duration::from_secs(1), &mut scratch)
+            .handle_timeout(now + Duration::from_secs(1), &mut scratch, &mut drops)
             .is_none());
         let retry = a
-            .handle_timeout(now + HANDSHAKE_RETRY, &mut scratch)
+            .handle_timeout(now + HANDSHAKE_RETRY, &mut scratch, &mut drops)
             .expect("retry due");
         assert_eq!(retry[0], 1);
         assert_eq!(a.poll_timeout(), Some(now + HANDSHAKE_RETRY * 2));
         assert!(a
-            .handle_timeout(now + HANDSHAKE_GIVE_UP, &mut scratch)
+            .handle_timeout(now + HANDSHAKE_GIVE_UP, &mut scratch, &mut drops)
             .is_none());
         assert_eq!(a.poll_timeout(), None, "gave up");
+        assert_eq!((a.held_packets(), drops.handshake_pending), (0, 1));
     }
 }

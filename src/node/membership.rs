@@ -525,6 +525,7 @@ impl Node {
         self.members.forget(key);
         if let Some(peer) = self.peers.remove(&key) {
             self.members.release_index(peer.link.index());
+            self.drops.handshake_pending += peer.link.held_packets() as u64;
             self.out.event(Event::PeerLeft {
                 key,
                 name: peer.announcement.name,
@@ -533,7 +534,8 @@ impl Node {
         }
     }
 
-    /// Rebuilds the virtual-IP routing table from every member's claim and reports new clashes.
+    /// Rebuilds the virtual-IP routing table from every member's claim and reports new clashes;
+    /// packets held for an address that now has a member go to it.
     pub(super) fn resolve_addresses(&mut self) {
         for c in self.members.resolve() {
             self.out.event(Event::VirtualIpConflict {
@@ -543,6 +545,7 @@ impl Node {
                 we_lost: c.loser == self.public,
             });
         }
+        self.release_unrouted();
     }
 }
 

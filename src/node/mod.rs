@@ -43,7 +43,10 @@
 //!          STUN: binding responses (reflexive address; over UDP, proof that UDP works)
 //! ```
 //! The data path (TUN packets, WireGuard datagrams) allocates nothing per packet: boringtun
-//! seals and opens into one scratch buffer, and the outbox recycles its buffers.
+//! seals and opens into one scratch buffer, and the outbox recycles its buffers. A packet is
+//! held, not dropped, while its peer's handshake is in progress (in the peer link) and while
+//! no member has its destination address yet (the `unrouted` hold), both bounded in packets,
+//! bytes and time.
 //!
 //! # Membership
 //! The node registers with its relay every [`REGISTER_INTERVAL`] (with backoff while the relay
@@ -57,6 +60,7 @@
 
 pub mod birthday;
 pub mod driver;
+mod hold;
 mod inbound;
 mod link;
 mod membership;
@@ -70,9 +74,12 @@ pub mod relay_session;
 mod report;
 mod rotation;
 mod timers;
+mod unrouted;
 
 pub use link::guard::{HANDSHAKE_BUDGET, HANDSHAKE_LOAD_THRESHOLD, LIMITER_RESET};
-pub use link::{HANDSHAKE_GIVE_UP, HANDSHAKE_RETRY, SESSION_FRESH};
+pub use link::{
+    HANDSHAKE_GIVE_UP, HANDSHAKE_RETRY, HOLD_BYTES, HOLD_MAX_AGE, HOLD_PACKETS, SESSION_FRESH,
+};
 pub use outbox::{Transmit, Transport};
 pub use relay_session::{
     StreamKind, REGISTER_INTERVAL, REGISTER_RETRY_MAX, REGISTER_RETRY_MIN, RELAY_LOST_AFTER,
@@ -80,6 +87,7 @@ pub use relay_session::{
 };
 pub use rotation::{RotationRefused, ROTATE_GIVE_UP, ROTATE_RETRY};
 pub use timers::{Timer, TimerTable};
+pub use unrouted::{UNROUTED_BYTES, UNROUTED_MAX_AGE, UNROUTED_PACKETS, UNROUTED_PER_DESTINATION};
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -224,6 +232,8 @@ pub struct Node {
     buf: Vec<u8>,
     /// A rotation this node uploads, and whether a handover was already reported.
     rotation: rotation::RotationState,
+    /// Packets for subnet addresses no member has yet, until one joins.
+    unrouted: hold::HoldQueue,
 }
 
 /// Whether an input touched only the data path (no deadline can have moved except the peer
@@ -273,6 +283,7 @@ impl Node {
             guard: link::HandshakeGuard::new(cfg_secret),
             buf: vec![0u8; BUF_LEN],
             rotation: rotation::RotationState::default(),
+            unrouted: unrouted::queue(),
         };
         node.reseal_announcement(now);
         node.refresh_timers();
@@ -353,7 +364,9 @@ impl Node {
         self.nat
     }
 
-    /// Handles one IP packet read from the TUN device. The data path: nothing here allocates.
+    /// Handles one IP packet read from the TUN device. The data path: nothing here allocates
+    /// (a packet that must wait, for a handshake or for its destination's member, is copied
+    /// into a buffer its hold recycles).
     pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8]) {
         self.now = self.now.max(now);
         let Some(dst) = ipv4_destination(packet) else {
@@ -361,16 +374,23 @@ impl Node {
             return;
         };
         let Some(key) = self.members.route(dst) else {
-            self.drops.no_route += 1;
+            self.hold_unrouted(now, dst, packet);
             return;
         };
+        self.send_to_peer(now, key, packet);
+    }
+
+    /// Sends one IP packet from the TUN to member `key` (held by its link while the handshake
+    /// is in progress).
+    fn send_to_peer(&mut self, now: Instant, key: PeerKey, packet: &[u8]) {
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
-        let direct = peer.direct();
-        if let Some(bytes) = peer.link.encapsulate(now, packet, &mut self.buf) {
-            self.out.for_peer(direct, key, bytes);
-        }
+        let (direct, out) = (peer.direct(), &mut self.out);
+        peer.link
+            .encapsulate(now, packet, &mut self.buf, &mut self.drops, |bytes| {
+                out.for_peer(direct, key, bytes)
+            });
         if let Some(at) = peer.link.poll_timeout() {
             self.timers.arm_earliest(Timer::Handshake, at);
         }
@@ -485,6 +505,7 @@ impl Node {
                     let next = now + LIMITER_RESET;
                     self.timers.set(Timer::HandshakeLimiter, Some(next));
                 }
+                Timer::Unrouted => self.expire_unrouted(now),
             }
         }
         self.refresh_timers();
@@ -551,6 +572,8 @@ impl Node {
             .filter_map(|p| self.path_deadline(p))
             .min();
         self.timers.set(Timer::Paths, paths);
+        self.timers
+            .set(Timer::Unrouted, self.unrouted.next_expiry());
     }
 
     /// boringtun's periodic timers on every peer link.
@@ -570,7 +593,7 @@ impl Node {
             if p.link.poll_timeout().is_none_or(|at| at > now) {
                 continue;
             }
-            if let Some(bytes) = p.link.handle_timeout(now, &mut self.buf) {
+            if let Some(bytes) = p.link.handle_timeout(now, &mut self.buf, &mut self.drops) {
                 self.out.for_peer(p.direct(), *key, bytes);
             }
         }

@@ -34,17 +34,20 @@ pub enum Timer {
     Paths,
     /// The once-a-second reset of the handshake guard's count of handshake messages.
     HandshakeLimiter,
+    /// Expiry of packets held for a virtual IP of the subnet that no member has yet.
+    Unrouted,
 }
 
 impl Timer {
     /// Every timer, in tie-break order.
-    pub const ALL: [Timer; 6] = [
+    pub const ALL: [Timer; 7] = [
         Timer::WireGuardTick,
         Timer::Handshake,
         Timer::Relay,
         Timer::Stun,
         Timer::Paths,
         Timer::HandshakeLimiter,
+        Timer::Unrouted,
     ];
 
     /// Why the node wants to wake for this timer, for logs and `poll_timeout`.
@@ -56,6 +59,7 @@ impl Timer {
             Timer::Stun => "stun round",
             Timer::Paths => "path selection",
             Timer::HandshakeLimiter => "handshake limiter reset",
+            Timer::Unrouted => "held packet expiry",
         }
     }
 

@@ -202,7 +202,9 @@ pub struct DropCounters {
     pub wireguard: u64,
     /// Decrypted packets whose inner source is not routed to the sending peer.
     pub spoofed_source: u64,
-    /// Packets from the TUN for an address no member owns.
+    /// Packets from the TUN for an address no member owns (outside the subnet at once; for a
+    /// subnet address, once no member with it has joined within a few seconds or the hold
+    /// for such packets overflowed).
     pub no_route: u64,
     /// Handshake initiations dropped because the node's budget of key agreements a second
     /// was spent (a flood from many addresses).
@@ -225,6 +227,10 @@ pub struct DropCounters {
     /// Member pushes refused because the member table is full.
     #[serde(default)]
     pub members_full: u64,
+    /// Packets held for a peer while its handshake was in progress and then dropped: the
+    /// hold was full (the oldest go first) or the handshake did not complete in time.
+    #[serde(default)]
+    pub handshake_pending: u64,
 }
 
 /// The address part of `10.1.2.3` or `10.1.2.3/16`.
@@ -510,6 +516,7 @@ mod tests {
             (d.handshake_flood, d.handshake_cookie, d.handshake_replay),
             (0, 0, 0)
         );
+        assert_eq!(d.handshake_pending, 0);
     }
 
     #[test]

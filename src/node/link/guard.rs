@@ -422,10 +422,11 @@ mod tests {
         packet[9] = 253;
         packet[12..16].copy_from_slice(&ip_a.octets());
         packet[16..20].copy_from_slice(&ip_b.octets());
-        let init = link_a
-            .encapsulate(now, &packet, &mut scratch)
-            .expect("a starts a handshake")
-            .to_vec();
+        let mut sent = Vec::new();
+        link_a.encapsulate(now, &packet, &mut scratch, &mut drops, |b| {
+            sent.push(b.to_vec())
+        });
+        let init = sent.pop().expect("a starts a handshake");
         let cookie = match guard_b.admit(now, addr_a, &init, true, &mut scratch, &mut drops) {
             Admission::Cookie(c) => c.to_vec(),
             other @ (Admission::Index(_) | Admission::Initiation { .. } | Admission::Dropped) => {
@@ -446,7 +447,7 @@ mod tests {
                        outputs: &mut Vec<(u8, Vec<u8>)>| {
             let mut buf = vec![0u8; 2048];
             let mut d = DropCounters::default();
-            link.decapsulate(from, bytes, allowed, &mut buf, &mut d, |o| {
+            link.decapsulate(now, from, bytes, allowed, &mut buf, &mut d, |o| {
                 outputs.push(match o {
                     LinkOutput::Reply(b) => (0, b.to_vec()),
                     LinkOutput::Send(b) => (1, b.to_vec()),
@@ -458,7 +459,7 @@ mod tests {
         assert!(outputs.is_empty(), "a cookie reply only stores the cookie");
         // A's retry carries mac2 from the cookie and is admitted.
         let retry = link_a
-            .handle_timeout(now + HANDSHAKE_RETRY, &mut scratch)
+            .handle_timeout(now + HANDSHAKE_RETRY, &mut scratch, &mut drops)
             .expect("retry due")
             .to_vec();
         let got = guard_b.admit(now, addr_a, &retry, true, &mut scratch, &mut drops);
