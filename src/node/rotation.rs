@@ -51,6 +51,8 @@ pub(super) struct RotationState {
     /// A handover or a left-out notice was already reported (the relay repeats it at every
     /// registration attempt).
     reported: bool,
+    /// The relay said this node's network id was retired without an entry for it.
+    left_out: bool,
 }
 
 impl RotationState {
@@ -77,6 +79,9 @@ pub enum RotationRefused {
     /// The relay has not acknowledged a registration: it would refuse the upload.
     #[error("not registered with the relay (the upload needs it); try again once `meshvpn status` shows the relay")]
     NotRegistered,
+    /// This member holds a secret that was already rotated without it.
+    #[error("this member was left out of a rotation of this network (its secret is an old one); ask a member for a current token (`meshvpn invite`)")]
+    LeftOut,
 }
 
 impl Node {
@@ -91,6 +96,9 @@ impl Node {
         request: u64,
     ) -> Result<(), RotationRefused> {
         self.now = self.now.max(now);
+        if self.rotation.left_out {
+            return Err(RotationRefused::LeftOut);
+        }
         if self.rotation.uploading() {
             return Err(RotationRefused::Busy);
         }
@@ -211,6 +219,7 @@ impl Node {
     /// treated as a removal (a live direct path keeps its peer for the usual grace period, so a
     /// relay cannot cut direct sessions at once by claiming a rotation).
     fn left_out(&mut self, now: Instant) {
+        self.rotation.left_out = true;
         self.out.event(Event::LeftOutOfRotation);
         let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
         for key in keys {
@@ -281,5 +290,9 @@ mod tests {
         n.handle_rotated(t0, network, None);
         let events: Vec<Event> = std::iter::from_fn(|| n.poll_event()).collect();
         assert_eq!(events, vec![Event::LeftOutOfRotation]);
+        assert_eq!(
+            n.start_rotation(t0, NetworkSecret([5; 32]), &[], 1),
+            Err(RotationRefused::LeftOut)
+        );
     }
 }

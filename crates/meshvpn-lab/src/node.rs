@@ -183,12 +183,36 @@ impl Node {
         Ok(token)
     }
 
-    /// Starts `meshvpn join <token> --name <name> [extra...]` in the background.
+    /// Starts `meshvpn join --token-file <file> --name <name> [extra...]` in the background.
+    /// The token goes through a 0600 file beside the node's config, never the command line
+    /// (where every process on the host could read it).
     pub fn join(&mut self, lab: &Lab, token: &str, extra: &[&str]) -> Result<u32> {
         let name = self.name.clone();
-        let mut args = vec!["join", token, "--name", &name];
+        let file = self.write_token(token)?;
+        let file = file.to_string_lossy().into_owned();
+        let mut args = vec!["join", "--token-file", &file, "--name", &name];
         args.extend_from_slice(extra);
         self.spawn(lab, &args)
+    }
+
+    /// Writes `token` to `<node dir>/token` with mode 0600 and returns the path.
+    pub fn write_token(&self, token: &str) -> Result<PathBuf> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let dir = self
+            .config_dir
+            .parent()
+            .context("a node's config dir has a parent")?;
+        let path = dir.join("token");
+        let _ = fs::remove_file(&path);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        writeln!(f, "{token}").with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
     }
 
     /// Starts `meshvpn up <network>` in the background.
