@@ -285,6 +285,68 @@ fn ghost_announcements_are_refused_after_a_restart() {
 }
 
 #[test]
+fn the_exact_last_announcement_of_a_member_that_left_is_refused_too() {
+    let seed = simnet::seed(0x4057_0005);
+    let mut sim = Sim::new(seed, (5, 20), 0.0);
+    let a = sim.add_member(None);
+    let m = sim.add_member(None);
+    let addr_a = sim.members[a].addr;
+    sim.tap = Some(Vec::new());
+    sim.run_until(Duration::from_secs(30), |s| all_know(s, 1))
+        .expect("membership");
+    let km = sim.key(m);
+    // What the relay last sent a about m: the exact entry a hostile relay would replay.
+    let session_a = session(&sim, &sim.members[a].node);
+    let last = sim
+        .tap
+        .take()
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.src == sim.relay_addr && t.dst == addr_a)
+        .filter_map(|t| match wire::Frame::parse(&t.payload) {
+            Ok(wire::Frame::FromRelay { relay, sealed }) => {
+                wire::open_from_relay(&session_a, &relay, sealed).ok()
+            }
+            _ => None,
+        })
+        .filter_map(|r| match r {
+            RelayReply::Member { entry, .. } => (entry.key == km).then_some(entry),
+            RelayReply::RegisterAck { .. }
+            | RelayReply::MemberGone { .. }
+            | RelayReply::SyncEmpty { .. }
+            | RelayReply::Error { .. }
+            | RelayReply::RotateAck { .. }
+            | RelayReply::Rotated { .. } => None,
+        })
+        .next_back()
+        .expect("the relay told a about m");
+    let now = sim.now;
+    sim.members[m].node.leave(now);
+    sim.run_for(Duration::from_millis(200));
+    sim.members[m].alive = false;
+    sim.run_until(Duration::from_secs(10), |s| all_know(s, 0))
+        .expect("m left");
+
+    // Replayed to a, which saw m leave: refused.
+    let ghost = push(1_000_000_000_000_000, last);
+    let spare = standalone(&mut sim);
+    let mut node = std::mem::replace(&mut sim.members[a].node, spare);
+    forge(&mut sim, &mut node, &ghost);
+    assert_eq!(node.peer_keys().count(), 0, "the ghost was refused");
+    // And to a restarted a that kept its floors.
+    let floors = node.announcement_floors();
+    let mut restarted = standalone(&mut sim);
+    restarted.restore_announcement_floors(floors);
+    forge(&mut sim, &mut restarted, &ghost);
+    assert_eq!(restarted.peer_keys().count(), 0, "the ghost was refused");
+    assert_eq!(restarted.status(sim.now).dropped.stale_announcement, 1);
+    // Without the floors the same replay would have been believed.
+    let mut forgetful = standalone(&mut sim);
+    forge(&mut sim, &mut forgetful, &ghost);
+    assert_eq!(forgetful.peer_keys().count(), 1);
+}
+
+#[test]
 fn key_grinding_does_not_take_a_live_members_address() {
     let seed = simnet::seed(0x4057_0004);
     let mut sim = Sim::new(seed, (5, 20), 0.0);

@@ -29,7 +29,11 @@
 //! The highest announcement timestamp seen per member (its floor) is kept, exported with
 //! [`Node::announcement_floors`] and restored at start with
 //! [`Node::restore_announcement_floors`]: an announcement older than the floor is a replay and
-//! is refused, also by a member that just restarted.
+//! is refused, also by a member that just restarted. When a member is removed its floor moves
+//! one past its last announcement, so that exact announcement, replayed by a relay after the
+//! member left, is refused too; a member whose presence at the relay begins anew (it expired,
+//! or the relay restarted) re-seals its announcement with a fresh timestamp, so a live member
+//! is never locked out by this.
 //!
 //! # Driving contract
 //! [`Membership`] is plain data: the node asks it whether a push, removal or snapshot applies
@@ -268,6 +272,16 @@ impl Membership {
         *floor = ts_ms;
         self.trim_floors();
         true
+    }
+
+    /// A member was removed: its last announcement no longer admits it (the floor moves past
+    /// it), so a relay replaying that announcement later, to us or to us restarted, is
+    /// refused. A member that is in fact alive re-seals its announcement when its presence at
+    /// the relay starts anew, which is what removed it here (see `Node::handle_relay_reply`).
+    pub(crate) fn retire_floor(&mut self, key: PeerKey) {
+        if let Some(floor) = self.floors.get_mut(&key) {
+            *floor = floor.saturating_add(1);
+        }
     }
 
     /// The highest announcement timestamp seen per member.
@@ -523,6 +537,7 @@ impl Node {
 
     pub(super) fn remove_member(&mut self, key: PeerKey) {
         self.members.forget(key);
+        self.members.retire_floor(key);
         if let Some(peer) = self.peers.remove(&key) {
             self.members.release_index(peer.link.index());
             self.drops.handshake_pending += peer.link.held_packets() as u64;

@@ -127,6 +127,12 @@ impl Node {
                     Ack::Accepted { news: false } => {}
                 }
                 self.members.set_own_since(since);
+                if self.relay.note_presence(since) {
+                    // Members that saw us removed moved our floor past the announcement we
+                    // registered with: send a fresh one.
+                    self.reseal_announcement(now);
+                    self.relay.register_now(now);
+                }
                 self.resolve_addresses();
                 if self.members.digest() != digest {
                     self.request_sync(now);

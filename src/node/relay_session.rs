@@ -177,6 +177,8 @@ pub(crate) struct RelaySession {
     acked_on_stream: bool,
     /// Signs requests with the network key and carries the relay's return-path cookie.
     admission: AdmissionClient,
+    /// The relay's change counter at which our current presence began (from the latest ack).
+    presence_since: Option<u64>,
 }
 
 impl RelaySession {
@@ -191,6 +193,7 @@ impl RelaySession {
     ) -> Self {
         Self {
             admission: AdmissionClient::new(signing, target.key),
+            presence_since: None,
             id,
             target,
             session_key,
@@ -444,6 +447,15 @@ impl RelaySession {
         let news = !was || self.observed != Some(observed);
         self.observed = Some(observed);
         Ack::Accepted { news }
+    }
+
+    /// Records the presence counter of an accepted acknowledgement; `true` when our presence
+    /// began anew since the previous one (we expired there, or the relay restarted): the other
+    /// members saw us removed, so our announcement must be sealed afresh to be taken again.
+    pub(crate) fn note_presence(&mut self, since: u64) -> bool {
+        let renewed = self.presence_since.is_some_and(|old| old != since);
+        self.presence_since = Some(since);
+        renewed
     }
 
     /// One entry of a sync snapshot; returns the whole snapshot once every entry arrived.
