@@ -21,7 +21,8 @@
 //! tables print medians, then the targets of issue 11 as "target / measured / met?". It
 //! asserts nothing about timings: it fails (non-zero exit) only when a tunnel does not come up
 //! or a tool fails. Positional arguments (e.g. `-- raw direct`) keep only the paths whose
-//! label contains one of them.
+//! label contains one of them. Agents log at the product's default level unless
+//! `MESHVPN_LAB_LOG_LEVEL` says otherwise.
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 #![allow(clippy::disallowed_methods)] // a benchmark: real time and real processes
@@ -168,6 +169,11 @@ fn main() -> ExitCode {
         }
     }
     lab::install_signal_handler();
+    if std::env::var_os("MESHVPN_LAB_LOG_LEVEL").is_none() {
+        // The lab's default for agents is `debug`; measure what users run (the product's
+        // default level). Still single-threaded here.
+        std::env::set_var("MESHVPN_LAB_LOG_LEVEL", "");
+    }
     let cfg = Config {
         runs: env_u64("MESHVPN_BENCH_RUNS", 3).clamp(1, 20) as usize,
         test: Duration::from_secs(env_u64("MESHVPN_BENCH_SECONDS", 5).clamp(1, 60)),
@@ -744,7 +750,8 @@ fn print_report(samples: &[(Kind, Vec<Sample>)], cfg: &Config) {
 
     println!();
     println!(
-        "Agents: CPU = both agents' CPU seconds per Gbit moved in the four throughput runs; RSS = \
+        "Agents: CPU = both agents' CPU seconds per Gbit moved in the four throughput runs (= cores \
+         busy per Gbit/s); RSS = \
          the larger agent's VmRSS; idle = one member's underlay bytes (both directions) over {:?} \
          idle ({IDLE_SETTLE:?} after setup), per day",
         cfg.idle
