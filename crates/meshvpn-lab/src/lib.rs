@@ -52,7 +52,8 @@
 //! Submodules: `cmd` (bounded commands and waits, the interrupt flag, signals), `nat` (the NAT routers), `gateway`
 //! (port-mapping gateways: [`Lab::add_upnp_host`] with `miniupnpd` or no service), `probe`
 //! (sockets and code in namespaces, NAT probing, ping runs), `node` ([`Node`]), `mesh`
-//! ([`Mesh`]).
+//! ([`Mesh`]), `perf` (iperf3, ping statistics, interface byte counters, process CPU and RSS,
+//! for the data-plane benchmark).
 
 // A test harness, not protocol code: it waits on real time, and reports progress and log tails.
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
@@ -63,6 +64,7 @@ mod gateway;
 mod mesh;
 mod nat;
 mod node;
+mod perf;
 mod probe;
 #[cfg(test)]
 mod tests;
@@ -72,6 +74,7 @@ pub use mesh::{Mesh, PairReport};
 pub use meshvpn_status::{self as status, NatMapping, PeerPath, PeerStatus, Status};
 pub use nat::Nat;
 pub use node::{cpu_share, cpu_ticks, relay_counter, Node};
+pub use perf::{cpu_seconds, rss_kb, which, InterfaceBytes, Iperf3Result, Iperf3Test, PingStats};
 pub use probe::{Filtering, Mapping, NatBehavior, PingLog, PingRun};
 
 use std::ffi::OsStr;
