@@ -266,7 +266,7 @@ fn disco() -> impl Strategy<Value = Disco> {
         any::<[u8; 12]>().prop_map(|tx| Disco::Ping { tx }),
         (any::<[u8; 12]>(), socket_addr()).prop_map(|(tx, observed)| Disco::Pong { tx, observed }),
         vec(socket_addr(), 0..=MAX_ENDPOINTS).prop_map(|endpoints| Disco::CallMe { endpoints }),
-        Just(Disco::Spray),
+        socket_addr().prop_map(|reflexive| Disco::Spray { reflexive }),
     ]
 }
 

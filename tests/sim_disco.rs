@@ -172,3 +172,48 @@ fn a_relay_lying_about_observed_addresses_gets_at_most_the_probe_budget_sent_the
     assert!(both_direct(&sim, a, b));
     println!("direct {took:?} after the block lifted");
 }
+
+#[test]
+fn a_relay_lying_about_a_symmetric_members_address_gets_no_birthday_spray_sent_there() {
+    use simnet::nat::NatSpec;
+    let seed = simnet::seed(0xb1d7);
+    let mut sim = Sim::new(seed, (10, 40), 0.0);
+    let third_party: IpAddr = "192.0.2.201".parse().unwrap();
+    sim.observed_lie = Some(third_party);
+    sim.tap = Some(Vec::new());
+    // A home router (easy side) and a symmetric NAT (hard side): a birthday pair.
+    let easy = sim.add_member_behind(NatSpec::HOME_ROUTER);
+    let hard = sim.add_member_behind(NatSpec::SYMMETRIC);
+    // Ordinary punching fails (as it would for this pair on most real NATs): birthday time.
+    sim.direct_blocked = true;
+    sim.run_for(Duration::from_secs(90));
+    let secs = sim.elapsed().as_secs();
+    let easy_public = IpAddr::V4(sim.nats[0].public_ip);
+    let tap = sim.tap.take().unwrap();
+    let from_easy = tap
+        .iter()
+        .filter(|t| t.src.ip() == easy_public && t.dst.ip() == third_party)
+        .count() as u64;
+    let refused = sim.members[easy].node.status(sim.now).dropped.spray_refused;
+    let hard_public = IpAddr::V4(sim.nats[1].public_ip);
+    let from_hard = tap
+        .iter()
+        .filter(|t| t.src.ip() == hard_public && t.dst.ip() == third_party)
+        .count();
+    let budget = u64::from(PROBE_BURST) + u64::from(PROBE_REFILL_PER_SEC) * secs;
+    println!(
+        "easy side: {from_easy} datagrams to the third party in {secs} s (probe budget {budget}, a spray is 2000); {refused} spray requests refused"
+    );
+    println!(
+        "hard side: {from_hard} datagrams to the third party (ordinary probes and one ping per extra socket per attempt)"
+    );
+    assert!(refused >= 1, "the hard side asked for a spray");
+    assert!(from_easy <= budget, "{from_easy} > {budget}");
+    assert!(
+        matches!(
+            sim.members[hard].node.path_to(&sim.key(easy)),
+            Some(Path::Relayed)
+        ),
+        "the pair stays relayed"
+    );
+}

@@ -121,7 +121,9 @@ fn datagrams() -> Vec<Vec<u8>> {
                 ts_ms: 1_700_000_000_000,
                 nonce: 7,
             },
-            &Disco::Spray,
+            &Disco::Spray {
+                reflexive: sock("203.0.113.9:40000"),
+            },
             [2; 24],
         ),
     ]
@@ -283,7 +285,9 @@ fn discos() -> Vec<Disco> {
         Disco::CallMe {
             endpoints: vec![sock("203.0.113.10:41641"), sock("192.168.1.5:51820")],
         },
-        Disco::Spray,
+        Disco::Spray {
+            reflexive: sock("203.0.113.9:40000"),
+        },
     ]
 }
 

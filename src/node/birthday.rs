@@ -20,6 +20,15 @@
 //! An attempt lasts at most [`ATTEMPT_DURATION`]; a failed one is retried with backoff from
 //! [`RETRY_MIN`] up to [`RETRY_MAX`]. Two symmetric NATs are not attempted: both sides would
 //! have to guess, and the odds per probe become far too small.
+//!
+//! # Not a weapon for a lying relay
+//! The addresses sprayed come from the relay (what it observed of the other member), and a
+//! spray is far above the probe budget of ordinary punching. So the easy side sprays only the
+//! address the hard side vouches for in its authenticated [`Disco::Spray`] (its reflexive
+//! address from its own STUN checks) *and* the relay observed: a relay naming a third party's
+//! address to the easy side gets no spray sent there. The hard side's one ping per extra socket
+//! goes to the relay's view of the easy side ([`SPRAY_SOCKETS`] datagrams per attempt). A node runs at most one attempt at a time (either side),
+//! so what any one relay can provoke is bounded by one attempt's budget per backoff period.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -162,6 +171,15 @@ impl Node {
                 {
                     return;
                 }
+                if self.birthday_running() {
+                    return;
+                }
+                let Some(p) = self.peers.get_mut(&key) else {
+                    return;
+                };
+                let Some(reflexive) = self.netcheck.reflexive() else {
+                    return;
+                };
                 p.paths.birthday.phase = Phase::Hard {
                     until: now + ATTEMPT_DURATION,
                 };
@@ -170,7 +188,7 @@ impl Node {
                 for socket in 1..=SPRAY_SOCKETS {
                     self.send_ping(now, key, Some(target), socket);
                 }
-                self.send_disco_via_relay(now, key, &Disco::Spray);
+                self.send_disco_via_relay(now, key, &Disco::Spray { reflexive });
             }
             Phase::Hard { until } => {
                 if now >= until || !relayed {
@@ -205,13 +223,25 @@ impl Node {
         }
     }
 
-    /// The symmetric peer `sender` opened its mappings: spray its address, if we are the easy side.
-    pub(super) fn handle_spray(&mut self, now: Instant, sender: PeerKey) {
+    /// Whether a birthday attempt with any peer is running.
+    fn birthday_running(&self) -> bool {
+        self.peers.values().any(|p| p.paths.birthday.is_running())
+    }
+
+    /// The symmetric peer `sender` opened its mappings and says its public address is
+    /// `reflexive`: spray that address, if we are the easy side and the relay saw the same.
+    pub(super) fn handle_spray(&mut self, now: Instant, sender: PeerKey, reflexive: SocketAddr) {
         let we_are_easy = self.nat == NatKind::EndpointIndependent;
+        let busy = self.birthday_running();
         let Some(p) = self.peers.get_mut(&sender) else {
             return;
         };
-        if !(we_are_easy && p.paths.is_relayed() && p.paths.birthday.may_start(now)) {
+        if !(we_are_easy && p.paths.is_relayed() && p.paths.birthday.may_start(now)) || busy {
+            return;
+        }
+        if reflexive.ip() != p.entry.observed.ip() {
+            tracing::debug!(peer = %p.announcement.name, vouched = %reflexive.ip(), observed = %p.entry.observed.ip(), "birthday probe refused: the relay's view of the peer's address differs from its own");
+            self.drops.spray_refused += 1;
             return;
         }
         let target = p.entry.observed.ip();

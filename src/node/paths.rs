@@ -260,7 +260,7 @@ impl Node {
                     self.send_ping(now, sender, Some(addr), 0);
                 }
             }
-            Disco::Spray => self.handle_spray(now, sender),
+            Disco::Spray { reflexive } => self.handle_spray(now, sender, reflexive),
         }
     }
 }

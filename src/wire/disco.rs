@@ -18,8 +18,10 @@ pub enum Disco {
     /// "Probe these addresses of mine now" (sent through the relay so both sides punch together).
     CallMe { endpoints: Vec<SocketAddr> },
     /// "My symmetric NAT now holds many mappings towards you: ping random ports of my address"
-    /// (a birthday probe, see `node::birthday`).
-    Spray,
+    /// (a birthday probe, see `node::birthday`). `reflexive` is the sender's public address as
+    /// its own STUN checks see it; the receiver sprays only when the relay observed the same
+    /// address, so a relay naming a third party's address gets no spray sent there.
+    Spray { reflexive: SocketAddr },
 }
 
 /// Version of the sealed disco body. The body before it carried no version byte and began
@@ -55,8 +57,8 @@ impl Disco {
                     w.addr(e);
                 }
             }
-            Disco::Spray => {
-                w.u8(4);
+            Disco::Spray { reflexive } => {
+                w.u8(4).addr(reflexive);
             }
         }
         w.buf
@@ -86,7 +88,9 @@ impl Disco {
                 let endpoints = (0..n).map(|_| r.addr()).collect::<Result<_, _>>()?;
                 Disco::CallMe { endpoints }
             }
-            4 => Disco::Spray,
+            4 => Disco::Spray {
+                reflexive: r.addr()?,
+            },
             other => return Err(WireError::UnknownType("disco", other)),
         };
         Ok((stamp, msg))

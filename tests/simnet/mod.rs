@@ -514,23 +514,34 @@ impl Sim {
         }
     }
 
-    /// With [`Sim::observed_lie`] set, rewrites the observed address in a relay reply to the
-    /// public member at `dst`; anything else passes unchanged.
+    /// With [`Sim::observed_lie`] set, rewrites the observed address in a relay reply to a
+    /// member (public at `dst`, or behind a NAT); anything else passes unchanged.
     fn maybe_lie(&mut self, dst: SocketAddr, payload: Vec<u8>) -> Vec<u8> {
         use meshvpn::wire::{open_from_relay, seal_from_relay, Frame, RelayReply};
         let Some(ip) = self.observed_lie else {
             return payload;
         };
-        let Some(member) = self.members.iter().find(|m| m.addr == dst) else {
-            return payload;
-        };
-        let member_key = member.node.public_key();
-        let relay_key = self.relay.public_key();
-        let session = self.relay_secret.relay_session_key(&member_key, &relay_key);
         let Ok(Frame::FromRelay { relay, sealed }) = Frame::parse(&payload) else {
             return payload;
         };
-        let Ok(mut reply) = open_from_relay(&session, &relay, sealed) else {
+        // The recipient: the member on `dst`, or (behind a NAT, where `dst` is the NAT's
+        // address) the member whose session key opens the reply.
+        let relay_key = self.relay.public_key();
+        let session_of = |m: &Member| {
+            self.relay_secret
+                .relay_session_key(&m.node.public_key(), &relay_key)
+        };
+        let opened = self
+            .members
+            .iter()
+            .filter(|m| m.addr == dst || m.site.is_some())
+            .find_map(|m| {
+                let session = session_of(m);
+                open_from_relay(&session, &relay, sealed)
+                    .ok()
+                    .map(|r| (session, r))
+            });
+        let Some((session, mut reply)) = opened else {
             return payload;
         };
         self.lies = self.lies.wrapping_add(1);

@@ -231,6 +231,11 @@ pub struct DropCounters {
     /// hold was full (the oldest go first) or the handshake did not complete in time.
     #[serde(default)]
     pub handshake_pending: u64,
+    /// Birthday-probe requests refused because the relay's view of the requesting member's
+    /// address differed from the address the member vouched for (a relay pointing the spray
+    /// at someone else).
+    #[serde(default)]
+    pub spray_refused: u64,
 }
 
 /// The address part of `10.1.2.3` or `10.1.2.3/16`.
