@@ -3,7 +3,7 @@
 //! pinging; a machine joining with the old token reaches nobody and is listed nowhere; the
 //! token `meshvpn invite` prints (on any member, which received the new secret) admits; a
 //! plain `meshvpn rotate` moves everyone again; a member that was down during the kick finds
-//! the new network when it comes back.
+//! the new network when it comes back, even after the relay restarted in between.
 //!
 //! The test builds its own [`Mesh`] and tears it down on drop, even when it fails. Only lab
 //! addresses are ever contacted.
@@ -226,6 +226,11 @@ fn kick_cuts_a_member_off_and_the_old_token_admits_nobody() -> Result<()> {
         );
     }
     println!("old token: lists nobody, reaches nobody, listed nowhere");
+
+    // The relay restarts (an upgrade) before carol is back: it keeps the rotation on disk.
+    mesh.restart_relay()?;
+    mesh.converge(&["alice", "bob"], CONVERGE)?;
+    println!("relay restarted; alice and bob found each other again");
 
     // Carol comes back with the old secret in her config and is handed the new one.
     let back = Instant::now();

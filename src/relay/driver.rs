@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 use super::control::{self, StatusRequest};
 use super::limits::{self, CloseReason, ConnTable, Limit, LogLimiter, TcpLimits};
 use super::listener::{self, Accepted, ConnEvent};
+use super::rotation_store;
 use super::server::{Link, RelayServer, Transmit, UnixClock};
 use super::status::{Descriptors, RelayStatus, TcpStatus, UdpCounters};
 use super::ws::{self, Framing};
@@ -181,6 +182,7 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
             None
         }
     };
+    let rotations_path = rotation_store::path(&opts.config_dir);
     let mut relay = Relay {
         server: RelayServer::new(
             key,
@@ -197,7 +199,8 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
             let mut secret = [0u8; 32];
             rand::rngs::OsRng.fill_bytes(&mut secret);
             secret
-        }),
+        })
+        .with_stored_rotations(rotation_store::load(&rotations_path), Instant::now()),
         table: ConnTable::new(limits),
         conns: BTreeMap::new(),
         log: LogLimiter::default(),
@@ -242,7 +245,20 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
     let (event_tx, mut events) = mpsc::channel::<ConnEvent>(CONN_EVENT_QUEUE);
     let mut buf = vec![0u8; 65_536];
     let mut alt_buf = vec![0u8; 1_500];
+    let mut saved_rotations = relay.server.rotations_version();
     loop {
+        if relay.server.rotations_version() != saved_rotations {
+            saved_rotations = relay.server.rotations_version();
+            let records = relay.server.stored_rotations(Instant::now());
+            match rotation_store::save(&rotations_path, &records) {
+                Ok(()) => {
+                    tracing::debug!(records = records.len(), path = %rotations_path.display(), "saved the rotation records")
+                }
+                Err(e) => {
+                    tracing::warn!(%e, path = %rotations_path.display(), "cannot save the rotation records; a restart would forget them")
+                }
+            }
+        }
         let now = Instant::now();
         let deadline = [relay.server.poll_timeout(), relay.table.poll_timeout()]
             .into_iter()

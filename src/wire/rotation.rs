@@ -138,6 +138,21 @@ impl RotationEntry {
         })
     }
 
+    /// The entry's fixed-length encoding ([`ENTRY_LEN`] bytes), e.g. for the relay's store.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        self.encode_into(&mut w);
+        w.buf
+    }
+
+    /// Reads an entry from exactly [`ENTRY_LEN`] bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, WireError> {
+        if bytes.len() != ENTRY_LEN {
+            return Err(WireError::Malformed("a rotation entry has a fixed length"));
+        }
+        Self::decode_from(&mut Reader::new(bytes))
+    }
+
     /// Appends the entry's fixed-length encoding.
     pub(crate) fn encode_into(&self, w: &mut Writer) {
         w.raw(&self.recipient.0)

@@ -59,6 +59,7 @@ use rand_chacha::ChaCha20Rng;
 
 use limits::{Budgets, Limit, Refusal, TokenBucket, TripLog};
 pub use limits::{Counters, ServerConfig};
+pub use rotation::StoredRotation;
 
 use crate::keys::{NetworkId, NodeSecret, PeerKey};
 use crate::wire::admission::{self, Cookie, CookieKey, COOKIE_REPLY_LEN};

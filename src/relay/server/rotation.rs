@@ -43,6 +43,22 @@ struct Record {
 #[derive(Default)]
 pub(super) struct Rotations {
     records: BTreeMap<NetworkId, Record>,
+    /// Grows whenever the set of complete records changes (what a driver persists).
+    version: u64,
+}
+
+/// A complete rotation record as a driver persists it across relay restarts, so members that
+/// were offline still find their handover after the relay was restarted or upgraded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRotation {
+    /// The retired network id.
+    pub network: NetworkId,
+    /// The member that uploaded it.
+    pub by: PeerKey,
+    /// Wall-clock milliseconds when the record lapses.
+    pub expires_unix_ms: u64,
+    /// The sealed handovers.
+    pub entries: Vec<RotationEntry>,
 }
 
 impl Rotations {
@@ -66,7 +82,11 @@ impl Rotations {
 
     /// Drops records that ran out.
     pub(super) fn expire(&mut self, now: Instant) {
+        let before = self.records.values().filter(|r| r.complete).count();
         self.records.retain(|_, r| r.expires > now);
+        if self.records.values().filter(|r| r.complete).count() != before {
+            self.version += 1;
+        }
     }
 
     /// When the next record runs out.
@@ -76,6 +96,57 @@ impl Rotations {
 }
 
 impl RelayServer {
+    /// Grows whenever the complete rotation records change: a driver that persists them
+    /// ([`RelayServer::stored_rotations`]) saves again when this moved.
+    pub fn rotations_version(&self) -> u64 {
+        self.rotations.version
+    }
+
+    /// The complete rotation records, for the driver to persist.
+    pub fn stored_rotations(&self, now: Instant) -> Vec<StoredRotation> {
+        let unix_ms = self.clock.unix_ms(now);
+        self.rotations
+            .records
+            .iter()
+            .filter(|(_, r)| r.complete)
+            .map(|(network, r)| StoredRotation {
+                network: *network,
+                by: r.by,
+                expires_unix_ms: unix_ms
+                    + r.expires.saturating_duration_since(now).as_millis() as u64,
+                entries: r.entries.values().cloned().collect(),
+            })
+            .collect()
+    }
+
+    /// Restores records a previous run persisted (call at start, with the relay's clock
+    /// already set); lapsed ones and any beyond the caps are skipped.
+    pub fn with_stored_rotations(mut self, stored: Vec<StoredRotation>, now: Instant) -> Self {
+        let unix_ms = self.clock.unix_ms(now);
+        for s in stored {
+            if s.expires_unix_ms <= unix_ms || self.rotations.len() >= self.config.max_networks {
+                continue;
+            }
+            let left = Duration::from_millis(s.expires_unix_ms - unix_ms).min(ROTATION_RECORD_TTL);
+            let entries: BTreeMap<PeerKey, RotationEntry> = s
+                .entries
+                .into_iter()
+                .take(self.config.max_members_per_network)
+                .map(|e| (e.recipient, e))
+                .collect();
+            self.rotations.records.insert(
+                s.network,
+                Record {
+                    by: s.by,
+                    complete: true,
+                    expires: now + left,
+                    entries,
+                },
+            );
+        }
+        self
+    }
+
     /// A rotation request from `sender`, a registered member of `network`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn rotate(
@@ -150,6 +221,7 @@ impl RelayServer {
             },
         );
         if finishing {
+            self.rotations.version += 1;
             tracing::info!(%network, by = %sender.short(), entries = stored, "network secret rotated; retiring its id");
             self.counters.rotations += 1;
             self.retire(network, sender);
@@ -197,7 +269,7 @@ impl RelayServer {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{relay, ts, Client};
+    use super::super::tests::{relay, ts, Client, T0_MS};
     use super::*;
     use crate::keys::NetworkSecret;
     use crate::wire::rotation::Handover;
@@ -341,6 +413,68 @@ mod tests {
             matches!(replies.first(), Some(RelayReply::RegisterAck { .. })),
             "{replies:?}"
         );
+    }
+
+    #[test]
+    fn complete_records_survive_a_relay_restart_through_the_driver_store() {
+        let mut now = Instant::now();
+        let start = now;
+        let mut relay1 = relay(now, 8);
+        // A relay process started at `at` on the same wall clock as relay1.
+        let restarted = |at: Instant, seed: u64| {
+            RelayServer::new(
+                crate::keys::NodeSecret::from_bytes([1; 32]),
+                seed,
+                crate::relay::server::UnixClock {
+                    at,
+                    unix_ms: T0_MS + (at - start).as_millis() as u64,
+                },
+            )
+        };
+        let old = NetworkSecret([3; 32]);
+        let (mut a, mut b) = (Client::new(10, 1000, &old), Client::new(11, 1001, &old));
+        for m in [&mut a, &mut b] {
+            let req = m.register(&relay1, tick(&mut now));
+            m.send(&mut relay1, now, &req);
+        }
+        let v0 = relay1.rotations_version();
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(9);
+        let handover = Handover {
+            secret: NetworkSecret([4; 32]),
+            rotated_at_ms: ts(&relay1, now),
+        };
+        let entry = RotationEntry::seal(&a.keys, b.secret.public(), &handover, &mut rng);
+        let req = rotate(&relay1, &a, tick(&mut now), false, vec![entry]);
+        a.send(&mut relay1, now, &req);
+        assert_eq!(
+            relay1.rotations_version(),
+            v0,
+            "a pending record is not persisted"
+        );
+        assert!(relay1.stored_rotations(now).is_empty());
+        let req = rotate(&relay1, &a, tick(&mut now), true, Vec::new());
+        a.send(&mut relay1, now, &req);
+        assert_ne!(relay1.rotations_version(), v0);
+        let stored = relay1.stored_rotations(now);
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].entries.len(), 1);
+
+        // A new process (same clock), restored from the store: b, offline meanwhile, comes
+        // back and finds its entry; the old id still admits nobody.
+        now += Duration::from_secs(3600);
+        let mut relay2 = restarted(now, 9).with_stored_rotations(stored.clone(), now);
+        let mut b = Client::new(11, 1001, &old);
+        let req = b.register(&relay2, tick(&mut now));
+        let replies = b.send(&mut relay2, now, &req);
+        assert!(
+            matches!(&replies[..], [RelayReply::Rotated { entry: Some(e), .. }] if e.open(&b.keys, &b.secret).is_ok()),
+            "{replies:?}"
+        );
+        assert_eq!(relay2.member_count(), 0);
+        // A record that lapsed while the relay was down is not restored.
+        let later = now + ROTATION_RECORD_TTL;
+        let relay3 = restarted(later, 10).with_stored_rotations(stored, later);
+        assert_eq!(relay3.rotations.len(), 0);
     }
 
     #[test]

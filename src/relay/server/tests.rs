@@ -8,7 +8,7 @@ use crate::keys::{NetworkKeys, NetworkSecret};
 use crate::wire::admission::AdmissionClient;
 
 /// The Unix time the tests' relays start at.
-const T0_MS: u64 = 1_700_000_000_000;
+pub(super) const T0_MS: u64 = 1_700_000_000_000;
 
 pub(super) fn relay(now: Instant, seed: u64) -> RelayServer {
     RelayServer::new(
