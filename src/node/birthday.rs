@@ -137,6 +137,11 @@ impl Node {
                 if !(self.we_are_hard() && easy_peer && relayed) {
                     return None;
                 }
+                // Nothing to start while another attempt runs (its end re-arms this) or while
+                // our own public address is unknown (a STUN answer re-arms it).
+                if self.birthday_running() || self.netcheck.reflexive().is_none() {
+                    return None;
+                }
                 let waited = p.paths.relayed_since() + START_AFTER;
                 Some(
                     p.paths
