@@ -108,6 +108,8 @@ pub(crate) struct PeerLink {
     held: HoldQueue,
     rx_bytes: u64,
     tx_bytes: u64,
+    /// Packets handed to the link to send, sealed or held (activity, for path selection).
+    offered: u64,
 }
 
 impl PeerLink {
@@ -137,6 +139,7 @@ impl PeerLink {
             held: HoldQueue::new(HOLD_LIMITS),
             rx_bytes: 0,
             tx_bytes: 0,
+            offered: 0,
         }
     }
 
@@ -148,6 +151,12 @@ impl PeerLink {
     /// Bytes received from and sent to the peer (inner packets).
     pub(crate) fn byte_counts(&self) -> (u64, u64) {
         (self.rx_bytes, self.tx_bytes)
+    }
+
+    /// Counters that move whenever the session is used: bytes received, and packets offered
+    /// to send (sealed or held for a handshake).
+    pub(crate) fn activity(&self) -> (u64, u64) {
+        (self.rx_bytes, self.offered)
     }
 
     /// Time since the last completed handshake (boringtun's real clock).
@@ -177,6 +186,7 @@ impl PeerLink {
         drops: &mut DropCounters,
         mut send: impl FnMut(&[u8]),
     ) {
+        self.offered += 1;
         if self.has_session() {
             // Held packets go first, so the peer sees packets in the order they were sent.
             self.flush_held(now, scratch, drops, &mut send);

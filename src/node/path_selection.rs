@@ -11,6 +11,18 @@
 //! another direct candidate replaces the current one only if its RTT is below
 //! [`SWITCH_RTT_RATIO`] of the current one, or the current one has missed two pings.
 //!
+//! # Quiet when idle
+//! A peer whose session moved no bytes for [`IDLE_AFTER`] is idle. Its direct path is then
+//! pinged only every *keepalive interval*, learned per peer: it starts at
+//! [`IDLE_KEEPALIVE_START`] (or [`IDLE_KEEPALIVE_MAX`] when neither side is behind a NAT) and
+//! grows by half after every idle keepalive that was answered, up to a ceiling; a keepalive
+//! that goes unanswered (the path falls back to the relay) lowers the ceiling to the last
+//! interval that worked. So the keepalives come as often as the NATs on that path need, not
+//! more. A relayed idle peer is measured and probed at most every [`IDLE_RELAYED_INTERVAL`].
+//! The first byte after idleness makes the peer active again: a direct path is pinged at once
+//! (and abandoned within [`DIRECT_TIMEOUT`] if it died meanwhile), a relayed one is probed
+//! again from the shortest backoff.
+//!
 //! # Driving contract
 //! Plain data, no I/O: the node calls [`PathSelection::handle_timeout`] at
 //! [`PathSelection::poll_timeout`] and sends the [`Probe`]s it lists (sealing them is the
@@ -39,9 +51,37 @@ use std::time::{Duration, Instant};
 use super::birthday::Birthday;
 use super::peer::{
     Path, PendingPing, ProbeBucket, ReplayCache, CANDIDATE_TTL, DIRECT_PING_INTERVAL,
-    DIRECT_TIMEOUT, MAX_CANDIDATES, PING_EXPIRY, PROBE_BACKOFF_MAX, PROBE_BACKOFF_MIN,
-    RELAY_PING_INTERVAL, SWITCH_RTT_RATIO,
+    DIRECT_TIMEOUT, IDLE_AFTER, IDLE_KEEPALIVE_MAX, IDLE_KEEPALIVE_START, IDLE_RELAYED_INTERVAL,
+    MAX_CANDIDATES, PING_EXPIRY, PROBE_BACKOFF_MAX, PROBE_BACKOFF_MIN, RELAY_PING_INTERVAL,
+    SWITCH_RTT_RATIO,
 };
+
+/// How often a peer's byte counters are looked at (a local wake-up, nothing is sent).
+const ACTIVITY_CHECK: Duration = Duration::from_secs(1);
+/// How long an idle keepalive waits for its pong before the path counts as lost: what
+/// [`DIRECT_TIMEOUT`] leaves after the active ping interval, so idle and active paths fail
+/// alike once a ping goes out.
+const ANSWER_WINDOW: Duration = Duration::from_millis(4_500);
+
+/// The learned idle keepalive interval of a direct path.
+#[derive(Debug, Clone, Copy)]
+struct Keepalive {
+    interval: Duration,
+    /// Highest interval allowed: lowered to the last good one when a longer one failed.
+    ceiling: Duration,
+    /// When the idle keepalive in flight left (its answer proves `interval` works).
+    idle_ping_sent: Option<Instant>,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Self {
+            interval: IDLE_KEEPALIVE_START,
+            ceiling: IDLE_KEEPALIVE_MAX,
+            idle_ping_sent: None,
+        }
+    }
+}
 
 /// What a timer run wants sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +129,14 @@ pub(crate) struct PathSelection {
     relayed_since: Instant,
     /// Birthday probing with this peer.
     pub(crate) birthday: Birthday,
+    /// The direct path counts as alive until then (a pong moves it on).
+    alive_until: Instant,
+    /// The session's byte counters at the last look, and when they last moved.
+    counts: (u64, u64),
+    last_active: Instant,
+    /// When the timers last ran (the next look at the counters is due after it).
+    last_check: Instant,
+    keepalive: Keepalive,
 }
 
 impl PathSelection {
@@ -108,6 +156,45 @@ impl PathSelection {
             relay_rtt: None,
             relayed_since: now,
             birthday: Birthday::default(),
+            alive_until: now,
+            counts: (0, 0),
+            last_active: now,
+            last_check: now,
+            keepalive: Keepalive::default(),
+        }
+    }
+
+    /// Tells path selection the session's activity counters (see `PeerLink::activity`);
+    /// moving counters mean the peer is active. Going from idle to active re-checks the path at once.
+    pub(crate) fn note_activity(&mut self, now: Instant, counts: (u64, u64)) {
+        if counts == self.counts {
+            return;
+        }
+        self.counts = counts;
+        let was_idle = self.is_idle(now);
+        self.last_active = now;
+        if was_idle {
+            self.next_probe = now;
+            if self.is_relayed() {
+                self.backoff = PROBE_BACKOFF_MIN;
+                self.next_relay_ping = now;
+            } else {
+                self.alive_until = self.alive_until.min(now + DIRECT_TIMEOUT);
+                self.keepalive.idle_ping_sent = None;
+            }
+        }
+    }
+
+    /// Whether no byte moved for [`IDLE_AFTER`].
+    pub(crate) fn is_idle(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_active) >= IDLE_AFTER
+    }
+
+    /// Starts the idle keepalive interval at its maximum when neither side is behind a NAT
+    /// (the keepalive then only checks liveness).
+    pub(crate) fn set_no_nat(&mut self, no_nat: bool) {
+        if no_nat && self.keepalive.ceiling == IDLE_KEEPALIVE_MAX {
+            self.keepalive.interval = IDLE_KEEPALIVE_MAX;
         }
     }
 
@@ -147,12 +234,11 @@ impl PathSelection {
         }
     }
 
-    /// Whether the direct path still answers (a pong within [`DIRECT_TIMEOUT`]).
+    /// Whether the direct path still answers (a pong within [`DIRECT_TIMEOUT`], or within the
+    /// keepalive interval while idle).
     pub(crate) fn direct_alive(&self, now: Instant) -> bool {
         match self.path {
-            Path::Direct { last_pong, .. } => {
-                now.saturating_duration_since(last_pong) < DIRECT_TIMEOUT
-            }
+            Path::Direct { .. } => now < self.alive_until,
             Path::Relayed => false,
         }
     }
@@ -212,9 +298,11 @@ impl PathSelection {
     /// When path selection next needs to act.
     pub(crate) fn poll_timeout(&self) -> Instant {
         let at = match self.path {
-            Path::Direct { last_pong, .. } => self.next_probe.min(last_pong + DIRECT_TIMEOUT),
+            Path::Direct { .. } => self.next_probe.min(self.alive_until),
             Path::Relayed => self.next_probe.min(self.next_relay_ping),
         };
+        // The byte counters are looked at now and then, to notice idleness and its end.
+        let at = at.min(self.last_check + ACTIVITY_CHECK);
         // Learned candidates expire even while nothing else is due.
         let direct = self.direct().map(|(a, _)| a);
         let expiry = self
@@ -229,6 +317,8 @@ impl PathSelection {
     /// Runs what is due: falls back to the relay if the direct path went silent, and lists the
     /// probes to send. Returns the new path if it changed.
     pub(crate) fn handle_timeout(&mut self, now: Instant, probes: &mut Vec<Probe>) -> Option<Path> {
+        self.last_check = now;
+        let idle = self.is_idle(now);
         self.outstanding
             .retain(|_, ping| now.saturating_duration_since(ping.sent) < PING_EXPIRY);
         let direct = self.direct().map(|(a, _)| a);
@@ -236,21 +326,28 @@ impl PathSelection {
             Some(*a) == direct || now.saturating_duration_since(*vouched) < CANDIDATE_TTL
         });
         let mut changed = None;
-        if let Path::Direct {
-            addr,
-            socket,
-            last_pong,
-            ..
-        } = self.path
-        {
-            if now.saturating_duration_since(last_pong) >= DIRECT_TIMEOUT {
+        if let Path::Direct { addr, socket, .. } = self.path {
+            if now >= self.alive_until {
+                if self.keepalive.idle_ping_sent.take().is_some() {
+                    // An idle keepalive went unanswered: that interval is too long for the
+                    // NATs on this path; the last one that worked becomes the ceiling.
+                    let good = (self.keepalive.interval * 2 / 3).max(IDLE_KEEPALIVE_START);
+                    self.keepalive.ceiling = good;
+                    self.keepalive.interval = good;
+                }
                 self.path = Path::Relayed;
                 self.relayed_since = now;
                 self.backoff = PROBE_BACKOFF_MIN;
                 self.next_probe = now;
                 changed = Some(self.path);
             } else if now >= self.next_probe {
-                self.next_probe = now + DIRECT_PING_INTERVAL;
+                if idle {
+                    self.next_probe = now + self.keepalive.interval;
+                    self.keepalive.idle_ping_sent = Some(now);
+                    self.alive_until = self.alive_until.max(now + ANSWER_WINDOW);
+                } else {
+                    self.next_probe = now + DIRECT_PING_INTERVAL;
+                }
                 probes.push(Probe::Ping {
                     addr: Some(addr),
                     socket,
@@ -271,10 +368,20 @@ impl PathSelection {
                 // NATs open their mappings towards each other together.
                 probes.push(Probe::CallMe);
                 self.next_probe = now + self.backoff;
-                self.backoff = (self.backoff * 2).min(PROBE_BACKOFF_MAX);
+                let cap = if idle {
+                    IDLE_RELAYED_INTERVAL
+                } else {
+                    PROBE_BACKOFF_MAX
+                };
+                self.backoff = (self.backoff * 2).min(cap);
             }
             if now >= self.next_relay_ping {
-                self.next_relay_ping = now + RELAY_PING_INTERVAL;
+                self.next_relay_ping = now
+                    + if idle {
+                        IDLE_RELAYED_INTERVAL
+                    } else {
+                        RELAY_PING_INTERVAL
+                    };
                 probes.push(Probe::Ping {
                     addr: None,
                     socket: 0,
@@ -288,6 +395,10 @@ impl PathSelection {
     /// changed).
     pub(crate) fn missed_pong(&self, now: Instant) -> bool {
         match self.path {
+            Path::Direct { last_pong, .. } if self.is_idle(now) => self
+                .keepalive
+                .idle_ping_sent
+                .is_some_and(|sent| last_pong < sent),
             Path::Direct { last_pong, .. } => {
                 now.saturating_duration_since(last_pong) > DIRECT_PING_INTERVAL
             }
@@ -328,6 +439,19 @@ impl PathSelection {
                     socket,
                     rtt,
                     last_pong: now,
+                };
+                self.alive_until = if self.is_idle(now) && !moved {
+                    if let Some(sent) = self.keepalive.idle_ping_sent.take() {
+                        if ping.sent >= sent {
+                            // The keepalive after a full idle interval was answered: the
+                            // NATs keep the mapping that long; try a longer one next.
+                            self.keepalive.interval =
+                                (self.keepalive.interval * 3 / 2).min(self.keepalive.ceiling);
+                        }
+                    }
+                    now + self.keepalive.interval + ANSWER_WINDOW
+                } else {
+                    now + DIRECT_TIMEOUT
                 };
                 if moved {
                     self.next_probe = now + DIRECT_PING_INTERVAL;
@@ -431,8 +555,13 @@ impl PathSelection {
                 rtt: current_rtt,
                 last_pong,
             } => {
+                let current_failing = if self.is_idle(now) {
+                    self.missed_pong(now)
+                } else {
+                    now.saturating_duration_since(last_pong) > DIRECT_PING_INTERVAL * 2
+                };
                 (current == addr && current_socket == socket)
-                    || now.saturating_duration_since(last_pong) > DIRECT_PING_INTERVAL * 2
+                    || current_failing
                     || rtt.as_secs_f64() < current_rtt.as_secs_f64() * SWITCH_RTT_RATIO
             }
         }
@@ -470,6 +599,87 @@ mod tests {
         p.record_ping([tx; 12], ping);
         p.handle_pong(sent + rtt, [tx; 12], Some(to), 0)
             .expect("answers our ping")
+    }
+
+    /// Runs `p`'s timers every 100 ms from `from` until `until`, answering every direct ping
+    /// after `rtt` when `answer` says so; returns the times pings left and the new path, if any.
+    fn run_direct(
+        p: &mut PathSelection,
+        from: Instant,
+        until: Instant,
+        answer: bool,
+        tx: &mut u8,
+    ) -> (Vec<Instant>, Option<Path>) {
+        let mut sent = Vec::new();
+        let mut now = from;
+        let mut probes = Vec::new();
+        while now < until {
+            now += Duration::from_millis(100);
+            probes.clear();
+            if let Some(path) = p.handle_timeout(now, &mut probes) {
+                return (sent, Some(path));
+            }
+            for probe in &probes {
+                if let Probe::Ping {
+                    addr: Some(a),
+                    socket,
+                } = *probe
+                {
+                    sent.push(now);
+                    *tx = tx.wrapping_add(1);
+                    let ping = PendingPing {
+                        addr: Some(a),
+                        socket,
+                        sent: now,
+                        request: None,
+                    };
+                    p.record_ping([*tx; 12], ping);
+                    if answer {
+                        p.handle_pong(now + Duration::from_millis(20), [*tx; 12], Some(a), socket);
+                    }
+                }
+            }
+        }
+        (sent, None)
+    }
+
+    #[test]
+    fn an_idle_direct_path_learns_a_sparse_keepalive_and_backs_off_after_a_miss() {
+        let t0 = Instant::now();
+        let mut p = PathSelection::new(t0);
+        let a = addr("198.51.100.7:4000");
+        ping_pong(&mut p, 1, a, t0, Duration::from_millis(20));
+        assert!(p.direct().is_some());
+        let mut tx = 1;
+        // Active (counters move every second) for 10 s: pings every 2 s.
+        let mut now = t0;
+        let mut active = Vec::new();
+        for i in 1..=10u64 {
+            p.note_activity(now, (i, i));
+            let (sent, changed) =
+                run_direct(&mut p, now, now + Duration::from_secs(1), true, &mut tx);
+            assert_eq!(changed, None);
+            active.extend(sent);
+            now += Duration::from_secs(1);
+        }
+        assert!((4..=6).contains(&active.len()), "{active:?}");
+        // Idle for 20 minutes: keepalives at 25 s, then 37.5, 56, 84, then 100 s.
+        let (sent, changed) =
+            run_direct(&mut p, now, now + Duration::from_secs(1200), true, &mut tx);
+        assert_eq!(changed, None, "the idle path stays direct");
+        // The first 15 s are not idle yet (pings every 2 s).
+        let gaps: Vec<u64> = sent.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
+        assert!(gaps.len() <= 25, "{gaps:?}");
+        let gaps: Vec<u64> = gaps.into_iter().skip_while(|g| *g <= 2).collect();
+        assert_eq!(&gaps[..5], &[25, 37, 56, 84, 100], "{gaps:?}");
+        assert!(gaps[5..].iter().all(|g| *g == 100), "{gaps:?}");
+        let now = *sent.last().expect("sent") + Duration::from_millis(200);
+        // The NAT forgets sooner now: the next keepalive goes unanswered, the path falls back,
+        // and the ceiling drops to the last interval that worked.
+        let (_, changed) = run_direct(&mut p, now, now + Duration::from_secs(200), false, &mut tx);
+        assert_eq!(changed, Some(Path::Relayed));
+        assert_eq!(p.keepalive.ceiling, Duration::from_secs(100) * 2 / 3);
+        assert_eq!(p.keepalive.interval, p.keepalive.ceiling);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use super::path_selection::Probe;
 use super::peer::{Path, Peer, PendingPing};
 use super::{Event, Node};
 use crate::keys::PeerKey;
-use crate::wire::{self, Disco, DiscoStamp};
+use crate::wire::{self, Disco, DiscoStamp, NatKind};
 
 impl Node {
     /// Runs path selection for every peer whose deadline has come.
@@ -71,6 +71,9 @@ impl Node {
             return;
         }
         probes.clear();
+        let no_nat = self.nat == NatKind::Public && p.announcement.nat == NatKind::Public;
+        p.paths.set_no_nat(no_nat);
+        p.paths.note_activity(now, p.link.activity());
         // A keepalive whose predecessor went unanswered: perhaps our network changed (UDP
         // blocked); find out whether the relay still answers.
         let missed_pong = p.paths.missed_pong(now);

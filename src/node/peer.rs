@@ -44,6 +44,19 @@ pub const DIRECT_PING_INTERVAL: Duration = Duration::from_secs(2);
 /// A direct path with no pong for this long is abandoned for the relay: three pings lost,
 /// so one lost packet never flaps the path.
 pub const DIRECT_TIMEOUT: Duration = Duration::from_millis(6_500);
+/// A peer whose session carried no bytes either way for this long is *idle*: its direct path
+/// is kept with sparse keepalives at the learned interval below instead of every
+/// [`DIRECT_PING_INTERVAL`], and a relayed one is probed and measured rarely. Any byte ends it.
+pub const IDLE_AFTER: Duration = Duration::from_secs(15);
+/// The first idle keepalive interval on a NATed direct path: under the 30 s that the most
+/// forgetful NATs keep an unanswered UDP mapping.
+pub const IDLE_KEEPALIVE_START: Duration = Duration::from_secs(25);
+/// The longest idle keepalive interval: under the 2 minutes RFC 4787 asks NATs to keep a UDP
+/// mapping (and Linux keeps an answered one), with room for a lost keepalive. Between two
+/// members without NAT this is the interval from the start (it only checks liveness).
+pub const IDLE_KEEPALIVE_MAX: Duration = Duration::from_secs(100);
+/// While idle and relayed: the relay RTT is measured, and probe rounds back off, up to this.
+pub const IDLE_RELAYED_INTERVAL: Duration = Duration::from_secs(300);
 /// Outstanding pings older than this are forgotten.
 pub const PING_EXPIRY: Duration = Duration::from_secs(5);
 /// RTT of the relayed path is measured this often while relayed.
