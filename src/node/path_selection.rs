@@ -42,6 +42,7 @@ use super::peer::{
     DIRECT_TIMEOUT, MAX_CANDIDATES, PING_EXPIRY, PROBE_BACKOFF_MAX, PROBE_BACKOFF_MIN,
     RELAY_PING_INTERVAL, SWITCH_RTT_RATIO,
 };
+use super::pmtu::{PathKind, PathMtu};
 
 /// What a timer run wants sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +90,9 @@ pub(crate) struct PathSelection {
     relayed_since: Instant,
     /// Birthday probing with this peer.
     pub(crate) birthday: Birthday,
+    /// The path MTU on the current path and its search (the node restarts it on every path
+    /// change, see `paths`).
+    pub(crate) pmtu: PathMtu,
 }
 
 impl PathSelection {
@@ -108,6 +112,24 @@ impl PathSelection {
             relay_rtt: None,
             relayed_since: now,
             birthday: Birthday::default(),
+            pmtu: PathMtu::new(
+                now,
+                crate::config::DEFAULT_MTU,
+                PathKind {
+                    ipv6: false,
+                    relayed: true,
+                },
+            ),
+        }
+    }
+
+    /// Whether the current path is known to carry packets to the peer (a direct path always
+    /// is: only a pong makes one; the relayed path once a ping through it was answered), so a
+    /// lost MTU probe on it means the probe was too large.
+    pub(crate) fn path_confirmed(&self) -> bool {
+        match self.path {
+            Path::Direct { .. } => true,
+            Path::Relayed => self.relay_rtt.is_some(),
         }
     }
 

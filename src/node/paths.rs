@@ -47,6 +47,7 @@ impl Node {
         });
         [
             Some(p.paths.poll_timeout()),
+            Self::pmtu_deadline(p),
             stale,
             self.birthday_deadline(p),
         ]
@@ -79,6 +80,7 @@ impl Node {
             // A handshake in progress went to the old path: retry it on the new one at once.
             p.link.handle_path_change();
             self.path_changed(key, path);
+            self.restart_pmtu(now, key, path);
         }
         if missed_pong
             && probes
@@ -96,6 +98,7 @@ impl Node {
             }
         }
         self.birthday_timers(now, key);
+        self.pmtu_timers(now, key);
     }
 
     /// Sends a ping to `addr` from our socket `socket`, or through the relay if `addr` is `None`.
@@ -152,7 +155,7 @@ impl Node {
     }
 
     /// A fresh stamp for a disco message sealed at `now`: our wall clock and a random nonce.
-    fn disco_stamp(&mut self, now: Instant) -> DiscoStamp {
+    pub(super) fn disco_stamp(&mut self, now: Instant) -> DiscoStamp {
         DiscoStamp {
             ts_ms: self.wall_ms(now),
             nonce: self.rng.next_u64(),
@@ -253,6 +256,7 @@ impl Node {
                 }
                 if let Some(path) = pong.changed {
                     self.path_changed(sender, path);
+                    self.restart_pmtu(now, sender, path);
                 }
             }
             Disco::CallMe { endpoints } => {
@@ -261,6 +265,8 @@ impl Node {
                 }
             }
             Disco::Spray => self.handle_spray(now, sender),
+            Disco::Probe { tx, .. } => self.ack_probe(now, from, socket, sender, tx),
+            Disco::ProbeAck { tx } => self.handle_probe_ack(now, sender, tx),
         }
     }
 }

@@ -20,6 +20,22 @@ pub enum Disco {
     /// "My symmetric NAT now holds many mappings towards you: ping random ports of my address"
     /// (a birthday probe, see `node::birthday`).
     Spray,
+    /// A path MTU probe: `padding` zero bytes make the datagram as large as the size being
+    /// tested (see [`probe_padding`]); sealed like every disco message, so only the peer can
+    /// acknowledge it.
+    Probe { tx: [u8; 12], padding: u16 },
+    /// "Your probe `tx` arrived" (small, so it returns whatever the reverse path's MTU).
+    ProbeAck { tx: [u8; 12] },
+}
+
+/// Bytes of a sealed probe datagram besides its padding: frame header and sender key (36),
+/// nonce (24), version, stamp and type (18), transaction id (12), tag (16).
+pub const PROBE_FIXED_LEN: usize = 106;
+
+/// The padding that makes a sealed [`Disco::Probe`] datagram `datagram_len` bytes long (no
+/// smaller than an unpadded probe).
+pub fn probe_padding(datagram_len: usize) -> u16 {
+    u16::try_from(datagram_len.saturating_sub(PROBE_FIXED_LEN)).unwrap_or(u16::MAX)
 }
 
 /// Version of the sealed disco body. The body before it carried no version byte and began
@@ -58,6 +74,13 @@ impl Disco {
             Disco::Spray => {
                 w.u8(4);
             }
+            Disco::Probe { tx, padding } => {
+                w.u8(5).raw(tx);
+                w.buf.resize(w.buf.len() + usize::from(*padding), 0);
+            }
+            Disco::ProbeAck { tx } => {
+                w.u8(6).raw(tx);
+            }
         }
         w.buf
     }
@@ -87,6 +110,13 @@ impl Disco {
                 Disco::CallMe { endpoints }
             }
             4 => Disco::Spray,
+            5 => {
+                let tx = r.array()?;
+                let padding = u16::try_from(r.rest().len())
+                    .map_err(|_| WireError::Malformed("probe padding too long"))?;
+                Disco::Probe { tx, padding }
+            }
+            6 => Disco::ProbeAck { tx: r.array()? },
             other => return Err(WireError::UnknownType("disco", other)),
         };
         Ok((stamp, msg))
@@ -122,4 +152,44 @@ pub fn open_disco(
     sealed: &[u8],
 ) -> Result<(DiscoStamp, Disco), WireError> {
     Disco::decode(&open(pair_key, &frame_aad(kind::DISCO, sender), sealed)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_are_exactly_as_large_as_asked_and_round_trip() {
+        let key = [9u8; 32];
+        let sender = PeerKey([3; 32]);
+        let stamp = DiscoStamp {
+            ts_ms: 1_700_000_000_000,
+            nonce: 7,
+        };
+        for len in [PROBE_FIXED_LEN, 1252, 1412, 1448] {
+            let msg = Disco::Probe {
+                tx: [5; 12],
+                padding: probe_padding(len),
+            };
+            let dgram = seal_disco(&key, sender, stamp, &msg, [1; 24]);
+            assert_eq!(dgram.len(), len);
+            let Ok(Frame::Disco { sealed, .. }) = Frame::parse(&dgram) else {
+                panic!("a disco frame");
+            };
+            assert_eq!(
+                open_disco(&key, &sender, sealed).expect("opens"),
+                (stamp, msg)
+            );
+        }
+        let ack = Disco::ProbeAck { tx: [5; 12] };
+        let dgram = seal_disco(&key, sender, stamp, &ack, [1; 24]);
+        let Ok(Frame::Disco { sealed, .. }) = Frame::parse(&dgram) else {
+            panic!("a disco frame");
+        };
+        assert_eq!(
+            open_disco(&key, &sender, sealed).expect("opens"),
+            (stamp, ack)
+        );
+        assert!(dgram.len() < 120, "an acknowledgement stays small");
+    }
 }
