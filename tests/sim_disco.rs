@@ -60,6 +60,9 @@ fn replayed_disco_from_forged_sources_adds_nothing_and_pairs_stay_direct() {
         .into_iter()
         .filter(|t| (t.dst == addr_a || t.dst == addr_b) && is_disco(t))
         .collect();
+    // Let what was still in flight when the capture stopped arrive first: a replay must find
+    // every captured stamp already seen, not race its original.
+    sim.run_for(Duration::from_millis(100));
     let relayed = captured.iter().filter(|t| t.src == sim.relay_addr).count();
     let direct = captured.len() - relayed;
     println!("captured {direct} direct and {relayed} relayed disco datagrams");

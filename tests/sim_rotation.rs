@@ -92,7 +92,18 @@ fn kick_moves_the_rest_to_a_new_secret_and_cuts_the_kicked_member_off() {
                 .all(|&i| s.members[i].cfg.network_secret == new)
                 && all_know_each_other(s, &online)
         })
-        .expect("every online member moves to the new secret and they find each other again");
+        .unwrap_or_else(|| {
+            for &i in &online {
+                println!(
+                    "member {i}: new secret {} events {:?} knows {}",
+                    sim.members[i].cfg.network_secret == new,
+                    sim.members[i].rotation_events,
+                    sim.members[i].node.peer_keys().count()
+                );
+            }
+            println!("relay {:?}", sim.relay.counters());
+            panic!("every online member moves to the new secret and they find each other again")
+        });
     println!("online members on the new secret and meshed again {took:?} after the rotation began (16 entries in 3 parts)");
     assert!(sim.relay.counters().rotation_requests >= 3);
     assert!(

@@ -89,13 +89,16 @@ pub(super) fn peers(config_dir: &Path, run_dir: &Path, name: Option<String>) -> 
     }
     for p in &status.peers {
         println!(
-            "{:<20} {:<16} {:<10} {:<22} {}",
+            "{:<20} {:<16} {:<10} {:<22} {:<10} mtu {}",
             p.name,
             p.virtual_ip,
             p.path,
             p.endpoint.as_deref().unwrap_or("-"),
             p.rtt_ms
                 .map(|r| format!("{r:.1} ms"))
+                .unwrap_or_else(|| "-".into()),
+            p.path_mtu
+                .map(|m| m.to_string())
                 .unwrap_or_else(|| "-".into())
         );
     }
@@ -361,6 +364,7 @@ mod tests {
                 relay_reason: Some(
                     "both sides symmetric, no port mapping; next direct attempt in 8 s".into(),
                 ),
+                path_mtu: None,
             }],
             dropped: DropCounters::default(),
         };

@@ -2,13 +2,15 @@
 //! session and membership, relayed and direct disco messages to path selection, WireGuard
 //! datagrams, once the handshake guard admits them, to the peer link found by the initiator's
 //! static key (handshake initiations) or our receiver index (everything else). Anything that
-//! fits nowhere is counted and dropped.
+//! fits nowhere is counted and dropped. Decrypted TCP SYNs have their MSS clamped to the
+//! peer's path MTU on the way into the TUN (see `mtu`).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
 use super::link::{Admission, LinkOutput};
 use super::membership::Inner;
+use super::mtu;
 use super::{Handled, Node, Timer};
 use crate::keys::PeerKey;
 use crate::wire::{self, DatagramKind, Frame};
@@ -122,6 +124,10 @@ impl Node {
             return;
         };
         let (vip, direct, out) = (p.virtual_ip(), p.direct(), &mut self.out);
+        // A SYN or SYN-ACK from the peer is clamped to our path MTU towards it, so the host
+        // behind our TUN never sends it a segment the path cannot carry.
+        let mss = mtu::mss_for(p.paths.pmtu.mtu());
+        let scratch = &mut self.scratch;
         let members = &self.members;
         let mut refused = Inner::Deliver;
         p.link.decapsulate(
@@ -142,6 +148,12 @@ impl Node {
                 // give the source to this peer, and only our own address is delivered.
                 LinkOutput::Tun(b) => match inner_addresses(b) {
                     Some((src, dst)) => match members.check_inner(key, src, dst) {
+                        Inner::Deliver if mtu::is_tcp_syn(b) => {
+                            scratch.clear();
+                            scratch.extend_from_slice(b);
+                            mtu::clamp_mss(scratch, mss);
+                            out.tun(scratch);
+                        }
                         Inner::Deliver => out.tun(b),
                         verdict @ (Inner::SpoofedSource | Inner::NotForUs) => refused = verdict,
                     },

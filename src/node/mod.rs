@@ -64,11 +64,14 @@ mod hold;
 mod inbound;
 mod link;
 mod membership;
+mod mtu;
 pub mod netcheck;
 mod outbox;
+mod path_mtu;
 mod path_selection;
 mod paths;
 pub mod peer;
+mod pmtu;
 mod registration;
 pub mod relay_session;
 mod report;
@@ -234,6 +237,12 @@ pub struct Node {
     rotation: rotation::RotationState,
     /// Packets for subnet addresses no member has yet, until one joins.
     unrouted: hold::HoldQueue,
+    /// The TUN device's MTU: path MTU discovery searches up to it.
+    tun_mtu: u16,
+    /// Scratch space for inner packets the node rewrites (clamped SYNs, fragments, ICMP).
+    scratch: Vec<u8>,
+    /// Limits the ICMP "fragmentation needed" the node writes into the TUN.
+    icmp: mtu::IcmpLimiter,
 }
 
 /// Whether an input touched only the data path (no deadline can have moved except the peer
@@ -284,6 +293,9 @@ impl Node {
             buf: vec![0u8; BUF_LEN],
             rotation: rotation::RotationState::default(),
             unrouted: unrouted::queue(),
+            tun_mtu: crate::config::DEFAULT_MTU,
+            scratch: Vec::with_capacity(BUF_LEN),
+            icmp: mtu::IcmpLimiter::default(),
         };
         node.reseal_announcement(now);
         node.refresh_timers();
@@ -380,9 +392,14 @@ impl Node {
         self.send_to_peer(now, key, packet);
     }
 
-    /// Sends one IP packet from the TUN to member `key` (held by its link while the handshake
-    /// is in progress).
+    /// Sends one IP packet from the TUN to member `key`, held to the peer's path MTU (see
+    /// `path_mtu`) and by its link while the handshake is in progress.
     fn send_to_peer(&mut self, now: Instant, key: PeerKey, packet: &[u8]) {
+        self.send_fitted(now, key, packet);
+    }
+
+    /// Seals one IP packet that fits the path for member `key`.
+    fn seal_to_peer(&mut self, now: Instant, key: PeerKey, packet: &[u8]) {
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };

@@ -55,6 +55,7 @@ use super::peer::{
     MAX_CANDIDATES, PING_EXPIRY, PROBE_BACKOFF_MAX, PROBE_BACKOFF_MIN, RELAY_PING_INTERVAL,
     SWITCH_RTT_RATIO,
 };
+use super::pmtu::{PathKind, PathMtu};
 
 /// How often a peer's byte counters are looked at (a local wake-up, nothing is sent).
 const ACTIVITY_CHECK: Duration = Duration::from_secs(1);
@@ -137,6 +138,9 @@ pub(crate) struct PathSelection {
     /// When the timers last ran (the next look at the counters is due after it).
     last_check: Instant,
     keepalive: Keepalive,
+    /// The path MTU on the current path and its search (the node restarts it on every path
+    /// change, see `paths`).
+    pub(crate) pmtu: PathMtu,
 }
 
 impl PathSelection {
@@ -161,6 +165,24 @@ impl PathSelection {
             last_active: now,
             last_check: now,
             keepalive: Keepalive::default(),
+            pmtu: PathMtu::new(
+                now,
+                crate::config::DEFAULT_MTU,
+                PathKind {
+                    ipv6: false,
+                    relayed: true,
+                },
+            ),
+        }
+    }
+
+    /// Whether the current path is known to carry packets to the peer (a direct path always
+    /// is: only a pong makes one; the relayed path once a ping through it was answered), so a
+    /// lost MTU probe on it means the probe was too large.
+    pub(crate) fn path_confirmed(&self) -> bool {
+        match self.path {
+            Path::Direct { .. } => true,
+            Path::Relayed => self.relay_rtt.is_some(),
         }
     }
 

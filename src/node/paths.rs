@@ -47,6 +47,7 @@ impl Node {
         });
         [
             Some(p.paths.poll_timeout()),
+            Self::pmtu_deadline(p),
             stale,
             self.birthday_deadline(p),
         ]
@@ -82,6 +83,7 @@ impl Node {
             // A handshake in progress went to the old path: retry it on the new one at once.
             p.link.handle_path_change();
             self.path_changed(key, path);
+            self.restart_pmtu(now, key, path);
         }
         if missed_pong
             && probes
@@ -99,6 +101,7 @@ impl Node {
             }
         }
         self.birthday_timers(now, key);
+        self.pmtu_timers(now, key);
     }
 
     /// Sends a ping to `addr` from our socket `socket`, or through the relay if `addr` is `None`.
@@ -155,7 +158,7 @@ impl Node {
     }
 
     /// A fresh stamp for a disco message sealed at `now`: our wall clock and a random nonce.
-    fn disco_stamp(&mut self, now: Instant) -> DiscoStamp {
+    pub(super) fn disco_stamp(&mut self, now: Instant) -> DiscoStamp {
         DiscoStamp {
             ts_ms: self.wall_ms(now),
             nonce: self.rng.next_u64(),
@@ -256,6 +259,7 @@ impl Node {
                 }
                 if let Some(path) = pong.changed {
                     self.path_changed(sender, path);
+                    self.restart_pmtu(now, sender, path);
                 }
             }
             Disco::CallMe { endpoints } => {
@@ -264,6 +268,8 @@ impl Node {
                 }
             }
             Disco::Spray { reflexive } => self.handle_spray(now, sender, reflexive),
+            Disco::Probe { tx, .. } => self.ack_probe(now, from, socket, sender, tx),
+            Disco::ProbeAck { tx } => self.handle_probe_ack(now, sender, tx),
         }
     }
 }

@@ -40,6 +40,7 @@ impl Node {
                     tx_bytes,
                     ip_conflict: self.members.is_conflicted(&p.key),
                     relay_reason: p.paths.is_relayed().then(|| self.relay_reason(now, p)),
+                    path_mtu: Some(p.paths.pmtu.mtu()),
                 }
             })
             .collect();

@@ -22,6 +22,22 @@ pub enum Disco {
     /// its own STUN checks see it; the receiver sprays only when the relay observed the same
     /// address, so a relay naming a third party's address gets no spray sent there.
     Spray { reflexive: SocketAddr },
+    /// A path MTU probe: `padding` zero bytes make the datagram as large as the size being
+    /// tested (see [`probe_padding`]); sealed like every disco message, so only the peer can
+    /// acknowledge it.
+    Probe { tx: [u8; 12], padding: u16 },
+    /// "Your probe `tx` arrived" (small, so it returns whatever the reverse path's MTU).
+    ProbeAck { tx: [u8; 12] },
+}
+
+/// Bytes of a sealed probe datagram besides its padding: frame header and sender key (36),
+/// nonce (24), version, stamp and type (18), transaction id (12), tag (16).
+pub const PROBE_FIXED_LEN: usize = 106;
+
+/// The padding that makes a sealed [`Disco::Probe`] datagram `datagram_len` bytes long (no
+/// smaller than an unpadded probe).
+pub fn probe_padding(datagram_len: usize) -> u16 {
+    u16::try_from(datagram_len.saturating_sub(PROBE_FIXED_LEN)).unwrap_or(u16::MAX)
 }
 
 /// Version of the sealed disco body. The body before it carried no version byte and began
@@ -60,6 +76,13 @@ impl Disco {
             Disco::Spray { reflexive } => {
                 w.u8(4).addr(reflexive);
             }
+            Disco::Probe { tx, padding } => {
+                w.u8(5).raw(tx);
+                w.buf.resize(w.buf.len() + usize::from(*padding), 0);
+            }
+            Disco::ProbeAck { tx } => {
+                w.u8(6).raw(tx);
+            }
         }
         w.buf
     }
@@ -91,6 +114,13 @@ impl Disco {
             4 => Disco::Spray {
                 reflexive: r.addr()?,
             },
+            5 => {
+                let tx = r.array()?;
+                let padding = u16::try_from(r.rest().len())
+                    .map_err(|_| WireError::Malformed("probe padding too long"))?;
+                Disco::Probe { tx, padding }
+            }
+            6 => Disco::ProbeAck { tx: r.array()? },
             other => return Err(WireError::UnknownType("disco", other)),
         };
         Ok((stamp, msg))
@@ -126,4 +156,44 @@ pub fn open_disco(
     sealed: &[u8],
 ) -> Result<(DiscoStamp, Disco), WireError> {
     Disco::decode(&open(pair_key, &frame_aad(kind::DISCO, sender), sealed)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_are_exactly_as_large_as_asked_and_round_trip() {
+        let key = [9u8; 32];
+        let sender = PeerKey([3; 32]);
+        let stamp = DiscoStamp {
+            ts_ms: 1_700_000_000_000,
+            nonce: 7,
+        };
+        for len in [PROBE_FIXED_LEN, 1252, 1412, 1448] {
+            let msg = Disco::Probe {
+                tx: [5; 12],
+                padding: probe_padding(len),
+            };
+            let dgram = seal_disco(&key, sender, stamp, &msg, [1; 24]);
+            assert_eq!(dgram.len(), len);
+            let Ok(Frame::Disco { sealed, .. }) = Frame::parse(&dgram) else {
+                panic!("a disco frame");
+            };
+            assert_eq!(
+                open_disco(&key, &sender, sealed).expect("opens"),
+                (stamp, msg)
+            );
+        }
+        let ack = Disco::ProbeAck { tx: [5; 12] };
+        let dgram = seal_disco(&key, sender, stamp, &ack, [1; 24]);
+        let Ok(Frame::Disco { sealed, .. }) = Frame::parse(&dgram) else {
+            panic!("a disco frame");
+        };
+        assert_eq!(
+            open_disco(&key, &sender, sealed).expect("opens"),
+            (stamp, ack)
+        );
+        assert!(dgram.len() < 120, "an acknowledgement stays small");
+    }
 }

@@ -40,7 +40,9 @@ use crate::keys::{NetworkId, PeerKey};
 
 pub use announcement::{Announcement, NatKind};
 use codec::{Reader, Writer};
-pub use disco::{open_disco, seal_disco, Disco, DiscoStamp, DISCO_VERSION};
+pub use disco::{
+    open_disco, probe_padding, seal_disco, Disco, DiscoStamp, DISCO_VERSION, PROBE_FIXED_LEN,
+};
 pub use rotation::RotationEntry;
 
 /// First two bytes of every meshvpn frame; 0xFF can start neither WireGuard nor STUN.

@@ -7,6 +7,10 @@
 //! uses). A member can have its UDP blocked (every datagram to or from it is dropped); it then
 //! reaches the relay over a simulated stream: reliable, ordered, with the same latency, fed to
 //! the relay server as a `Link::Tcp` exactly as the relay's driver does.
+//!
+//! A member can have an underlay MTU ([`Member::mtu`]): a UDP datagram to or from it whose IP
+//! packet (payload + 28 bytes of IPv4 and UDP headers) is larger is dropped silently, as on a
+//! path whose ICMP "fragmentation needed" is filtered.
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
@@ -90,6 +94,8 @@ pub struct Member {
     pub addr: SocketAddr,
     /// Every UDP datagram to or from this member is dropped (a firewall blocking UDP).
     pub udp_blocked: bool,
+    /// The underlay IP MTU of this member's link: larger datagrams to or from it vanish.
+    pub mtu: Option<usize>,
     /// The member's stream to the relay, once connected.
     pub stream: Option<Link>,
     /// Frames this member's stream carried (both directions).
@@ -147,6 +153,8 @@ pub struct Sim {
     pub delivered_datagrams: u64,
     pub lost_datagrams: u64,
     pub filtered_datagrams: u64,
+    /// Datagrams dropped because they exceeded a member's underlay MTU.
+    pub mtu_dropped: u64,
     /// When set, every datagram put on the simulated wire (after NAT) is recorded here.
     pub tap: Option<Vec<Tapped>>,
     /// When set, the relay lies: every member entry and registration acknowledgement it sends
@@ -196,6 +204,7 @@ impl Sim {
             delivered_datagrams: 0,
             lost_datagrams: 0,
             filtered_datagrams: 0,
+            mtu_dropped: 0,
             tap: None,
             observed_lie: None,
             lie_copies: 1,
@@ -276,6 +285,7 @@ impl Sim {
             step: Step::new(),
             addr,
             udp_blocked: false,
+            mtu: None,
             stream: None,
             stream_frames: 0,
             stream_clock: (self.now, self.now),
@@ -308,6 +318,10 @@ impl Sim {
             Some(i) => {
                 if self.members[i].udp_blocked {
                     self.lost_datagrams += 1;
+                    return;
+                }
+                if self.members[i].mtu.is_some_and(|m| payload.len() + 28 > m) {
+                    self.mtu_dropped += 1;
                     return;
                 }
                 let (mut addr, site) = (self.members[i].addr, self.members[i].site);
@@ -665,6 +679,10 @@ impl Sim {
                 self.lost_datagrams += 1;
                 return;
             }
+            if m.mtu.is_some_and(|mtu| p.payload.len() + 28 > mtu) {
+                self.mtu_dropped += 1;
+                return;
+            }
             self.delivered_datagrams += 1;
             let socket = dst.port() - m.addr.port();
             m.node.handle_udp_on(now, socket, p.src, &p.payload);
@@ -727,6 +745,13 @@ impl Sim {
         let pkt = ipv4_packet(src, dst, tag);
         let now = self.now;
         self.members[a].node.handle_tun_packet(now, &pkt);
+        self.drain();
+    }
+
+    /// Hands `packet` to member `a`'s node as if read from its TUN device.
+    pub fn inject_packet(&mut self, a: usize, packet: &[u8]) {
+        let now = self.now;
+        self.members[a].node.handle_tun_packet(now, packet);
         self.drain();
     }
 

@@ -89,6 +89,10 @@ pub struct PeerStatus {
     pub ip_conflict: bool,
     /// Why the path is relayed (absent when direct).
     pub relay_reason: Option<String>,
+    /// The largest inner packet the current path carries, in bytes (path MTU discovery; the
+    /// base for the path until a probe confirms more). Absent from older agents.
+    #[serde(default)]
+    pub path_mtu: Option<u16>,
 }
 
 /// The path packets to a peer take, serialised as `"direct"`, `"relay"`, `"relay-tcp"` or
@@ -236,6 +240,10 @@ pub struct DropCounters {
     /// at someone else).
     #[serde(default)]
     pub spray_refused: u64,
+    /// Packets from the TUN larger than their peer's path MTU that could not be fragmented:
+    /// those with DF set were answered with ICMP "fragmentation needed" (rate-limited).
+    #[serde(default)]
+    pub too_big: u64,
 }
 
 /// The address part of `10.1.2.3` or `10.1.2.3/16`.
@@ -319,7 +327,7 @@ impl Status {
             let _ = writeln!(out, "no peers yet");
             return out;
         }
-        let rows: Vec<[String; 8]> = self
+        let rows: Vec<[String; 9]> = self
             .peers
             .iter()
             .map(|p| {
@@ -335,6 +343,9 @@ impl Status {
                     p.rtt_ms
                         .map(|r| format!("{r:.1} ms"))
                         .unwrap_or_else(|| "-".into()),
+                    p.path_mtu
+                        .map(|m| m.to_string())
+                        .unwrap_or_else(|| "-".into()),
                     p.last_handshake_age_s
                         .map(|s| format!("{s} s ago"))
                         .unwrap_or_else(|| "never".into()),
@@ -349,6 +360,7 @@ impl Status {
             "PATH",
             "ENDPOINT",
             "RTT",
+            "MTU",
             "HANDSHAKE",
             "RX",
             "TX",
@@ -478,6 +490,7 @@ mod tests {
                     tx_bytes: 0,
                     ip_conflict: false,
                     relay_reason: Some("UDP to the relay is blocked".into()),
+                    path_mtu: None,
                 },
                 PeerStatus {
                     name: "bob".into(),
@@ -491,6 +504,7 @@ mod tests {
                     tx_bytes: 2048,
                     ip_conflict: false,
                     relay_reason: None,
+                    path_mtu: Some(1340),
                 },
             ],
             dropped: DropCounters::default(),
@@ -522,6 +536,19 @@ mod tests {
             (0, 0, 0)
         );
         assert_eq!(d.handshake_pending, 0);
+        assert_eq!(d.too_big, 0);
+    }
+
+    #[test]
+    fn peers_from_before_path_mtu_discovery_still_parse() {
+        let mut json = serde_json::to_value(sample()).expect("a status serialises");
+        assert_eq!(json["peers"][1]["path_mtu"], 1340);
+        for peer in json["peers"].as_array_mut().expect("a list") {
+            peer.as_object_mut().expect("an object").remove("path_mtu");
+        }
+        let back: Status = serde_json::from_value(json).expect("older JSON parses");
+        assert!(back.peers.iter().all(|p| p.path_mtu.is_none()));
+        assert!(sample().to_table().contains("1340"));
     }
 
     #[test]

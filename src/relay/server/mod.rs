@@ -448,7 +448,12 @@ impl RelayServer {
         }
         let registered_here =
             cached.is_some() && self.member_network.get(&sender) == Some(&request.network());
-        if !matches!(request, RelayRequest::Register { .. }) && !registered_here {
+        // The owner of a finished rotation is no longer registered under the retired id, but
+        // may repeat its last part (the acknowledgement got lost) and must be answered.
+        let rotation_owner = matches!(request, RelayRequest::Rotate { .. })
+            && self.rotations.owner(&request.network()) == Some(sender);
+        if !matches!(request, RelayRequest::Register { .. }) && !registered_here && !rotation_owner
+        {
             self.counters.unknown_sender += 1;
             self.counters.dropped += 1;
             return;

@@ -67,6 +67,11 @@ impl Rotations {
         self.records.get(network).is_some_and(|r| r.complete)
     }
 
+    /// The member that uploads (or uploaded) `network`'s record.
+    pub(super) fn owner(&self, network: &NetworkId) -> Option<PeerKey> {
+        self.records.get(network).map(|r| r.by)
+    }
+
     /// `member`'s entry in `network`'s record.
     pub(super) fn entry(&self, network: &NetworkId, member: &PeerKey) -> Option<RotationEntry> {
         self.records
@@ -352,6 +357,15 @@ mod tests {
             ),
             "{replies:?}"
         );
+        // Say that acknowledgement was lost: a repeats the last part, no longer registered
+        // under the retired id, and is answered again; nothing else changes.
+        let req = rotate(&relay, &a, tick(&mut now), true, Vec::new());
+        let again = a.send(&mut relay, now, &req);
+        assert!(
+            matches!(again[..], [RelayReply::RotateAck { complete: true, .. }]),
+            "{again:?}"
+        );
+        assert_eq!(relay.counters().rotations, 1);
 
         // b gets its entry at once and it opens to the new secret; c is told it was left out.
         let to_b = b.drain(&mut relay, now);
