@@ -17,6 +17,7 @@ mod progress;
 mod relay_stream;
 mod sockets;
 pub(crate) mod stream;
+mod udp;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -40,6 +41,7 @@ use portmap::{PortMapper, PortMapping};
 use progress::Progress;
 use relay_stream::{RelayStream, StreamEvent};
 use sockets::ExtraSockets;
+use udp::UdpIo;
 
 /// How often the host's addresses are re-read (a change is re-announced to peers).
 const ENDPOINT_REFRESH: Duration = Duration::from_secs(10);
@@ -48,6 +50,10 @@ const ENDPOINT_REFRESH: Duration = Duration::from_secs(10);
 const IDLE_WAKE: Duration = Duration::from_secs(60);
 /// Longest wait between attempts to resolve the relay's host name.
 const RESOLVE_RETRY_MAX: Duration = Duration::from_secs(30);
+/// Packets read from one source (the UDP socket, the TUN device) per wakeup before the node's
+/// output is sent: enough to amortise the system calls over a burst (a TSO super-packet is
+/// about 46 packets), few enough that the other direction and the timers are not starved.
+const READ_BUDGET: usize = 128;
 
 /// Whether this process may create TUN devices (root, or CAP_NET_ADMIN in its effective set).
 pub fn has_net_admin() -> bool {
@@ -93,7 +99,8 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
             anyhow::anyhow!("binding UDP port {}: {e}", cfg.listen_port)
         }
     })?;
-    let port = socket
+    let mut udp = UdpIo::new(socket, dual_stack).context("setting up the UDP socket")?;
+    let port = udp
         .local_addr()
         .context("reading the bound UDP port")?
         .port();
@@ -139,7 +146,6 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut udp_buf = vec![0u8; 65_536];
     let mut tun_buf = vec![0u8; 65_536];
     let mut endpoint_timer = tokio::time::interval(ENDPOINT_REFRESH);
     let mut stream = RelayStream::new(relay.clone());
@@ -158,7 +164,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
 
     loop {
         let mut io = Executor {
-            socket: (&socket, dual_stack),
+            udp: &mut udp,
             tun: &tun,
             stream: &mut stream,
             extra: &mut extra,
@@ -202,9 +208,12 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
         .unwrap_or_else(|| Instant::now() + IDLE_WAKE);
         let deadline = tokio::time::Instant::from_std(deadline);
         tokio::select! {
-            r = socket.recv_from(&mut udp_buf) => match r {
-                Ok((n, from)) => node.handle_udp(Instant::now(), sockaddr::unmap(from), &udp_buf[..n]),
-                Err(e) => tracing::debug!(%e, "UDP receive failed"),
+            r = udp.readable() => match r {
+                Ok(()) => {
+                    let now = Instant::now();
+                    udp.receive(READ_BUDGET, |from, bytes| node.handle_udp(now, from, bytes));
+                }
+                Err(e) => tracing::debug!(%e, "UDP socket failed"),
             },
             Some((n, from, bytes)) = extra_rx.recv() => node.handle_udp_on(Instant::now(), n, sockaddr::unmap(from), &bytes),
             ev = stream.recv() => match ev {
@@ -255,7 +264,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
     node.leave(Instant::now());
     save_floors(&node, &floors_path, &mut saved_floors);
     let mut io = Executor {
-        socket: (&socket, dual_stack),
+        udp: &mut udp,
         tun: &tun,
         stream: &mut stream,
         extra: &mut extra,
@@ -277,7 +286,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
 
 /// Executes the node's outputs: the agent's half of the shared [`Step`].
 struct Executor<'a> {
-    socket: (&'a UdpSocket, bool),
+    udp: &'a mut UdpIo,
     tun: &'a tun_rs::AsyncDevice,
     stream: &'a mut RelayStream,
     extra: &'a mut ExtraSockets,
@@ -288,7 +297,8 @@ struct Executor<'a> {
 
 impl Executor<'_> {
     /// Sends every queued datagram and TUN packet, opens or closes the relay stream as the node
-    /// asks, and logs every event.
+    /// asks, and logs every event. Datagrams for the main socket are batched (segmented where
+    /// the kernel can) and sent when the batch is full and once the node has nothing more.
     async fn drain(&mut self, node: &mut Node, step: &mut Step) {
         let mut stream_lost = false;
         while let Some(output) = step.poll(node) {
@@ -298,12 +308,9 @@ impl Executor<'_> {
                     dst,
                     bytes,
                 } => {
-                    let (socket, dual_stack) = self.socket;
-                    if let Err(e) = socket
-                        .send_to(bytes, sockaddr::for_socket(dst, dual_stack))
-                        .await
-                    {
-                        tracing::debug!(%e, %dst, "UDP send failed");
+                    self.udp.queue(dst, bytes);
+                    if self.udp.queued() >= udp::SEND_BATCH {
+                        self.udp.flush().await;
                     }
                 }
                 Output::Udp { socket, dst, bytes } => self.extra.send(socket, dst, bytes).await,
@@ -325,6 +332,7 @@ impl Executor<'_> {
                 node.handle_relay_stream_down(Instant::now(), 0);
             }
         }
+        self.udp.flush().await;
     }
 
     fn event(&mut self, node: &Node, ev: Event) {
