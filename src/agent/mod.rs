@@ -17,6 +17,7 @@ mod progress;
 mod relay_stream;
 mod sockets;
 pub(crate) mod stream;
+mod tun;
 mod udp;
 
 use std::net::SocketAddr;
@@ -41,6 +42,7 @@ use portmap::{PortMapper, PortMapping};
 use progress::Progress;
 use relay_stream::{RelayStream, StreamEvent};
 use sockets::ExtraSockets;
+use tun::TunIo;
 use udp::UdpIo;
 
 /// How often the host's addresses are re-read (a change is re-announced to peers).
@@ -105,20 +107,26 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
         .context("reading the bound UDP port")?
         .port();
 
-    let tun = tun_rs::DeviceBuilder::new()
-        .name(&ifname)
-        .ipv4(cfg.virtual_ip, cfg.subnet.prefix_len(), None)
-        .mtu(cfg.mtu)
-        .build_async()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::PermissionDenied {
-                anyhow::anyhow!(
-                    "creating TUN device {ifname}: permission denied (needs root or CAP_NET_ADMIN)"
-                )
-            } else {
-                anyhow::anyhow!("creating TUN device {ifname}: {e}")
-            }
-        })?;
+    let want_offload = tun::offload_wanted(
+        cfg.tun_offload,
+        std::env::var(tun::OFFLOAD_ENV).ok().as_deref(),
+    );
+    let mut tun = TunIo::open(
+        &ifname,
+        cfg.virtual_ip,
+        cfg.subnet.prefix_len(),
+        cfg.mtu,
+        want_offload,
+    )
+    .map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            anyhow::anyhow!(
+                "creating TUN device {ifname}: permission denied (needs root or CAP_NET_ADMIN)"
+            )
+        } else {
+            anyhow::anyhow!("creating TUN device {ifname}: {e}")
+        }
+    })?;
 
     let control_path = control::socket_path(run_dir, &cfg.network);
     let listener = bind_control(run_dir, &control_path).await?;
@@ -146,7 +154,6 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut tun_buf = vec![0u8; 65_536];
     let mut endpoint_timer = tokio::time::interval(ENDPOINT_REFRESH);
     let mut stream = RelayStream::new(relay.clone());
     let mut step = Step::new();
@@ -165,7 +172,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
     loop {
         let mut io = Executor {
             udp: &mut udp,
-            tun: &tun,
+            tun: &mut tun,
             stream: &mut stream,
             extra: &mut extra,
             pings: &mut pings,
@@ -227,9 +234,13 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
                     node.handle_relay_stream_down(Instant::now(), 0);
                 }
             },
-            r = tun.recv(&mut tun_buf) => match r {
-                Ok(n) => node.handle_tun_packet(Instant::now(), &tun_buf[..n]),
-                Err(e) => tracing::debug!(%e, "TUN read failed"),
+            r = tun.readable() => match r {
+                Ok(()) => {
+                    let now = Instant::now();
+                    // One read: a packet, or the MTU-sized packets of one super-packet.
+                    tun.receive(1, |packet| node.handle_tun_packet(now, packet));
+                }
+                Err(e) => tracing::debug!(%e, "TUN device failed"),
             },
             _ = tokio::time::sleep_until(deadline) => node.handle_timeout(Instant::now()),
             Some((req, reply)) = control_rx.recv() => match req {
@@ -265,7 +276,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
     save_floors(&node, &floors_path, &mut saved_floors);
     let mut io = Executor {
         udp: &mut udp,
-        tun: &tun,
+        tun: &mut tun,
         stream: &mut stream,
         extra: &mut extra,
         pings: &mut pings,
@@ -287,7 +298,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
 /// Executes the node's outputs: the agent's half of the shared [`Step`].
 struct Executor<'a> {
     udp: &'a mut UdpIo,
-    tun: &'a tun_rs::AsyncDevice,
+    tun: &'a mut TunIo,
     stream: &'a mut RelayStream,
     extra: &'a mut ExtraSockets,
     pings: &'a mut PendingPings,
@@ -320,8 +331,9 @@ impl Executor<'_> {
                     }
                 }
                 Output::Tun(packet) => {
-                    if let Err(e) = self.tun.send(packet).await {
-                        tracing::debug!(%e, "TUN write failed");
+                    self.tun.queue(packet);
+                    if self.tun.queued() >= tun::WRITE_BATCH {
+                        self.tun.flush().await;
                     }
                 }
                 Output::OpenStream { kind, .. } => self.stream.open(kind),
@@ -333,6 +345,7 @@ impl Executor<'_> {
             }
         }
         self.udp.flush().await;
+        self.tun.flush().await;
     }
 
     fn event(&mut self, node: &Node, ev: Event) {
