@@ -237,8 +237,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
             r = tun.readable() => match r {
                 Ok(()) => {
                     let now = Instant::now();
-                    // One read: a packet, or the MTU-sized packets of one super-packet.
-                    tun.receive(1, |packet| node.handle_tun_packet(now, packet));
+                    tun.receive(READ_BUDGET, |packet| node.handle_tun_packet(now, packet));
                 }
                 Err(e) => tracing::debug!(%e, "TUN device failed"),
             },

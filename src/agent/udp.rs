@@ -38,6 +38,10 @@ pub(crate) const MAX_SEGMENTED_BYTES: usize = 65_507;
 /// TSO super-packet from the TUN (64 KB in MTU-sized packets, about 46) fits, and the batch
 /// buffer stays under 200 KB.
 pub(crate) const SEND_BATCH: usize = 128;
+/// Socket buffer size asked for each way: a few milliseconds of a multi-gigabit stream, so a
+/// burst that arrives while the agent is busy sealing the other direction is queued rather
+/// than dropped (wireguard-go asks for 7 MB; the default is about 200 KB).
+const SOCKET_BUFFER: libc::c_int = 4 << 20;
 /// One receive slot: large enough for the longest GRO run the kernel builds (64 KB) and for
 /// any single datagram.
 const SLOT_LEN: usize = 65_536;
@@ -61,6 +65,7 @@ impl UdpIo {
         // MTU probing); WireGuard datagrams keep the kernel default, which fragments a datagram
         // larger than the path rather than dropping it (a jumbo TUN MTU keeps working).
         restore_pmtu_default(&socket, dual_stack);
+        grow_buffers(&socket);
         tracing::info!(
             gso_segments = state.max_gso_segments(),
             gro_segments = state.gro_segments(),
@@ -297,36 +302,60 @@ fn refuses_segmentation(e: &io::Error) -> bool {
 /// Sets path-MTU discovery back to the kernel default ("want": fragment locally when a
 /// datagram exceeds the path MTU) for IPv4 and, on a dual-stack socket, IPv6.
 fn restore_pmtu_default(socket: &UdpSocket, dual_stack: bool) {
-    use std::os::fd::AsRawFd;
-    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
-        // SAFETY: a valid socket descriptor, an int option and its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                level,
-                name,
-                std::ptr::from_ref(&value).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            tracing::debug!(e = %io::Error::last_os_error(), "cannot restore path-MTU discovery");
-        }
-    };
-    set(
+    let mut ok = set_int_option(
+        socket,
         libc::IPPROTO_IP,
         libc::IP_MTU_DISCOVER,
         libc::IP_PMTUDISC_WANT,
     );
     if dual_stack {
-        set(
+        ok &= set_int_option(
+            socket,
             libc::IPPROTO_IPV6,
             libc::IPV6_MTU_DISCOVER,
             libc::IPV6_PMTUDISC_WANT,
         );
     }
+    if !ok {
+        tracing::debug!(e = %io::Error::last_os_error(), "cannot restore path-MTU discovery");
+    }
 }
 
+/// Asks for [`SOCKET_BUFFER`] bytes each way: beyond the system's limit where allowed (the
+/// agent has CAP_NET_ADMIN), else up to it.
+fn grow_buffers(socket: &UdpSocket) {
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if !set_int_option(socket, libc::SOL_SOCKET, force, SOCKET_BUFFER)
+            && !set_int_option(socket, libc::SOL_SOCKET, plain, SOCKET_BUFFER)
+        {
+            tracing::debug!(e = %io::Error::last_os_error(), "cannot grow the UDP socket buffers");
+        }
+    }
+}
+
+/// Sets one integer socket option; whether it worked.
+fn set_int_option(
+    socket: &UdpSocket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket descriptor, an int option and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    rc == 0
+}
 #[cfg(test)]
 mod tests {
     use super::*;
