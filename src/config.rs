@@ -97,6 +97,8 @@ struct FileNode {
     stun_servers: Vec<String>,
     #[serde(default = "default_true")]
     port_mapping: bool,
+    #[serde(default = "default_true")]
+    tun_offload: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -147,6 +149,10 @@ pub struct Config {
     pub stun_servers: Vec<String>,
     /// Whether to ask the gateway for a port mapping (UPnP-IGD, NAT-PMP, PCP).
     pub port_mapping: bool,
+    /// Whether to try TUN segmentation offload (`IFF_VNET_HDR`: TSO super-packets in,
+    /// coalesced writes out); the agent falls back without it where the kernel refuses, and
+    /// the environment variable `MESHVPN_TUN_OFFLOAD=0` turns it off as well.
+    pub tun_offload: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -194,6 +200,7 @@ impl Config {
             log_level: None,
             stun_servers: Vec::new(),
             port_mapping: true,
+            tun_offload: true,
         })
     }
 
@@ -332,6 +339,7 @@ impl Config {
             log_level: file.node.log_level,
             stun_servers: file.node.stun_servers,
             port_mapping: file.node.port_mapping,
+            tun_offload: file.node.tun_offload,
         })
     }
 
@@ -352,6 +360,7 @@ impl Config {
                 log_level: self.log_level.clone(),
                 stun_servers: self.stun_servers.clone(),
                 port_mapping: self.port_mapping,
+                tun_offload: self.tun_offload,
             },
             relays: self
                 .relays
@@ -823,6 +832,7 @@ mod tests {
         let c = Config::parse(text, Path::new("config/example.toml")).expect("example parses");
         assert_eq!(c.network, "example");
         assert_eq!(c.mtu, DEFAULT_MTU);
+        assert!(c.tun_offload, "offload is on unless turned off");
     }
 
     #[test]

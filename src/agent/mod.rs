@@ -17,6 +17,8 @@ mod progress;
 mod relay_stream;
 mod sockets;
 pub(crate) mod stream;
+mod tun;
+mod udp;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -40,6 +42,8 @@ use portmap::{PortMapper, PortMapping};
 use progress::Progress;
 use relay_stream::{RelayStream, StreamEvent};
 use sockets::ExtraSockets;
+use tun::TunIo;
+use udp::UdpIo;
 
 /// How often the host's addresses are re-read (a change is re-announced to peers).
 const ENDPOINT_REFRESH: Duration = Duration::from_secs(10);
@@ -48,6 +52,10 @@ const ENDPOINT_REFRESH: Duration = Duration::from_secs(10);
 const IDLE_WAKE: Duration = Duration::from_secs(60);
 /// Longest wait between attempts to resolve the relay's host name.
 const RESOLVE_RETRY_MAX: Duration = Duration::from_secs(30);
+/// Packets read from one source (the UDP socket, the TUN device) per wakeup before the node's
+/// output is sent: enough to amortise the system calls over a burst (a TSO super-packet is
+/// about 46 packets), few enough that the other direction and the timers are not starved.
+const READ_BUDGET: usize = 128;
 
 /// Whether this process may create TUN devices (root, or CAP_NET_ADMIN in its effective set).
 pub fn has_net_admin() -> bool {
@@ -93,25 +101,32 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
             anyhow::anyhow!("binding UDP port {}: {e}", cfg.listen_port)
         }
     })?;
-    let port = socket
+    let mut udp = UdpIo::new(socket, dual_stack).context("setting up the UDP socket")?;
+    let port = udp
         .local_addr()
         .context("reading the bound UDP port")?
         .port();
 
-    let tun = tun_rs::DeviceBuilder::new()
-        .name(&ifname)
-        .ipv4(cfg.virtual_ip, cfg.subnet.prefix_len(), None)
-        .mtu(cfg.mtu)
-        .build_async()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::PermissionDenied {
-                anyhow::anyhow!(
-                    "creating TUN device {ifname}: permission denied (needs root or CAP_NET_ADMIN)"
-                )
-            } else {
-                anyhow::anyhow!("creating TUN device {ifname}: {e}")
-            }
-        })?;
+    let want_offload = tun::offload_wanted(
+        cfg.tun_offload,
+        std::env::var(tun::OFFLOAD_ENV).ok().as_deref(),
+    );
+    let mut tun = TunIo::open(
+        &ifname,
+        cfg.virtual_ip,
+        cfg.subnet.prefix_len(),
+        cfg.mtu,
+        want_offload,
+    )
+    .map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            anyhow::anyhow!(
+                "creating TUN device {ifname}: permission denied (needs root or CAP_NET_ADMIN)"
+            )
+        } else {
+            anyhow::anyhow!("creating TUN device {ifname}: {e}")
+        }
+    })?;
 
     let control_path = control::socket_path(run_dir, &cfg.network);
     let listener = bind_control(run_dir, &control_path).await?;
@@ -139,8 +154,6 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut udp_buf = vec![0u8; 65_536];
-    let mut tun_buf = vec![0u8; 65_536];
     let mut endpoint_timer = tokio::time::interval(ENDPOINT_REFRESH);
     let mut stream = RelayStream::new(relay.clone());
     let mut step = Step::new();
@@ -158,8 +171,8 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
 
     loop {
         let mut io = Executor {
-            socket: (&socket, dual_stack),
-            tun: &tun,
+            udp: &mut udp,
+            tun: &mut tun,
             stream: &mut stream,
             extra: &mut extra,
             pings: &mut pings,
@@ -202,9 +215,12 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
         .unwrap_or_else(|| Instant::now() + IDLE_WAKE);
         let deadline = tokio::time::Instant::from_std(deadline);
         tokio::select! {
-            r = socket.recv_from(&mut udp_buf) => match r {
-                Ok((n, from)) => node.handle_udp(Instant::now(), sockaddr::unmap(from), &udp_buf[..n]),
-                Err(e) => tracing::debug!(%e, "UDP receive failed"),
+            r = udp.readable() => match r {
+                Ok(()) => {
+                    let now = Instant::now();
+                    udp.receive(READ_BUDGET, |from, bytes| node.handle_udp(now, from, bytes));
+                }
+                Err(e) => tracing::debug!(%e, "UDP socket failed"),
             },
             Some((n, from, bytes)) = extra_rx.recv() => node.handle_udp_on(Instant::now(), n, sockaddr::unmap(from), &bytes),
             ev = stream.recv() => match ev {
@@ -218,9 +234,12 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
                     node.handle_relay_stream_down(Instant::now(), 0);
                 }
             },
-            r = tun.recv(&mut tun_buf) => match r {
-                Ok(n) => node.handle_tun_packet(Instant::now(), &tun_buf[..n]),
-                Err(e) => tracing::debug!(%e, "TUN read failed"),
+            r = tun.readable() => match r {
+                Ok(()) => {
+                    let now = Instant::now();
+                    tun.receive(READ_BUDGET, |packet| node.handle_tun_packet(now, packet));
+                }
+                Err(e) => tracing::debug!(%e, "TUN device failed"),
             },
             _ = tokio::time::sleep_until(deadline) => node.handle_timeout(Instant::now()),
             Some((req, reply)) = control_rx.recv() => match req {
@@ -255,8 +274,8 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
     node.leave(Instant::now());
     save_floors(&node, &floors_path, &mut saved_floors);
     let mut io = Executor {
-        socket: (&socket, dual_stack),
-        tun: &tun,
+        udp: &mut udp,
+        tun: &mut tun,
         stream: &mut stream,
         extra: &mut extra,
         pings: &mut pings,
@@ -277,8 +296,8 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
 
 /// Executes the node's outputs: the agent's half of the shared [`Step`].
 struct Executor<'a> {
-    socket: (&'a UdpSocket, bool),
-    tun: &'a tun_rs::AsyncDevice,
+    udp: &'a mut UdpIo,
+    tun: &'a mut TunIo,
     stream: &'a mut RelayStream,
     extra: &'a mut ExtraSockets,
     pings: &'a mut PendingPings,
@@ -288,7 +307,8 @@ struct Executor<'a> {
 
 impl Executor<'_> {
     /// Sends every queued datagram and TUN packet, opens or closes the relay stream as the node
-    /// asks, and logs every event.
+    /// asks, and logs every event. Datagrams for the main socket are batched (segmented where
+    /// the kernel can) and sent when the batch is full and once the node has nothing more.
     async fn drain(&mut self, node: &mut Node, step: &mut Step) {
         let mut stream_lost = false;
         while let Some(output) = step.poll(node) {
@@ -298,12 +318,9 @@ impl Executor<'_> {
                     dst,
                     bytes,
                 } => {
-                    let (socket, dual_stack) = self.socket;
-                    if let Err(e) = socket
-                        .send_to(bytes, sockaddr::for_socket(dst, dual_stack))
-                        .await
-                    {
-                        tracing::debug!(%e, %dst, "UDP send failed");
+                    self.udp.queue(dst, bytes);
+                    if self.udp.queued() >= udp::SEND_BATCH {
+                        self.udp.flush().await;
                     }
                 }
                 Output::Udp { socket, dst, bytes } => self.extra.send(socket, dst, bytes).await,
@@ -313,8 +330,9 @@ impl Executor<'_> {
                     }
                 }
                 Output::Tun(packet) => {
-                    if let Err(e) = self.tun.send(packet).await {
-                        tracing::debug!(%e, "TUN write failed");
+                    self.tun.queue(packet);
+                    if self.tun.queued() >= tun::WRITE_BATCH {
+                        self.tun.flush().await;
                     }
                 }
                 Output::OpenStream { kind, .. } => self.stream.open(kind),
@@ -325,6 +343,8 @@ impl Executor<'_> {
                 node.handle_relay_stream_down(Instant::now(), 0);
             }
         }
+        self.udp.flush().await;
+        self.tun.flush().await;
     }
 
     fn event(&mut self, node: &Node, ev: Event) {
@@ -461,6 +481,7 @@ fn start_node(
         unix_ms,
     );
     node.restore_announcement_floors(floors::load(floors_path));
+    node.set_tun_mtu(Instant::now(), cfg.mtu);
     node
 }
 

@@ -159,9 +159,10 @@ impl PeerLink {
         (self.rx_bytes, self.offered)
     }
 
-    /// Time since the last completed handshake (boringtun's real clock).
+    /// Time since the last completed handshake (boringtun's real clock). Not `Tunn::stats`,
+    /// which also estimates loss by locking every session's replay window.
     pub(crate) fn handshake_age(&self) -> Option<Duration> {
-        self.tunn.stats().0
+        self.tunn.time_since_last_handshake()
     }
 
     /// Whether a session exists whose keys WireGuard still uses.
@@ -267,7 +268,7 @@ impl PeerLink {
         if !self.held.is_empty() {
             self.flush_held(now, scratch, drops, |b| out(LinkOutput::Send(b)));
         }
-        if self.session_fresh() {
+        if self.want_session_since.is_some() && self.session_fresh() {
             self.want_session_since = None;
         }
     }
