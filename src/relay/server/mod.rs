@@ -569,14 +569,7 @@ impl RelayServer {
             None
         };
         if let Some((limit, message)) = refusal {
-            self.trips.trip(now, limit, &mut self.counters);
-            self.reply(
-                from,
-                &session,
-                RelayReply::Error {
-                    message: message.into(),
-                },
-            );
+            self.refuse(now, from, &session, limit, message);
             return;
         }
         let members = self.networks.entry(network).or_default();
@@ -650,6 +643,18 @@ impl RelayServer {
         if is_new {
             self.send_full_sync(network, sender);
         }
+    }
+
+    /// Counts a trip of `limit` and tells the requester why its request was refused.
+    fn refuse(&mut self, now: Instant, to: Link, session: &[u8; 32], limit: Limit, message: &str) {
+        self.trips.trip(now, limit, &mut self.counters);
+        self.reply(
+            to,
+            session,
+            RelayReply::Error {
+                message: message.into(),
+            },
+        );
     }
 
     fn forward(&mut self, from: Link, to: PeerKey, payload: &[u8]) {

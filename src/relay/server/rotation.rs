@@ -182,14 +182,7 @@ impl RelayServer {
             None => None,
         };
         if let Some((limit, message)) = refusal {
-            self.trips.trip(now, limit, &mut self.counters);
-            self.reply(
-                from,
-                &session,
-                RelayReply::Error {
-                    message: message.into(),
-                },
-            );
+            self.refuse(now, from, &session, limit, message);
             return;
         }
         let record = self
