@@ -546,13 +546,20 @@ impl RotationWaiter {
         }
     }
 
-    fn fail(&mut self, request: u64, reason: &str) {
-        if let Some((id, reply)) = self.waiting.take() {
-            if id == request {
-                let _ = reply.send(control::error_reply(reason));
-            } else {
-                self.waiting = Some((id, reply));
+    /// The reply channel of the waiting request if it is `request`'s.
+    fn take_waiting(&mut self, request: u64) -> Option<oneshot::Sender<String>> {
+        match self.waiting.take() {
+            Some((id, reply)) if id == request => Some(reply),
+            other => {
+                self.waiting = other;
+                None
             }
+        }
+    }
+
+    fn fail(&mut self, request: u64, reason: &str) {
+        if let Some(reply) = self.take_waiting(request) {
+            let _ = reply.send(control::error_reply(reason));
         }
     }
 
@@ -562,17 +569,13 @@ impl RotationWaiter {
         let Some(finished) = self.finished.take() else {
             return;
         };
-        if let Some((id, reply)) = self.waiting.take() {
-            if id == finished {
-                let answer = control::RotateReply {
-                    ok: true,
-                    token: Some(cfg.token().encode()),
-                    error: None,
-                };
-                let _ = reply.send(serde_json::to_string(&answer).unwrap_or_default());
-            } else {
-                self.waiting = Some((id, reply));
-            }
+        if let Some(reply) = self.take_waiting(finished) {
+            let answer = control::RotateReply {
+                ok: true,
+                token: Some(cfg.token().encode()),
+                error: None,
+            };
+            let _ = reply.send(serde_json::to_string(&answer).unwrap_or_default());
         }
     }
 }
