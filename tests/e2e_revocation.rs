@@ -37,13 +37,17 @@ fn meshvpn(mesh: &Mesh, name: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// Starts member `name` joining with `token` (through a token file).
-fn join_with(mesh: &mut Mesh, name: &str, token: &str) -> Result<u32> {
-    let i = mesh
-        .members
+/// Where member `name` sits in `mesh.members`.
+fn index_of(mesh: &Mesh, name: &str) -> Result<usize> {
+    mesh.members
         .iter()
         .position(|m| m.name == name)
-        .with_context(|| format!("no member {name}"))?;
+        .with_context(|| format!("no member {name}"))
+}
+
+/// Starts member `name` joining with `token` (through a token file).
+fn join_with(mesh: &mut Mesh, name: &str, token: &str) -> Result<u32> {
+    let i = index_of(mesh, name)?;
     let lab = &mesh.lab;
     mesh.members[i].join(lab, token, &[])
 }
@@ -103,11 +107,7 @@ fn kick_cuts_a_member_off_and_the_old_token_admits_nobody() -> Result<()> {
     // Carol is down while the kick happens (her machine is off).
     let carol_status_before = mesh.status("carol")?;
     {
-        let i = mesh
-            .members
-            .iter()
-            .position(|m| m.name == "carol")
-            .context("carol")?;
+        let i = index_of(&mesh, "carol")?;
         let lab = &mesh.lab;
         mesh.members[i].stop(lab, Signal::Kill)?;
     }
@@ -235,11 +235,7 @@ fn kick_cuts_a_member_off_and_the_old_token_admits_nobody() -> Result<()> {
     // Carol comes back with the old secret in her config and is handed the new one.
     let back = Instant::now();
     {
-        let i = mesh
-            .members
-            .iter()
-            .position(|m| m.name == "carol")
-            .context("carol")?;
+        let i = index_of(&mesh, "carol")?;
         let lab = &mesh.lab;
         mesh.members[i].up(lab, NETWORK)?;
     }

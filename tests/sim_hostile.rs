@@ -271,16 +271,23 @@ fn ghost_announcements_are_refused_after_a_restart() {
         },
     );
 
-    // A freshly started member that remembers the floors refuses the ghost.
-    let mut restarted = standalone(&mut sim);
+    refused_after_a_restart_only_with_floors(&mut sim, floors, &ghost);
+}
+
+/// A freshly started member that remembers `floors` refuses `ghost`; one without them would
+/// have believed it.
+fn refused_after_a_restart_only_with_floors(
+    sim: &mut Sim,
+    floors: Vec<(PeerKey, u64)>,
+    ghost: &RelayReply,
+) {
+    let mut restarted = standalone(sim);
     restarted.restore_announcement_floors(floors);
-    forge(&mut sim, &mut restarted, &ghost);
+    forge(sim, &mut restarted, ghost);
     assert_eq!(restarted.peer_keys().count(), 0, "the ghost was refused");
     assert_eq!(restarted.status(sim.now).dropped.stale_announcement, 1);
-
-    // Without them the same replay would have been believed.
-    let mut forgetful = standalone(&mut sim);
-    forge(&mut sim, &mut forgetful, &ghost);
+    let mut forgetful = standalone(sim);
+    forge(sim, &mut forgetful, ghost);
     assert_eq!(forgetful.peer_keys().count(), 1);
 }
 
@@ -335,15 +342,7 @@ fn the_exact_last_announcement_of_a_member_that_left_is_refused_too() {
     assert_eq!(node.peer_keys().count(), 0, "the ghost was refused");
     // And to a restarted a that kept its floors.
     let floors = node.announcement_floors();
-    let mut restarted = standalone(&mut sim);
-    restarted.restore_announcement_floors(floors);
-    forge(&mut sim, &mut restarted, &ghost);
-    assert_eq!(restarted.peer_keys().count(), 0, "the ghost was refused");
-    assert_eq!(restarted.status(sim.now).dropped.stale_announcement, 1);
-    // Without the floors the same replay would have been believed.
-    let mut forgetful = standalone(&mut sim);
-    forge(&mut sim, &mut forgetful, &ghost);
-    assert_eq!(forgetful.peer_keys().count(), 1);
+    refused_after_a_restart_only_with_floors(&mut sim, floors, &ghost);
 }
 
 #[test]
