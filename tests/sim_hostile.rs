@@ -84,11 +84,11 @@ fn standalone(sim: &mut Sim) -> Node {
         name: "restarted".into(),
         virtual_ip: ip,
         subnet: sim.subnet,
-        relay: RelayTarget {
+        relays: vec![RelayTarget {
             key: sim.relay_secret.public(),
             addr: sim.relay_addr,
             tls: false,
-        },
+        }],
         stun_servers: Vec::new(),
         seed: sim.rng.gen(),
     };

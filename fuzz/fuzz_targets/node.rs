@@ -36,12 +36,12 @@ fuzz_target!(|data: &[u8]| {
         name: "under-test".into(),
         virtual_ip: "10.77.0.2".parse().expect("literal"),
         subnet: "10.77.0.0/16".parse().expect("literal"),
-        relay: RelayTarget {
+        relays: vec![RelayTarget {
             key: fx.relay.public(),
             addr: relay_addr(),
             // A relay with a TLS endpoint, so the stream kinds alternate too.
             tls: true,
-        },
+        }],
         stun_servers: Vec::new(),
         seed: 3,
     };

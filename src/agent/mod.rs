@@ -15,6 +15,7 @@ mod ifaddrs;
 pub(crate) mod portmap;
 mod progress;
 mod relay_stream;
+mod relay_streams;
 mod sockets;
 pub(crate) mod stream;
 mod tun;
@@ -40,7 +41,8 @@ use crate::sockaddr;
 use crate::wire::token::RelayEndpoint;
 use portmap::{PortMapper, PortMapping};
 use progress::Progress;
-use relay_stream::{RelayStream, StreamEvent};
+use relay_stream::StreamEvent;
+use relay_streams::RelayStreams;
 use sockets::ExtraSockets;
 use tun::TunIo;
 use udp::UdpIo;
@@ -56,6 +58,10 @@ const RESOLVE_RETRY_MAX: Duration = Duration::from_secs(30);
 /// output is sent: enough to amortise the system calls over a burst (a TSO super-packet is
 /// about 46 packets), few enough that the other direction and the timers are not starved.
 const READ_BUDGET: usize = 128;
+/// Most relays an agent registers with (the first ones of the token): each costs a
+/// registration every few seconds and a share of the relay's member table, and a handful
+/// already survives any one relay failing.
+const MAX_RELAYS: usize = 4;
 
 /// Whether this process may create TUN devices (root, or CAP_NET_ADMIN in its effective set).
 pub fn has_net_admin() -> bool {
@@ -87,11 +93,18 @@ pub fn check_privileges() -> anyhow::Result<()> {
 /// Runs the agent for `cfg` until SIGINT or SIGTERM; `state_dir` keeps what must survive a
 /// restart (the announcement floors).
 pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Result<()> {
-    let relay = cfg
-        .relays
-        .first()
-        .context("the config names no relay")?
-        .clone();
+    if cfg.relays.is_empty() {
+        bail!("the config names no relay");
+    }
+    if cfg.relays.len() > MAX_RELAYS {
+        tracing::warn!(
+            relays = cfg.relays.len(),
+            used = MAX_RELAYS,
+            "the config names more relays than an agent registers with; using the first ones"
+        );
+    }
+    let relays: Vec<RelayEndpoint> = cfg.relays.iter().take(MAX_RELAYS).cloned().collect();
+    let relay = relays[0].clone();
     let ifname = cfg.interface_name();
 
     let (socket, dual_stack) = bind_udp(cfg.listen_port).map_err(|e| {
@@ -138,15 +151,15 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&format!("{} on {ifname}, UDP port {port}", cfg.virtual_ip)),
     ]);
-    let relay_addr = resolve_relay(&relay).await;
+    let relay_addrs = resolve_relays(&relays).await;
     let stun_servers = resolve_stun_servers(&cfg.stun_servers).await;
     let floors_path = floors::path(state_dir, &cfg.network);
-    let mut node = start_node(&cfg, relay_addr, &stun_servers, &floors_path);
+    let mut node = start_node(&cfg, &relay_addrs, &stun_servers, &floors_path);
     let mut saved_floors = node.announcement_floors();
     node.set_local_endpoints(Instant::now(), local_endpoints(port, &ifname, dual_stack));
     tracing::info!(
         network = %cfg.network, name = %cfg.name, virtual_ip = %cfg.virtual_ip, interface = %ifname, udp_port = port,
-        relay = %relay_addr, public_key = %node.public_key(), "agent started"
+        relays = ?relay_addrs, public_key = %node.public_key(), "agent started"
     );
 
     let (control_tx, mut control_rx) = mpsc::channel::<(Request, oneshot::Sender<String>)>(16);
@@ -155,7 +168,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut endpoint_timer = tokio::time::interval(ENDPOINT_REFRESH);
-    let mut stream = RelayStream::new(relay.clone());
+    let mut stream = RelayStreams::new(&relays);
     let mut step = Step::new();
     let (mut extra, mut extra_rx) = ExtraSockets::new();
     let mut pings = PendingPings::default();
@@ -195,9 +208,12 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
             }
             rotation.answer_token(&cfg);
             save_floors(&node, &floors_path, &mut saved_floors);
-            node = start_node(&cfg, node.relay_addr(), &stun_servers, &floors_path);
+            let addrs: Vec<SocketAddr> = (0..node.relay_count())
+                .filter_map(|r| node.relay_addr(r))
+                .collect();
+            node = start_node(&cfg, &addrs, &stun_servers, &floors_path);
             node.set_local_endpoints(Instant::now(), local_endpoints(port, &ifname, dual_stack));
-            stream.close();
+            stream.close_all();
             extra.retain(&node.active_sockets());
             continue;
         }
@@ -223,15 +239,17 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
                 Err(e) => tracing::debug!(%e, "UDP socket failed"),
             },
             Some((n, from, bytes)) = extra_rx.recv() => node.handle_udp_on(Instant::now(), n, sockaddr::unmap(from), &bytes),
-            ev = stream.recv() => match ev {
-                StreamEvent::Datagram(d) => node.handle_relay_stream(Instant::now(), 0, &d),
-                StreamEvent::Connected(result) => match stream.handle_connected(result) {
-                    Some(kind) => node.handle_relay_stream_up(Instant::now(), 0, kind),
-                    None => node.handle_relay_stream_down(Instant::now(), 0),
+            (r, ev) = stream.recv() => match ev {
+                StreamEvent::Datagram(d) => node.handle_relay_stream(Instant::now(), r, &d),
+                StreamEvent::Connected(result) => match stream.get(r).and_then(|s| s.handle_connected(result)) {
+                    Some(kind) => node.handle_relay_stream_up(Instant::now(), r, kind),
+                    None => node.handle_relay_stream_down(Instant::now(), r),
                 },
                 StreamEvent::Closed => {
-                    stream.handle_closed();
-                    node.handle_relay_stream_down(Instant::now(), 0);
+                    if let Some(s) = stream.get(r) {
+                        s.handle_closed();
+                    }
+                    node.handle_relay_stream_down(Instant::now(), r);
                 }
             },
             r = tun.readable() => match r {
@@ -287,7 +305,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
         m.shutdown().await;
     }
     // Give the TCP writer a moment to flush the goodbye.
-    if stream.is_up() {
+    if stream.any_up() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(tun);
@@ -298,7 +316,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
 struct Executor<'a> {
     udp: &'a mut UdpIo,
     tun: &'a mut TunIo,
-    stream: &'a mut RelayStream,
+    stream: &'a mut RelayStreams,
     extra: &'a mut ExtraSockets,
     pings: &'a mut PendingPings,
     progress: &'a mut Progress,
@@ -310,7 +328,7 @@ impl Executor<'_> {
     /// asks, and logs every event. Datagrams for the main socket are batched (segmented where
     /// the kernel can) and sent when the batch is full and once the node has nothing more.
     async fn drain(&mut self, node: &mut Node, step: &mut Step) {
-        let mut stream_lost = false;
+        let mut stream_lost = None;
         while let Some(output) = step.poll(node) {
             match output {
                 Output::Udp {
@@ -324,9 +342,9 @@ impl Executor<'_> {
                     }
                 }
                 Output::Udp { socket, dst, bytes } => self.extra.send(socket, dst, bytes).await,
-                Output::Stream { bytes, .. } => {
-                    if !self.stream.send(bytes) {
-                        stream_lost = true;
+                Output::Stream { relay, bytes } => {
+                    if !self.stream.get(relay).is_some_and(|s| s.send(bytes)) {
+                        stream_lost = Some(relay);
                     }
                 }
                 Output::Tun(packet) => {
@@ -335,12 +353,20 @@ impl Executor<'_> {
                         self.tun.flush().await;
                     }
                 }
-                Output::OpenStream { kind, .. } => self.stream.open(kind),
-                Output::CloseStream { .. } => self.stream.close(),
+                Output::OpenStream { relay, kind } => {
+                    if let Some(s) = self.stream.get(relay) {
+                        s.open(kind);
+                    }
+                }
+                Output::CloseStream { relay } => {
+                    if let Some(s) = self.stream.get(relay) {
+                        s.close();
+                    }
+                }
                 Output::Event(ev) => self.event(node, ev),
             }
-            if std::mem::take(&mut stream_lost) {
-                node.handle_relay_stream_down(Instant::now(), 0);
+            if let Some(relay) = stream_lost.take() {
+                node.handle_relay_stream_down(Instant::now(), relay);
             }
         }
         self.udp.flush().await;
@@ -354,9 +380,12 @@ impl Executor<'_> {
                 request,
                 rtt,
                 direct,
-                ..
+                name,
             } => {
-                let relayed = match node.relay_stream_kind() {
+                let via = node
+                    .find_peer(name)
+                    .map_or(node.primary_relay(), |k| node.relay_for_peer(&k));
+                let relayed = match node.relay_stream_kind(via) {
                     Some(StreamKind::Tls) => "relay-tls",
                     Some(StreamKind::Tcp) => "relay-tcp",
                     None => "relay",
@@ -373,7 +402,8 @@ impl Executor<'_> {
             }
             Event::LeftOutOfRotation => log_event(&ev),
             Event::RelayRegistered { .. }
-            | Event::RelayLost
+            | Event::RelayLost { .. }
+            | Event::PrimaryRelay { .. }
             | Event::RelayKeyMismatch { .. }
             | Event::RelayError { .. }
             | Event::PeerJoined { .. }
@@ -386,12 +416,16 @@ impl Executor<'_> {
 
 fn log_event(ev: &Event) {
     match ev {
-        Event::RelayRegistered { observed } => {
-            tracing::info!(%observed, "registered with the relay")
+        Event::RelayRegistered { relay, observed } => {
+            tracing::info!(relay, %observed, "registered with the relay")
         }
-        Event::RelayLost => tracing::warn!(
-            "the relay stopped answering; retrying with backoff (direct paths keep working)"
+        Event::RelayLost { relay } => tracing::warn!(
+            relay,
+            "a relay stopped answering; retrying with backoff (direct paths keep working, relayed ones move to another relay)"
         ),
+        Event::PrimaryRelay { relay, from } => {
+            tracing::warn!(relay, from, "following another relay for the member list")
+        }
         Event::RelayKeyMismatch {
             addr,
             expected,
@@ -400,7 +434,9 @@ fn log_event(ev: &Event) {
             %addr, expected = %expected, got = %got,
             "the relay at this address cannot prove the key named in the token; not trusting it"
         ),
-        Event::RelayError { message } => tracing::error!(%message, "the relay refused our request"),
+        Event::RelayError { relay, message } => {
+            tracing::error!(relay, %message, "the relay refused our request")
+        }
         Event::PeerJoined {
             key,
             name,
@@ -449,14 +485,20 @@ async fn changed(
 /// Builds the node for `cfg` (its announcement floors restored from `floors_path`).
 fn start_node(
     cfg: &Config,
-    relay_addr: SocketAddr,
+    relay_addrs: &[SocketAddr],
     stun_servers: &[SocketAddr],
     floors_path: &Path,
 ) -> Node {
-    let relay = cfg
+    let relays = cfg
         .relays
-        .first()
-        .expect("the agent checked at start that the config names a relay");
+        .iter()
+        .zip(relay_addrs)
+        .map(|(relay, addr)| RelayTarget {
+            key: relay.key,
+            addr: *addr,
+            tls: relay.tls.is_some(),
+        })
+        .collect();
     let unix_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -469,11 +511,7 @@ fn start_node(
             name: cfg.name.clone(),
             virtual_ip: cfg.virtual_ip,
             subnet: cfg.subnet,
-            relay: RelayTarget {
-                key: relay.key,
-                addr: relay_addr,
-                tls: relay.tls.is_some(),
-            },
+            relays,
             stun_servers: stun_servers.to_vec(),
             seed: rand::rngs::OsRng.next_u64(),
         },
@@ -706,6 +744,11 @@ async fn resolve_stun_servers(servers: &[String]) -> Vec<SocketAddr> {
 }
 
 /// Resolves the relay's address, retrying with backoff until it resolves.
+/// Resolves every relay, concurrently (each as [`resolve_relay`] does).
+async fn resolve_relays(relays: &[RelayEndpoint]) -> Vec<SocketAddr> {
+    futures_util::future::join_all(relays.iter().map(resolve_relay)).await
+}
+
 async fn resolve_relay(relay: &RelayEndpoint) -> SocketAddr {
     let mut wait = Duration::from_secs(1);
     loop {

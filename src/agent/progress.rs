@@ -62,7 +62,8 @@ impl Progress {
             }
             Event::RelayRegistered { .. }
             | Event::PeerJoined { .. }
-            | Event::RelayLost
+            | Event::RelayLost { .. }
+            | Event::PrimaryRelay { .. }
             | Event::RelayError { .. }
             | Event::PeerLeft { .. }
             | Event::PathChanged { .. }

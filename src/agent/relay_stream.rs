@@ -184,21 +184,29 @@ impl RelayStream {
         self.link = None;
     }
 
-    /// Waits for the next event; pending forever when there is nothing to wait for.
-    pub(crate) async fn recv(&mut self) -> StreamEvent {
+    /// Polls for the next event: a finished connection attempt, a datagram from the relay,
+    /// or the close of the connection; pending when there is nothing to wait for.
+    pub(crate) fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<StreamEvent> {
+        use std::future::Future as _;
+        use std::task::Poll;
         if let Some(rx) = &mut self.connecting {
-            let result = rx
-                .await
-                .unwrap_or_else(|_| Err(std::io::Error::other("connect task ended")));
+            let Poll::Ready(result) = std::pin::Pin::new(rx).poll(cx) else {
+                return Poll::Pending;
+            };
             self.connecting = None;
-            return StreamEvent::Connected(result);
+            let result =
+                result.unwrap_or_else(|_| Err(std::io::Error::other("connect task ended")));
+            return Poll::Ready(StreamEvent::Connected(result));
         }
         match &mut self.link {
-            Some(link) => match link.inbound.recv().await {
+            Some(link) => link.inbound.poll_recv(cx).map(|d| match d {
                 Some(d) => StreamEvent::Datagram(d),
                 None => StreamEvent::Closed,
-            },
-            None => std::future::pending().await,
+            }),
+            None => Poll::Pending,
         }
     }
 }

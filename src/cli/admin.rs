@@ -340,7 +340,12 @@ mod tests {
                 public_key: "r".into(),
                 registered: true,
                 observed: None,
+                answering: true,
+                primary: true,
+                transport: "udp".into(),
+                rtt_ms: None,
             },
+            relays: vec![],
             endpoints: vec![],
             nat: NatStatus {
                 mapping: NatMapping::EndpointDependent,

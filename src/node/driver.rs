@@ -19,9 +19,6 @@ use std::net::SocketAddr;
 
 use super::{Event, Node, StreamKind, Transport};
 
-/// The one relay the node uses today (several relays will be several stream slots).
-const RELAYS: usize = 1;
-
 /// One thing the driver must do.
 #[derive(Debug, PartialEq)]
 pub enum Output<'a> {
@@ -63,7 +60,8 @@ pub enum Output<'a> {
 #[derive(Debug, Default)]
 pub struct Step {
     buf: Vec<u8>,
-    streams: [Option<StreamKind>; RELAYS],
+    /// Per relay, the kind of stream the driver was told to hold.
+    streams: Vec<Option<StreamKind>>,
 }
 
 impl Step {
@@ -74,7 +72,10 @@ impl Step {
 
     /// The next output of `node`, borrowing this step's buffer; `None` when all is drained.
     pub fn poll<'a>(&'a mut self, node: &mut Node) -> Option<Output<'a>> {
-        for relay in 0..RELAYS {
+        if self.streams.len() != node.relay_count() {
+            self.streams.resize(node.relay_count(), None);
+        }
+        for relay in 0..self.streams.len() {
             let wanted = node.wanted_stream(relay);
             let held = self.streams[relay];
             if wanted != held {

@@ -41,11 +41,11 @@ impl Node {
                 from: sender,
                 payload,
             } => {
-                if from != self.relay.target().addr {
+                let Some(relay) = self.relay_at(from) else {
                     self.drops.unauthenticated += 1;
                     return Handled::Data;
-                }
-                self.relay.note_heard(now);
+                };
+                self.relays[relay].note_heard(now);
                 match wire::classify(payload) {
                     DatagramKind::WireGuard => {
                         self.handle_wireguard(now, from, 0, Some(sender), payload);
@@ -64,13 +64,13 @@ impl Node {
             Frame::Disco { sender, sealed } => {
                 self.handle_disco(now, Some(from), socket, sender, sealed)
             }
-            Frame::CookieReply { echo, cookie } if from == self.relay.target().addr => {
+            Frame::CookieReply { echo, cookie } if self.relay_at(from).is_some() => {
                 let nonce = self.nonce();
+                let relay = self.relay_at(from).unwrap_or(self.primary);
                 if let Some(dgram) =
-                    self.relay
-                        .handle_cookie_reply(echo, cookie, self.public, nonce)
+                    self.relays[relay].handle_cookie_reply(echo, cookie, self.public, nonce)
                 {
-                    self.out.for_relay(&dgram);
+                    self.out.for_relay(relay, &dgram);
                 }
             }
             Frame::KeyRequest
@@ -95,6 +95,8 @@ impl Node {
         bytes: &[u8],
     ) {
         let identify = via_relay.is_none();
+        // The relay a relayed message came through (its sender is answered through it).
+        let relay_index = via_relay.and_then(|_| self.relay_at(from));
         let admission = self.guard.admit(
             now,
             from.ip(),
@@ -130,6 +132,9 @@ impl Node {
         let scratch = &mut self.scratch;
         let members = &self.members;
         let mut refused = Inner::Deliver;
+        // Whether the message proved to come from the peer (it decrypted, or was a handshake
+        // boringtun answered): only then may it move the peer onto the relay it came through.
+        let mut authentic = false;
         p.link.decapsulate(
             now,
             from.ip(),
@@ -139,28 +144,46 @@ impl Node {
             &mut self.drops,
             |o| match o {
                 // Answer the way the message came, so handshakes complete before a path exists.
-                LinkOutput::Reply(b) => match via_relay {
-                    Some(k) => out.relay_to_peer(k, b),
-                    None => out.udp(socket, from, b),
-                },
+                LinkOutput::Reply(b) => {
+                    authentic = true;
+                    if via_relay.is_some() {
+                        // The reply takes the relay the initiation came through.
+                        if let Some(r) = relay_index {
+                            out.set_peer_relay(key, Some(r));
+                        }
+                        out.relay_to_peer(key, b)
+                    } else {
+                        out.udp(socket, from, b)
+                    }
+                }
                 LinkOutput::Send(b) => out.for_peer(direct, key, b),
                 // Cryptokey routing both ways: the routing table, not the announcement, must
                 // give the source to this peer, and only our own address is delivered.
-                LinkOutput::Tun(b) => match inner_addresses(b) {
-                    Some((src, dst)) => match members.check_inner(key, src, dst) {
-                        Inner::Deliver if mtu::is_tcp_syn(b) => {
-                            scratch.clear();
-                            scratch.extend_from_slice(b);
-                            mtu::clamp_mss(scratch, mss);
-                            out.tun(scratch);
-                        }
-                        Inner::Deliver => out.tun(b),
-                        verdict @ (Inner::SpoofedSource | Inner::NotForUs) => refused = verdict,
-                    },
-                    None => refused = Inner::SpoofedSource,
-                },
+                LinkOutput::Tun(b) => {
+                    authentic = true;
+                    match inner_addresses(b) {
+                        Some((src, dst)) => match members.check_inner(key, src, dst) {
+                            Inner::Deliver if mtu::is_tcp_syn(b) => {
+                                scratch.clear();
+                                scratch.extend_from_slice(b);
+                                mtu::clamp_mss(scratch, mss);
+                                out.tun(scratch);
+                            }
+                            Inner::Deliver => out.tun(b),
+                            verdict @ (Inner::SpoofedSource | Inner::NotForUs) => refused = verdict,
+                        },
+                        None => refused = Inner::SpoofedSource,
+                    }
+                }
             },
         );
+        if authentic {
+            if let Some(r) = relay_index {
+                if out.peer_relay(&key) != r {
+                    out.set_peer_relay(key, Some(r));
+                }
+            }
+        }
         match refused {
             Inner::Deliver => {}
             Inner::SpoofedSource => self.drops.spoofed_source += 1,

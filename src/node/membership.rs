@@ -122,6 +122,9 @@ pub(crate) struct Membership {
     own_since: Option<u64>,
     /// The highest announcement timestamp seen per member (see the module doc on ghosts).
     floors: BTreeMap<PeerKey, u64>,
+    /// Claims whose start is on the counters of a relay no longer followed: the next entry of
+    /// the member restarts them on the new relay's counters.
+    rebased: BTreeSet<PeerKey>,
 }
 
 impl Membership {
@@ -142,7 +145,23 @@ impl Membership {
             claims: BTreeMap::new(),
             own_since: None,
             floors: BTreeMap::new(),
+            rebased: BTreeSet::new(),
         }
+    }
+
+    /// The table follows another relay from now on, whose change counters have nothing to
+    /// do with the old one's: every entry counts as learned before its first snapshot (which
+    /// then replaces it), removal records are dropped, our own claim starts at `own_since`
+    /// (the new relay's counter for us, if known yet) and every other claim restarts at the
+    /// counter of its member's next entry. Announcement floors stay: timestamps are the
+    /// members' own, not a relay's.
+    pub(crate) fn rebase(&mut self, own_since: Option<u64>) {
+        for learned in self.learned.values_mut() {
+            *learned = 0;
+        }
+        self.tombstones.clear();
+        self.own_since = own_since;
+        self.rebased = self.claims.keys().copied().collect();
     }
 
     /// The digest the relay compares with its own to tell whether we are in sync.
@@ -242,6 +261,7 @@ impl Membership {
         self.entries.remove(&key);
         self.learned.remove(&key);
         self.claims.remove(&key);
+        self.rebased.remove(&key);
     }
 
     /// Records our own claim's start, as the relay first acknowledged it: the other members
@@ -254,7 +274,9 @@ impl Membership {
     /// claim already known keeps its start; a new address starts a new claim at the counter of
     /// the push that carried it.
     pub(crate) fn note_claim(&mut self, key: PeerKey, ip: Ipv4Addr, since: u64) {
+        let rebased = self.rebased.remove(&key);
         let start = match self.claims.get(&key) {
+            _ if rebased => since,
             Some((known, start)) if *known == ip => *start,
             Some(_) => self.learned.get(&key).copied().unwrap_or(since).max(since),
             None => since,
@@ -419,7 +441,7 @@ impl Node {
     /// Applies a snapshot of the member set taken at change counter `seq`. Pushes and removals
     /// newer than the snapshot (delivered before it) are kept; everything else follows it.
     pub(super) fn apply_full_sync(&mut self, now: Instant, seq: u64, entries: Vec<MemberEntry>) {
-        self.relay.sync_done();
+        self.relays[self.primary].sync_done();
         let snapshot = self.members.accept_snapshot(seq, entries);
         for key in snapshot.gone {
             let Some(p) = self.peers.get_mut(&key) else {

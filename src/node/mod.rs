@@ -74,6 +74,7 @@ pub mod peer;
 mod pmtu;
 mod registration;
 pub mod relay_session;
+mod relays;
 mod report;
 mod rotation;
 mod timers;
@@ -140,8 +141,9 @@ pub struct NodeConfig {
     pub virtual_ip: Ipv4Addr,
     /// The network's virtual subnet.
     pub subnet: Ipv4Net,
-    /// The relay to register with.
-    pub relay: RelayTarget,
+    /// The relays to register with, in the token's order (at least one; the first answering
+    /// one is the primary, see the `relays` module).
+    pub relays: Vec<RelayTarget>,
     /// STUN servers to classify the NAT with, besides the relay's two STUN ports.
     pub stun_servers: Vec<SocketAddr>,
     /// Seed for nonces, transaction ids and jitter.
@@ -151,18 +153,21 @@ pub struct NodeConfig {
 /// Things worth telling the operator about.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// The relay acknowledged our registration (first time, or again after losing it).
-    RelayRegistered { observed: SocketAddr },
-    /// The relay stopped answering.
-    RelayLost,
-    /// Something answered at the relay's address with a different key than the token names.
+    /// Relay `relay` acknowledged our registration (first time, or again after losing it).
+    RelayRegistered { relay: usize, observed: SocketAddr },
+    /// Relay `relay` stopped answering.
+    RelayLost { relay: usize },
+    /// The member table now follows relay `relay` (the first relay that answers); `from` is
+    /// the relay it followed before.
+    PrimaryRelay { relay: usize, from: usize },
+    /// Something answered at a relay's address with a different key than the token names.
     RelayKeyMismatch {
         addr: SocketAddr,
         expected: PeerKey,
         got: PeerKey,
     },
-    /// The relay refused a request.
-    RelayError { message: String },
+    /// Relay `relay` refused a request.
+    RelayError { relay: usize, message: String },
     /// A member appeared.
     PeerJoined {
         key: PeerKey,
@@ -215,7 +220,10 @@ pub struct Node {
     epoch: Instant,
     epoch_unix_ms: u64,
     last_ts: u64,
-    relay: relay_session::RelaySession,
+    /// One session per relay, by relay number.
+    relays: Vec<relay_session::RelaySession>,
+    /// The relay whose member table this node follows (see the `relays` module).
+    primary: usize,
     /// The member table, removal records and routing tables.
     members: membership::Membership,
     peers: BTreeMap<PeerKey, Peer>,
@@ -259,12 +267,19 @@ impl Node {
     pub fn new(cfg: NodeConfig, now: Instant, unix_ms: u64) -> Self {
         let public = cfg.secret.public();
         let keys = cfg.network_secret.derive();
-        let session = cfg.secret.relay_session_key(&public, &cfg.relay.key);
-        let cfg_relay_addr = cfg.relay.addr;
+        assert!(!cfg.relays.is_empty(), "a node needs at least one relay");
         let cfg_secret = cfg.secret.to_static();
-        let netcheck = netcheck::NetCheck::new(stun_targets(&cfg.relay, &cfg.stun_servers), now);
-        let relay =
-            relay_session::RelaySession::new(0, cfg.relay, session, keys.signing.clone(), now);
+        let netcheck = netcheck::NetCheck::new(stun_targets(&cfg.relays, &cfg.stun_servers), now);
+        let relays: Vec<_> = cfg
+            .relays
+            .iter()
+            .enumerate()
+            .map(|(n, target)| {
+                let session = cfg.secret.relay_session_key(&public, &target.key);
+                relay_session::RelaySession::new(n, *target, session, keys.signing.clone(), now)
+            })
+            .collect();
+        let transports = relays.iter().map(|r| r.transport()).collect();
         let members = membership::Membership::new(public, cfg.virtual_ip, cfg.subnet);
         let mut node = Self {
             rng: ChaCha20Rng::seed_from_u64(cfg.seed),
@@ -274,7 +289,8 @@ impl Node {
             epoch: now,
             epoch_unix_ms: unix_ms,
             last_ts: 0,
-            relay,
+            relays,
+            primary: 0,
             members,
             peers: BTreeMap::new(),
             local_endpoints: Vec::new(),
@@ -284,10 +300,7 @@ impl Node {
             port_mapping: None,
             timers: TimerTable::default(),
             now,
-            out: Outbox::new(Transport::Udp {
-                socket: 0,
-                dst: cfg_relay_addr,
-            }),
+            out: Outbox::new(transports),
             drops: DropCounters::default(),
             guard: link::HandshakeGuard::new(cfg_secret),
             buf: vec![0u8; BUF_LEN],
@@ -312,16 +325,16 @@ impl Node {
         self.cfg.virtual_ip
     }
 
-    /// Whether the relay has acknowledged a registration recently.
+    /// Whether a relay has acknowledged a registration recently.
     pub fn is_registered(&self) -> bool {
-        self.relay.is_registered()
+        self.relays.iter().any(|r| r.is_registered())
     }
 
-    /// Whether the relay answers now: registered, and the latest registration did not go
+    /// Whether a relay answers now: registered, and the latest registration did not go
     /// unanswered (a relay that stopped answering is noticed within seconds, long before the
     /// registration is considered lost).
     pub fn relay_answering(&self) -> bool {
-        self.relay.answering()
+        self.relays.iter().any(|r| r.answering())
     }
 
     /// Keys of the members this node currently knows.
@@ -343,18 +356,22 @@ impl Node {
         if endpoints != self.local_endpoints {
             self.local_endpoints = endpoints;
             self.reseal_announcement(now);
-            self.relay.register_now(now);
+            self.register_everywhere(now);
             self.refresh_timers();
         }
     }
 
-    /// Moves the relay to a new address (after re-resolving its host name).
-    pub fn set_relay_addr(&mut self, now: Instant, addr: SocketAddr) {
+    /// Moves relay `relay` to a new address (after re-resolving its host name).
+    pub fn set_relay_addr(&mut self, now: Instant, relay: usize, addr: SocketAddr) {
         self.now = self.now.max(now);
-        if self.relay.set_addr(now, addr) {
-            self.out.set_relay_transport(self.relay.transport());
-            let targets = stun_targets(&self.relay.target(), &self.cfg.stun_servers);
-            self.netcheck.set_targets(targets, now);
+        let Some(session) = self.relays.get_mut(relay) else {
+            return;
+        };
+        if session.set_addr(now, addr) {
+            self.out.set_relay_transport(relay, session.transport());
+            let targets: Vec<RelayTarget> = self.relays.iter().map(|r| r.target()).collect();
+            self.netcheck
+                .set_targets(stun_targets(&targets, &self.cfg.stun_servers), now);
             self.refresh_timers();
         }
     }
@@ -366,7 +383,7 @@ impl Node {
         if mapping != self.port_mapping {
             self.port_mapping = mapping;
             self.reseal_announcement(now);
-            self.relay.register_now(now);
+            self.register_everywhere(now);
             self.refresh_timers();
         }
     }
@@ -411,8 +428,11 @@ impl Node {
         if let Some(at) = peer.link.poll_timeout() {
             self.timers.arm_earliest(Timer::Handshake, at);
         }
-        if direct.is_none() && self.relay.check_if_silent(now) {
-            self.timers.arm_earliest(Timer::Relay, now);
+        if direct.is_none() {
+            let relay = self.out.peer_relay(&key);
+            if self.relays[relay].check_if_silent(now) {
+                self.timers.arm_earliest(Timer::Relay, now);
+            }
         }
     }
 
@@ -447,8 +467,12 @@ impl Node {
                 match stun::parse(bytes) {
                     Some(stun::Binding::Response { tx, mapped }) => {
                         // Only an answer that really came over UDP proves UDP works.
-                        if !from_stream && self.relay.handle_udp_stun(now, from) {
-                            self.relay_transport_changed(now);
+                        if !from_stream {
+                            if let Some(r) = self.relay_at(from) {
+                                if self.relays[r].handle_udp_stun(now, from) {
+                                    self.relay_transport_changed(now, r);
+                                }
+                            }
                         }
                         if self.netcheck.handle_response(now, from, tx, mapped) {
                             self.update_nat_verdict(now);
@@ -576,9 +600,17 @@ impl Node {
             .min();
         self.timers.set(Timer::Handshake, handshake);
         // The rotation upload talks to the relay, so its retries share the relay's slot.
-        let relay = match self.rotation.poll_timeout() {
-            Some(at) => self.relay.poll_timeout().min(at),
-            None => self.relay.poll_timeout(),
+        let sessions = self
+            .relays
+            .iter()
+            .map(|r| r.poll_timeout())
+            .chain(self.primary_deadline())
+            .min();
+        let relay = match (self.rotation.poll_timeout(), sessions) {
+            (Some(at), Some(s)) => at.min(s),
+            (None, Some(s)) => s,
+            (Some(at), None) => at,
+            (None, None) => self.now + REGISTER_INTERVAL,
         };
         self.timers.set(Timer::Relay, Some(relay));
         self.timers
@@ -616,7 +648,7 @@ impl Node {
         }
     }
 
-    /// Tells the relay this member leaves (graceful shutdown); send what this queues.
+    /// Tells every relay this member leaves (graceful shutdown); send what this queues.
     pub fn leave(&mut self, now: Instant) {
         self.now = self.now.max(now);
         let ts = self.next_ts(now);
@@ -624,7 +656,9 @@ impl Node {
             network: self.keys.network_id,
             ts_ms: ts,
         };
-        self.send_to_relay(&req);
+        for relay in 0..self.relays.len() {
+            self.send_to_relay_n(relay, &req);
+        }
         self.refresh_timers();
     }
 
@@ -646,7 +680,7 @@ impl Node {
 
     /// Recomputes the NAT verdict (UDP blocked while on the stream); a change is announced.
     fn update_nat_verdict(&mut self, now: Instant) {
-        let verdict = if self.relay.on_stream() {
+        let verdict = if self.relays[self.primary].on_stream() {
             NatKind::UdpBlocked
         } else {
             self.netcheck.verdict(&self.local_endpoints)
@@ -654,7 +688,7 @@ impl Node {
         if verdict != self.nat {
             self.nat = verdict;
             self.reseal_announcement(now);
-            self.relay.register_now(now);
+            self.register_everywhere(now);
         }
     }
 
@@ -700,18 +734,19 @@ impl Node {
     }
 }
 
-/// The STUN servers the node asks: the relay's port, the relay's second STUN port (port + 1,
-/// so two destinations reveal an endpoint-dependent mapping), then the extra servers.
-fn stun_targets(relay: &RelayTarget, extra: &[SocketAddr]) -> Vec<SocketAddr> {
-    let mut alt = relay.addr;
-    alt.set_port(relay.addr.port().wrapping_add(1));
-    let mut targets = vec![relay.addr, alt];
-    targets.extend(
-        extra
-            .iter()
-            .copied()
-            .filter(|a| *a != relay.addr && *a != alt),
-    );
+/// The STUN servers the node asks: each relay's port and its second STUN port (port + 1, so
+/// two destinations reveal an endpoint-dependent mapping even with one relay), then the extra
+/// servers. A relay that is down just does not answer; the verdict uses the answers there are.
+fn stun_targets(relays: &[RelayTarget], extra: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut targets = Vec::new();
+    for relay in relays {
+        let mut alt = relay.addr;
+        alt.set_port(relay.addr.port().wrapping_add(1));
+        targets.extend([relay.addr, alt]);
+    }
+    targets.extend(extra.iter().copied());
+    let mut seen = std::collections::BTreeSet::new();
+    targets.retain(|a| seen.insert(*a));
     targets
 }
 
@@ -758,11 +793,11 @@ pub(crate) mod test_support {
             name: "a".into(),
             virtual_ip: Ipv4Addr::new(10, 77, 0, 1),
             subnet: "10.77.0.0/16".parse().expect("literal"),
-            relay: RelayTarget {
+            relays: vec![RelayTarget {
                 key: relay,
                 addr: "203.0.113.1:3478".parse().expect("literal"),
                 tls: false,
-            },
+            }],
             stun_servers: Vec::new(),
             seed: 1,
         };

@@ -3,8 +3,11 @@
 //! # Job
 //! Every sub-machine writes its output here through a few verbs ([`Outbox::udp`],
 //! [`Outbox::for_relay`], [`Outbox::relay_to_peer`], [`Outbox::for_peer`], [`Outbox::tun`],
-//! [`Outbox::event`]), so none of them needs to know how relay traffic travels: the relay
-//! session sets [`Outbox::set_relay_transport`] and every relay-bound datagram follows it.
+//! [`Outbox::event`]), so none of them needs to know how relay traffic travels: each relay
+//! session sets its [`Outbox::set_relay_transport`] and every datagram bound for that relay
+//! follows it. Traffic for a peer through a relay takes the relay the node chose for that peer
+//! ([`Outbox::set_peer_relay`]: the one the peer's relayed traffic last came through), or the
+//! primary relay ([`Outbox::set_primary`]) when there is no such choice.
 //!
 //! # No per-packet allocation
 //! Payloads are copied from the caller's slice into buffers taken from a free list; the driver
@@ -12,7 +15,7 @@
 //! the driver's own reusable `Vec` and keep the driver's old buffer for the next packet. After
 //! warm-up the data path allocates nothing.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 
 use super::Event;
@@ -57,26 +60,66 @@ pub(crate) struct Outbox {
     tun: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     spare: Vec<Vec<u8>>,
-    relay: Transport,
+    /// How datagrams for each relay travel, by relay number.
+    relays: Vec<Transport>,
+    /// The relay used for peers without a choice of their own.
+    primary: usize,
+    /// The relay chosen for a peer (see the module doc).
+    peer_relay: BTreeMap<PeerKey, usize>,
     scratch: Vec<u8>,
 }
 
 impl Outbox {
-    /// Empty queues; relay-bound datagrams go over `relay` until told otherwise.
-    pub(crate) fn new(relay: Transport) -> Self {
+    /// Empty queues; datagrams for relay `n` go over `relays[n]` until told otherwise, and
+    /// relay 0 is the primary.
+    pub(crate) fn new(relays: Vec<Transport>) -> Self {
+        assert!(!relays.is_empty(), "a node has at least one relay");
         Self {
             transmits: VecDeque::new(),
             tun: VecDeque::new(),
             events: VecDeque::new(),
             spare: Vec::new(),
-            relay,
+            relays,
+            primary: 0,
+            peer_relay: BTreeMap::new(),
             scratch: Vec::new(),
         }
     }
 
-    /// How relay-bound datagrams travel from now on.
-    pub(crate) fn set_relay_transport(&mut self, relay: Transport) {
-        self.relay = relay;
+    /// How datagrams for relay `relay` travel from now on.
+    pub(crate) fn set_relay_transport(&mut self, relay: usize, transport: Transport) {
+        if let Some(t) = self.relays.get_mut(relay) {
+            *t = transport;
+        }
+    }
+
+    /// Peers without a relay of their own are reached through `relay` from now on.
+    pub(crate) fn set_primary(&mut self, relay: usize) {
+        if relay < self.relays.len() {
+            self.primary = relay;
+        }
+    }
+
+    /// Peer `peer` is reached through `relay` (`None`: through the primary).
+    pub(crate) fn set_peer_relay(&mut self, peer: PeerKey, relay: Option<usize>) {
+        match relay {
+            Some(r) if r < self.relays.len() && r != self.primary => {
+                self.peer_relay.insert(peer, r);
+            }
+            Some(_) | None => {
+                self.peer_relay.remove(&peer);
+            }
+        }
+    }
+
+    /// The relay peer `peer` is reached through.
+    pub(crate) fn peer_relay(&self, peer: &PeerKey) -> usize {
+        self.peer_relay.get(peer).copied().unwrap_or(self.primary)
+    }
+
+    /// Forgets every peer's relay choice that is `relay` (it stopped answering).
+    pub(crate) fn forget_relay(&mut self, relay: usize) {
+        self.peer_relay.retain(|_, r| *r != relay);
     }
 
     /// Whether anything waits to be drained.
@@ -89,17 +132,19 @@ impl Outbox {
         self.push(Transport::Udp { socket, dst }, bytes);
     }
 
-    /// Queues a datagram for the relay itself (control requests).
-    pub(crate) fn for_relay(&mut self, bytes: &[u8]) {
-        self.push(self.relay, bytes);
+    /// Queues a datagram for relay `relay` itself (control requests).
+    pub(crate) fn for_relay(&mut self, relay: usize, bytes: &[u8]) {
+        let transport = self.relays[relay.min(self.relays.len() - 1)];
+        self.push(transport, bytes);
     }
 
-    /// Queues `payload` for peer `to` through the relay (wrapped in a relay frame).
+    /// Queues `payload` for peer `to` through its relay (wrapped in a relay frame).
     pub(crate) fn relay_to_peer(&mut self, to: PeerKey, payload: &[u8]) {
+        let transport = self.relays[self.peer_relay(&to)];
         let mut frame = std::mem::take(&mut self.scratch);
         frame.clear();
         Frame::RelaySend { to, payload }.encode_into(&mut frame);
-        self.push(self.relay, &frame);
+        self.push(transport, &frame);
         self.scratch = frame;
     }
 
@@ -179,10 +224,10 @@ mod tests {
     fn buffers_are_swapped_not_allocated_and_relay_traffic_follows_the_transport() {
         let relay: SocketAddr = "203.0.113.1:3478".parse().expect("literal");
         let peer: SocketAddr = "198.51.100.7:4000".parse().expect("literal");
-        let mut out = Outbox::new(Transport::Udp {
+        let mut out = Outbox::new(vec![Transport::Udp {
             socket: 0,
             dst: relay,
-        });
+        }]);
         let mut buf = Vec::with_capacity(2048);
         out.udp(0, peer, b"one");
         let t = out.pop_transmit(&mut buf).expect("queued");
@@ -195,8 +240,8 @@ mod tests {
             }
         );
         // The driver's 2048-byte buffer went to the free list and carries the next datagram.
-        out.set_relay_transport(Transport::Stream { relay: 0 });
-        out.for_relay(b"two");
+        out.set_relay_transport(0, Transport::Stream { relay: 0 });
+        out.for_relay(0, b"two");
         let mut second = Vec::new();
         let t = out.pop_transmit(&mut second).expect("queued");
         assert_eq!(t.transport, Transport::Stream { relay: 0 });
@@ -204,5 +249,33 @@ mod tests {
         assert!(second.capacity() >= 2048, "the recycled buffer was reused");
         assert!(out.pop_transmit(&mut buf).is_none());
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn peers_follow_their_own_relay_or_the_primary() {
+        let r0: SocketAddr = "203.0.113.1:3478".parse().expect("literal");
+        let r1: SocketAddr = "203.0.113.2:3478".parse().expect("literal");
+        let udp = |dst| Transport::Udp { socket: 0, dst };
+        let mut out = Outbox::new(vec![udp(r0), udp(r1)]);
+        let (a, b) = (PeerKey([1; 32]), PeerKey([2; 32]));
+        let mut buf = Vec::new();
+        let mut next = |out: &mut Outbox| out.pop_transmit(&mut buf).expect("queued").transport;
+        out.relay_to_peer(a, b"x");
+        assert_eq!(next(&mut out), udp(r0), "no choice: the primary");
+        out.set_peer_relay(a, Some(1));
+        out.relay_to_peer(a, b"x");
+        out.relay_to_peer(b, b"x");
+        assert_eq!(next(&mut out), udp(r1), "a's own relay");
+        assert_eq!(next(&mut out), udp(r0), "b still on the primary");
+        out.set_primary(1);
+        out.relay_to_peer(b, b"x");
+        assert_eq!(next(&mut out), udp(r1), "the new primary");
+        out.set_primary(0);
+        out.forget_relay(1);
+        out.relay_to_peer(a, b"x");
+        assert_eq!(next(&mut out), udp(r0), "a's relay was forgotten");
+        out.set_relay_transport(1, Transport::Stream { relay: 1 });
+        out.for_relay(1, b"reg");
+        assert_eq!(next(&mut out), Transport::Stream { relay: 1 });
     }
 }

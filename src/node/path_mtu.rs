@@ -45,7 +45,7 @@ impl Node {
     /// held to a smaller MTU at once and its search continues below that size.
     pub fn handle_send_too_big(&mut self, now: Instant, dst: SocketAddr, datagram: &[u8]) {
         self.now = self.now.max(now);
-        let (key, payload_len) = if dst == self.relay.target().addr {
+        let (key, payload_len) = if self.relay_at(dst).is_some() {
             match Frame::parse(datagram) {
                 Ok(Frame::RelaySend { to, payload }) => (to, payload.len()),
                 _ => return,
@@ -113,7 +113,7 @@ impl Node {
     /// Runs `key`'s path MTU search when due: follows the path's kind and the TUN MTU, and
     /// sends the probe the search asks for on the current path.
     pub(super) fn pmtu_timers(&mut self, now: Instant, key: PeerKey) {
-        let relay_v6 = self.relay.target().addr.is_ipv6();
+        let relay_v6 = self.relay_is_ipv6(&key);
         let tun_mtu = self.tun_mtu;
         let rng = &mut self.rng;
         let Some(p) = self.peers.get_mut(&key) else {
@@ -160,7 +160,7 @@ impl Node {
 
     /// The path to `key` changed to `path`: its MTU search starts again at the new path's base.
     pub(super) fn restart_pmtu(&mut self, now: Instant, key: PeerKey, path: Path) {
-        let relay_v6 = self.relay.target().addr.is_ipv6();
+        let relay_v6 = self.relay_is_ipv6(&key);
         if let Some(p) = self.peers.get_mut(&key) {
             p.paths
                 .pmtu

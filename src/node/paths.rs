@@ -90,7 +90,8 @@ impl Node {
                 .iter()
                 .any(|p| matches!(p, Probe::Ping { addr: Some(_), .. }))
         {
-            self.relay.check_if_silent(now);
+            let relay = self.out.peer_relay(&key);
+            self.relays[relay].check_if_silent(now);
         }
         for probe in probes.iter() {
             match *probe {
@@ -150,7 +151,7 @@ impl Node {
     /// Sends a call-me with every address we know for ourselves through the relay.
     pub(super) fn send_call_me(&mut self, now: Instant, key: PeerKey) {
         let mut endpoints = self.local_endpoints.clone();
-        endpoints.extend(self.relay.observed());
+        endpoints.extend(self.relays.iter().filter_map(|r| r.observed()));
         endpoints.extend(self.port_mapping.as_ref().map(|(_, a)| *a));
         endpoints.sort();
         endpoints.dedup();
@@ -223,7 +224,8 @@ impl Node {
         }
         match msg {
             Disco::Ping { tx } => {
-                let observed = from.unwrap_or(self.relay.target().addr);
+                let relay = self.out.peer_relay(&sender);
+                let observed = from.unwrap_or(self.relays[relay].target().addr);
                 let nonce = self.nonce();
                 let stamp = self.disco_stamp(now);
                 let Some(p) = self.peers.get_mut(&sender) else {

@@ -15,46 +15,52 @@ use crate::keys::PeerKey;
 use crate::wire::{self, RelayReply, RelayRequest};
 
 impl Node {
-    /// Runs the relay session's due work.
+    /// Runs every relay session's due work, then looks at the primary choice again.
     pub(super) fn relay_timers(&mut self, now: Instant) {
-        let due = self.relay.handle_timeout(now);
-        if due.lost {
-            self.out.event(Event::RelayLost);
+        for relay in 0..self.relays.len() {
+            let due = self.relays[relay].handle_timeout(now);
+            if due.lost {
+                self.out.event(Event::RelayLost { relay });
+            }
+            if due.register {
+                self.register(now, relay);
+            }
+            if due.sync && relay == self.primary {
+                self.request_sync(now);
+            }
+            if due.transport_changed {
+                self.relay_transport_changed(now, relay);
+            }
         }
-        if due.register {
-            self.register(now);
-        }
-        if due.sync {
-            self.request_sync(now);
-        }
-        if due.transport_changed {
-            self.relay_transport_changed(now);
-        }
+        self.update_primary(now);
         self.rotation_timers(now);
     }
 
-    /// Follows a change of the relay transport: the outbox routes relay-bound datagrams the new
-    /// way, and the NAT verdict (UDP blocked or not) is re-announced.
-    pub(super) fn relay_transport_changed(&mut self, now: Instant) {
-        self.out.set_relay_transport(self.relay.transport());
-        self.update_nat_verdict(now);
+    /// Follows a change of relay `relay`'s transport: the outbox routes datagrams for it the
+    /// new way, and for the primary the NAT verdict (UDP blocked or not) is re-announced.
+    pub(super) fn relay_transport_changed(&mut self, now: Instant, relay: usize) {
+        self.out
+            .set_relay_transport(relay, self.relays[relay].transport());
+        if relay == self.primary {
+            self.update_nat_verdict(now);
+        }
     }
 
-    /// Sends a registration with our current announcement.
-    pub(super) fn register(&mut self, now: Instant) {
+    /// Sends a registration with our current announcement to relay `relay`.
+    pub(super) fn register(&mut self, now: Instant, relay: usize) {
         let ts = self.next_ts(now);
-        self.relay.note_register_sent(now, ts);
+        self.relays[relay].note_register_sent(now, ts);
         let req = RelayRequest::Register {
             network: self.keys.network_id,
             ts_ms: ts,
             announcement: self.announcement.clone(),
         };
-        self.send_to_relay(&req);
+        self.send_to_relay_n(relay, &req);
     }
 
-    /// Asks the relay for a full member list, unless a request is in flight.
+    /// Asks the primary relay for a full member list, unless a request is in flight.
     pub(super) fn request_sync(&mut self, now: Instant) {
-        if !self.relay.note_sync_sent(now) {
+        if !self.relays[self.primary].note_sync_sent(now) {
             return;
         }
         let ts = self.next_ts(now);
@@ -64,11 +70,9 @@ impl Node {
         });
     }
 
-    /// Seals `req` for the relay and queues it on the relay transport.
+    /// Seals `req` for the primary relay and queues it on that relay's transport.
     pub(super) fn send_to_relay(&mut self, req: &RelayRequest) {
-        let nonce = self.nonce();
-        let dgram = self.relay.seal(self.public, req, nonce);
-        self.out.for_relay(&dgram);
+        self.send_to_relay_n(self.primary, req);
     }
 
     /// A sealed reply claiming to come from relay `relay` at `from`.
@@ -79,13 +83,13 @@ impl Node {
         relay: PeerKey,
         sealed: &[u8],
     ) -> Handled {
-        let target = self.relay.target();
-        if from != target.addr {
+        let Some(n) = self.relay_at(from) else {
             self.drops.unauthenticated += 1;
             return Handled::Data;
-        }
+        };
+        let target = self.relays[n].target();
         if relay != target.key {
-            if self.relay.first_key_mismatch() {
+            if self.relays[n].first_key_mismatch() {
                 self.out.event(Event::RelayKeyMismatch {
                     addr: from,
                     expected: target.key,
@@ -95,10 +99,10 @@ impl Node {
             self.drops.unauthenticated += 1;
             return Handled::Data;
         }
-        match wire::open_from_relay(self.relay.session_key(), &relay, sealed) {
+        match wire::open_from_relay(self.relays[n].session_key(), &relay, sealed) {
             Ok(reply) => {
-                self.relay.note_heard(now);
-                self.handle_relay_reply(now, reply);
+                self.relays[n].note_heard(now);
+                self.handle_relay_reply(now, n, reply);
                 Handled::Control
             }
             Err(_) => {
@@ -108,9 +112,12 @@ impl Node {
         }
     }
 
-    /// Routes an authenticated reply: acknowledgements to the session, member pushes,
-    /// snapshots and removals to membership, errors to the operator.
-    pub(super) fn handle_relay_reply(&mut self, now: Instant, reply: RelayReply) {
+    /// Routes an authenticated reply of relay `relay`: acknowledgements to its session; member
+    /// pushes, snapshots and removals to membership when it is the primary (the others' are
+    /// ignored, see the `relays` module); rotation handovers from any relay (they are sealed
+    /// by a member); errors to the operator.
+    pub(super) fn handle_relay_reply(&mut self, now: Instant, relay: usize, reply: RelayReply) {
+        let primary = relay == self.primary;
         match reply {
             RelayReply::RegisterAck {
                 echo_ts_ms,
@@ -119,37 +126,46 @@ impl Node {
                 since,
                 ..
             } => {
-                match self.relay.handle_ack(now, echo_ts_ms, observed) {
+                match self.relays[relay].handle_ack(now, echo_ts_ms, observed) {
                     Ack::Ignored => return,
                     Ack::Accepted { news: true } => {
-                        self.out.event(Event::RelayRegistered { observed })
+                        self.out.event(Event::RelayRegistered { relay, observed })
                     }
                     Ack::Accepted { news: false } => {}
                 }
-                self.members.set_own_since(since);
-                if self.relay.note_presence(since) {
-                    // Members that saw us removed moved our floor past the announcement we
-                    // registered with: send a fresh one.
+                if self.relays[relay].note_presence(since) {
+                    // Members that saw us removed there moved our floor past the announcement
+                    // we registered with: send a fresh one, everywhere.
                     self.reseal_announcement(now);
-                    self.relay.register_now(now);
+                    self.register_everywhere(now);
                 }
+                self.update_primary(now);
+                if relay != self.primary {
+                    return;
+                }
+                self.members.set_own_since(since);
                 self.resolve_addresses();
                 if self.members.digest() != digest {
                     self.request_sync(now);
                 }
             }
-            RelayReply::Member { tag, entry } => {
+            RelayReply::Member { tag, entry } if primary => {
                 if tag.generation == 0 {
                     self.apply_push(now, tag.seq, entry);
-                } else if let Some(snapshot) = self.relay.collect(tag, entry) {
+                } else if let Some(snapshot) = self.relays[relay].collect(tag, entry) {
                     self.apply_full_sync(now, tag.seq, snapshot);
                 }
             }
-            RelayReply::SyncEmpty { seq, .. } => self.apply_full_sync(now, seq, Vec::new()),
-            RelayReply::MemberGone { key, seq } => self.apply_removal(now, key, seq),
+            RelayReply::SyncEmpty { seq, .. } if primary => {
+                self.apply_full_sync(now, seq, Vec::new())
+            }
+            RelayReply::MemberGone { key, seq } if primary => self.apply_removal(now, key, seq),
+            RelayReply::Member { .. }
+            | RelayReply::SyncEmpty { .. }
+            | RelayReply::MemberGone { .. } => {}
             RelayReply::Error { message } => {
                 if !self.handle_rotation_error(&message) {
-                    self.out.event(Event::RelayError { message });
+                    self.out.event(Event::RelayError { relay, message });
                 }
             }
             RelayReply::RotateAck {
@@ -165,20 +181,25 @@ impl Node {
     /// driver reports the outcome with [`Node::handle_relay_stream_up`] or
     /// [`Node::handle_relay_stream_down`], and closes the stream once this turns `false`.
     pub fn wants_stream(&self, relay: usize) -> bool {
-        relay == 0 && self.relay.wants_stream()
+        self.relays.get(relay).is_some_and(|r| r.wants_stream())
     }
 
     /// The kind of stream to relay `relay` the driver should hold open, if any: TCP first,
     /// TLS when TCP does not get through (see [`relay_session`](super::relay_session)).
     pub fn wanted_stream(&self, relay: usize) -> Option<StreamKind> {
-        self.wants_stream(relay).then(|| self.relay.stream_kind())
+        self.wants_stream(relay)
+            .then(|| self.relays[relay].stream_kind())
     }
 
     /// The driver's stream of `kind` to relay `relay` is connected.
     pub fn handle_relay_stream_up(&mut self, now: Instant, relay: usize, kind: StreamKind) {
         self.now = self.now.max(now);
-        if relay == 0 && self.relay.handle_stream_up(now, kind) {
-            self.relay_transport_changed(now);
+        if self
+            .relays
+            .get_mut(relay)
+            .is_some_and(|r| r.handle_stream_up(now, kind))
+        {
+            self.relay_transport_changed(now, relay);
         }
         self.refresh_timers();
     }
@@ -186,8 +207,12 @@ impl Node {
     /// The driver's stream to relay `relay` failed to connect or closed.
     pub fn handle_relay_stream_down(&mut self, now: Instant, relay: usize) {
         self.now = self.now.max(now);
-        if relay == 0 && self.relay.handle_stream_down(now) {
-            self.relay_transport_changed(now);
+        if self
+            .relays
+            .get_mut(relay)
+            .is_some_and(|r| r.handle_stream_down(now))
+        {
+            self.relay_transport_changed(now, relay);
         }
         self.refresh_timers();
     }
@@ -195,26 +220,35 @@ impl Node {
     /// One datagram that arrived on the stream from relay `relay` (the driver removed the
     /// stream's framing). Treated exactly like a datagram from the relay's UDP address.
     pub fn handle_relay_stream(&mut self, now: Instant, relay: usize, bytes: &[u8]) {
-        if relay != 0 || !self.relay.wants_stream() {
+        let Some(from) = self
+            .relays
+            .get(relay)
+            .filter(|r| r.wants_stream())
+            .map(|r| r.target().addr)
+        else {
             self.drops.unauthenticated += 1;
             return;
-        }
-        let from = self.relay.target().addr;
+        };
         self.handle_datagram(now, 0, from, bytes, true);
     }
 
-    /// The relay's UDP address as the node uses it now.
-    pub fn relay_addr(&self) -> SocketAddr {
-        self.relay.target().addr
+    /// Relay `relay`'s UDP address as the node uses it now.
+    pub fn relay_addr(&self, relay: usize) -> Option<SocketAddr> {
+        self.relays.get(relay).map(|r| r.target().addr)
     }
 
-    /// Whether relay traffic goes over the stream now.
+    /// Whether the primary relay's traffic goes over the stream now.
     pub fn relay_on_stream(&self) -> bool {
-        self.relay.on_stream()
+        self.relays[self.primary].on_stream()
     }
 
-    /// The kind of stream relay traffic uses now, if it uses one.
-    pub fn relay_stream_kind(&self) -> Option<StreamKind> {
-        self.relay.stream_in_use()
+    /// The kind of stream traffic for relay `relay` uses now, if it uses one.
+    pub fn relay_stream_kind(&self, relay: usize) -> Option<StreamKind> {
+        self.relays.get(relay).and_then(|r| r.stream_in_use())
+    }
+
+    /// The relay a relayed packet for member `key` takes now.
+    pub fn relay_for_peer(&self, key: &PeerKey) -> usize {
+        self.out.peer_relay(key)
     }
 }

@@ -84,6 +84,15 @@ pub const SILENCE_CHECK_AFTER: Duration = Duration::from_secs(1);
 /// Quiet UDP for this long means UDP to the relay is blocked: three registration attempts (at
 /// 0, 1 and 3 s) have gone unanswered by then.
 pub const UDP_FALLBACK_AFTER: Duration = Duration::from_secs(4);
+/// Registrations unanswered for this long make a relay *failed*: relayed pairs and the
+/// member table move to another relay. One lost registration or acknowledgement (the retry
+/// follows at once, see [`ACK_TIMEOUT`]) is not enough; two in a row are, so a dead relay is
+/// left about 5 s after it died (with relayed traffic flowing, the silence check sends the
+/// first probe within [`SILENCE_CHECK_AFTER`]).
+pub const FAILOVER_AFTER: Duration = Duration::from_secs(3);
+/// A relay earlier in the token than the primary must answer this long before the member
+/// table moves back to it, so a flapping relay does not move everyone back and forth.
+pub const FAILBACK_AFTER: Duration = Duration::from_secs(20);
 /// First delay between stream connection attempts; doubles up to [`STREAM_RETRY_MAX`].
 pub const STREAM_RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest delay between stream connection attempts.
@@ -179,6 +188,12 @@ pub(crate) struct RelaySession {
     admission: AdmissionClient,
     /// The relay's change counter at which our current presence began (from the latest ack).
     presence_since: Option<u64>,
+    /// Round-trip time of the latest acknowledged registration.
+    rtt: Option<Duration>,
+    /// Since when registrations go unanswered (cleared by an acknowledgement).
+    unanswered_since: Option<Instant>,
+    /// Since when the relay has answered every registration.
+    answering_since: Option<Instant>,
 }
 
 impl RelaySession {
@@ -194,6 +209,9 @@ impl RelaySession {
         Self {
             admission: AdmissionClient::new(signing, target.key),
             presence_since: None,
+            rtt: None,
+            unanswered_since: None,
+            answering_since: None,
             id,
             target,
             session_key,
@@ -252,6 +270,21 @@ impl RelaySession {
         self.observed
     }
 
+    /// The relay's number (its place in the token).
+    pub(crate) fn id(&self) -> usize {
+        self.id
+    }
+
+    /// Round-trip time of the latest acknowledged registration.
+    pub(crate) fn rtt(&self) -> Option<Duration> {
+        self.rtt
+    }
+
+    /// The relay's change counter at which our current presence there began.
+    pub(crate) fn presence_since(&self) -> Option<u64> {
+        self.presence_since
+    }
+
     /// Whether the relay has acknowledged a registration recently.
     pub(crate) fn is_registered(&self) -> bool {
         self.registered
@@ -260,6 +293,27 @@ impl RelaySession {
     /// Whether the relay answers now (registered, latest registration not unanswered).
     pub(crate) fn answering(&self) -> bool {
         self.registered && !self.unanswered
+    }
+
+    /// Whether the relay counts as failed at `now`: not registered, or registrations have
+    /// gone unanswered for [`FAILOVER_AFTER`].
+    pub(crate) fn failed(&self, now: Instant) -> bool {
+        !self.registered
+            || self
+                .unanswered_since
+                .is_some_and(|t| now.saturating_duration_since(t) >= FAILOVER_AFTER)
+    }
+
+    /// When the relay counts as failed if nothing changes (while registrations go unanswered).
+    pub(crate) fn failing_at(&self) -> Option<Instant> {
+        self.unanswered_since
+            .filter(|_| self.registered)
+            .map(|t| t + FAILOVER_AFTER)
+    }
+
+    /// Since when the relay has answered every registration (`None` while it does not).
+    pub(crate) fn answering_since(&self) -> Option<Instant> {
+        self.answering_since.filter(|_| self.answering())
     }
 
     /// Whether relay-bound datagrams use the stream.
@@ -342,6 +396,7 @@ impl RelaySession {
         {
             self.registered = false;
             self.backoff = REGISTER_RETRY_MIN;
+            self.answering_since = None;
             due.lost = true;
         }
         // A registration the relay did not answer: retry soon with backoff instead of after a
@@ -353,6 +408,8 @@ impl RelaySession {
                 .is_some_and(|t| now.saturating_duration_since(t) >= ACK_TIMEOUT)
         {
             self.unanswered = true;
+            self.unanswered_since.get_or_insert(now);
+            self.answering_since = None;
             self.next_register = now;
             if self.carrier == Carrier::Leaving {
                 // UDP answered STUN but not the registration: stay on the stream.
@@ -429,6 +486,11 @@ impl RelaySession {
         }
         self.pending_ts = None;
         self.unanswered = false;
+        self.unanswered_since = None;
+        self.answering_since.get_or_insert(now);
+        self.rtt = self
+            .register_sent
+            .map(|sent| now.saturating_duration_since(sent));
         self.last_ack = Some(now);
         self.note_heard(now);
         self.backoff = REGISTER_RETRY_MIN;

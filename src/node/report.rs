@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use super::peer::{Path, Peer};
+use super::relay_session::RelaySession;
 use super::{Node, StreamKind};
 use crate::status::{NatStatus, PeerPath, PeerStatus, RelayStatus, Status};
 use crate::wire::NatKind;
@@ -15,14 +16,15 @@ impl Node {
             .peers
             .values()
             .map(|p| {
-                let relayed = match self.relay.stream_in_use() {
+                let via = &self.relays[self.out.peer_relay(&p.key)];
+                let relayed = match via.stream_in_use() {
                     Some(StreamKind::Tls) => PeerPath::RelayTls,
                     Some(StreamKind::Tcp) => PeerPath::RelayTcp,
                     None => PeerPath::Relay,
                 };
                 let (path, endpoint) = match p.paths.path() {
                     Path::Direct { addr, .. } => (PeerPath::Direct, addr),
-                    Path::Relayed => (relayed, self.relay.target().addr),
+                    Path::Relayed => (relayed, via.target().addr),
                 };
                 let (rx_bytes, tx_bytes) = p.link.byte_counts();
                 PeerStatus {
@@ -49,12 +51,8 @@ impl Node {
             name: self.cfg.name.clone(),
             virtual_ip: self.cfg.virtual_ip.to_string(),
             public_key: self.public.to_base64(),
-            relay: RelayStatus {
-                address: self.relay.target().addr.to_string(),
-                public_key: self.relay.target().key.to_base64(),
-                registered: self.relay.is_registered(),
-                observed: self.relay.observed().map(|a| a.to_string()),
-            },
+            relay: self.relay_status(&self.relays[self.primary]),
+            relays: self.relays.iter().map(|r| self.relay_status(r)).collect(),
             endpoints: self.local_endpoints.iter().map(ToString::to_string).collect(),
             ip_conflict: self.members.conflict().map(|(ip, owner)| {
                 format!("virtual IP {ip} is also claimed by member {}, which keeps it; this member gets no traffic (choose another address with --ip)", owner.short())
@@ -62,9 +60,13 @@ impl Node {
             nat: NatStatus {
                 mapping: self.nat.into(),
                 summary: self.nat_summary(),
-                reflexive: self.netcheck.reflexive().or(self.relay.observed()).map(|a| a.to_string()),
+                reflexive: self
+                    .netcheck
+                    .reflexive()
+                    .or(self.relays[self.primary].observed())
+                    .map(|a| a.to_string()),
                 port_mapping: self.port_mapping.as_ref().map(|(l, a)| format!("{l} {a}")),
-                udp_blocked: self.relay.on_stream(),
+                udp_blocked: self.relays[self.primary].on_stream(),
             },
             peers,
             dropped: self.drops,
@@ -78,7 +80,7 @@ impl Node {
             .next_probe()
             .saturating_duration_since(now)
             .as_secs();
-        match self.relay.stream_in_use() {
+        match self.relays[self.out.peer_relay(&p.key)].stream_in_use() {
             Some(StreamKind::Tcp) => return "UDP blocked here (relay over TCP)".into(),
             Some(StreamKind::Tls) => return "UDP blocked here (relay over TLS)".into(),
             None => {}
@@ -96,6 +98,26 @@ impl Node {
             return "birthday probe in progress (one side symmetric)".into();
         }
         format!("no direct answer yet; next direct attempt in {next} s")
+    }
+
+    /// One relay's line in `status`.
+    fn relay_status(&self, r: &RelaySession) -> RelayStatus {
+        let target = r.target();
+        RelayStatus {
+            address: target.addr.to_string(),
+            public_key: target.key.to_base64(),
+            registered: r.is_registered(),
+            observed: r.observed().map(|a| a.to_string()),
+            answering: r.answering(),
+            primary: r.id() == self.primary,
+            transport: match r.stream_in_use() {
+                Some(StreamKind::Tcp) => "tcp",
+                Some(StreamKind::Tls) => "tls",
+                None => "udp",
+            }
+            .into(),
+            rtt_ms: r.rtt().map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
+        }
     }
 
     /// What `status` says about this member's NAT.

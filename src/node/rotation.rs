@@ -102,7 +102,7 @@ impl Node {
         if self.rotation.uploading() {
             return Err(RotationRefused::Busy);
         }
-        if !self.relay.is_registered() {
+        if !self.relays[self.primary].is_registered() {
             return Err(RotationRefused::NotRegistered);
         }
         let handover = Handover {

@@ -110,11 +110,11 @@ mod tests {
                 name: format!("m{last}"),
                 virtual_ip: Ipv4Addr::new(10, 77, 0, last),
                 subnet: "10.77.0.0/16".parse().expect("literal"),
-                relay: RelayTarget {
+                relays: vec![RelayTarget {
                     key: relay,
                     addr: "203.0.113.1:3478".parse().expect("literal"),
                     tls: false,
-                },
+                }],
                 stun_servers: Vec::new(),
                 seed: u64::from(last),
             };

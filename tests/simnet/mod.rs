@@ -66,8 +66,8 @@ enum Owned {
     Stream(Vec<u8>),
     Tun(Vec<u8>),
     Event(Event),
-    Open,
-    Close,
+    Open(usize),
+    Close(usize),
 }
 
 impl Owned {
@@ -81,8 +81,8 @@ impl Owned {
             Output::Stream { bytes, .. } => Owned::Stream(bytes.to_vec()),
             Output::Tun(p) => Owned::Tun(p.to_vec()),
             Output::Event(e) => Owned::Event(e),
-            Output::OpenStream { .. } => Owned::Open,
-            Output::CloseStream { .. } => Owned::Close,
+            Output::OpenStream { relay, .. } => Owned::Open(relay),
+            Output::CloseStream { relay } => Owned::Close(relay),
         }
     }
 }
@@ -117,6 +117,15 @@ pub struct Member {
     pub rotation_events: Vec<(Duration, Event)>,
 }
 
+/// A relay besides the main one (see [`Sim::extra_relays`]).
+pub struct ExtraRelay {
+    pub server: RelayServer,
+    pub secret: NodeSecret,
+    pub addr: SocketAddr,
+    /// A dead relay neither receives nor sends anything.
+    pub alive: bool,
+}
+
 /// The simulated world.
 pub struct Sim {
     pub now: Instant,
@@ -127,6 +136,9 @@ pub struct Sim {
     pub relay_secret: NodeSecret,
     pub relay_addr: SocketAddr,
     pub relay_alive: bool,
+    /// Further relays (numbers 1, 2, … in every member's token), reached over UDP only. Add
+    /// them with [`Sim::add_relay`] before adding members.
+    pub extra_relays: Vec<ExtraRelay>,
     pub members: Vec<Member>,
     pub secret: NetworkSecret,
     pub subnet: ipnet::Ipv4Net,
@@ -188,6 +200,7 @@ impl Sim {
             relay_secret: relay_key,
             relay_addr: "203.0.113.1:3478".parse().unwrap(),
             relay_alive: true,
+            extra_relays: Vec::new(),
             members: Vec::new(),
             subnet: "10.77.0.0/16".parse().unwrap(),
             latency_ms,
@@ -210,6 +223,21 @@ impl Sim {
             lie_copies: 1,
             lies: 0,
         }
+    }
+
+    /// Adds a relay (number 1, 2, … in the tokens of members added afterwards) on a public
+    /// address of its own; returns its index in [`Sim::extra_relays`].
+    pub fn add_relay(&mut self) -> usize {
+        let n = self.extra_relays.len();
+        let secret = NodeSecret::generate(&mut self.rng);
+        let server = RelayServer::new(secret.clone(), self.rng.gen(), self.relay_clock());
+        self.extra_relays.push(ExtraRelay {
+            server,
+            secret,
+            addr: SocketAddr::new(Ipv4Addr::new(203, 0, 113, 2 + n as u8).into(), 3478),
+            alive: true,
+        });
+        n
     }
 
     /// Adds a member on a public address; returns its index.
@@ -264,11 +292,17 @@ impl Sim {
             name: format!("m{i}"),
             virtual_ip: vip,
             subnet: self.subnet,
-            relay: RelayTarget {
+            relays: std::iter::once(RelayTarget {
                 key: self.relay.public_key(),
                 addr: self.relay_addr,
                 tls: false,
-            },
+            })
+            .chain(self.extra_relays.iter().map(|r| RelayTarget {
+                key: r.server.public_key(),
+                addr: r.addr,
+                tls: false,
+            }))
+            .collect(),
             stun_servers: Vec::new(),
             seed: self.rng.gen(),
         };
@@ -366,7 +400,10 @@ impl Sim {
                 payload: payload.clone(),
             });
         }
-        let is_relay = |a: SocketAddr| a.ip() == self.relay_addr.ip();
+        let is_relay = |a: SocketAddr| {
+            a.ip() == self.relay_addr.ip()
+                || self.extra_relays.iter().any(|r| r.addr.ip() == a.ip())
+        };
         let direct = !is_relay(src) && !is_relay(dst);
         if (self.direct_blocked && direct) || self.rng.gen_bool(self.loss) {
             self.lost_datagrams += 1;
@@ -413,7 +450,9 @@ impl Sim {
         match out {
             Owned::Udp { socket, dst, bytes } => {
                 if alive {
-                    if dst.ip() != self.relay_addr.ip() {
+                    if dst.ip() != self.relay_addr.ip()
+                        && !self.extra_relays.iter().any(|r| r.addr.ip() == dst.ip())
+                    {
                         self.members[i].sent_direct += 1;
                     }
                     self.send_from(Some(i), socket, dst, bytes);
@@ -437,7 +476,8 @@ impl Sim {
                     self.members[i].rotation_events.push((at, e));
                 }
                 Event::RelayRegistered { .. }
-                | Event::RelayLost
+                | Event::RelayLost { .. }
+                | Event::PrimaryRelay { .. }
                 | Event::RelayKeyMismatch { .. }
                 | Event::RelayError { .. }
                 | Event::PeerJoined { .. }
@@ -446,17 +486,29 @@ impl Sim {
                 | Event::PingResult { .. }
                 | Event::VirtualIpConflict { .. } => {}
             },
-            Owned::Open => {
+            Owned::Open(r) | Owned::Close(r) if r != 0 => {
+                // Streams exist to relay 0 only in the simulation: report the attempt failed.
+                let now = self.now;
+                self.members[i].node.handle_relay_stream_down(now, r);
+            }
+            Owned::Open(_) => {
                 // The handshake takes a round trip before the member knows.
                 let rtt = self.latency() * 2;
                 self.schedule(self.now + rtt, InFlight::Connect { member: i });
             }
-            Owned::Close => {
+            Owned::Close(_) => {
                 if let Some(link) = self.members[i].stream.take() {
                     self.relay.handle_link_closed(link);
                 }
             }
         }
+    }
+
+    /// Restarts member `i`'s node (same key, address, virtual IP and network secret; fresh
+    /// protocol state), as a restarted agent would start.
+    pub fn restart(&mut self, i: usize) {
+        let secret = self.members[i].cfg.network_secret.clone();
+        self.rejoin(i, secret);
     }
 
     /// Restarts member `i`'s node on network secret `secret`, as the agent does after a
@@ -519,6 +571,16 @@ impl Sim {
                         {
                             self.stream_send(i, t.link, false, t.payload);
                         }
+                    }
+                }
+            }
+            for r in 0..self.extra_relays.len() {
+                while let Some(t) = self.extra_relays[r].server.poll_transmit() {
+                    moved = true;
+                    let relay = &self.extra_relays[r];
+                    if let (true, Link::Udp(dst)) = (relay.alive, t.link) {
+                        let src = relay.addr;
+                        self.send(src, dst, t.payload);
                     }
                 }
             }
@@ -589,6 +651,11 @@ impl Sim {
         if let Some(t) = self.relay.poll_timeout() {
             next = next.min(t);
         }
+        for r in &self.extra_relays {
+            if let Some(t) = r.server.poll_timeout() {
+                next = next.min(t);
+            }
+        }
         self.now = self.now.max(next);
         while let Some(Reverse((t, seq))) = self.queue.peek().copied() {
             if t > self.now {
@@ -608,6 +675,11 @@ impl Sim {
         }
         if self.relay.poll_timeout().is_some_and(|t| t <= now) {
             self.relay.handle_timeout(now);
+        }
+        for r in &mut self.extra_relays {
+            if r.server.poll_timeout().is_some_and(|t| t <= now) {
+                r.server.handle_timeout(now);
+            }
         }
         self.drain();
     }
@@ -634,6 +706,31 @@ impl Sim {
                 return;
             }
         };
+        if let Some(r) = self
+            .extra_relays
+            .iter()
+            .position(|r| r.addr.ip() == p.dst.ip())
+        {
+            let relay = &mut self.extra_relays[r];
+            if !relay.alive {
+                return;
+            }
+            if p.dst.port() == relay.addr.port() + 1 {
+                if let Some(meshvpn::wire::stun::Binding::Request(tx)) =
+                    meshvpn::wire::stun::parse(&p.payload)
+                {
+                    let reply = meshvpn::wire::stun::binding_response(tx, p.src);
+                    let src = p.dst;
+                    self.send(src, p.src, reply);
+                }
+            } else if p.dst == relay.addr {
+                self.delivered_datagrams += 1;
+                relay
+                    .server
+                    .handle_datagram(self.now, Link::Udp(p.src), &p.payload);
+            }
+            return;
+        }
         let mut alt = self.relay_addr;
         alt.set_port(self.relay_addr.port() + 1);
         if p.dst == alt {

@@ -22,8 +22,11 @@ pub struct Status {
     pub virtual_ip: String,
     /// This member's public key (base64).
     pub public_key: String,
-    /// The relay this member registered with.
+    /// The primary relay: the one whose member table this member follows.
     pub relay: RelayStatus,
+    /// Every relay in the token, in its order, with its state.
+    #[serde(default)]
+    pub relays: Vec<RelayStatus>,
     /// Addresses this member announces (host addresses with its UDP port).
     pub endpoints: Vec<String>,
     /// This member's NAT as it classified it.
@@ -47,6 +50,18 @@ pub struct RelayStatus {
     pub registered: bool,
     /// This member's address as the relay sees it (server-reflexive), if known.
     pub observed: Option<String>,
+    /// Whether the relay answers now (registered, and the latest registration answered).
+    #[serde(default)]
+    pub answering: bool,
+    /// Whether this is the primary relay.
+    #[serde(default)]
+    pub primary: bool,
+    /// How this member reaches the relay: `udp`, `tcp` or `tls`.
+    #[serde(default)]
+    pub transport: String,
+    /// Round-trip time of the latest acknowledged registration, in milliseconds.
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
 }
 
 /// This member's NAT verdict.
@@ -467,7 +482,12 @@ mod tests {
                 public_key: "r".into(),
                 registered: true,
                 observed: Some("203.0.113.5:4000".into()),
+                answering: true,
+                primary: true,
+                transport: "udp".into(),
+                rtt_ms: Some(12.5),
             },
+            relays: Vec::new(),
             endpoints: vec!["192.168.1.2:41641".into()],
             nat: NatStatus {
                 mapping: NatMapping::EndpointDependent,
