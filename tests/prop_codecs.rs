@@ -19,7 +19,7 @@ use meshvpn::wire::token::{RelayEndpoint, TlsEndpoint, Token, MAX_RELAYS};
 use meshvpn::wire::{
     open_disco, open_from_relay, seal_disco, seal_from_relay, stun, Announcement, Disco,
     DiscoStamp, Frame, MemberEntry, NatKind, RelayReply, RelayRequest, RotationEntry, SyncTag,
-    MAX_ANNOUNCEMENT, MAX_ENDPOINTS,
+    MAX_ANNOUNCEMENT, MAX_ENDPOINTS, MAX_FORWARD_LEN,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -267,6 +267,22 @@ fn disco() -> impl Strategy<Value = Disco> {
         (any::<[u8; 12]>(), socket_addr()).prop_map(|(tx, observed)| Disco::Pong { tx, observed }),
         vec(socket_addr(), 0..=MAX_ENDPOINTS).prop_map(|endpoints| Disco::CallMe { endpoints }),
         socket_addr().prop_map(|reflexive| Disco::Spray { reflexive }),
+        (any::<[u8; 32]>(), vec(any::<u8>(), 0..=MAX_FORWARD_LEN)).prop_map(|(to, inner)| {
+            Disco::Forward {
+                to: PeerKey(to),
+                inner,
+            }
+        }),
+        (
+            any::<[u8; 32]>(),
+            socket_addr(),
+            vec(any::<u8>(), 0..=MAX_FORWARD_LEN)
+        )
+            .prop_map(|(from, observed, inner)| Disco::Forwarded {
+                from: PeerKey(from),
+                observed,
+                inner
+            }),
     ]
 }
 

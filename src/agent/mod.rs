@@ -16,6 +16,7 @@ pub(crate) mod portmap;
 mod progress;
 mod relay_stream;
 mod relay_streams;
+mod remembered;
 mod sockets;
 pub(crate) mod stream;
 mod tun;
@@ -155,6 +156,13 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
     let stun_servers = resolve_stun_servers(&cfg.stun_servers).await;
     let floors_path = floors::path(state_dir, &cfg.network);
     let mut node = start_node(&cfg, &relay_addrs, &stun_servers, &floors_path);
+    let peers_path = remembered::path(state_dir, &cfg.network);
+    let restored = remembered::load(&peers_path);
+    if !restored.is_empty() {
+        tracing::info!(members = restored.len(), file = %peers_path.display(), "probing the members remembered from the last run until a relay lists them");
+        node.restore_members(Instant::now(), restored);
+    }
+    let mut saved_peers = String::new();
     let mut saved_floors = node.announcement_floors();
     node.set_local_endpoints(Instant::now(), local_endpoints(port, &ifname, dual_stack));
     tracing::info!(
@@ -281,6 +289,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
                 node.set_local_endpoints(Instant::now(), local_endpoints(port, &ifname, dual_stack));
                 extra.retain(&node.active_sockets());
                 save_floors(&node, &floors_path, &mut saved_floors);
+                save_peers(&node, &peers_path, &mut saved_peers);
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -291,6 +300,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     node.leave(Instant::now());
     save_floors(&node, &floors_path, &mut saved_floors);
+    save_peers(&node, &peers_path, &mut saved_peers);
     let mut io = Executor {
         udp: &mut udp,
         tun: &mut tun,
@@ -833,6 +843,23 @@ struct RemoveOnDrop(std::path::PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Saves the members `node` knows to `path` when they changed since `saved` (the text last
+/// written), so a restart while every relay is down still finds them.
+fn save_peers(node: &Node, path: &Path, saved: &mut String) {
+    let entries = node.member_entries();
+    if entries.is_empty() && saved.is_empty() {
+        return;
+    }
+    let text = remembered::render(&entries);
+    if text == *saved {
+        return;
+    }
+    match remembered::save(path, &entries) {
+        Ok(()) => *saved = text,
+        Err(e) => tracing::warn!(path = %path.display(), %e, "cannot save the remembered members"),
     }
 }
 

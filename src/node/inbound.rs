@@ -135,6 +135,7 @@ impl Node {
         // Whether the message proved to come from the peer (it decrypted, or was a handshake
         // boringtun answered): only then may it move the peer onto the relay it came through.
         let mut authentic = false;
+        let mut initiated = false;
         p.link.decapsulate(
             now,
             from.ip(),
@@ -146,6 +147,7 @@ impl Node {
                 // Answer the way the message came, so handshakes complete before a path exists.
                 LinkOutput::Reply(b) => {
                     authentic = true;
+                    initiated = true;
                     if via_relay.is_some() {
                         // The reply takes the relay the initiation came through.
                         if let Some(r) = relay_index {
@@ -177,6 +179,9 @@ impl Node {
                 }
             },
         );
+        // A new handshake straight from an address that is not the path: the peer restarted
+        // or moved (WireGuard roaming). Ping it there; its pong moves the path at once.
+        let roamed = initiated && via_relay.is_none() && p.paths.handle_roam(from, socket);
         if authentic {
             if let Some(r) = relay_index {
                 if out.peer_relay(&key) != r {
@@ -191,6 +196,9 @@ impl Node {
         }
         if let Some(at) = p.link.poll_timeout() {
             self.timers.arm_earliest(Timer::Handshake, at);
+        }
+        if roamed {
+            self.send_ping(now, key, Some(from), socket);
         }
     }
 }

@@ -545,6 +545,7 @@ impl Node {
             disco_key,
             paths: PathSelection::new(now),
             stale_since: None,
+            forwards: super::peer::ProbeBucket::new(now),
         };
         peer.refresh_candidates();
         self.members.note_claim(peer.key, peer.virtual_ip(), since);

@@ -60,6 +60,7 @@
 
 pub mod birthday;
 pub mod driver;
+mod helping;
 mod hold;
 mod inbound;
 mod link;
@@ -80,6 +81,7 @@ mod rotation;
 mod timers;
 mod unrouted;
 
+pub use helping::{ForwardCounters, MAX_HELPERS};
 pub use link::guard::{HANDSHAKE_BUDGET, HANDSHAKE_LOAD_THRESHOLD, LIMITER_RESET};
 pub use link::{
     HANDSHAKE_GIVE_UP, HANDSHAKE_RETRY, HOLD_BYTES, HOLD_MAX_AGE, HOLD_PACKETS, SESSION_FRESH,
@@ -251,6 +253,8 @@ pub struct Node {
     scratch: Vec<u8>,
     /// Limits the ICMP "fragmentation needed" the node writes into the TUN.
     icmp: mtu::IcmpLimiter,
+    /// Call-mes passed for and by other members (see `helping`).
+    forwards: helping::ForwardCounters,
 }
 
 /// Whether an input touched only the data path (no deadline can have moved except the peer
@@ -309,6 +313,7 @@ impl Node {
             tun_mtu: crate::config::DEFAULT_MTU,
             scratch: Vec::with_capacity(BUF_LEN),
             icmp: mtu::IcmpLimiter::default(),
+            forwards: helping::ForwardCounters::default(),
         };
         node.reseal_announcement(now);
         node.refresh_timers();

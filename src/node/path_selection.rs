@@ -119,6 +119,9 @@ pub(crate) struct PathSelection {
     bucket: ProbeBucket,
     /// Probes the bucket refused (for tests and debugging).
     suppressed: u64,
+    /// An address the peer began a new WireGuard handshake from (it restarted or moved):
+    /// a confirmed pong from there takes the path even while the old one still looks alive.
+    roam: Option<(SocketAddr, u16)>,
     /// Disco stamps accepted from this peer.
     pub(crate) replay: ReplayCache,
     outstanding: BTreeMap<[u8; 12], PendingPing>,
@@ -152,6 +155,7 @@ impl PathSelection {
             learned: BTreeMap::new(),
             bucket: ProbeBucket::new(now),
             suppressed: 0,
+            roam: None,
             replay: ReplayCache::default(),
             outstanding: BTreeMap::new(),
             next_probe: now,
@@ -456,6 +460,7 @@ impl PathSelection {
                     });
                 }
                 let moved = self.direct() != Some((addr, socket));
+                self.roam = None;
                 self.path = Path::Direct {
                     addr,
                     socket,
@@ -490,6 +495,17 @@ impl PathSelection {
     /// back at once (which is what opens both NATs when both sides probe together) if the
     /// budget allows: while relayed, or when `from` is not a candidate yet. The address
     /// becomes a candidate only when that ping-back is answered (see [`Self::handle_pong`]).
+    /// The peer began a new handshake from `addr` on our socket `socket`: if that is not the
+    /// current path, it is remembered as the peer's new address; returns whether to ping it
+    /// now (so its pong can move the path at once).
+    pub(crate) fn handle_roam(&mut self, addr: SocketAddr, socket: u16) -> bool {
+        if self.direct() == Some((addr, socket)) || self.roam == Some((addr, socket)) {
+            return false;
+        }
+        self.roam = Some((addr, socket));
+        true
+    }
+
     pub(crate) fn handle_ping_from(
         &mut self,
         now: Instant,
@@ -584,6 +600,7 @@ impl PathSelection {
                 };
                 (current == addr && current_socket == socket)
                     || current_failing
+                    || self.roam == Some((addr, socket))
                     || rtt.as_secs_f64() < current_rtt.as_secs_f64() * SWITCH_RTT_RATIO
             }
         }
@@ -591,7 +608,7 @@ impl PathSelection {
 }
 
 /// Addresses worth probing: not unspecified, not multicast, port non-zero.
-fn usable_candidate(a: &SocketAddr) -> bool {
+pub(super) fn usable_candidate(a: &SocketAddr) -> bool {
     a.port() != 0 && !a.ip().is_unspecified() && !a.ip().is_multicast()
 }
 

@@ -155,7 +155,11 @@ impl Node {
         endpoints.extend(self.port_mapping.as_ref().map(|(_, a)| *a));
         endpoints.sort();
         endpoints.dedup();
-        self.send_disco_via_relay(now, key, &Disco::CallMe { endpoints });
+        let call_me = Disco::CallMe { endpoints };
+        if !self.relay_answering() {
+            self.forward_call_me(now, key, &call_me);
+        }
+        self.send_disco_via_relay(now, key, &call_me);
     }
 
     /// A fresh stamp for a disco message sealed at `now`: our wall clock and a random nonce.
@@ -192,6 +196,33 @@ impl Node {
         }
     }
 
+    /// Opens a disco message from `sender` and checks its stamp (window and replay cache);
+    /// `None` (counted) if it does not open or is stale. `from` is only for the log.
+    pub(super) fn open_disco_checked(
+        &mut self,
+        now: Instant,
+        from: Option<SocketAddr>,
+        sender: PeerKey,
+        sealed: &[u8],
+    ) -> Option<Disco> {
+        let Some(p) = self.peers.get_mut(&sender) else {
+            self.drops.unauthenticated += 1;
+            return None;
+        };
+        let Ok((stamp, msg)) = wire::open_disco(&p.disco_key, &sender, sealed) else {
+            self.drops.unauthenticated += 1;
+            return None;
+        };
+        let wall = self.wall_ms(now);
+        let p = self.peers.get_mut(&sender)?;
+        if let Err(why) = p.paths.replay.check(stamp, wall) {
+            tracing::debug!(peer = %p.announcement.name, ?why, ?from, "dropping a stale disco message");
+            self.drops.unauthenticated += 1;
+            return None;
+        }
+        Some(msg)
+    }
+
     /// A disco message from `sender`, arrived directly from `from` on our socket `socket`, or
     /// (if `from` is `None`) via the relay.
     pub(super) fn handle_disco(
@@ -202,26 +233,12 @@ impl Node {
         sender: PeerKey,
         sealed: &[u8],
     ) {
-        let Some(p) = self.peers.get_mut(&sender) else {
-            self.drops.unauthenticated += 1;
+        let Some(msg) = self.open_disco_checked(now, from, sender, sealed) else {
             return;
         };
-        let (stamp, msg) = match wire::open_disco(&p.disco_key, &sender, sealed) {
-            Ok(m) => m,
-            Err(_) => {
-                self.drops.unauthenticated += 1;
-                return;
-            }
-        };
-        let wall = self.wall_ms(now);
         let Some(p) = self.peers.get_mut(&sender) else {
             return;
         };
-        if let Err(why) = p.paths.replay.check(stamp, wall) {
-            tracing::debug!(peer = %p.announcement.name, ?why, ?from, "dropping a stale disco message");
-            self.drops.unauthenticated += 1;
-            return;
-        }
         match msg {
             Disco::Ping { tx } => {
                 let relay = self.out.peer_relay(&sender);
@@ -272,6 +289,12 @@ impl Node {
             Disco::Spray { reflexive } => self.handle_spray(now, sender, reflexive),
             Disco::Probe { tx, .. } => self.ack_probe(now, from, socket, sender, tx),
             Disco::ProbeAck { tx } => self.handle_probe_ack(now, sender, tx),
+            Disco::Forward { to, inner } => self.handle_forward(now, from, sender, to, &inner),
+            Disco::Forwarded {
+                from: origin,
+                observed,
+                inner,
+            } => self.handle_forwarded(now, from, sender, origin, observed, &inner),
         }
     }
 }

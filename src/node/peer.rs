@@ -131,6 +131,8 @@ pub(crate) struct Peer {
     /// Set when the relay's member list stopped listing this peer while its direct path
     /// still answered (see `membership::STALE_GRACE`).
     pub(crate) stale_since: Option<Instant>,
+    /// Limits the forwards this peer may ask us to pass on (see `helping`).
+    pub(crate) forwards: ProbeBucket,
 }
 
 /// Why a disco message was refused.

@@ -1,4 +1,5 @@
-//! Member-to-member path discovery ("disco") messages: ping, pong, call-me and spray, each
+//! Member-to-member path discovery ("disco") messages: ping, pong, call-me, spray, MTU
+//! probes and the forwards members pass for each other when no relay answers, each
 //! stamped with the sender's clock and a random nonce and sealed under the pair's disco key.
 //! The receiver checks the stamp (window and replay cache, `node::peer`) before acting.
 
@@ -28,7 +29,23 @@ pub enum Disco {
     Probe { tx: [u8; 12], padding: u16 },
     /// "Your probe `tx` arrived" (small, so it returns whatever the reverse path's MTU).
     ProbeAck { tx: [u8; 12] },
+    /// "Pass this to member `to` over your direct path": `inner` is a sealed disco datagram
+    /// (a [`Frame::Disco`]) from the sender to `to`, sent to a member with direct paths to
+    /// both when no relay answers (see `node::helping`). At most [`MAX_FORWARD_LEN`] bytes.
+    Forward { to: PeerKey, inner: Vec<u8> },
+    /// "Member `from`, whom I see at `observed`, sent you this": a [`Disco::Forward`] passed
+    /// on by the member that received it. `inner` is opened with `from`'s disco key, so the
+    /// passer can neither read nor forge it; `observed` is the passer's own word.
+    Forwarded {
+        from: PeerKey,
+        observed: SocketAddr,
+        inner: Vec<u8>,
+    },
 }
+
+/// Largest sealed disco datagram a [`Disco::Forward`] carries: a call-me with every endpoint
+/// fits with room to spare, and the passed-on message stays far below any path MTU.
+pub const MAX_FORWARD_LEN: usize = 512;
 
 /// Bytes of a sealed probe datagram besides its padding: frame header and sender key (36),
 /// nonce (24), version, stamp and type (18), transaction id (12), tag (16).
@@ -83,6 +100,21 @@ impl Disco {
             Disco::ProbeAck { tx } => {
                 w.u8(6).raw(tx);
             }
+            Disco::Forward { to, inner } => {
+                w.u8(7)
+                    .raw(&to.0)
+                    .bytes(&inner[..inner.len().min(MAX_FORWARD_LEN)]);
+            }
+            Disco::Forwarded {
+                from,
+                observed,
+                inner,
+            } => {
+                w.u8(8)
+                    .raw(&from.0)
+                    .addr(observed)
+                    .bytes(&inner[..inner.len().min(MAX_FORWARD_LEN)]);
+            }
         }
         w.buf
     }
@@ -121,10 +153,35 @@ impl Disco {
                 Disco::Probe { tx, padding }
             }
             6 => Disco::ProbeAck { tx: r.array()? },
+            7 => {
+                let to = PeerKey(r.array()?);
+                Disco::Forward {
+                    to,
+                    inner: forwarded_bytes(&mut r)?,
+                }
+            }
+            8 => {
+                let from = PeerKey(r.array()?);
+                let observed = r.addr()?;
+                Disco::Forwarded {
+                    from,
+                    observed,
+                    inner: forwarded_bytes(&mut r)?,
+                }
+            }
             other => return Err(WireError::UnknownType("disco", other)),
         };
         Ok((stamp, msg))
     }
+}
+
+/// The passed-on datagram of a forward, refused beyond [`MAX_FORWARD_LEN`].
+fn forwarded_bytes(r: &mut Reader<'_>) -> Result<Vec<u8>, WireError> {
+    let inner = r.bytes()?;
+    if inner.len() > MAX_FORWARD_LEN {
+        return Err(WireError::Malformed("forwarded message too long"));
+    }
+    Ok(inner.to_vec())
 }
 
 /// Builds a sealed `Disco` datagram: `msg` stamped with `stamp` (see [`DiscoStamp`]).

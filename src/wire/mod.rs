@@ -41,7 +41,8 @@ use crate::keys::{NetworkId, PeerKey};
 pub use announcement::{Announcement, NatKind};
 use codec::{Reader, Writer};
 pub use disco::{
-    open_disco, probe_padding, seal_disco, Disco, DiscoStamp, DISCO_VERSION, PROBE_FIXED_LEN,
+    open_disco, probe_padding, seal_disco, Disco, DiscoStamp, DISCO_VERSION, MAX_FORWARD_LEN,
+    PROBE_FIXED_LEN,
 };
 pub use rotation::RotationEntry;
 
@@ -775,6 +776,15 @@ mod tests {
             },
             Disco::CallMe {
                 endpoints: vec!["203.0.113.9:1".parse().expect("lit")],
+            },
+            Disco::Forward {
+                to: key(3),
+                inner: vec![7; 300],
+            },
+            Disco::Forwarded {
+                from: key(3),
+                observed: "198.51.100.4:41641".parse().expect("lit"),
+                inner: vec![8; 512],
             },
         ] {
             let stamp = DiscoStamp {

@@ -504,6 +504,17 @@ impl Sim {
         }
     }
 
+    /// Restarts member `i`'s node on local port `port` (so its NAT maps it to a new public
+    /// port, as after a router reboot or on another network), remembering the members it knew
+    /// (as the agent's state file does).
+    pub fn restart_on_port(&mut self, i: usize, port: u16) {
+        let remembered = self.members[i].node.member_entries();
+        self.members[i].addr.set_port(port);
+        self.restart(i);
+        let now = self.now;
+        self.members[i].node.restore_members(now, remembered);
+    }
+
     /// Restarts member `i`'s node (same key, address, virtual IP and network secret; fresh
     /// protocol state), as a restarted agent would start.
     pub fn restart(&mut self, i: usize) {

@@ -1,0 +1,233 @@
+//! Members helping each other when no relay answers: passing call-mes, and remembering the
+//! members across a restart.
+//!
+//! # Remembered members
+//! The driver saves [`Node::member_entries`] (each member's sealed announcement, with its
+//! current direct address in place of the relay-observed one) and hands them to a restarted
+//! node with [`Node::restore_members`]. They are taken like a relay push at change counter 0:
+//! announcements open only with the network's control key and are held to the announcement
+//! floors, so the file cannot introduce anyone, and the first snapshot of a relay replaces
+//! them (members it does not list are dropped, after the usual grace if their direct path
+//! answers). Until then the node probes the remembered addresses, so a member restarted while
+//! every relay is down finds its public peers at once and its punchable ones with a passed
+//! call-me.
+//!
+//! # Job
+//! A call-me ("probe these addresses of mine now") normally travels through a relay, so both
+//! sides of a pair punch their NATs at the same moment. When no relay answers (all down, or
+//! unreachable from here) a member sends the sealed call-me to up to [`MAX_HELPERS`] members it
+//! has a live direct path to, wrapped in a [`Disco::Forward`]; each passes it on over its own
+//! direct path to the target as a [`Disco::Forwarded`], adding the address it sees the caller
+//! at (the caller may not know its own public address: its STUN servers are the relays). The
+//! target opens the inner call-me with the caller's disco key, so the helper can neither read
+//! nor forge it, checks its stamp like any disco message, and pings the caller's addresses and
+//! the helper's observation. A member restarted while every relay is down thus finds its
+//! punchable peers through a third member.
+//!
+//! # Abuse
+//! Members do not fully trust each other. A helper passes a forward only from a member to a
+//! member, both with live direct paths (so only to addresses that proved to be that member),
+//! never to itself or back to the sender, at most [`MAX_FORWARD_LEN`] bytes, and within a
+//! per-sender token bucket; a forward that arrived through a relay is not passed (a relay is
+//! up then, and the caller uses it). A forwarded message whose inner sender is not the member
+//! it claims, or that is not a call-me, is dropped and counted. Passing costs the helper one
+//! datagram per datagram received: no amplification.
+//!
+//! [`MAX_FORWARD_LEN`]: crate::wire::MAX_FORWARD_LEN
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::Node;
+use crate::keys::PeerKey;
+use crate::wire::{self, Disco, Frame, MemberEntry, MAX_FORWARD_LEN};
+
+/// Most members a call-me is handed to for passing on: two independent helpers survive one
+/// of them losing its path, and each costs one datagram.
+pub const MAX_HELPERS: usize = 2;
+
+/// What this member passed on or refused for others (for tests and the curious).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardCounters {
+    /// Forwards asked of others (one per helper).
+    pub asked: u64,
+    /// Forwards passed on to their target.
+    pub passed: u64,
+    /// Forwards refused: no direct path to the target or from the sender, over budget,
+    /// addressed to ourselves or the sender, or too large.
+    pub refused: u64,
+    /// Forwarded call-mes acted on.
+    pub received: u64,
+}
+
+impl Node {
+    /// Every current member's entry, to remember across a restart (see the module doc): the
+    /// relay's entry, with the direct path's address as the observed one where there is a path.
+    pub fn member_entries(&self) -> Vec<MemberEntry> {
+        self.peers
+            .values()
+            .map(|p| {
+                let mut entry = p.entry.clone();
+                if let Some((addr, _)) = p.direct() {
+                    entry.observed = addr;
+                }
+                entry
+            })
+            .collect()
+    }
+
+    /// Takes remembered members (from [`Node::member_entries`] of an earlier run) as if a
+    /// relay had pushed them at change counter 0.
+    pub fn restore_members(&mut self, now: Instant, entries: Vec<MemberEntry>) {
+        self.now = self.now.max(now);
+        for entry in entries {
+            self.apply_push(now, 0, entry);
+        }
+        self.refresh_timers();
+    }
+
+    /// What this member forwarded, refused and received so far.
+    pub fn forward_counters(&self) -> ForwardCounters {
+        self.forwards
+    }
+
+    /// Hands `call_me` for member `to` to up to [`MAX_HELPERS`] members with a live direct
+    /// path, for passing on (no relay answers).
+    pub(super) fn forward_call_me(&mut self, now: Instant, to: PeerKey, call_me: &Disco) {
+        let nonce = self.nonce();
+        let stamp = self.disco_stamp(now);
+        let Some(target) = self.peers.get(&to) else {
+            return;
+        };
+        let inner = wire::seal_disco(&target.disco_key, self.public, stamp, call_me, nonce);
+        if inner.len() > MAX_FORWARD_LEN {
+            return;
+        }
+        let helpers: Vec<(PeerKey, SocketAddr, u16)> = self
+            .peers
+            .values()
+            .filter(|p| p.key != to && p.paths.direct_alive(now))
+            .filter_map(|p| p.direct().map(|(addr, socket)| (p.key, addr, socket)))
+            .take(MAX_HELPERS)
+            .collect();
+        for (helper, addr, socket) in helpers {
+            let msg = Disco::Forward {
+                to,
+                inner: inner.clone(),
+            };
+            if let Some(dgram) = self.seal_for(now, helper, &msg) {
+                self.forwards.asked += 1;
+                self.out.udp(socket, addr, &dgram);
+            }
+        }
+    }
+
+    /// `sender` (at `from`, or through a relay if `None`) asks us to pass `inner` to `to`.
+    pub(super) fn handle_forward(
+        &mut self,
+        now: Instant,
+        from: Option<SocketAddr>,
+        sender: PeerKey,
+        to: PeerKey,
+        inner: &[u8],
+    ) {
+        let Some(observed) = from else {
+            self.forwards.refused += 1;
+            return;
+        };
+        let sender_direct = self
+            .peers
+            .get(&sender)
+            .is_some_and(|p| p.paths.direct_alive(now));
+        let target = self
+            .peers
+            .get(&to)
+            .filter(|p| p.paths.direct_alive(now))
+            .and_then(|p| p.direct());
+        let within_budget = self
+            .peers
+            .get_mut(&sender)
+            .is_some_and(|p| p.forwards.take(now));
+        let (Some((addr, socket)), true, true, false, false, true) = (
+            target,
+            sender_direct,
+            within_budget,
+            to == sender,
+            to == self.public,
+            inner.len() <= MAX_FORWARD_LEN,
+        ) else {
+            self.forwards.refused += 1;
+            return;
+        };
+        let msg = Disco::Forwarded {
+            from: sender,
+            observed,
+            inner: inner.to_vec(),
+        };
+        if let Some(dgram) = self.seal_for(now, to, &msg) {
+            tracing::debug!(from = %sender.short(), to = %to.short(), %observed, "passing a call-me on (no relay answers the caller)");
+            self.forwards.passed += 1;
+            self.out.udp(socket, addr, &dgram);
+        }
+    }
+
+    /// `helper` (at `via`) passed us `inner`, a call-me from `origin`, whom it sees at
+    /// `observed`: ping the caller's addresses and the helper's observation.
+    pub(super) fn handle_forwarded(
+        &mut self,
+        now: Instant,
+        via: Option<SocketAddr>,
+        helper: PeerKey,
+        origin: PeerKey,
+        observed: SocketAddr,
+        inner: &[u8],
+    ) {
+        let sealed = match Frame::parse(inner) {
+            Ok(Frame::Disco { sender, sealed })
+                if sender == origin && origin != helper && via.is_some() =>
+            {
+                sealed
+            }
+            _ => {
+                self.drops.unauthenticated += 1;
+                return;
+            }
+        };
+        let Some(Disco::CallMe { mut endpoints }) =
+            self.open_disco_checked(now, via, origin, sealed)
+        else {
+            self.drops.unauthenticated += 1;
+            return;
+        };
+        self.forwards.received += 1;
+        tracing::debug!(caller = %origin.short(), helper = %helper.short(), %observed, "probing a caller whose call-me a member passed on");
+        endpoints.push(observed);
+        let Some(p) = self.peers.get_mut(&origin) else {
+            return;
+        };
+        // The caller cannot reach us through a relay, so whatever our side believes about the
+        // path, probe the helper's observation of it too (once per forwarded call-me, which
+        // the helper's budget and the replay check bound).
+        let mut targets = p.paths.handle_call_me(now, endpoints);
+        if !targets.contains(&observed) && super::path_selection::usable_candidate(&observed) {
+            targets.push(observed);
+        }
+        for addr in targets {
+            self.send_ping(now, origin, Some(addr), 0);
+        }
+    }
+
+    /// `msg` sealed for member `to` with a fresh stamp, or `None` if `to` is unknown.
+    fn seal_for(&mut self, now: Instant, to: PeerKey, msg: &Disco) -> Option<Vec<u8>> {
+        let nonce = self.nonce();
+        let stamp = self.disco_stamp(now);
+        let p = self.peers.get(&to)?;
+        Some(wire::seal_disco(
+            &p.disco_key,
+            self.public,
+            stamp,
+            msg,
+            nonce,
+        ))
+    }
+}
