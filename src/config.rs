@@ -99,6 +99,8 @@ struct FileNode {
     port_mapping: bool,
     #[serde(default = "default_true")]
     tun_offload: bool,
+    #[serde(default = "default_true")]
+    relay_for_peers: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -153,6 +155,9 @@ pub struct Config {
     /// coalesced writes out); the agent falls back without it where the kernel refuses, and
     /// the environment variable `MESHVPN_TUN_OFFLOAD=0` turns it off as well.
     pub tun_offload: bool,
+    /// Whether this member carries other members' ciphertext between two members it reaches
+    /// directly while no relay answers them (see the node's `helping` module).
+    pub relay_for_peers: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -201,6 +206,7 @@ impl Config {
             stun_servers: Vec::new(),
             port_mapping: true,
             tun_offload: true,
+            relay_for_peers: true,
         })
     }
 
@@ -340,6 +346,7 @@ impl Config {
             stun_servers: file.node.stun_servers,
             port_mapping: file.node.port_mapping,
             tun_offload: file.node.tun_offload,
+            relay_for_peers: file.node.relay_for_peers,
         })
     }
 
@@ -361,6 +368,7 @@ impl Config {
                 stun_servers: self.stun_servers.clone(),
                 port_mapping: self.port_mapping,
                 tun_offload: self.tun_offload,
+                relay_for_peers: self.relay_for_peers,
             },
             relays: self
                 .relays

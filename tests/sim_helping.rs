@@ -8,7 +8,10 @@
 //! - she reaches the public helper directly at once (its remembered address);
 //! - she reaches dave directly because the helper passes her call-me (with the address it sees
 //!   her at): the time is printed, and the helper's and dave's counters show the pass;
-//! - the control: the same restart with the helper down never gets carol and dave direct.
+//! - the control: the same restart with the helper down never gets carol and dave direct;
+//! - two members behind symmetric NATs (relayed, by the oracle) keep exchanging packets
+//!   through a public member once the relay dies, and not when that member has
+//!   `relay_for_peers` off.
 
 #![allow(clippy::unwrap_used)]
 #![allow(clippy::disallowed_methods, clippy::print_stdout)] // the simulator's start time; the printed seed and timings
@@ -105,4 +108,62 @@ fn without_a_helper_the_restarted_member_stays_cut_off_from_its_punchable_peer()
         "carol and dave went direct with no helper and no relay: the helped case proves nothing"
     );
     println!("control: with the helper down too, carol and dave stay apart for 30 s, as expected");
+}
+
+/// Two members behind symmetric NATs and a public one; the relay dies; returns whether the
+/// symmetric pair still delivers both ways within 10 s, and the public member's counters.
+fn symmetric_pair_after_relay_death(
+    seed: u64,
+    carry: bool,
+) -> (bool, meshvpn::node::ForwardCounters) {
+    let mut sim = Sim::new(seed, (10, 30), 0.01);
+    sim.next_no_carry = !carry;
+    let helper = sim.add_member(None);
+    let a = sim.add_member_behind(NatSpec::SYMMETRIC);
+    let b = sim.add_member_behind(NatSpec::SYMMETRIC);
+    sim.run_until(Duration::from_secs(40), |s| {
+        both_direct(s, helper, a) && both_direct(s, helper, b)
+    })
+    .expect("the public member goes direct with both");
+    assert!(!direct(&sim, a, b), "the symmetric pair cannot be direct");
+    sim.relay_alive = false;
+    // Long enough for every relay session to count the relay as gone.
+    sim.run_for(Duration::from_secs(30));
+    let mut tag = 1u32;
+    let start = sim.now;
+    let mut got = (false, false);
+    while sim.now - start < Duration::from_secs(10) && !(got.0 && got.1) {
+        sim.inject(a, b, tag);
+        sim.inject(b, a, tag + 1);
+        sim.run_for(Duration::from_millis(500));
+        got.0 |= sim.received(a, b, tag);
+        got.1 |= sim.received(b, a, tag + 1);
+        tag += 2;
+    }
+    if got.0 && got.1 {
+        println!(
+            "relay dead for 30 s: the symmetric pair delivers both ways through the public member within {:?} ({} datagrams carried)",
+            sim.now - start,
+            sim.members[helper].node.forward_counters().carried
+        );
+    }
+    (got.0 && got.1, sim.members[helper].node.forward_counters())
+}
+
+#[test]
+fn a_public_member_carries_a_relayed_pair_while_the_relay_is_down_unless_told_not_to() {
+    let seed = simnet::seed(0x5eed_ca77);
+    let (delivered, counters) = symmetric_pair_after_relay_death(seed, true);
+    assert!(
+        delivered,
+        "the pair was cut off although a member reaches both: {counters:?}"
+    );
+    assert!(counters.carried > 0, "{counters:?}");
+    let (delivered, counters) = symmetric_pair_after_relay_death(seed, false);
+    assert!(!delivered, "delivered with carrying off: {counters:?}");
+    assert_eq!(counters.carried, 0);
+    println!(
+        "with relay_for_peers off nothing is carried ({} refused)",
+        counters.carry_refused
+    );
 }

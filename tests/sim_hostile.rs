@@ -91,6 +91,7 @@ fn standalone(sim: &mut Sim) -> Node {
         }],
         stun_servers: Vec::new(),
         seed: sim.rng.gen(),
+        relay_for_peers: true,
     };
     Node::new(
         cfg,

@@ -44,6 +44,7 @@ fuzz_target!(|data: &[u8]| {
         }],
         stun_servers: Vec::new(),
         seed: 3,
+        relay_for_peers: true,
     };
     let mut node = Node::new(cfg, now, START_UNIX_MS);
     let relay_key = fx.relay.public();

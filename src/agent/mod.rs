@@ -524,6 +524,7 @@ fn start_node(
             relays,
             stun_servers: stun_servers.to_vec(),
             seed: rand::rngs::OsRng.next_u64(),
+            relay_for_peers: cfg.relay_for_peers,
         },
         Instant::now(),
         unix_ms,

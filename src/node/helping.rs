@@ -1,5 +1,16 @@
-//! Members helping each other when no relay answers: passing call-mes, and remembering the
-//! members across a restart.
+//! Members helping each other when no relay answers: passing call-mes, carrying ciphertext,
+//! and remembering the members across a restart.
+//!
+//! # Carrying ciphertext
+//! While no relay answers, a member's relayed traffic for a peer it has no direct path to goes
+//! to a member it does reach directly (public members first: they reach the most), framed
+//! exactly as for a relay ([`Frame::RelaySend`]). That member, unless `relay_for_peers` is off,
+//! passes it to the target over its own live direct path as a [`Frame::RelayRecv`] naming the
+//! sender, within a per-sender budget ([`CARRY_BURST`], [`CARRY_PER_SEC`]); it only ever sees
+//! WireGuard ciphertext or sealed disco messages. The target answers through the member the
+//! traffic came from. Only datagrams from a live direct path of a member are carried, so nobody
+//! on the internet can use a member as an open relay, and a lie about the sender only yields a
+//! datagram that does not decrypt. When a relay answers again, relayed traffic returns to it.
 //!
 //! # Remembered members
 //! The driver saves [`Node::member_entries`] (each member's sealed announcement, with its
@@ -46,6 +57,46 @@ use crate::wire::{self, Disco, Frame, MemberEntry, MAX_FORWARD_LEN};
 /// of them losing its path, and each costs one datagram.
 pub const MAX_HELPERS: usize = 2;
 
+/// Datagrams one member may have us carry in a burst (a TCP window's worth of packets)...
+pub const CARRY_BURST: u32 = 2048;
+/// ...and per second after it (about 20 Mbit/s of full-size packets): enough for interactive
+/// use and modest transfers while the relays are down, without letting one member take a
+/// helper's uplink.
+pub const CARRY_PER_SEC: u32 = 2000;
+
+/// A token bucket of datagrams on `now`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CarryBucket {
+    tokens: u32,
+    last: Instant,
+}
+
+impl CarryBucket {
+    /// A full bucket at `now`.
+    pub(crate) fn new(now: Instant) -> Self {
+        Self {
+            tokens: CARRY_BURST,
+            last: now,
+        }
+    }
+
+    /// Takes one datagram's token if there is one.
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
+        let ms = now.saturating_duration_since(self.last).as_millis();
+        let refill = u32::try_from(ms * u128::from(CARRY_PER_SEC) / 1000).unwrap_or(u32::MAX);
+        if refill > 0 {
+            self.tokens = self.tokens.saturating_add(refill).min(CARRY_BURST);
+            self.last = now;
+        }
+        if self.tokens > 0 {
+            self.tokens -= 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// What this member passed on or refused for others (for tests and the curious).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ForwardCounters {
@@ -58,6 +109,11 @@ pub struct ForwardCounters {
     pub refused: u64,
     /// Forwarded call-mes acted on.
     pub received: u64,
+    /// Datagrams carried between two other members.
+    pub carried: u64,
+    /// Datagrams refused for carrying: not from a live direct path, no live direct path to
+    /// the target, over budget, or carrying switched off.
+    pub carry_refused: u64,
 }
 
 impl Node {
@@ -229,5 +285,101 @@ impl Node {
             msg,
             nonce,
         ))
+    }
+
+    /// The member whose live direct path is `addr`, if any.
+    pub(super) fn member_at(&self, now: Instant, addr: SocketAddr) -> Option<PeerKey> {
+        self.peers
+            .values()
+            .find(|p| p.direct().map(|d| d.0) == Some(addr) && p.paths.direct_alive(now))
+            .map(|p| p.key)
+    }
+
+    /// A [`Frame::RelaySend`] from `from`: carry it to `to` if we may (see the module doc).
+    pub(super) fn handle_relay_for_peer(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        to: PeerKey,
+        payload: &[u8],
+    ) {
+        let sender = match self.member_at(now, from) {
+            Some(k) if self.cfg.relay_for_peers && k != to => k,
+            Some(_) | None => {
+                self.forwards.carry_refused += 1;
+                return;
+            }
+        };
+        let target = self
+            .peers
+            .get(&to)
+            .filter(|p| p.paths.direct_alive(now))
+            .and_then(|p| p.direct());
+        let within_budget = self
+            .peers
+            .get_mut(&sender)
+            .is_some_and(|p| p.carry.take(now));
+        let (Some((dst, socket)), true) = (target, within_budget) else {
+            self.forwards.carry_refused += 1;
+            return;
+        };
+        let mut frame = std::mem::take(&mut self.scratch);
+        frame.clear();
+        Frame::RelayRecv {
+            from: sender,
+            payload,
+        }
+        .encode_into(&mut frame);
+        self.out.udp(socket, dst, &frame);
+        self.scratch = frame;
+        self.forwards.carried += 1;
+    }
+
+    /// While no relay answers, sends relayed traffic for peers without a live direct path
+    /// through a member we reach directly (public ones first); once a relay answers, through
+    /// the relays again.
+    pub(super) fn update_member_relays(&mut self, now: Instant) {
+        if self.relay_answering() {
+            self.out.clear_member_relays();
+            return;
+        }
+        let mut helpers: Vec<(bool, PeerKey, SocketAddr, u16)> = self
+            .peers
+            .values()
+            .filter(|p| p.paths.direct_alive(now))
+            .filter_map(|p| {
+                let (addr, socket) = p.direct()?;
+                Some((
+                    p.announcement.nat != crate::wire::NatKind::Public,
+                    p.key,
+                    addr,
+                    socket,
+                ))
+            })
+            .collect();
+        helpers.sort();
+        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        for key in keys {
+            let Some(p) = self.peers.get(&key) else {
+                continue;
+            };
+            if p.paths.direct_alive(now) {
+                self.out.set_member_relay(key, None);
+                continue;
+            }
+            let current = self.out.member_relay(&key);
+            let still_good = current.is_some_and(|c| {
+                helpers
+                    .iter()
+                    .any(|(_, k, a, s)| *k != key && (*a, *s) == c)
+            });
+            if !still_good {
+                let pick = helpers
+                    .iter()
+                    .find(|(_, k, _, _)| *k != key)
+                    .map(|(_, _, a, s)| (*a, *s));
+                self.out.set_member_relay(key, pick);
+            }
+        }
     }
 }

@@ -41,14 +41,18 @@ impl Node {
                 from: sender,
                 payload,
             } => {
-                let Some(relay) = self.relay_at(from) else {
-                    self.drops.unauthenticated += 1;
-                    return Handled::Data;
-                };
-                self.relays[relay].note_heard(now);
+                match self.relay_at(from) {
+                    Some(relay) => self.relays[relay].note_heard(now),
+                    // A member carrying it for us (see `helping`): only from a live path.
+                    None if self.member_at(now, from).is_some() => {}
+                    None => {
+                        self.drops.unauthenticated += 1;
+                        return Handled::Data;
+                    }
+                }
                 match wire::classify(payload) {
                     DatagramKind::WireGuard => {
-                        self.handle_wireguard(now, from, 0, Some(sender), payload);
+                        self.handle_wireguard(now, from, socket, Some(sender), payload);
                         return Handled::Data;
                     }
                     DatagramKind::Meshvpn => match Frame::parse(payload) {
@@ -76,8 +80,11 @@ impl Node {
             Frame::KeyRequest
             | Frame::KeyResponse { .. }
             | Frame::ToRelay { .. }
-            | Frame::CookieReply { .. }
-            | Frame::RelaySend { .. } => self.drops.malformed += 1,
+            | Frame::CookieReply { .. } => self.drops.malformed += 1,
+            Frame::RelaySend { to, payload } => {
+                self.handle_relay_for_peer(now, from, to, payload);
+                return Handled::Data;
+            }
         }
         Handled::Control
     }
@@ -149,9 +156,10 @@ impl Node {
                     authentic = true;
                     initiated = true;
                     if via_relay.is_some() {
-                        // The reply takes the relay the initiation came through.
-                        if let Some(r) = relay_index {
-                            out.set_peer_relay(key, Some(r));
+                        // The reply takes the relay (or member) the initiation came through.
+                        match relay_index {
+                            Some(r) => out.set_peer_relay(key, Some(r)),
+                            None => out.set_member_relay(key, Some((from, socket))),
                         }
                         out.relay_to_peer(key, b)
                     } else {
@@ -182,10 +190,18 @@ impl Node {
         // A new handshake straight from an address that is not the path: the peer restarted
         // or moved (WireGuard roaming). Ping it there; its pong moves the path at once.
         let roamed = initiated && via_relay.is_none() && p.paths.handle_roam(from, socket);
-        if authentic {
-            if let Some(r) = relay_index {
-                if out.peer_relay(&key) != r {
-                    out.set_peer_relay(key, Some(r));
+        if authentic && via_relay.is_some() {
+            match relay_index {
+                Some(r) => {
+                    if out.peer_relay(&key) != r {
+                        out.set_peer_relay(key, Some(r));
+                    }
+                }
+                // Carried by a member: answer through the same member.
+                None => {
+                    if out.member_relay(&key) != Some((from, socket)) {
+                        out.set_member_relay(key, Some((from, socket)));
+                    }
                 }
             }
         }

@@ -546,6 +546,7 @@ impl Node {
             paths: PathSelection::new(now),
             stale_since: None,
             forwards: super::peer::ProbeBucket::new(now),
+            carry: super::helping::CarryBucket::new(now),
         };
         peer.refresh_candidates();
         self.members.note_claim(peer.key, peer.virtual_ip(), since);

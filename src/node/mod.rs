@@ -81,7 +81,7 @@ mod rotation;
 mod timers;
 mod unrouted;
 
-pub use helping::{ForwardCounters, MAX_HELPERS};
+pub use helping::{ForwardCounters, CARRY_BURST, CARRY_PER_SEC, MAX_HELPERS};
 pub use link::guard::{HANDSHAKE_BUDGET, HANDSHAKE_LOAD_THRESHOLD, LIMITER_RESET};
 pub use link::{
     HANDSHAKE_GIVE_UP, HANDSHAKE_RETRY, HOLD_BYTES, HOLD_MAX_AGE, HOLD_PACKETS, SESSION_FRESH,
@@ -150,6 +150,9 @@ pub struct NodeConfig {
     pub stun_servers: Vec<SocketAddr>,
     /// Seed for nonces, transaction ids and jitter.
     pub seed: u64,
+    /// Whether to carry other members' ciphertext while no relay answers them (see
+    /// `helping`).
+    pub relay_for_peers: bool,
 }
 
 /// Things worth telling the operator about.
@@ -805,6 +808,7 @@ pub(crate) mod test_support {
             }],
             stun_servers: Vec::new(),
             seed: 1,
+            relay_for_peers: true,
         };
         Node::new(cfg, now, 1_700_000_000_000)
     }

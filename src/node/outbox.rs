@@ -66,6 +66,9 @@ pub(crate) struct Outbox {
     primary: usize,
     /// The relay chosen for a peer (see the module doc).
     peer_relay: BTreeMap<PeerKey, usize>,
+    /// A member that carries relayed traffic for a peer while no relay answers (its address
+    /// and our socket to it); takes precedence over the relays.
+    member_relay: BTreeMap<PeerKey, (SocketAddr, u16)>,
     scratch: Vec<u8>,
 }
 
@@ -82,6 +85,7 @@ impl Outbox {
             relays,
             primary: 0,
             peer_relay: BTreeMap::new(),
+            member_relay: BTreeMap::new(),
             scratch: Vec::new(),
         }
     }
@@ -117,6 +121,29 @@ impl Outbox {
         self.peer_relay.get(peer).copied().unwrap_or(self.primary)
     }
 
+    /// Peer `peer`'s relayed traffic goes to the member at `via` (address, our socket), or
+    /// (`None`) through the relays again.
+    pub(crate) fn set_member_relay(&mut self, peer: PeerKey, via: Option<(SocketAddr, u16)>) {
+        match via {
+            Some(v) => {
+                self.member_relay.insert(peer, v);
+            }
+            None => {
+                self.member_relay.remove(&peer);
+            }
+        }
+    }
+
+    /// The member carrying `peer`'s relayed traffic, if one does.
+    pub(crate) fn member_relay(&self, peer: &PeerKey) -> Option<(SocketAddr, u16)> {
+        self.member_relay.get(peer).copied()
+    }
+
+    /// Relayed traffic goes through the relays again, for every peer.
+    pub(crate) fn clear_member_relays(&mut self) {
+        self.member_relay.clear();
+    }
+
     /// Forgets every peer's relay choice that is `relay` (it stopped answering).
     pub(crate) fn forget_relay(&mut self, relay: usize) {
         self.peer_relay.retain(|_, r| *r != relay);
@@ -140,7 +167,10 @@ impl Outbox {
 
     /// Queues `payload` for peer `to` through its relay (wrapped in a relay frame).
     pub(crate) fn relay_to_peer(&mut self, to: PeerKey, payload: &[u8]) {
-        let transport = self.relays[self.peer_relay(&to)];
+        let transport = match self.member_relay.get(&to) {
+            Some(&(dst, socket)) => Transport::Udp { socket, dst },
+            None => self.relays[self.peer_relay(&to)],
+        };
         let mut frame = std::mem::take(&mut self.scratch);
         frame.clear();
         Frame::RelaySend { to, payload }.encode_into(&mut frame);

@@ -33,6 +33,8 @@ impl Node {
         for key in due {
             self.peer_timers(now, key, &mut probes);
         }
+        // Paths came or went: who carries relayed traffic while no relay answers may change.
+        self.update_member_relays(now);
     }
 
     /// When path selection next needs to act for `p`: its own deadline, a stale member's

@@ -133,6 +133,8 @@ pub(crate) struct Peer {
     pub(crate) stale_since: Option<Instant>,
     /// Limits the forwards this peer may ask us to pass on (see `helping`).
     pub(crate) forwards: ProbeBucket,
+    /// Limits the datagrams this peer may have us carry to another member (see `helping`).
+    pub(crate) carry: super::helping::CarryBucket,
 }
 
 /// Why a disco message was refused.

@@ -33,6 +33,7 @@ impl Node {
             }
         }
         self.update_primary(now);
+        self.update_member_relays(now);
         self.rotation_timers(now);
     }
 

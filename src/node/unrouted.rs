@@ -117,6 +117,7 @@ mod tests {
                 }],
                 stun_servers: Vec::new(),
                 seed: u64::from(last),
+                relay_for_peers: true,
             };
             Node::new(cfg, now, 1_700_000_000_000)
         };

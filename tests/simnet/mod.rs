@@ -156,6 +156,8 @@ pub struct Sim {
     pub next_virtual_ip: Option<Ipv4Addr>,
     /// If set, the next member added uses this static key instead of a fresh one.
     pub next_secret: Option<NodeSecret>,
+    /// If set, the next member added does not carry other members' traffic.
+    pub next_no_carry: bool,
     /// NAT boxes; members with `site: Some(i)` sit behind `nats[i]`.
     pub nats: Vec<nat::Nat>,
     queue: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -209,6 +211,7 @@ impl Sim {
             lan_blocked: false,
             next_virtual_ip: None,
             next_secret: None,
+            next_no_carry: false,
             nats: Vec::new(),
             queue: BinaryHeap::new(),
             in_flight: BTreeMap::new(),
@@ -305,6 +308,7 @@ impl Sim {
             .collect(),
             stun_servers: Vec::new(),
             seed: self.rng.gen(),
+            relay_for_peers: !std::mem::take(&mut self.next_no_carry),
         };
         let mut node = Node::new(
             cfg.clone(),
