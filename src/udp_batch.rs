@@ -18,7 +18,8 @@
 //! capped at the socket's probed [`UdpSocketState::max_gso_segments`] and at
 //! [`MAX_SEGMENTED_BYTES`]. Some drivers accept the socket option but fail the send with `EIO`
 //! or `EINVAL`; then segmentation is switched off for good (logged once) and the run that
-//! failed is sent again one datagram at a time, so nothing queued is lost.
+//! failed is sent again one datagram at a time, so nothing queued is lost. A send that fails
+//! for any other reason drops its run; [`UdpIo::flush`] returns how many datagrams that cost.
 //!
 //! Addresses are the caller's: IPv4 peers are mapped to IPv4-mapped IPv6 on the way out and
 //! unmapped on the way in when the socket is dual-stack ([`crate::sockaddr`]).
@@ -88,6 +89,11 @@ impl UdpIo {
         self.socket.local_addr()
     }
 
+    /// The receive buffer the kernel granted, in bytes (for the log).
+    pub(crate) fn recv_buffer_size(&self) -> io::Result<usize> {
+        socket2::SockRef::from(&self.socket).recv_buffer_size()
+    }
+
     /// Waits until a datagram may be read.
     pub(crate) async fn readable(&self) -> io::Result<()> {
         self.socket.readable().await
@@ -96,6 +102,17 @@ impl UdpIo {
     /// Reads every datagram waiting, until the socket would block or at least `budget`
     /// datagrams were handed to `f` (sender, bytes); returns how many were.
     pub(crate) fn receive(&mut self, budget: usize, mut f: impl FnMut(SocketAddr, &[u8])) -> usize {
+        self.receive_and_queue(budget, |from, datagram, _| f(from, datagram))
+    }
+
+    /// [`receive`](Self::receive), where `f` may also queue datagrams in answer to each one it
+    /// is handed (sent at the next [`flush`](Self::flush)): the relay answers and forwards every
+    /// datagram as it reads it.
+    pub(crate) fn receive_and_queue(
+        &mut self,
+        budget: usize,
+        mut f: impl FnMut(SocketAddr, &[u8], &mut Outbox<'_>),
+    ) -> usize {
         let mut count = 0;
         while count < budget {
             let mut chunks = self.slots.chunks_mut(SLOT_LEN);
@@ -107,6 +124,10 @@ impl UdpIo {
                 )
             });
             let (socket, state, meta) = (&self.socket, &self.state, &mut self.meta);
+            let mut outbox = Outbox {
+                send: &mut self.send,
+                dual_stack: self.dual_stack,
+            };
             let n = match socket.try_io(Interest::READABLE, || {
                 state.recv(socket.into(), &mut iovs, meta)
             }) {
@@ -120,7 +141,7 @@ impl UdpIo {
             for (m, iov) in meta.iter().zip(iovs.iter()).take(n) {
                 let from = sockaddr::unmap(m.addr);
                 for datagram in segments(&iov[..m.len.min(iov.len())], m.stride) {
-                    f(from, datagram);
+                    f(from, datagram, &mut outbox);
                     count += 1;
                 }
             }
@@ -130,8 +151,16 @@ impl UdpIo {
 
     /// Queues `bytes` for `dst`; [`flush`](Self::flush) sends them.
     pub(crate) fn queue(&mut self, dst: SocketAddr, bytes: &[u8]) {
-        self.send
-            .push(sockaddr::for_socket(dst, self.dual_stack), bytes);
+        self.outbox().queue(dst, bytes);
+    }
+
+    /// The send queue on its own, for code that queues through one type whether or not it is
+    /// inside [`receive_and_queue`](Self::receive_and_queue).
+    pub(crate) fn outbox(&mut self) -> Outbox<'_> {
+        Outbox {
+            send: &mut self.send,
+            dual_stack: self.dual_stack,
+        }
     }
 
     /// How many datagrams are queued.
@@ -139,21 +168,38 @@ impl UdpIo {
         self.send.len()
     }
 
-    /// Sends everything queued, waiting while the socket's send buffer is full.
-    pub(crate) async fn flush(&mut self) {
+    /// Sends everything queued, waiting while the socket's send buffer is full; returns how
+    /// many datagrams a send error dropped.
+    pub(crate) async fn flush(&mut self) -> usize {
         loop {
             let (socket, state, send) = (&self.socket, &self.state, &mut self.send);
             let result = send
                 .flush(|t| socket.try_io(Interest::WRITABLE, || state.try_send(socket.into(), t)));
             if result.is_ok() {
-                return;
+                return send.take_dropped();
             }
             if let Err(e) = socket.writable().await {
                 tracing::debug!(%e, "UDP socket never became writable; dropping the batch");
+                let lost = send.len();
                 send.clear();
-                return;
+                return send.take_dropped() + lost;
             }
         }
+    }
+}
+
+/// The send queue of a [`UdpIo`], borrowed: queued datagrams go out at its next
+/// [`flush`](UdpIo::flush).
+pub(crate) struct Outbox<'a> {
+    send: &'a mut SendBatch,
+    dual_stack: bool,
+}
+
+impl Outbox<'_> {
+    /// Queues `bytes` for `dst`.
+    pub(crate) fn queue(&mut self, dst: SocketAddr, bytes: &[u8]) {
+        self.send
+            .push(sockaddr::for_socket(dst, self.dual_stack), bytes);
     }
 }
 
@@ -178,6 +224,8 @@ pub(crate) struct SendBatch {
     offset: usize,
     /// Most datagrams per send; 1 once segmentation is off.
     max_segments: usize,
+    /// Datagrams dropped by send errors since [`take_dropped`](Self::take_dropped).
+    dropped: usize,
 }
 
 /// One send: `count` datagrams to `dst`, `len` bytes from `start`, `segment` bytes each
@@ -200,6 +248,7 @@ impl SendBatch {
             next: 0,
             offset: 0,
             max_segments: max_segments.max(1),
+            dropped: 0,
         }
     }
 
@@ -218,6 +267,11 @@ impl SendBatch {
     #[cfg(test)]
     pub(crate) fn segmented(&self) -> bool {
         self.max_segments > 1
+    }
+
+    /// How many datagrams send errors dropped since the last call.
+    pub(crate) fn take_dropped(&mut self) -> usize {
+        std::mem::take(&mut self.dropped)
     }
 
     /// Forgets everything queued.
@@ -284,6 +338,7 @@ impl SendBatch {
                     continue;
                 }
                 Err(e) => {
+                    self.dropped += run.count;
                     tracing::debug!(%e, dst = %run.dst, datagrams = run.count, "UDP send failed")
                 }
             }
@@ -476,6 +531,7 @@ mod tests {
             vec![0, 1, 2, 3],
             "the refused run went out unsegmented, in order"
         );
+        assert_eq!(b.take_dropped(), 0, "nothing was lost");
         // Later batches are not segmented either.
         b.push(addr(A), &[7; 1000]);
         b.push(addr(A), &[8; 1000]);
@@ -508,6 +564,8 @@ mod tests {
         })
         .expect("nothing blocks");
         assert!(b.segmented(), "other errors leave segmentation on");
+        assert_eq!(b.take_dropped(), 1, "B's datagram was dropped and counted");
+        assert_eq!(b.take_dropped(), 0, "counted once");
         let tags: Vec<u8> = sent
             .iter()
             .flat_map(|(_, _, g)| g.iter().map(|d| d[0]))
@@ -546,6 +604,34 @@ mod tests {
             Some((2, 700)),
             "the shorter one is the last of its run"
         );
+    }
+
+    /// Datagrams flushed through a real loopback socket (segmented where the kernel can) arrive
+    /// one by one, in order, unchanged.
+    #[tokio::test]
+    async fn a_flush_over_loopback_delivers_every_datagram_as_queued() {
+        let receiver = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind the receiver");
+        receiver
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        let to = receiver.local_addr().expect("receiver address");
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let mut io = UdpIo::new(socket, false).expect("socket state");
+        let mut expected = Vec::new();
+        for i in 0..20u8 {
+            let len = if i == 9 { 300 } else { 1200 };
+            let datagram = vec![i; len];
+            io.queue(to, &datagram);
+            expected.push(datagram);
+        }
+        assert_eq!(io.queued(), 20);
+        assert_eq!(io.flush().await, 0, "nothing dropped");
+        assert_eq!(io.queued(), 0);
+        let mut buf = [0u8; 2048];
+        for want in &expected {
+            let n = receiver.recv(&mut buf).expect("a datagram within 5 s");
+            assert_eq!(&buf[..n], &want[..]);
+        }
     }
 
     #[test]
