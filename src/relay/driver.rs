@@ -528,3 +528,100 @@ impl Relay {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{self, Frame};
+
+    /// A relay running in this process on loopback, stopped when dropped.
+    struct Running {
+        addr: SocketAddr,
+        task: JoinHandle<anyhow::Result<()>>,
+        dir: PathBuf,
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.task.abort();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// Starts a relay on free loopback ports (retrying if one was taken between probing and
+    /// binding) and waits until it answers a key request from `client`.
+    async fn start(client: &UdpSocket, request: &[u8]) -> Running {
+        let dir = std::env::temp_dir().join(format!("meshvpn-driver-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut answer = [0u8; 2048];
+        for _ in 0..20 {
+            let port = std::net::UdpSocket::bind("127.0.0.1:0")
+                .and_then(|s| s.local_addr())
+                .expect("probe UDP port")
+                .port();
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            let opts = RelayOptions {
+                listen: addr,
+                ws: Default::default(),
+                config_dir: dir.clone(),
+                run_dir: dir.clone(),
+                tcp_max_connections: None,
+                tcp_per_source: None,
+                server: Default::default(),
+            };
+            let task = tokio::spawn(async move { run(&opts).await });
+            for _ in 0..50 {
+                if task.is_finished() {
+                    break;
+                }
+                client.send_to(request, addr).await.expect("send");
+                let wait = Duration::from_millis(100);
+                if let Ok(Ok(_)) = tokio::time::timeout(wait, client.recv(&mut answer)).await {
+                    return Running { addr, task, dir };
+                }
+            }
+            task.abort();
+        }
+        panic!("no relay could start on loopback");
+    }
+
+    /// A burst of equal requests from one member is answered by equal datagrams to one
+    /// destination: the relay's flush sends them as segmented runs where it can, and the
+    /// member must still get every answer as a datagram of its own.
+    #[tokio::test]
+    async fn a_burst_of_requests_gets_every_answer_as_its_own_datagram() {
+        const BURST: usize = 48;
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        // Padded to the answer's length: the relay answers an unproven address with no more
+        // bytes than it sent.
+        let mut request = Frame::KeyRequest.to_vec();
+        request.resize(wire::RELAY_OVERHEAD, 0);
+        let relay = start(&client, &request).await;
+        // Answers still in flight from the start-up probes.
+        let mut buf = [0u8; 2048];
+        while client.try_recv(&mut buf).is_ok() {}
+        for _ in 0..BURST {
+            client.send_to(&request, relay.addr).await.expect("send");
+        }
+        let started = Instant::now();
+        let mut answers = 0;
+        while answers < BURST {
+            let n = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
+                .await
+                .expect("every answer within 5 s")
+                .expect("receive");
+            let Ok(Frame::KeyResponse { .. }) = Frame::parse(&buf[..n]) else {
+                panic!("not a key response: {:?}", &buf[..n]);
+            };
+            answers += 1;
+        }
+        println!("{BURST} answers in {:?}", started.elapsed());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), client.recv(&mut buf))
+                .await
+                .is_err(),
+            "no more datagrams than answers"
+        );
+    }
+}
