@@ -8,9 +8,9 @@
 //! TCP links go to their connection's queue, datagrams for UDP links into the main socket's send
 //! batch. At the end of every wake-up the batch is flushed.
 //!
-//! The main port is a [`UdpIo`]: when it is readable the loop reads, with `recvmmsg` and GRO,
-//! every datagram waiting until the socket would block or about [`UDP_BATCH`] were read (it never
-//! waits for more to arrive), feeding each to the server as it comes. The flush then sends
+//! The main port is a `udp_batch::UdpIo`: when it is readable the loop reads, with `recvmmsg`
+//! and GRO, every datagram waiting until the socket would block or about [`UDP_BATCH`] were read
+//! (it never waits for more to arrive), feeding each to the server as it comes. The flush sends
 //! consecutive outputs to one destination of one size (the last may be shorter) as one
 //! segmented send (UDP GSO), which is what relaying a bulk stream between two members produces;
 //! a device that refuses segmentation gets the batch again datagram by datagram.
