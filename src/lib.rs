@@ -67,4 +67,5 @@ pub mod node;
 pub mod relay;
 pub mod sockaddr;
 pub mod status;
+pub(crate) mod udp_batch;
 pub mod wire;

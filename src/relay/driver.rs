@@ -1,14 +1,23 @@
 //! The relay's tokio driver: the UDP sockets, the TCP listener and the control socket feeding
 //! [`RelayServer`], with the TCP limits of [`ConnTable`] applied.
 //!
-//! One loop waits for the first of: a datagram on the main UDP port (then drains up to
-//! [`UDP_BATCH`] more without waiting), a STUN request on the second port, an accepted stream, an
-//! event from a connection task, a status request, a deadline (member expiry or a connection's
-//! registration/idle deadline) or a signal. Each input is fed to the server with
-//! `Instant::now()` and every output is sent at once. Outputs also tell the loop which TCP
-//! connections speak for a registered member: a sealed reply or a forwarded packet caused by a
-//! frame marks that frame valid (see [`super::limits`]). Every limit that trips is counted and
-//! logged through a [`LogLimiter`].
+//! One loop waits for the first of: a datagram on the main UDP port, a STUN request on the
+//! second port, an accepted stream, an event from a connection task, a status request, a
+//! deadline (member expiry or a connection's registration/idle deadline) or a signal. Each input
+//! is fed to the server with `Instant::now()` and its outputs are drained at once: datagrams for
+//! TCP links go to their connection's queue, datagrams for UDP links into the main socket's send
+//! batch. At the end of every wake-up the batch is flushed.
+//!
+//! The main port is a `udp_batch::UdpIo`: when it is readable the loop reads, with `recvmmsg`
+//! and GRO, every datagram waiting until the socket would block or about [`UDP_BATCH`] were read
+//! (it never waits for more to arrive), feeding each to the server as it comes. The flush sends
+//! consecutive outputs to one destination of one size (the last may be shorter) as one
+//! segmented send (UDP GSO), which is what relaying a bulk stream between two members produces;
+//! a device that refuses segmentation gets the batch again datagram by datagram.
+//!
+//! Outputs also tell the loop which TCP connections speak for a registered member: a sealed
+//! reply or a forwarded packet caused by a frame marks that frame valid (see
+//! [`super::limits`]). Every limit that trips is counted and logged through a [`LogLimiter`].
 
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)] // the driver: owns the clock, tasks, sockets and the key's randomness
 
@@ -34,6 +43,7 @@ use super::ws::{self, Framing};
 use crate::config::write_atomic;
 use crate::keys::NodeSecret;
 use crate::sockaddr;
+use crate::udp_batch::{Outbox, UdpIo};
 use crate::wire::stun;
 use crate::wire::token::TlsEndpoint;
 
@@ -57,12 +67,10 @@ pub fn load_or_create_key(config_dir: &Path) -> anyhow::Result<NodeSecret> {
 }
 
 /// Datagrams taken from the main UDP socket per wake-up before the loop looks at its other
-/// inputs: amortises the wake-up under load without letting UDP starve TCP or timers.
+/// inputs: amortises the wake-up under load without letting UDP starve TCP or timers. It is
+/// checked between `recvmmsg` calls, so a wake-up may read up to one call more (32 slots, each
+/// a GRO run from one sender); the outputs of those reads are what one flush sends.
 const UDP_BATCH: usize = 64;
-/// Receive buffer asked for on the main UDP socket: absorbs a burst (a flood, or many members
-/// at once) of about 3,000 full-size datagrams while the loop is busy. The kernel caps it at
-/// `net.core.rmem_max`; the relay logs what it got.
-const UDP_RECV_BUFFER: usize = 4 << 20;
 /// Events from connection tasks waiting for the loop; a full queue makes the tasks wait, which
 /// pushes back on their streams.
 const CONN_EVENT_QUEUE: usize = 1024;
@@ -104,7 +112,6 @@ struct Relay {
     conns: BTreeMap<u64, Connection>,
     log: LogLimiter,
     udp: UdpCounters,
-    dual_stack: bool,
 }
 
 /// Runs the relay until SIGINT or SIGTERM.
@@ -121,12 +128,13 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
             anyhow::anyhow!("binding UDP {listen}: {e}")
         }
     })?;
-    let sock = socket2::SockRef::from(&socket);
-    if let Err(e) = sock.set_recv_buffer_size(UDP_RECV_BUFFER) {
-        tracing::debug!(%e, "cannot enlarge the UDP receive buffer");
-    }
+    // `--listen [::]:3478` gives a dual-stack socket: IPv4 members arrive IPv4-mapped. The
+    // socket asks for 4 MiB buffers each way: a burst (a flood, or many members at once) of
+    // about 3,000 full-size datagrams waits while the loop is busy.
+    let mut udp_io = UdpIo::new(socket, listen.is_ipv6())
+        .with_context(|| format!("setting up UDP {listen} for batched reads and writes"))?;
     tracing::info!(
-        bytes = sock.recv_buffer_size().unwrap_or(0),
+        bytes = udp_io.recv_buffer_size().unwrap_or(0),
         "UDP receive buffer"
     );
     let start_us = std::time::SystemTime::now()
@@ -205,8 +213,6 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
         conns: BTreeMap::new(),
         log: LogLimiter::default(),
         udp: UdpCounters::default(),
-        // `--listen [::]:3478` gives a dual-stack socket: IPv4 members arrive IPv4-mapped.
-        dual_stack: listen.is_ipv6(),
     };
     #[allow(clippy::print_stdout)]
     {
@@ -243,7 +249,6 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
     let (status_tx, mut status_requests) = mpsc::channel::<StatusRequest>(8);
     let control_task = control_listener.map(|l| tokio::spawn(control::serve(l, status_tx)));
     let (event_tx, mut events) = mpsc::channel::<ConnEvent>(CONN_EVENT_QUEUE);
-    let mut buf = vec![0u8; 65_536];
     let mut alt_buf = vec![0u8; 1_500];
     let mut saved_rotations = relay.server.rotations_version();
     loop {
@@ -266,14 +271,14 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
             .min()
             .unwrap_or(now + IDLE_WAKE);
         tokio::select! {
-            r = socket.recv_from(&mut buf) => {
+            r = udp_io.readable() => {
                 match r {
-                    Ok((n, from)) => relay.handle_udp(&socket, from, &buf[..n]).await,
-                    Err(e) => tracing::debug!(%e, "UDP receive failed"),
-                }
-                for _ in 1..UDP_BATCH {
-                    let Ok((n, from)) = socket.try_recv_from(&mut buf) else { break };
-                    relay.handle_udp(&socket, from, &buf[..n]).await;
+                    Ok(()) => {
+                        udp_io.receive_and_queue(UDP_BATCH, |from, bytes, out| {
+                            relay.handle_udp(from, bytes, out);
+                        });
+                    }
+                    Err(e) => tracing::debug!(%e, "UDP socket not readable"),
                 }
             }
             r = alt.recv_from(&mut alt_buf) => {
@@ -287,15 +292,18 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
                 }
             }
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
-                relay.handle_timeout(&socket).await;
+                relay.handle_timeout(&mut udp_io.outbox());
             }
             Some(a) = accepted.recv() => relay.handle_accepted(a, &event_tx),
-            Some(ev) = events.recv() => relay.handle_conn_event(&socket, ev).await,
+            Some(ev) = events.recv() => relay.handle_conn_event(&mut udp_io.outbox(), ev),
             Some(reply) = status_requests.recv() => {
                 let _ = reply.send(relay.status(opts, descriptors, started));
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
+        }
+        if udp_io.queued() > 0 {
+            relay.udp.send_errors += udp_io.flush().await as u64;
         }
     }
     for task in &accept_tasks {
@@ -332,20 +340,21 @@ async fn bind_tcp(addr: SocketAddr, option: &str) -> anyhow::Result<TcpListener>
 }
 
 impl Relay {
-    async fn handle_udp(&mut self, socket: &UdpSocket, from: SocketAddr, bytes: &[u8]) {
+    /// One datagram from the main port (`from` already unmapped); its outputs go to `out`.
+    fn handle_udp(&mut self, from: SocketAddr, bytes: &[u8], out: &mut Outbox<'_>) {
         self.udp.received += 1;
         self.server
-            .handle_datagram(Instant::now(), Link::Udp(sockaddr::unmap(from)), bytes);
-        self.flush(socket).await;
+            .handle_datagram(Instant::now(), Link::Udp(from), bytes);
+        self.drain(out);
     }
 
-    async fn handle_timeout(&mut self, socket: &UdpSocket) {
+    fn handle_timeout(&mut self, out: &mut Outbox<'_>) {
         let now = Instant::now();
         self.server.handle_timeout(now);
         for (id, reason) in self.table.handle_timeout(now) {
             self.close(now, id, reason);
         }
-        self.flush(socket).await;
+        self.drain(out);
     }
 
     fn handle_accepted(&mut self, accepted: Accepted, events: &mpsc::Sender<ConnEvent>) {
@@ -401,7 +410,7 @@ impl Relay {
         }
     }
 
-    async fn handle_conn_event(&mut self, socket: &UdpSocket, event: ConnEvent) {
+    fn handle_conn_event(&mut self, out: &mut Outbox<'_>, event: ConnEvent) {
         let now = Instant::now();
         match event {
             ConnEvent::Frames { id, frames } => {
@@ -411,7 +420,7 @@ impl Relay {
                     };
                     let link = Link::Tcp { id, remote };
                     self.server.handle_datagram(now, link, &frame);
-                    if self.flush(socket).await {
+                    if self.drain(out) {
                         self.table.handle_valid(now, id);
                     }
                 }
@@ -428,26 +437,20 @@ impl Relay {
                 self.forget(id);
             }
         }
-        self.flush(socket).await;
+        self.drain(out);
     }
 
-    /// Sends every pending output; `true` if one of them shows the input came from a member
-    /// (a sealed reply, only sent after authentication, or a forwarded packet, only forwarded
-    /// from the link its sender registered from).
-    async fn flush(&mut self, socket: &UdpSocket) -> bool {
+    /// Takes every pending output: UDP datagrams into `out` (sent when the loop flushes it at
+    /// the end of this wake-up), TCP datagrams onto their connection's queue. `true` if one of
+    /// them shows the input came from a member (a sealed reply, only sent after
+    /// authentication, or a forwarded packet, only forwarded from the link its sender
+    /// registered from).
+    fn drain(&mut self, out: &mut Outbox<'_>) -> bool {
         let mut member_traffic = false;
         while let Some(Transmit { link, payload }) = self.server.poll_transmit() {
             member_traffic |= limits::proves_member(&payload);
             match link {
-                Link::Udp(dst) => {
-                    if let Err(e) = socket
-                        .send_to(&payload, sockaddr::for_socket(dst, self.dual_stack))
-                        .await
-                    {
-                        self.udp.send_errors += 1;
-                        tracing::debug!(%e, %dst, "UDP send failed");
-                    }
-                }
+                Link::Udp(dst) => out.queue(dst, &payload),
                 Link::Tcp { id, .. } => {
                     let Some(conn) = self.conns.get(&id) else {
                         continue;
@@ -523,5 +526,102 @@ impl Relay {
             udp: self.udp,
             server: self.server.counters(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{self, Frame};
+
+    /// A relay running in this process on loopback, stopped when dropped.
+    struct Running {
+        addr: SocketAddr,
+        task: JoinHandle<anyhow::Result<()>>,
+        dir: PathBuf,
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.task.abort();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// Starts a relay on free loopback ports (retrying if one was taken between probing and
+    /// binding) and waits until it answers a key request from `client`.
+    async fn start(client: &UdpSocket, request: &[u8]) -> Running {
+        let dir = std::env::temp_dir().join(format!("meshvpn-driver-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut answer = [0u8; 2048];
+        for _ in 0..20 {
+            let port = std::net::UdpSocket::bind("127.0.0.1:0")
+                .and_then(|s| s.local_addr())
+                .expect("probe UDP port")
+                .port();
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            let opts = RelayOptions {
+                listen: addr,
+                ws: Default::default(),
+                config_dir: dir.clone(),
+                run_dir: dir.clone(),
+                tcp_max_connections: None,
+                tcp_per_source: None,
+                server: Default::default(),
+            };
+            let task = tokio::spawn(async move { run(&opts).await });
+            for _ in 0..50 {
+                if task.is_finished() {
+                    break;
+                }
+                client.send_to(request, addr).await.expect("send");
+                let wait = Duration::from_millis(100);
+                if let Ok(Ok(_)) = tokio::time::timeout(wait, client.recv(&mut answer)).await {
+                    return Running { addr, task, dir };
+                }
+            }
+            task.abort();
+        }
+        panic!("no relay could start on loopback");
+    }
+
+    /// A burst of equal requests from one member is answered by equal datagrams to one
+    /// destination: the relay's flush sends them as segmented runs where it can, and the
+    /// member must still get every answer as a datagram of its own.
+    #[tokio::test]
+    async fn a_burst_of_requests_gets_every_answer_as_its_own_datagram() {
+        const BURST: usize = 48;
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        // Padded to the answer's length: the relay answers an unproven address with no more
+        // bytes than it sent.
+        let mut request = Frame::KeyRequest.to_vec();
+        request.resize(wire::RELAY_OVERHEAD, 0);
+        let relay = start(&client, &request).await;
+        // Answers still in flight from the start-up probes.
+        let mut buf = [0u8; 2048];
+        while client.try_recv(&mut buf).is_ok() {}
+        for _ in 0..BURST {
+            client.send_to(&request, relay.addr).await.expect("send");
+        }
+        let started = Instant::now();
+        let mut answers = 0;
+        while answers < BURST {
+            let n = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
+                .await
+                .expect("every answer within 5 s")
+                .expect("receive");
+            let Ok(Frame::KeyResponse { .. }) = Frame::parse(&buf[..n]) else {
+                panic!("not a key response: {:?}", &buf[..n]);
+            };
+            answers += 1;
+        }
+        println!("{BURST} answers in {:?}", started.elapsed());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), client.recv(&mut buf))
+                .await
+                .is_err(),
+            "no more datagrams than answers"
+        );
     }
 }

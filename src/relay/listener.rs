@@ -10,7 +10,9 @@
 //!   retrying at once (the pending connection stays in the backlog, so an immediate retry fails
 //!   again and the task would spin at full CPU);
 //! - [`serve_connection`] reads frames through a [`FrameDecoder`] and writes queued datagrams
-//!   in batches, reporting frames, written bytes and the end of the stream as [`ConnEvent`]s.
+//!   in batches — every datagram already queued, framed into one reused [`FrameBatch`] and
+//!   written at once — reporting frames, written bytes and the end of the stream as
+//!   [`ConnEvent`]s.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -20,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use super::status::Descriptors;
-use super::tcp::{encode_frame, FrameDecoder};
+use super::tcp::{FrameBatch, FrameDecoder};
 use super::ws::Framing;
 
 /// Pause after `accept` failed for lack of descriptors: long enough that a relay at its limit
@@ -33,8 +35,6 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(5);
 /// Bytes read from a stream at once: a couple of full-size frames; small because every idle
 /// connection keeps this buffer.
 const READ_CHUNK: usize = 2048;
-/// Datagrams written to a stream with one `write_all`.
-const WRITE_BATCH: usize = 32;
 /// Ceiling for the raised soft limit when the hard limit is "unlimited" (Linux's default
 /// `fs.nr_open`).
 const NOFILE_FALLBACK_CEILING: u64 = 1 << 20;
@@ -174,7 +174,7 @@ pub async fn serve_connection(
     let (mut read, mut write) = stream.into_split();
     let mut decoder = FrameDecoder::new(max_frame);
     let mut chunk = vec![0u8; READ_CHUNK];
-    let mut batch = Vec::new();
+    let mut batch = FrameBatch::new();
     loop {
         tokio::select! {
             r = read.read(&mut chunk) => {
@@ -200,15 +200,12 @@ pub async fn serve_connection(
             }
             first = outbound.recv() => {
                 let Some(first) = first else { break };
-                batch.clear();
-                let mut bytes = 0;
-                for datagram in take_batch(first, &mut outbound) {
-                    // Datagrams come from one UDP payload or one frame, so they always fit;
-                    // one that did not would be skipped, never truncated.
-                    encode_frame(&mut batch, &datagram);
-                    bytes += datagram.len();
-                }
-                if write.write_all(&batch).await.is_err() {
+                // Datagrams come from one UDP payload or one frame, so they always fit a frame.
+                batch.gather(&first, || outbound.try_recv().ok());
+                let Ok(bytes) = batch.write_to(&mut write).await else { break };
+                // Flushed only once the queue is empty (a no-op on a plain TCP stream, where
+                // `write_all` already handed every byte to the kernel).
+                if outbound.is_empty() && write.flush().await.is_err() {
                     break;
                 }
                 if events.send(ConnEvent::Sent { id, bytes }).await.is_err() {
@@ -220,24 +217,12 @@ pub async fn serve_connection(
     let _ = events.send(ConnEvent::Closed { id }).await;
 }
 
-/// `first` and the datagrams already queued behind it, at most [`WRITE_BATCH`] in all: what a
-/// stream task writes at once, whatever its framing.
-pub fn take_batch(first: Vec<u8>, outbound: &mut mpsc::UnboundedReceiver<Vec<u8>>) -> Vec<Vec<u8>> {
-    let mut batch = vec![first];
-    while batch.len() < WRITE_BATCH {
-        match outbound.try_recv() {
-            Ok(datagram) => batch.push(datagram),
-            Err(_) => break,
-        }
-    }
-    batch
-}
-
 #[cfg(test)]
 // "Any other event" is exactly what these tests mean to reject.
 #[allow(clippy::wildcard_enum_match_arm)]
 mod tests {
     use super::*;
+    use crate::relay::tcp::{encode_frame, MAX_FRAME, WRITE_BATCH_BYTES};
 
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -303,6 +288,61 @@ mod tests {
             .expect("eof within 5 s")
             .unwrap_or(0);
         assert_eq!(n, 0, "the stream is closed");
+    }
+
+    #[tokio::test]
+    async fn datagrams_queued_together_go_out_in_one_write_and_a_long_queue_in_bounded_ones() {
+        let (mut client, server) = pair().await;
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        // Queued before the task runs: all of it is waiting at its first look.
+        let small: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 100 + usize::from(i)]).collect();
+        for d in &small {
+            out_tx.send(d.clone()).expect("queue");
+        }
+        let (ev_tx, mut events) = mpsc::channel(16);
+        tokio::spawn(serve_connection(server, 5, 100, out_rx, ev_tx));
+        let total: usize = small.iter().map(Vec::len).sum();
+        match next(&mut events).await {
+            ConnEvent::Sent { id: 5, bytes } => {
+                assert_eq!(bytes, total, "one write carried every queued datagram")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let mut decoder = FrameDecoder::new(MAX_FRAME);
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while got.len() < small.len() {
+            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut chunk))
+                .await
+                .expect("bytes within 5 s")
+                .expect("read");
+            assert_ne!(n, 0, "stream ended early");
+            decoder.handle_bytes(&chunk[..n]);
+            while let Some(frame) = decoder.poll_frame().expect("valid frames") {
+                got.push(frame);
+            }
+        }
+        assert_eq!(got, small);
+
+        // More than one batch's worth waiting: several writes, none much over the cap.
+        tokio::spawn(async move { tokio::io::copy(&mut client, &mut tokio::io::sink()).await });
+        let big = vec![7u8; 1400];
+        let count = 3 * WRITE_BATCH_BYTES / big.len();
+        for _ in 0..count {
+            out_tx.send(big.clone()).expect("queue");
+        }
+        let mut sent = Vec::new();
+        while sent.iter().sum::<usize>() < count * big.len() {
+            match next(&mut events).await {
+                ConnEvent::Sent { id: 5, bytes } => sent.push(bytes),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(sent.len() >= 3, "{sent:?}");
+        assert!(
+            sent.iter().all(|b| *b < WRITE_BATCH_BYTES + big.len()),
+            "every write stays within the cap plus one datagram: {sent:?}"
+        );
     }
 
     #[tokio::test]

@@ -4,7 +4,10 @@
 //! frame would carry. A WebSocket connection is one more stream in the relay's
 //! [`ConnTable`](super::limits::ConnTable): the same per-source caps, registration deadline,
 //! queue caps and counters as a TCP connection, the same [`ConnEvent`]s to the relay's loop; only
-//! the framing differs ([`serve_websocket`] instead of [`listener::serve_connection`]).
+//! the framing differs ([`serve_websocket`] instead of [`super::listener::serve_connection`]).
+//! Outbound datagrams are written as a TCP connection writes them, in batches: every datagram
+//! already queued (up to [`WRITE_BATCH_BYTES`]) is fed to the sink, and the sink is flushed once
+//! the queue is empty, so a burst becomes a few large TLS records rather than one per datagram.
 //!
 //! The TLS handshake and the HTTP upgrade happen inside the connection's task, after the table
 //! accepted the connection, so a client that stalls in the handshake holds one slot until the
@@ -20,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::{Sink, SinkExt as _, StreamExt as _};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -34,7 +37,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use super::listener::{self, ConnEvent};
+use super::listener::ConnEvent;
+use super::tcp::WRITE_BATCH_BYTES;
 use crate::config::write_atomic;
 
 /// File in the config directory holding the self-signed certificate (PEM).
@@ -143,7 +147,7 @@ pub fn ws_config(max_frame: usize) -> WebSocketConfig {
 }
 
 /// Serves connection `id` accepted with WebSocket framing: TLS (if any), the HTTP upgrade on
-/// `path`, then datagrams in and out as in [`listener::serve_connection`]. Always ends with
+/// `path`, then datagrams in and out as in [`super::listener::serve_connection`]. Always ends with
 /// [`ConnEvent::Closed`] (or [`ConnEvent::FrameTooLong`]).
 pub async fn serve_websocket(
     stream: TcpStream,
@@ -231,16 +235,9 @@ async fn serve_messages<S: AsyncRead + AsyncWrite + Unpin>(
             }
             first = outbound.recv() => {
                 let Some(first) = first else { break };
-                let batch = listener::take_batch(first, &mut outbound);
-                let bytes = batch.iter().map(Vec::len).sum();
-                let mut failed = false;
-                for datagram in batch {
-                    if sink.feed(Message::Binary(datagram.into())).await.is_err() {
-                        failed = true;
-                        break;
-                    }
-                }
-                if failed || sink.flush().await.is_err() {
+                let Ok(bytes) = feed_queued(&mut sink, first, &mut outbound).await else { break };
+                // Flushed only once the queue is empty: what is still queued joins this write.
+                if outbound.is_empty() && sink.flush().await.is_err() {
                     break;
                 }
                 if events.send(ConnEvent::Sent { id, bytes }).await.is_err() {
@@ -251,6 +248,26 @@ async fn serve_messages<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let _ = sink.close().await;
     let _ = events.send(ConnEvent::Closed { id }).await;
+}
+
+/// Feeds `first` and the datagrams queued behind it, up to [`WRITE_BATCH_BYTES`], to `sink` as
+/// binary messages (the sink writes when its buffer fills; nothing is flushed); returns their
+/// bytes.
+async fn feed_queued<S: Sink<Message> + Unpin>(
+    sink: &mut S,
+    first: Vec<u8>,
+    outbound: &mut mpsc::UnboundedReceiver<Vec<u8>>,
+) -> Result<usize, S::Error> {
+    let mut bytes = first.len();
+    sink.feed(Message::Binary(first.into())).await?;
+    while bytes < WRITE_BATCH_BYTES {
+        let Ok(datagram) = outbound.try_recv() else {
+            break;
+        };
+        bytes += datagram.len();
+        sink.feed(Message::Binary(datagram.into())).await?;
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -344,6 +361,47 @@ mod tests {
             ConnEvent::FrameTooLong { id: 9, announced } => assert_eq!(announced, 101),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn datagrams_queued_together_are_sent_together() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        // Queued before the upgrade: all of it is waiting at the writer's first look.
+        let datagrams: Vec<Vec<u8>> = (0..6u8).map(|i| vec![i; 30 + usize::from(i)]).collect();
+        for d in &datagrams {
+            out_tx.send(d.clone()).expect("queue");
+        }
+        let (ev_tx, mut events) = mpsc::channel(16);
+        tokio::spawn(serve_websocket(
+            server,
+            None,
+            "/meshvpn".into(),
+            4,
+            100,
+            out_rx,
+            ev_tx,
+        ));
+        let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/meshvpn"), client)
+            .await
+            .expect("upgrade");
+        match next(&mut events).await {
+            ConnEvent::Sent { id: 4, bytes } => {
+                assert_eq!(bytes, datagrams.iter().map(Vec::len).sum::<usize>())
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let mut back = Vec::new();
+        while back.len() < datagrams.len() {
+            match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => back.push(b.to_vec()),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(back, datagrams);
     }
 
     #[tokio::test]
