@@ -12,12 +12,14 @@
 //! the proxy named in `HTTPS_PROXY`, whose log shows the CONNECT.
 //!
 //! Behind a reverse proxy: Debian's nginx terminates TLS on 443 of the relay's host and passes
-//! `/vpn/relay` to the relay's plain `--ws-listen` on loopback; the same 443-only client gets
-//! the key through it, and the relay counts the connection.
+//! `/vpn/relay` to the relay's plain `--ws-listen` on loopback; the relay runs with
+//! `--advertise-tls 443`, so `create` records nginx's 443 and that path in the token. The same
+//! 443-only client gets the key through it, and the relay counts the connection.
 //!
 //! A member on such a 443-only site (DNS allowed too) joins with the token alone: its agent
 //! finds UDP and the relay's TCP port blocked, falls back to WebSocket-over-TLS on its own,
 //! pings a public member through the relay, and its `status` shows that peer on `relay-tls`.
+//! The same through a CONNECT proxy, and through nginx (whose access log shows the upgrade).
 //!
 //! Every wait is bounded; traffic only goes to addresses inside the lab's namespaces; the lab
 //! (and every process it started) is torn down on drop, also on failure.
@@ -26,12 +28,12 @@
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)] // an end-to-end test: real time, real processes
 
 use std::ffi::OsString;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
 use meshvpn::wire::token::{TlsEndpoint, Token};
-use meshvpn_lab::{self as lab, wait_until, Host, Lab, Nat, Node, PeerPath};
+use meshvpn_lab::{self as lab, wait_until, Host, Lab, Nat, Node, PeerPath, Signal};
 
 const EXE: &str = env!("CARGO_BIN_EXE_meshvpn");
 const RELAY_PORT: u16 = 3478;
@@ -42,6 +44,8 @@ const START_BOUND: Duration = Duration::from_secs(10);
 const PROBE_BOUND: Duration = Duration::from_secs(15);
 /// The CONNECT proxy's port on its host.
 const PROXY_PORT: u16 = 8888;
+/// The path nginx passes to the relay's plain WebSocket listener.
+const NGINX_PATH: &str = "/vpn/relay";
 /// Joining through TLS: UDP is given up after 4 s, the TCP attempt times out after 5 s, then
 /// TLS connects and registers within a second; members list each other soon after. Three
 /// times that leaves room for a loaded machine.
@@ -187,80 +191,17 @@ fn host_that_only_reaches_tcp_443_gets_the_relay_behind_nginx() -> Result<()> {
     let exe = Path::new(EXE);
     let mut relay = Node::new(&lab, exe, &relay_host, "relay")?;
     let client = Node::new(&lab, exe, &client_host, "client")?;
-    let pid = relay.spawn(
-        &lab,
-        &[
-            "relay",
-            "--listen",
-            &format!("0.0.0.0:{RELAY_PORT}"),
-            "--ws-listen",
-            "127.0.0.1:8080",
-            "--ws-path",
-            "/vpn/relay",
-        ],
-    )?;
-    wait_for_tcp(
-        &lab,
-        &relay_host,
-        8080,
-        pid,
-        "the relay's WebSocket listener",
-    )?;
-
-    let dir = lab.dir().to_path_buf();
-    let d = dir.to_string_lossy().into_owned();
-    lab.exec(
-        &relay_host,
-        &[
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=relay",
-            "-keyout",
-            &format!("{d}/proxy.key"),
-            "-out",
-            &format!("{d}/proxy.crt"),
-        ],
-    )?;
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log stderr info;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{\n  access_log {d}/nginx-access.log;\n\
-               client_body_temp_path {d}/nginx-body;\n  proxy_temp_path {d}/nginx-proxy;\n\
-               server {{\n    listen {TLS_PORT} ssl;\n\
-                 ssl_certificate {d}/proxy.crt;\n    ssl_certificate_key {d}/proxy.key;\n\
-                 location /vpn/relay {{\n      proxy_pass http://127.0.0.1:8080;\n\
-                   proxy_http_version 1.1;\n      proxy_set_header Upgrade $http_upgrade;\n\
-                   proxy_set_header Connection \"upgrade\";\n      proxy_read_timeout 1h;\n\
-                 }}\n  }}\n}}\n"
-        ),
-    )?;
-    let conf_arg = conf.to_string_lossy().into_owned();
-    let nginx = lab.spawn(
-        &relay_host,
-        "nginx",
-        &["-c", &conf_arg, "-e", "stderr"],
-        &dir.join("nginx.log"),
-    )?;
-    wait_for_tcp(&lab, &relay_host, TLS_PORT, nginx, "nginx")?;
+    start_relay_behind_nginx(&lab, &mut relay)?;
     let relay_addr = format!("{}:{RELAY_PORT}", relay_host.public_addr);
     let line = relay.create_token(&lab, "tls", &relay_addr, None)?;
     let token = Token::decode(&line).context("decoding the token")?;
-    let named = format!(
-        "{}@{relay_addr}",
-        token.relays.first().context("a relay")?.key
+    let endpoint = token.relays.first().context("a relay")?;
+    assert_eq!(
+        endpoint.tls,
+        Some(nginx_endpoint()),
+        "the token names nginx's 443"
     );
+    let named = format!("{}@{relay_addr}", endpoint.key);
     only_tcp_443_out(&lab, &client_host)?;
 
     let before = relay.relay_status(&lab)?;
@@ -270,7 +211,7 @@ fn host_that_only_reaches_tcp_443_gets_the_relay_behind_nginx() -> Result<()> {
         "--tls-port",
         &TLS_PORT.to_string(),
         "--ws-path",
-        "/vpn/relay",
+        NGINX_PATH,
     ];
     let out = client.run(&lab, &args, PROBE_BOUND)?;
     let said = String::from_utf8_lossy(&out.stdout);
@@ -289,7 +230,7 @@ fn host_that_only_reaches_tcp_443_gets_the_relay_behind_nginx() -> Result<()> {
     let wrong_path = client.run(&lab, &args[..4], PROBE_BOUND)?;
     assert!(
         !wrong_path.status.success(),
-        "nginx passes only /vpn/relay to the relay"
+        "nginx passes only {NGINX_PATH} to the relay"
     );
     lab.teardown();
     Ok(())
@@ -297,20 +238,44 @@ fn host_that_only_reaches_tcp_443_gets_the_relay_behind_nginx() -> Result<()> {
 
 #[test]
 fn member_on_a_443_only_site_joins_through_the_tls_relay_and_pings_a_public_member() -> Result<()> {
-    join_through_tls("tls-join", false)
+    join_through_tls("tls-join", Site::Only443)
 }
 
 #[test]
 fn member_behind_a_connect_proxy_joins_through_the_tls_relay_and_pings_a_public_member(
 ) -> Result<()> {
-    join_through_tls("tls-join-proxy", true)
+    join_through_tls("tls-join-proxy", Site::ConnectProxy)
 }
 
-/// A public member (alice) and a member (bob) on a home network whose firewall lets only TCP
-/// 443 and DNS out, or with `via_proxy` only a CONNECT proxy (tinyproxy, named to bob's agent
-/// in `HTTPS_PROXY`): bob joins with the token alone, pings alice's virtual IP and shows her on
+#[test]
+fn member_on_a_443_only_site_joins_through_nginx_and_pings_a_public_member() -> Result<()> {
+    join_through_tls("tls-join-nginx", Site::Only443ToNginx)
+}
+
+/// How bob's site reaches the relay's WebSocket-over-TLS endpoint.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Site {
+    /// Only TCP 443 and DNS out; the relay serves TLS on 443 itself.
+    Only443,
+    /// Only a CONNECT proxy (tinyproxy) out, named to bob's agent in `HTTPS_PROXY`.
+    ConnectProxy,
+    /// Only TCP 443 and DNS out; nginx terminates TLS on 443 of the relay's host and passes
+    /// [`NGINX_PATH`] to the relay's plain WebSocket listener.
+    Only443ToNginx,
+}
+
+/// The TLS endpoint a token names for the relay behind nginx.
+fn nginx_endpoint() -> TlsEndpoint {
+    TlsEndpoint {
+        port: TLS_PORT,
+        path: NGINX_PATH.to_string(),
+    }
+}
+
+/// A public member (alice) and a member (bob) on a home network whose firewall lets only what
+/// `site` says out: bob joins with the token alone, pings alice's virtual IP and shows her on
 /// `relay-tls`.
-fn join_through_tls(tag: &str, via_proxy: bool) -> Result<()> {
+fn join_through_tls(tag: &str, site: Site) -> Result<()> {
     if !lab::is_root() {
         println!("skipping: needs root");
         return Ok(());
@@ -323,12 +288,25 @@ fn join_through_tls(tag: &str, via_proxy: bool) -> Result<()> {
     let mut relay = Node::new(&lab, exe, &relay_host, "relay")?;
     let mut alice = Node::new(&lab, exe, &alice_host, "alice")?;
     let bob = Node::new(&lab, exe, &bob_host, "bob")?;
-    start_tls_relay(&lab, &mut relay)?;
+    let (nginx_log, expected) = if site == Site::Only443ToNginx {
+        let log = start_relay_behind_nginx(&lab, &mut relay)?;
+        (Some(log), nginx_endpoint())
+    } else {
+        start_tls_relay(&lab, &mut relay)?;
+        (None, TlsEndpoint::new(TLS_PORT))
+    };
     let relay_addr = format!("{}:{RELAY_PORT}", relay_host.public_addr);
     let token = relay.create_token(&lab, "tlsjoin", &relay_addr, None)?;
+    let recorded = Token::decode(&token).context("decoding the token")?;
+    assert_eq!(
+        recorded.relays.first().and_then(|r| r.tls.clone()),
+        Some(expected),
+        "`create` records the relay's TLS endpoint"
+    );
 
     let mut env = Vec::new();
     let proxy_log = lab.dir().join("tinyproxy.log");
+    let via_proxy = site == Site::ConnectProxy;
     if via_proxy {
         let proxy_host = lab.add_public_host("proxy")?;
         start_tinyproxy(&lab, &proxy_host, &proxy_log)?;
@@ -437,6 +415,24 @@ fn join_through_tls(tag: &str, via_proxy: bool) -> Result<()> {
             "tinyproxy logged the CONNECT to the relay:\n{log}"
         );
     }
+    if let Some(access_log) = nginx_log {
+        // nginx logs a request when it ends; for a WebSocket that is when the stream closes.
+        lab.stop(bob_pid, Signal::Term)?;
+        let upgrade = format!("\"GET {NGINX_PATH} HTTP/1.1\" 101 ");
+        let mut logged = String::new();
+        wait_until(
+            START_BOUND,
+            Duration::from_millis(100),
+            "nginx to log bob's WebSocket upgrade",
+            || {
+                logged = std::fs::read_to_string(&access_log).unwrap_or_default();
+                Ok(logged.contains(&upgrade))
+            },
+        )
+        .with_context(|| format!("nginx's access log:\n{logged}"))?;
+        let line = logged.lines().find(|l| l.contains(&upgrade)).unwrap_or("");
+        println!("[{tag}] nginx: {line}");
+    }
     lab.teardown();
     Ok(())
 }
@@ -476,6 +472,83 @@ fn only_proxy_out(lab: &Lab, host: &Host, proxy: &Host) -> Result<()> {
         lab.exec(host, &args)?;
     }
     Ok(())
+}
+
+/// Starts the relay on `relay`'s host with its UDP port and plain WebSocket on loopback port
+/// 8080 at [`NGINX_PATH`], advertising TLS port 443 in its key responses, and Debian's nginx in
+/// front of it: TLS on 443 (a self-signed certificate), [`NGINX_PATH`] passed to the relay with
+/// the WebSocket upgrade. Waits until both listen; returns nginx's access log.
+fn start_relay_behind_nginx(lab: &Lab, relay: &mut Node) -> Result<PathBuf> {
+    let pid = relay.spawn(
+        lab,
+        &[
+            "relay",
+            "--listen",
+            &format!("0.0.0.0:{RELAY_PORT}"),
+            "--ws-listen",
+            "127.0.0.1:8080",
+            "--ws-path",
+            NGINX_PATH,
+            "--advertise-tls",
+            &TLS_PORT.to_string(),
+        ],
+    )?;
+    wait_for_tcp(
+        lab,
+        &relay.host,
+        8080,
+        pid,
+        "the relay's WebSocket listener",
+    )?;
+
+    let dir = lab.dir().to_path_buf();
+    let d = dir.to_string_lossy().into_owned();
+    lab.exec(
+        &relay.host,
+        &[
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=relay",
+            "-keyout",
+            &format!("{d}/proxy.key"),
+            "-out",
+            &format!("{d}/proxy.crt"),
+        ],
+    )?;
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log stderr info;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{\n  access_log {d}/nginx-access.log;\n\
+               client_body_temp_path {d}/nginx-body;\n  proxy_temp_path {d}/nginx-proxy;\n\
+               server {{\n    listen {TLS_PORT} ssl;\n\
+                 ssl_certificate {d}/proxy.crt;\n    ssl_certificate_key {d}/proxy.key;\n\
+                 location {NGINX_PATH} {{\n      proxy_pass http://127.0.0.1:8080;\n\
+                   proxy_http_version 1.1;\n      proxy_set_header Upgrade $http_upgrade;\n\
+                   proxy_set_header Connection \"upgrade\";\n      proxy_read_timeout 1h;\n\
+                 }}\n  }}\n}}\n"
+        ),
+    )?;
+    let conf_arg = conf.to_string_lossy().into_owned();
+    let nginx = lab.spawn(
+        &relay.host,
+        "nginx",
+        &["-c", &conf_arg, "-e", "stderr"],
+        &dir.join("nginx.log"),
+    )?;
+    wait_for_tcp(lab, &relay.host, TLS_PORT, nginx, "nginx")?;
+    Ok(dir.join("nginx-access.log"))
 }
 
 /// Starts the relay on `relay`'s host with its UDP port and WebSocket-over-TLS on 443, and

@@ -431,6 +431,7 @@ mod tests {
                     cert: None,
                     ws_listen: None,
                     path: path.to_string(),
+                    advertise_tls: None,
                 },
                 config_dir: dir.clone(),
                 run_dir: dir.clone(),

@@ -94,6 +94,10 @@ pub enum Command {
         /// HTTP path of the WebSocket on --tls-listen and --ws-listen.
         #[arg(long, value_name = "PATH", default_value = token::DEFAULT_WS_PATH)]
         ws_path: String,
+        /// Tell members (through `create`) to reach the WebSocket over TLS on this TCP port of
+        /// the relay's host at --ws-path: a reverse proxy's port in front of --ws-listen.
+        #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+        advertise_tls: Option<u16>,
     },
     /// Ask a relay for its key over a stream as a member would reach it (TCP, or
     /// WebSocket-over-TLS through HTTPS_PROXY if set) and print it: a check that a host reaches
@@ -249,6 +253,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             tls_key,
             ws_listen,
             ws_path,
+            advertise_tls,
         } => runtime()?.block_on(relay::driver::run(&relay::driver::RelayOptions {
             listen,
             ws: relay::ws::WsOptions {
@@ -260,6 +265,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         .map_err(|e| anyhow::anyhow!("--ws-path: {e}"))?;
                     ws_path
                 },
+                advertise_tls,
             },
             config_dir: cli.config_dir,
             run_dir: cli.run_dir,

@@ -174,6 +174,12 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
         });
         tracing::info!(%addr, path = %opts.ws.path, "serving WebSocket over TLS");
     }
+    if let Some(port) = opts.ws.advertise_tls {
+        tls_endpoint = Some(TlsEndpoint {
+            port,
+            path: opts.ws.path.clone(),
+        });
+    }
     if let Some(addr) = opts.ws.ws_listen {
         let l = bind_tcp(addr, "--ws-listen").await?;
         stream_listeners.push((l, Framing::WebSocket { tls: None, path }));

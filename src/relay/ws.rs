@@ -59,6 +59,9 @@ pub struct WsOptions {
     pub ws_listen: Option<SocketAddr>,
     /// HTTP path the WebSocket is served on; other paths get 404.
     pub path: String,
+    /// TLS port key responses name instead of `tls_listen`'s, e.g. a reverse proxy's 443 in
+    /// front of `ws_listen` (at `path`), so `create` records it in the token.
+    pub advertise_tls: Option<u16>,
 }
 
 /// How a stream accepted on one of the relay's listeners is framed.
