@@ -1,12 +1,13 @@
 //! The `meshvpn` binary: parses the command line, sets up logging and runs the chosen command
-//! (see [`meshvpn::cli`]); a failure prints one line naming the problem and exits non-zero.
+//! (see [`meshvpn::cli`]); a failure prints one line naming the problem and exits with the
+//! code of [`meshvpn::cli::ExitCode`] (1 unless the failure has a code of its own).
 
 #![allow(clippy::print_stderr)]
 
 use std::io::IsTerminal as _;
 
 use clap::Parser as _;
-use meshvpn::cli::{Cli, Command};
+use meshvpn::cli::{Cli, Command, ExitCode};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
@@ -37,7 +38,7 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
             eprintln!("error: {msg}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(ExitCode::of(&e).code())
         }
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context as _};
 use rand::RngCore;
 
-use super::runtime;
+use super::{runtime, Failure};
 use crate::config::{self, Config};
 use crate::control::{self, PingReply, Request};
 use crate::status::Status;
@@ -20,6 +20,7 @@ fn resolve_network(config_dir: &Path, name: Option<String>) -> anyhow::Result<St
     if let Some(n) = name {
         return Ok(n);
     }
+    super::exit::check_readable_dir(config_dir)?;
     let all = config::list_networks(config_dir);
     match all.as_slice() {
         [] => bail!(
@@ -27,10 +28,11 @@ fn resolve_network(config_dir: &Path, name: Option<String>) -> anyhow::Result<St
             config_dir.display()
         ),
         [one] => Ok(one.clone()),
-        many => bail!(
+        many => Err(Failure::Usage(format!(
             "several networks are configured ({}); name one",
             many.join(", ")
-        ),
+        ))
+        .into()),
     }
 }
 
@@ -70,12 +72,17 @@ pub(super) fn ping(
                     reply.rtt_ms.unwrap_or(0.0)
                 );
             }
-            (false, Some(e)) if e.starts_with("no member") => bail!("{e} in network {network:?}"),
+            (false, Some(e)) if e.starts_with("no member") => {
+                return Err(Failure::PeerUnreachable(format!("{e} in network {network:?}")).into())
+            }
             (false, e) => println!("no pong from {}: {}", reply.peer, e.unwrap_or_default()),
         }
     }
     if answered == 0 {
-        bail!("{peer} did not answer any of {count} pings");
+        return Err(Failure::PeerUnreachable(format!(
+            "{peer} did not answer any of {count} pings"
+        ))
+        .into());
     }
     Ok(())
 }
@@ -177,6 +184,7 @@ fn netcheck_text(s: &Status) -> String {
 
 /// `meshvpn list`: configured networks and whether each agent answers.
 pub(super) fn list(config_dir: &Path, run_dir: &Path) -> anyhow::Result<()> {
+    super::exit::check_readable_dir(config_dir)?;
     let networks = config::list_networks(config_dir);
     if networks.is_empty() {
         println!("no networks configured in {}", config_dir.display());

@@ -5,6 +5,7 @@
 
 mod admin;
 pub mod demo;
+pub mod exit;
 pub mod generate;
 pub mod overlap;
 mod revoke;
@@ -24,6 +25,7 @@ use crate::keys::{NetworkSecret, NodeSecret};
 use crate::wire::token::{self, RelayEndpoint, Token};
 use crate::wire::{self, Frame};
 use crate::{agent, control, relay};
+pub use exit::{ExitCode, Failure};
 
 /// meshvpn: private virtual subnets over the internet, peer to peer, through any NAT.
 #[derive(Debug, Parser)]
@@ -302,7 +304,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let token = read_token(token.as_deref(), token_file.as_deref())?;
             if !no_start && !enable {
-                agent::check_privileges()?;
+                check_agent_privileges()?;
             }
             let path = Config::path(&cli.config_dir, &token.network);
             if path.exists() {
@@ -335,7 +337,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(agent::run(cfg, &cli.run_dir, &cli.config_dir))
         }
         Command::Up { name } => {
-            agent::check_privileges()?;
+            check_agent_privileges()?;
             let cfg = Config::load(&cli.config_dir, &name)?;
             overlap::check(&cfg, &cli.config_dir)?;
             runtime()?.block_on(agent::run(cfg, &cli.run_dir, &cli.config_dir))
@@ -362,6 +364,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             demo::run(&exe)
         }
     }
+}
+
+/// Fails unless this process may run the agent: [`Failure::PermissionDenied`] without root or
+/// CAP_NET_ADMIN, an error without `/dev/net/tun`.
+fn check_agent_privileges() -> anyhow::Result<()> {
+    if !agent::has_net_admin() {
+        return Err(Failure::PermissionDenied {
+            what: "starting the agent".into(),
+            need: "it needs root or CAP_NET_ADMIN to create its TUN device (try sudo, or run it as the meshvpn@NETWORK systemd service)".into(),
+        }
+        .into());
+    }
+    agent::check_privileges()
 }
 
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -564,6 +579,7 @@ fn status(
     let names = match name {
         Some(n) => vec![n],
         None => {
+            exit::check_readable_dir(config_dir)?;
             let found = config::list_networks(config_dir);
             if found.is_empty() {
                 bail!(
