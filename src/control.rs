@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::status::Status;
+use crate::status::NetworkStatus;
 
 /// How long a client waits for the agent's answer (a ping may take up to [`PING_TIMEOUT`]).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -197,7 +197,7 @@ pub enum ControlError {
         path: PathBuf,
     },
     /// Another I/O error.
-    #[error("talking to the agent on {}: {source}", path.display())]
+    #[error("talking to the agent on {}", path.display())]
     Io {
         /// The control socket path.
         path: PathBuf,
@@ -264,7 +264,7 @@ fn group_name(gid: u32) -> Option<String> {
 }
 
 /// Asks the agent of `network` for its status.
-pub async fn query_status(run_dir: &Path, network: &str) -> anyhow::Result<Status> {
+pub async fn query_status(run_dir: &Path, network: &str) -> anyhow::Result<NetworkStatus> {
     let line = ask(run_dir, network, &Request::Status).await?;
     serde_json::from_str(&line)
         .with_context(|| format!("the agent of network {network:?} sent an unreadable answer"))

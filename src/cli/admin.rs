@@ -12,7 +12,7 @@ use rand::RngCore;
 use super::{runtime, Failure};
 use crate::config::{self, Config};
 use crate::control::{self, PingReply, Request};
-use crate::status::Status;
+use crate::status::{ListReport, ListedNetwork, NetcheckReport, PeersReport, Status};
 use crate::wire::{admission, RelayRequest};
 
 /// The network a command is about: the one named, or the only one configured.
@@ -36,18 +36,40 @@ fn resolve_network(config_dir: &Path, name: Option<String>) -> anyhow::Result<St
     }
 }
 
+/// `meshvpn ping --json`: every answer, in order.
+#[derive(Debug, serde::Serialize)]
+struct PingReport {
+    /// [`crate::status::SCHEMA`].
+    schema: u32,
+    network: String,
+    peer: String,
+    sent: u32,
+    received: u32,
+    replies: Vec<PingReply>,
+}
+
 /// `meshvpn ping PEER`: pings on the current path and reports direct or relay, and the RTT.
+/// Fails with [`Failure::PeerUnreachable`] when no ping is answered or no member is `peer`.
 pub(super) fn ping(
     config_dir: &Path,
     run_dir: &Path,
     network: Option<String>,
     peer: &str,
     count: u32,
+    json: bool,
 ) -> anyhow::Result<()> {
     let network = resolve_network(config_dir, network)?;
     let rt = runtime()?;
-    let mut answered = 0;
-    for i in 0..count.max(1) {
+    let count = count.max(1);
+    let mut report = PingReport {
+        schema: crate::status::SCHEMA,
+        network: network.clone(),
+        peer: peer.to_string(),
+        sent: 0,
+        received: 0,
+        replies: Vec::new(),
+    };
+    for i in 0..count {
         if i > 0 {
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -58,27 +80,43 @@ pub(super) fn ping(
         ))?;
         let reply: PingReply =
             serde_json::from_str(&line).context("the agent sent an unreadable ping answer")?;
-        match (reply.ok, reply.error) {
+        report.sent += 1;
+        match (reply.ok, reply.error.as_deref()) {
             (true, _) => {
-                answered += 1;
-                let via = match (reply.path.as_deref(), reply.endpoint) {
-                    (Some("direct"), Some(e)) => format!("direct {e}"),
-                    (Some(p), _) => format!("via {p}"),
-                    (None, _) => "?".into(),
-                };
-                println!(
-                    "pong from {} {via} in {:.1} ms",
-                    reply.peer,
-                    reply.rtt_ms.unwrap_or(0.0)
-                );
+                report.received += 1;
+                if !json {
+                    let via = match (reply.path.as_deref(), reply.endpoint.as_deref()) {
+                        (Some("direct"), Some(e)) => format!("direct {e}"),
+                        (Some(p), _) => format!("via {p}"),
+                        (None, _) => "?".into(),
+                    };
+                    println!(
+                        "pong from {} {via} in {:.1} ms",
+                        reply.peer,
+                        reply.rtt_ms.unwrap_or(0.0)
+                    );
+                }
             }
             (false, Some(e)) if e.starts_with("no member") => {
-                return Err(Failure::PeerUnreachable(format!("{e} in network {network:?}")).into())
+                let message = format!("{e} in network {network:?}");
+                if json {
+                    report.replies.push(reply);
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                }
+                return Err(Failure::PeerUnreachable(message).into());
             }
-            (false, e) => println!("no pong from {}: {}", reply.peer, e.unwrap_or_default()),
+            (false, e) => {
+                if !json {
+                    println!("no pong from {}: {}", reply.peer, e.unwrap_or_default());
+                }
+            }
         }
+        report.replies.push(reply);
     }
-    if answered == 0 {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    if report.received == 0 {
         return Err(Failure::PeerUnreachable(format!(
             "{peer} did not answer any of {count} pings"
         ))
@@ -88,9 +126,25 @@ pub(super) fn ping(
 }
 
 /// `meshvpn peers`: the peer table only.
-pub(super) fn peers(config_dir: &Path, run_dir: &Path, name: Option<String>) -> anyhow::Result<()> {
+pub(super) fn peers(
+    config_dir: &Path,
+    run_dir: &Path,
+    name: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
     let network = resolve_network(config_dir, name)?;
-    let status = runtime()?.block_on(control::query_status(run_dir, &network))?;
+    let status = runtime()?
+        .block_on(control::query_status(run_dir, &network))?
+        .status;
+    if json {
+        let report = PeersReport {
+            schema: crate::status::SCHEMA,
+            network: status.network,
+            peers: status.peers,
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
     if status.peers.is_empty() {
         println!("no peers yet");
     }
@@ -120,16 +174,11 @@ pub(super) fn netcheck(
     json: bool,
 ) -> anyhow::Result<()> {
     let network = resolve_network(config_dir, name)?;
-    let status = runtime()?.block_on(control::query_status(run_dir, &network))?;
+    let status = runtime()?
+        .block_on(control::query_status(run_dir, &network))?
+        .status;
     if json {
-        let report = serde_json::json!({
-            "network": status.network,
-            "nat": status.nat,
-            "relay": status.relay,
-            "peers": status.peers.iter().map(|p| serde_json::json!({
-                "name": p.name, "path": p.path, "endpoint": p.endpoint, "relay_reason": p.relay_reason,
-            })).collect::<Vec<_>>(),
-        });
+        let report = NetcheckReport::of(&status);
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
@@ -183,28 +232,49 @@ fn netcheck_text(s: &Status) -> String {
 }
 
 /// `meshvpn list`: configured networks and whether each agent answers.
-pub(super) fn list(config_dir: &Path, run_dir: &Path) -> anyhow::Result<()> {
+pub(super) fn list(config_dir: &Path, run_dir: &Path, json: bool) -> anyhow::Result<()> {
     super::exit::check_readable_dir(config_dir)?;
     let networks = config::list_networks(config_dir);
-    if networks.is_empty() {
+    let rt = runtime()?;
+    let mut report = ListReport {
+        schema: crate::status::SCHEMA,
+        networks: Vec::new(),
+    };
+    for n in networks {
+        let cfg = Config::load(config_dir, &n).ok();
+        let status = rt.block_on(control::query_status(run_dir, &n)).ok();
+        report.networks.push(ListedNetwork {
+            virtual_ip: cfg.as_ref().map(|c| c.virtual_ip.to_string()),
+            subnet: cfg.as_ref().map(|c| c.subnet.to_string()),
+            running: status.is_some(),
+            ready: status.as_ref().is_some_and(|s| s.ready),
+            peers: status.as_ref().map(|s| s.status.peers.len()),
+            network: n,
+        });
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    if report.networks.is_empty() {
         println!("no networks configured in {}", config_dir.display());
         return Ok(());
     }
-    let rt = runtime()?;
     println!(
         "{:<20} {:<16} {:<18} STATE",
         "NETWORK", "VIRTUAL IP", "SUBNET"
     );
-    for n in networks {
-        let (ip, subnet) = match Config::load(config_dir, &n) {
-            Ok(c) => (c.virtual_ip.to_string(), c.subnet.to_string()),
-            Err(_) => ("?".into(), "(config unreadable)".into()),
+    for n in &report.networks {
+        let state = match n.peers {
+            Some(peers) => format!("up, {peers} peer(s)"),
+            None => "down".into(),
         };
-        let state = match rt.block_on(control::query_status(run_dir, &n)) {
-            Ok(s) => format!("up, {} peer(s)", s.peers.len()),
-            Err(_) => "down".into(),
-        };
-        println!("{n:<20} {ip:<16} {subnet:<18} {state}");
+        println!(
+            "{:<20} {:<16} {:<18} {state}",
+            n.network,
+            n.virtual_ip.as_deref().unwrap_or("?"),
+            n.subnet.as_deref().unwrap_or("(config unreadable)")
+        );
     }
     Ok(())
 }

@@ -161,9 +161,10 @@ pub enum Command {
     },
     /// Show this member's peers, their paths and round-trip times.
     Status {
-        /// Network name (default: every configured network).
+        /// Network name (default: every running network).
         name: Option<String>,
-        /// Print JSON instead of a table.
+        /// Print JSON (`{"schema": 1, "networks": [...]}`, one network or many) instead of
+        /// tables.
         #[arg(long)]
         json: bool,
     },
@@ -177,11 +178,17 @@ pub enum Command {
         /// Number of pings.
         #[arg(short, long, default_value_t = 4)]
         count: u32,
+        /// Print one JSON document with every answer instead of a line per pong.
+        #[arg(long)]
+        json: bool,
     },
     /// List the peers of a network: name, virtual IP, path and RTT.
     Peers {
         /// Network (default: the only configured one).
         name: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show this machine's NAT verdict and why each relayed peer is relayed.
     Netcheck {
@@ -192,7 +199,11 @@ pub enum Command {
         json: bool,
     },
     /// List the configured networks and whether each agent is up.
-    List,
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop the agent of a network (it tells the relay it leaves).
     Down {
         /// Network name.
@@ -347,12 +358,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             peer,
             network,
             count,
-        } => admin::ping(&cli.config_dir, &cli.run_dir, network, &peer, count),
-        Command::Peers { name } => admin::peers(&cli.config_dir, &cli.run_dir, name),
+            json,
+        } => admin::ping(&cli.config_dir, &cli.run_dir, network, &peer, count, json),
+        Command::Peers { name, json } => admin::peers(&cli.config_dir, &cli.run_dir, name, json),
         Command::Netcheck { name, json } => {
             admin::netcheck(&cli.config_dir, &cli.run_dir, name, json)
         }
-        Command::List => admin::list(&cli.config_dir, &cli.run_dir),
+        Command::List { json } => admin::list(&cli.config_dir, &cli.run_dir, json),
         Command::Down { name } => admin::down(&cli.run_dir, &name),
         Command::Leave { name, yes } => admin::leave(&cli.config_dir, &cli.run_dir, &name, yes),
         Command::Invite { name } => revoke::invite(&cli.config_dir, &name),
@@ -570,14 +582,23 @@ async fn fetch_relay_key(
     bail!("relay {host_port} did not answer over UDP or TCP (is `meshvpn relay` running there and its port reachable?)")
 }
 
+/// `meshvpn status [NAME]`: the named network, or every running one.
 fn status(
     config_dir: &std::path::Path,
     run_dir: &std::path::Path,
     name: Option<String>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let names = match name {
-        Some(n) => vec![n],
+    let rt = runtime()?;
+    let mut report = crate::status::StatusReport {
+        schema: crate::status::SCHEMA,
+        networks: Vec::new(),
+        not_running: Vec::new(),
+    };
+    match name {
+        Some(n) => report
+            .networks
+            .push(rt.block_on(control::query_status(run_dir, &n))?),
         None => {
             exit::check_readable_dir(config_dir)?;
             let found = config::list_networks(config_dir);
@@ -587,28 +608,36 @@ fn status(
                     config_dir.display()
                 );
             }
-            found
+            for n in found {
+                match rt.block_on(control::query_status(run_dir, &n)) {
+                    Ok(s) => report.networks.push(s),
+                    Err(e) if ExitCode::of(&e) == ExitCode::NotRunning => {
+                        report.not_running.push(n)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if report.networks.is_empty() {
+                return Err(Failure::NotRunning(format!(
+                    "the agents of the configured networks ({}) are not running; start one with `meshvpn up NETWORK`",
+                    report.not_running.join(", ")
+                ))
+                .into());
+            }
         }
-    };
-    let rt = runtime()?;
-    let mut statuses = Vec::new();
-    for n in &names {
-        statuses.push(rt.block_on(control::query_status(run_dir, n))?);
     }
     if json {
-        let text = if statuses.len() == 1 {
-            serde_json::to_string_pretty(&statuses[0])?
-        } else {
-            serde_json::to_string_pretty(&statuses)?
-        };
-        println!("{text}");
-    } else {
-        for (i, s) in statuses.iter().enumerate() {
-            if i > 0 {
-                println!();
-            }
-            print!("{}", s.to_table());
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    for (i, s) in report.networks.iter().enumerate() {
+        if i > 0 {
+            println!();
         }
+        print!("{}", s.to_table());
+    }
+    if !report.not_running.is_empty() {
+        println!("\nnot running: {}", report.not_running.join(", "));
     }
     Ok(())
 }

@@ -1,0 +1,209 @@
+//! End-to-end tests of meshvpn for scripts, against real agents in a namespace lab (needs root;
+//! skips otherwise): exit codes, the versioned JSON of one network and of several.
+//!
+//! Each test builds its own lab with unique names and tears it down on drop, even when it
+//! fails. Only lab addresses are ever contacted.
+
+#![allow(clippy::print_stdout)] // an end-to-end test reports its progress
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _, Result};
+use meshvpn_lab::{self as lab, status, wait_until, Lab, Node};
+
+const EXE: &str = env!("CARGO_BIN_EXE_meshvpn");
+const RELAY_PORT: u16 = 3478;
+const CONVERGE: Duration = Duration::from_secs(30);
+
+fn skip() -> bool {
+    if lab::is_root() {
+        return false;
+    }
+    println!("skipping: needs root");
+    true
+}
+
+/// Runs `meshvpn <args>` on `node` and returns (exit code, stdout), printing both with stderr.
+fn run(node: &Node, lab: &Lab, args: &[&str]) -> Result<(Option<i32>, String)> {
+    let out = node.run(lab, args, Duration::from_secs(30))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!(
+        "{}: meshvpn {} -> exit {:?}; stderr: {}",
+        node.name,
+        args.join(" "),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok((out.status.code(), stdout))
+}
+
+/// `meshvpn <args>` on `node`, which must exit 0 and print one JSON document with schema 1.
+fn json(node: &Node, lab: &Lab, args: &[&str]) -> Result<serde_json::Value> {
+    let (code, stdout) = run(node, lab, args)?;
+    ensure!(
+        code == Some(0),
+        "meshvpn {args:?} exited {code:?}: {stdout}"
+    );
+    let value: serde_json::Value =
+        serde_json::from_str(&stdout).with_context(|| format!("meshvpn {args:?}: {stdout}"))?;
+    ensure!(
+        value["schema"] == status::SCHEMA,
+        "meshvpn {args:?} has no schema {}: {stdout}",
+        status::SCHEMA
+    );
+    Ok(value)
+}
+
+/// Waits until `node` lists exactly `want` in `network`.
+fn wait_peers(node: &Node, lab: &Lab, network: &str, want: &[&str]) -> Result<Duration> {
+    let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    wait_until(
+        CONVERGE,
+        Duration::from_millis(100),
+        &format!("{} to list {want:?} in {network}", node.name),
+        || Ok(node.status(lab, network)?.peer_names() == want),
+    )
+}
+
+#[test]
+fn json_of_one_and_several_networks_and_exit_codes_of_real_agents() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let mut lab = Lab::new("script")?;
+    let relay_host = lab.add_public_host("relay")?;
+    let a = lab.add_public_host("a")?;
+    let b = lab.add_public_host("b")?;
+    let mut relay = Node::new(&lab, EXE.as_ref(), &relay_host, "relay")?;
+    let relay_addr = relay.start_relay(&lab, RELAY_PORT)?.to_string();
+    let one = relay.create_token(&lab, "one", &relay_addr, Some("10.111.0.0/16"))?;
+    let two = relay.create_token(&lab, "two", &relay_addr, Some("10.112.0.0/16"))?;
+
+    // alice runs both networks from one config directory; bob is in network one only.
+    let mut alice = Node::new(&lab, EXE.as_ref(), &a, "alice")?;
+    alice.join(&lab, &one, &[])?;
+    let mut bob = Node::new(&lab, EXE.as_ref(), &b, "bob")?;
+    bob.join(&lab, &one, &[])?;
+    let t = wait_peers(&alice, &lab, "one", &["bob"])?;
+    println!("alice lists bob after {t:.1?}");
+    // The second agent shares alice's directories (and so her token file, read by now).
+    let mut alice_two = alice.clone();
+    alice_two.name = "alice-two".into();
+    alice_two.log = lab.dir().join("alice-two.log");
+    alice_two.pid = None;
+    alice_two.join(&lab, &two, &[])?;
+    wait_until(
+        CONVERGE,
+        Duration::from_millis(100),
+        "alice's agent of network two to answer",
+        || Ok(alice.status(&lab, "two").is_ok()),
+    )?;
+    wait_until(
+        CONVERGE,
+        Duration::from_millis(100),
+        "alice <-> bob direct",
+        || Ok(alice.status(&lab, "one")?.peer("bob").map(|p| p.path) == Some(lab::PeerPath::Direct)),
+    )?;
+
+    // One network named: the same envelope as many, holding just it.
+    let single = json(&alice, &lab, &["status", "one", "--json"])?;
+    let networks = single["networks"].as_array().context("networks")?;
+    ensure!(networks.len() == 1 && networks[0]["network"] == "one");
+    ensure!(networks[0]["peers"][0]["name"] == "bob", "{single}");
+    // No name: every running network, sorted.
+    let all = json(&alice, &lab, &["status", "--json"])?;
+    let names: Vec<&str> = all["networks"]
+        .as_array()
+        .context("networks")?
+        .iter()
+        .filter_map(|n| n["network"].as_str())
+        .collect();
+    ensure!(names == ["one", "two"], "status --json lists {names:?}");
+    let report: status::StatusReport = serde_json::from_value(all)?;
+    ensure!(report.not_running.is_empty());
+
+    let peers = json(&alice, &lab, &["peers", "one", "--json"])?;
+    ensure!(peers["peers"][0]["name"] == "bob", "{peers}");
+    let list = json(&alice, &lab, &["list", "--json"])?;
+    let listed: status::ListReport = serde_json::from_value(list)?;
+    ensure!(
+        listed.networks.iter().all(|n| n.running) && listed.networks.len() == 2,
+        "{listed:?}"
+    );
+    ensure!(listed.networks[0].peers == Some(1), "{listed:?}");
+    let netcheck = json(&alice, &lab, &["netcheck", "one", "--json"])?;
+    ensure!(netcheck["peers"][0]["name"] == "bob", "{netcheck}");
+    ensure!(netcheck["nat"]["mapping"].is_string(), "{netcheck}");
+
+    // The human status: a summary line, then a row for this member.
+    let table = alice.status_table(&lab, "one")?;
+    println!("{table}");
+    let mut lines = table.lines();
+    ensure!(lines.next() == Some("one: 1 peer: 1 direct"), "{table}");
+    ensure!(
+        lines
+            .nth(1)
+            .is_some_and(|l| l.starts_with("alice (this member)")),
+        "{table}"
+    );
+
+    // 0: bob answers; 5: nobody called mallory; 2: two networks and none named.
+    let ping = json(
+        &alice,
+        &lab,
+        &["ping", "bob", "-n", "one", "-c", "2", "--json"],
+    )?;
+    ensure!(
+        ping["received"] == 2 && ping["replies"][0]["ok"] == true,
+        "{ping}"
+    );
+    let (code, _) = run(&alice, &lab, &["ping", "mallory", "-n", "one", "-c", "1"])?;
+    ensure!(code == Some(5), "an unknown peer exits 5");
+    let (code, _) = run(&alice, &lab, &["ping", "bob", "-c", "1"])?;
+    ensure!(code == Some(2), "no network named among two exits 2");
+
+    // 5: bob is killed (no goodbye): still listed, but nothing answers.
+    bob.kill(&lab)?;
+    let (code, stdout) = run(
+        &alice,
+        &lab,
+        &["ping", "bob", "-n", "one", "-c", "2", "--json"],
+    )?;
+    ensure!(code == Some(5), "a dead peer exits 5");
+    let ping: serde_json::Value = serde_json::from_str(&stdout)?;
+    ensure!(ping["received"] == 0 && ping["sent"] == 2, "{ping}");
+
+    // 3: network two's agent goes down; `status` lists what still runs and names the rest.
+    alice.exec(&lab, &["down", "two"])?;
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        "network two's agent to stop",
+        || Ok(!alice_two.is_running(&lab)),
+    )?;
+    let (code, _) = run(&alice, &lab, &["status", "two"])?;
+    ensure!(code == Some(3), "a stopped agent exits 3");
+    let all: status::StatusReport =
+        serde_json::from_value(json(&alice, &lab, &["status", "--json"])?)?;
+    ensure!(
+        all.networks.len() == 1 && all.not_running == ["two"],
+        "{all:?}"
+    );
+    alice.exec(&lab, &["down", "one"])?;
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        "network one's agent to stop",
+        || Ok(!alice.is_running(&lab)),
+    )?;
+    let (code, _) = run(&alice, &lab, &["status"])?;
+    ensure!(code == Some(3), "no agent running at all exits 3");
+
+    drop(bob);
+    drop(alice);
+    drop(alice_two);
+    drop(relay);
+    lab.teardown();
+    Ok(())
+}
