@@ -5,6 +5,7 @@
 //! fails. Only lab addresses are ever contacted.
 
 #![allow(clippy::print_stdout)] // an end-to-end test reports its progress
+#![allow(clippy::disallowed_methods)] // times the real binary with the real clock
 
 use std::time::Duration;
 
@@ -204,6 +205,119 @@ fn json_of_one_and_several_networks_and_exit_codes_of_real_agents() -> Result<()
     drop(alice);
     drop(alice_two);
     drop(relay);
+    lab.teardown();
+    Ok(())
+}
+
+/// Runs `meshvpn wait <args>` on `node`; returns (exit code, stdout, how long it took).
+fn timed_wait(node: &Node, lab: &Lab, args: &[&str]) -> Result<(Option<i32>, String, Duration)> {
+    let mut full = vec!["wait"];
+    full.extend_from_slice(args);
+    let start = std::time::Instant::now();
+    let (code, stdout) = run(node, lab, &full)?;
+    let took = start.elapsed();
+    println!(
+        "{}: meshvpn {full:?} took {took:.1?}: {}",
+        node.name,
+        stdout.trim()
+    );
+    Ok((code, stdout, took))
+}
+
+#[test]
+fn wait_returns_once_registered_and_synced_and_fails_after_its_timeout() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let mut lab = Lab::new("wait")?;
+    let relay_host = lab.add_public_host("relay")?;
+    let dead_relay_host = lab.add_public_host("relay2")?;
+    let hosts = [
+        lab.add_public_host("a")?,
+        lab.add_public_host("b")?,
+        lab.add_public_host("c")?,
+    ];
+    let mut relay = Node::new(&lab, EXE.as_ref(), &relay_host, "relay")?;
+    let relay_addr = relay.start_relay(&lab, RELAY_PORT)?.to_string();
+    let one = relay.create_token(&lab, "one", &relay_addr, Some("10.121.0.0/16"))?;
+    let two = relay.create_token(&lab, "two", &relay_addr, Some("10.122.0.0/16"))?;
+    let mut dead_relay = Node::new(&lab, EXE.as_ref(), &dead_relay_host, "relay2")?;
+    let dead_addr = dead_relay.start_relay(&lab, RELAY_PORT)?.to_string();
+    let lonely = dead_relay.create_token(&lab, "lonely", &dead_addr, Some("10.123.0.0/16"))?;
+    dead_relay.kill(&lab)?;
+
+    // bob is in network one first; `wait` on alice, started right after her agent, returns
+    // only once she holds the member list, so bob is listed the moment it returns.
+    let mut bob = Node::new(&lab, EXE.as_ref(), &hosts[1], "bob")?;
+    bob.join(&lab, &one, &[])?;
+    let (code, _, took) = timed_wait(&bob, &lab, &["one", "--timeout", "30"])?;
+    ensure!(code == Some(0), "bob's wait exits 0");
+    let mut alice = Node::new(&lab, EXE.as_ref(), &hosts[0], "alice")?;
+    alice.join(&lab, &one, &[])?;
+    let (code, stdout, took_alice) = timed_wait(&alice, &lab, &["one", "--timeout", "30"])?;
+    ensure!(code == Some(0), "alice's wait exits 0");
+    ensure!(
+        stdout.contains("ready after"),
+        "wait says how long: {stdout}"
+    );
+    let status = alice.network_status(&lab, "one")?;
+    ensure!(status.ready && status.status.relay.registered, "{status:?}");
+    ensure!(
+        status.status.peer_names() == ["bob"],
+        "ready means synced: alice lists {:?}",
+        status.status.peer_names()
+    );
+    ensure!(
+        took < Duration::from_secs(15) && took_alice < Duration::from_secs(15),
+        "wait took {took:?} / {took_alice:?}"
+    );
+
+    // Alone in network two: no sync comes, ready once registered for the settle time.
+    let mut alice_two = alice.clone();
+    alice_two.name = "alice-two".into();
+    alice_two.log = lab.dir().join("alice-two.log");
+    alice_two.pid = None;
+    alice_two.join(&lab, &two, &[])?;
+    let (code, stdout, took) = timed_wait(&alice, &lab, &["two", "--timeout", "30"])?;
+    ensure!(
+        code == Some(0) && stdout.contains("no peers yet"),
+        "{stdout}"
+    );
+    ensure!(
+        took < Duration::from_secs(15),
+        "a lone member's wait took {took:?}"
+    );
+
+    // The relay of network lonely does not run: wait gives up after its timeout, exit 1.
+    let mut carol = Node::new(&lab, EXE.as_ref(), &hosts[2], "carol")?;
+    carol.join(&lab, &lonely, &[])?;
+    let (code, _, took) = timed_wait(&carol, &lab, &["lonely", "--timeout", "3"])?;
+    ensure!(code == Some(1), "an unregistered agent's wait exits 1");
+    ensure!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(10),
+        "wait --timeout 3 took {took:?}"
+    );
+    let out = carol.run(
+        &lab,
+        &["wait", "lonely", "--timeout", "1"],
+        Duration::from_secs(20),
+    )?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(err.contains("not registered with relay"), "{err}");
+
+    // No agent at all: exit 3 after the timeout.
+    carol.exec(&lab, &["down", "lonely"])?;
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        "carol's agent to stop",
+        || Ok(!carol.is_running(&lab)),
+    )?;
+    let (code, _, took) = timed_wait(&carol, &lab, &["lonely", "--timeout", "1.5"])?;
+    ensure!(code == Some(3), "wait without an agent exits 3");
+    ensure!(took >= Duration::from_millis(1500), "took {took:?}");
+
+    drop((alice, alice_two, bob, carol, relay, dead_relay));
     lab.teardown();
     Ok(())
 }

@@ -14,6 +14,7 @@ mod floors;
 mod ifaddrs;
 pub(crate) mod portmap;
 mod progress;
+mod ready;
 mod relay_stream;
 mod sockets;
 pub(crate) mod stream;
@@ -162,6 +163,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
     let mut rotation = RotationWaiter::default();
     let mut cfg = cfg;
     let mut progress = Progress::new(Instant::now(), &relay.host_port());
+    let mut ready = ready::Readiness::default();
     let (mapper, mut mapping) = if cfg.port_mapping {
         let (m, rx) = PortMapper::spawn(port);
         (Some(m), Some(rx))
@@ -203,6 +205,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
         }
         pings.expire(Instant::now());
         progress.tick(Instant::now());
+        ready.observe(Instant::now(), node.is_registered());
         // The node's deadline, or the agent's own (a ping's timeout, a progress hint).
         let deadline = [
             node.poll_timeout().map(|(at, _)| at),
@@ -244,8 +247,11 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
             _ = tokio::time::sleep_until(deadline) => node.handle_timeout(Instant::now()),
             Some((req, reply)) = control_rx.recv() => match req {
                 Request::Status => {
-                    let status = node.status(Instant::now());
-                    let _ = reply.send(serde_json::to_string(&status).unwrap_or_default());
+                    let now = Instant::now();
+                    let status = node.status(now);
+                    let ready = ready.is_ready(now, status.peers.len());
+                    let answer = crate::status::NetworkStatus { status, ready };
+                    let _ = reply.send(serde_json::to_string(&answer).unwrap_or_default());
                 }
                 Request::Ping(peer) => pings.start(&mut node, Instant::now(), &peer, reply),
                 Request::Rotate { exclude } => rotation.start(&mut node, Instant::now(), exclude.as_deref(), reply),

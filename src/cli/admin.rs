@@ -4,7 +4,7 @@
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::path::Path;
 use std::process::Command as Process;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
 use rand::RngCore;
@@ -277,6 +277,53 @@ pub(super) fn list(config_dir: &Path, run_dir: &Path, json: bool) -> anyhow::Res
         );
     }
     Ok(())
+}
+
+/// How often `meshvpn wait` asks the agent (a status costs the agent well under a millisecond).
+const WAIT_POLL: Duration = Duration::from_millis(100);
+
+/// `meshvpn wait [NAME]`: polls the agent until it is ready (registered with its relay and
+/// holding the member list), at most `timeout`.
+pub(super) fn wait(
+    config_dir: &Path,
+    run_dir: &Path,
+    name: Option<String>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let network = resolve_network(config_dir, name)?;
+    let rt = runtime()?;
+    let start = Instant::now();
+    let last = loop {
+        match rt.block_on(control::query_status(run_dir, &network)) {
+            Ok(s) if s.ready => {
+                println!(
+                    "network {network} ready after {:.1} s: registered with relay {}, {}",
+                    start.elapsed().as_secs_f64(),
+                    s.status.relay.address,
+                    s.status.summary()
+                );
+                return Ok(());
+            }
+            Err(e) if super::ExitCode::of(&e) == super::ExitCode::PermissionDenied => {
+                return Err(e)
+            }
+            other if start.elapsed() >= timeout => break other,
+            Ok(_) | Err(_) => {}
+        }
+        std::thread::sleep(WAIT_POLL.min(timeout.saturating_sub(start.elapsed())));
+    };
+    let waited = format!("{:.1} s", timeout.as_secs_f64());
+    match last {
+        Ok(s) if !s.status.relay.registered => bail!(
+            "network {network} not ready after {waited}: the agent is not registered with relay {} (is it running and reachable? see `meshvpn netcheck {network}`)",
+            s.status.relay.address
+        ),
+        Ok(_) => bail!(
+            "network {network} not ready after {waited}: registered with the relay, but its member list has not arrived"
+        ),
+        // Exit 3 when the agent never came up: the cause keeps its code under the context.
+        Err(e) => Err(e.context(format!("network {network} not ready after {waited}"))),
+    }
 }
 
 /// `meshvpn down NAME`: asks the agent to leave and stop.

@@ -198,6 +198,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Wait until a network's agent is registered with its relay and holds the member list
+    /// (for scripts: start the agent, `meshvpn wait`, then use the network).
+    Wait {
+        /// Network (default: the only configured one).
+        name: Option<String>,
+        /// Give up after this many seconds: exit 3 if the agent never answered, 1 if it did
+        /// but is not ready.
+        #[arg(long, value_name = "SECONDS", default_value_t = 30.0, value_parser = parse_seconds)]
+        timeout: f64,
+    },
     /// List the configured networks and whether each agent is up.
     List {
         /// Print JSON.
@@ -364,6 +374,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Netcheck { name, json } => {
             admin::netcheck(&cli.config_dir, &cli.run_dir, name, json)
         }
+        Command::Wait { name, timeout } => admin::wait(
+            &cli.config_dir,
+            &cli.run_dir,
+            name,
+            Duration::from_secs_f64(timeout),
+        ),
         Command::List { json } => admin::list(&cli.config_dir, &cli.run_dir, json),
         Command::Down { name } => admin::down(&cli.run_dir, &name),
         Command::Leave { name, yes } => admin::leave(&cli.config_dir, &cli.run_dir, &name, yes),
@@ -375,6 +391,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let exe = std::env::current_exe().context("finding the meshvpn binary")?;
             demo::run(&exe)
         }
+    }
+}
+
+/// A positive number of seconds, at most a day.
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(s),
+        Ok(_) => Err("must be more than 0 and at most 86400 seconds".into()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
