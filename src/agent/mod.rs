@@ -16,6 +16,7 @@ pub(crate) mod portmap;
 mod progress;
 mod ready;
 mod relay_stream;
+pub mod reload;
 mod sockets;
 pub(crate) mod stream;
 mod tun;
@@ -86,8 +87,14 @@ pub fn check_privileges() -> anyhow::Result<()> {
 }
 
 /// Runs the agent for `cfg` until SIGINT or SIGTERM; `state_dir` keeps what must survive a
-/// restart (the announcement floors).
-pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Result<()> {
+/// restart (the announcement floors) and is the config directory re-read on SIGHUP, whose
+/// `log_level` goes through `log` (see [`reload`]).
+pub async fn run(
+    cfg: Config,
+    run_dir: &Path,
+    state_dir: &Path,
+    log: reload::LogControl,
+) -> anyhow::Result<()> {
     let relay = cfg
         .relays
         .first()
@@ -155,6 +162,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut endpoint_timer = tokio::time::interval(ENDPOINT_REFRESH);
     let mut stream = RelayStream::new(relay.clone());
     let mut step = Step::new();
@@ -272,6 +280,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
+            _ = sighup.recv() => reload::handle_sighup(&mut cfg, state_dir, &log),
         }
     }
 

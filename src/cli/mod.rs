@@ -257,8 +257,9 @@ pub enum Command {
     },
 }
 
-/// Runs the parsed command line.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the parsed command line; an agent it starts changes its log level through `log` on
+/// SIGHUP.
+pub fn run(cli: Cli, log: agent::reload::LogControl) -> anyhow::Result<()> {
     match cli.command {
         Command::Relay {
             listen,
@@ -355,13 +356,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if enable {
                 return admin::enable_service(&cfg.network);
             }
-            runtime()?.block_on(agent::run(cfg, &cli.run_dir, &cli.config_dir))
+            runtime()?.block_on(agent::run(cfg, &cli.run_dir, &cli.config_dir, log))
         }
         Command::Up { name } => {
             check_agent_privileges()?;
             let cfg = Config::load(&cli.config_dir, &name)?;
             overlap::check(&cfg, &cli.config_dir)?;
-            runtime()?.block_on(agent::run(cfg, &cli.run_dir, &cli.config_dir))
+            runtime()?.block_on(agent::run(cfg, &cli.run_dir, &cli.config_dir, log))
         }
         Command::Status { name, json } => status(&cli.config_dir, &cli.run_dir, name, json),
         Command::Ping {
