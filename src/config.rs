@@ -10,7 +10,7 @@
 
 use std::fs;
 use std::io::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -99,6 +99,8 @@ struct FileNode {
     port_mapping: bool,
     #[serde(default = "default_true")]
     tun_offload: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    metrics: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -153,6 +155,9 @@ pub struct Config {
     /// coalesced writes out); the agent falls back without it where the kernel refuses, and
     /// the environment variable `MESHVPN_TUN_OFFLOAD=0` turns it off as well.
     pub tun_offload: bool,
+    /// Where to serve Prometheus metrics over HTTP (`ip:port`, e.g. `127.0.0.1:9101`); off
+    /// when unset (`meshvpn up --metrics` overrides it).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for Config {
@@ -201,6 +206,7 @@ impl Config {
             stun_servers: Vec::new(),
             port_mapping: true,
             tun_offload: true,
+            metrics: None,
         })
     }
 
@@ -297,6 +303,15 @@ impl Config {
         for server in &file.node.stun_servers {
             token::split_host_port(server).map_err(|e| invalid("node.stun_servers", e))?;
         }
+        let metrics = match &file.node.metrics {
+            Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "node.metrics",
+                    format!("{text:?} is not an ip:port address (e.g. \"127.0.0.1:9101\")"),
+                )
+            })?),
+            None => None,
+        };
         let mut relays = Vec::new();
         for r in &file.relays {
             let key = PeerKey::from_base64(&r.public_key).ok_or_else(|| {
@@ -340,6 +355,7 @@ impl Config {
             stun_servers: file.node.stun_servers,
             port_mapping: file.node.port_mapping,
             tun_offload: file.node.tun_offload,
+            metrics,
         })
     }
 
@@ -361,6 +377,7 @@ impl Config {
                 stun_servers: self.stun_servers.clone(),
                 port_mapping: self.port_mapping,
                 tun_offload: self.tun_offload,
+                metrics: self.metrics.map(|a| a.to_string()),
             },
             relays: self
                 .relays
@@ -833,6 +850,20 @@ mod tests {
         assert_eq!(c.network, "example");
         assert_eq!(c.mtu, DEFAULT_MTU);
         assert!(c.tun_offload, "offload is on unless turned off");
+        assert_eq!(c.metrics, None, "metrics are off unless asked for");
+    }
+
+    #[test]
+    fn the_metrics_address_round_trips_and_a_bad_one_names_the_field() {
+        let text = include_str!("../config/example.toml");
+        let path = Path::new("config/example.toml");
+        let mut c = Config::parse(text, path).expect("example parses");
+        c.metrics = Some("127.0.0.1:9101".parse().expect("literal"));
+        let back = Config::parse(&c.to_toml(), path).expect("its own TOML parses");
+        assert_eq!(back.metrics, c.metrics);
+        let bad = c.to_toml().replace("127.0.0.1:9101", "localhost");
+        let e = Config::parse(&bad, path).expect_err("not an ip:port");
+        assert!(e.to_string().contains("node.metrics"), "{e}");
     }
 
     #[test]

@@ -64,7 +64,7 @@ fn main() -> std::process::ExitCode {
 
 /// The `log_level` of the network an `up` command is about, if its config sets one.
 fn config_log_level(cli: &Cli) -> Option<String> {
-    let Command::Up { name } = &cli.command else {
+    let Command::Up { name, .. } = &cli.command else {
         return None;
     };
     meshvpn::config::Config::load(&cli.config_dir, name)

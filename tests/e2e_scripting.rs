@@ -1,5 +1,6 @@
 //! End-to-end tests of meshvpn for scripts, against real agents in a namespace lab (needs root;
-//! skips otherwise): exit codes, the versioned JSON of one network and of several.
+//! skips otherwise): exit codes, the versioned JSON of one network and of several, `wait`,
+//! SIGHUP reload, and the metrics endpoint.
 //!
 //! Each test builds its own lab with unique names and tears it down on drop, even when it
 //! fails. Only lab addresses are ever contacted.
@@ -435,6 +436,139 @@ fn sighup_applies_log_level_keeps_pings_flowing_and_ignores_a_broken_config() ->
     ensure!(
         silence.is_some_and(|s| s < Duration::from_secs(1)),
         "a reload interrupted the pings for {silence:?}"
+    );
+    drop((alice, bob, relay));
+    lab.teardown();
+    Ok(())
+}
+
+/// `GET <path>` on 127.0.0.1:`port` inside `host`'s namespace: the whole HTTP answer.
+fn http_get(lab: &Lab, host: &lab::Host, port: u16, path: &str) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    let path = path.to_string();
+    lab.in_namespace(&host.ns, move || -> Result<String> {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        Ok(answer)
+    })?
+}
+
+/// Whether `line` is a comment or `name{labels} value` / `name value`.
+fn is_sample_or_comment(line: &str) -> bool {
+    if line.starts_with('#') {
+        return true;
+    }
+    let Some((series, value)) = line.rsplit_once(' ') else {
+        return false;
+    };
+    let name_end = series.find('{').unwrap_or(series.len());
+    let name = &series[..name_end];
+    let labels_ok =
+        name_end == series.len() || (series.ends_with('}') && series[name_end..].contains('='));
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        && labels_ok
+        && value.parse::<f64>().is_ok()
+}
+
+/// The value of the sample `series` (exact name and labels) in a metrics body.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn metrics_scrape_parses_and_shows_the_per_peer_path() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let mut lab = Lab::new("metrics")?;
+    let relay_host = lab.add_public_host("relay")?;
+    let a = lab.add_public_host("a")?;
+    let b = lab.add_public_host("b")?;
+    let mut relay = Node::new(&lab, EXE.as_ref(), &relay_host, "relay")?;
+    let relay_addr = relay.start_relay(&lab, RELAY_PORT)?.to_string();
+    let token = relay.create_token(&lab, "one", &relay_addr, Some("10.141.0.0/16"))?;
+    let mut nodes = Vec::new();
+    for (host, name) in [(&a, "alice"), (&b, "bob")] {
+        let node = Node::new(&lab, EXE.as_ref(), host, name)?;
+        let file = node.write_token(&token)?;
+        let file = file.to_string_lossy().into_owned();
+        node.exec(
+            &lab,
+            &["join", "--token-file", &file, "--name", name, "--no-start"],
+        )?;
+        nodes.push(node);
+    }
+    let [mut alice, mut bob]: [Node; 2] = nodes.try_into().map_err(|_| anyhow::anyhow!("two"))?;
+    // alice's from the command line, bob's from his config file.
+    alice.spawn(&lab, &["up", "one", "--metrics", "127.0.0.1:9101"])?;
+    let mut cfg = meshvpn::config::Config::load(&bob.config_dir, "one")?;
+    cfg.metrics = Some("127.0.0.1:9102".parse()?);
+    cfg.save(&bob.config_dir)?;
+    bob.up(&lab, "one")?;
+    wait_peers(&alice, &lab, "one", &["bob"])?;
+    let bob_ip = bob.status(&lab, "one")?.virtual_ipv4()?;
+    wait_until(
+        CONVERGE,
+        Duration::from_millis(200),
+        "alice <-> bob direct, with traffic",
+        || {
+            Ok(lab.ping(&a, bob_ip, 1, Duration::from_secs(1))
+                && alice.status(&lab, "one")?.peer("bob").map(|p| p.path)
+                    == Some(lab::PeerPath::Direct))
+        },
+    )?;
+
+    let answer = http_get(&lab, &a, 9101, "/metrics")?;
+    let (head, body) = answer.split_once("\r\n\r\n").context("an HTTP answer")?;
+    println!("{head}\n{body}");
+    ensure!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    ensure!(
+        head.contains("Content-Type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    for line in body.lines() {
+        ensure!(is_sample_or_comment(line), "not a metrics line: {line:?}");
+    }
+    let bob_path = |path: &str| {
+        sample(
+            body,
+            &format!(r#"meshvpn_peer_path{{network="one",peer="bob",path="{path}"}}"#),
+        )
+    };
+    ensure!(bob_path("direct") == Some(1.0), "bob's path is direct");
+    ensure!(bob_path("relay") == Some(0.0), "and not relay");
+    let rx = sample(
+        body,
+        r#"meshvpn_peer_rx_bytes_total{network="one",peer="bob"}"#,
+    );
+    ensure!(
+        rx.is_some_and(|b| b > 0.0),
+        "bytes from bob counted: {rx:?}"
+    );
+    let handshakes = sample(
+        body,
+        r#"meshvpn_peer_handshakes_total{network="one",peer="bob"}"#,
+    );
+    ensure!(handshakes.is_some_and(|h| h >= 1.0), "{handshakes:?}");
+    ensure!(sample(body, r#"meshvpn_ready{network="one"}"#) == Some(1.0));
+    ensure!(
+        body.contains(r#"meshvpn_dropped_total{network="one",reason="malformed"}"#),
+        "drops by reason"
+    );
+    let other = http_get(&lab, &a, 9101, "/")?;
+    ensure!(other.starts_with("HTTP/1.1 404"), "{other}");
+    let from_config = http_get(&lab, &b, 9102, "/metrics")?;
+    ensure!(
+        from_config.contains(r#"peer="alice",path="direct"} 1"#),
+        "bob's metrics (from his config) show alice: {from_config}"
     );
     drop((alice, bob, relay));
     lab.teardown();

@@ -88,12 +88,14 @@ pub fn check_privileges() -> anyhow::Result<()> {
 
 /// Runs the agent for `cfg` until SIGINT or SIGTERM; `state_dir` keeps what must survive a
 /// restart (the announcement floors) and is the config directory re-read on SIGHUP, whose
-/// `log_level` goes through `log` (see [`reload`]).
+/// `log_level` goes through `log` (see [`reload`]). With `metrics`, serves Prometheus metrics
+/// there (see [`crate::metrics`]).
 pub async fn run(
     cfg: Config,
     run_dir: &Path,
     state_dir: &Path,
     log: reload::LogControl,
+    metrics: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     let relay = cfg
         .relays
@@ -139,6 +141,10 @@ pub async fn run(
     let control_path = control::socket_path(run_dir, &cfg.network);
     let listener = bind_control(run_dir, &control_path).await?;
     let _cleanup = RemoveOnDrop(control_path.clone());
+    let metrics_listener = match metrics {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
 
     // Ready once the TUN, the socket and the control socket exist: resolving the relay may
     // wait for DNS, and the agent keeps retrying that on its own.
@@ -158,6 +164,9 @@ pub async fn run(
     );
 
     let (control_tx, mut control_rx) = mpsc::channel::<(Request, oneshot::Sender<String>)>(16);
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(crate::metrics::serve(listener, control_tx.clone()));
+    }
     tokio::spawn(serve_control(listener, control_tx));
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

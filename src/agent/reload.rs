@@ -95,6 +95,7 @@ fn fields_needing_restart(running: &Config, new: &Config) -> Vec<&'static str> {
             running.port_mapping != new.port_mapping,
         ),
         ("node.tun_offload", running.tun_offload != new.tun_offload),
+        ("node.metrics", running.metrics != new.metrics),
     ];
     checks
         .into_iter()

@@ -158,6 +158,10 @@ pub enum Command {
     Up {
         /// Network name.
         name: String,
+        /// Serve Prometheus metrics on this address (GET /metrics), e.g. 127.0.0.1:9101;
+        /// overrides the config's `metrics`.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
     },
     /// Show this member's peers, their paths and round-trip times.
     Status {
@@ -356,13 +360,14 @@ pub fn run(cli: Cli, log: agent::reload::LogControl) -> anyhow::Result<()> {
             if enable {
                 return admin::enable_service(&cfg.network);
             }
-            runtime()?.block_on(agent::run(cfg, &cli.run_dir, &cli.config_dir, log))
+            runtime()?.block_on(agent::run(cfg, &cli.run_dir, &cli.config_dir, log, None))
         }
-        Command::Up { name } => {
+        Command::Up { name, metrics } => {
             check_agent_privileges()?;
             let cfg = Config::load(&cli.config_dir, &name)?;
             overlap::check(&cfg, &cli.config_dir)?;
-            runtime()?.block_on(agent::run(cfg, &cli.run_dir, &cli.config_dir, log))
+            let metrics = metrics.or(cfg.metrics);
+            runtime()?.block_on(agent::run(cfg, &cli.run_dir, &cli.config_dir, log, metrics))
         }
         Command::Status { name, json } => status(&cli.config_dir, &cli.run_dir, name, json),
         Command::Ping {
