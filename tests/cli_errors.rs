@@ -582,12 +582,14 @@ fn a_user_without_rights_gets_exit_4_and_is_told_what_is_needed() -> Result<()> 
     // The agent's socket is root's, mode 0600, in a directory anyone may enter.
     let socket = dir.run().join("x.sock");
     let agent = fake_agent(&socket, 1, ping_answered)?;
-    let out = meshvpn_as_nobody(&exe, &dir, &["status", "x"])?;
-    ensure!(
-        exit_code(&out) == Some(4),
-        "a refused control socket exits 4"
-    );
-    assert_one_line_error(&out, "permission denied; run as root")?;
+    for args in [&["status", "x"][..], &["list"]] {
+        let out = meshvpn_as_nobody(&exe, &dir, args)?;
+        ensure!(
+            exit_code(&out) == Some(4),
+            "{args:?}: a refused control socket exits 4"
+        );
+        assert_one_line_error(&out, "permission denied; run as root")?;
+    }
     // The same socket answers root (so the refusal above was the permission's doing).
     let out = meshvpn(&exe, &dir, &["ping", "bob", "-c", "1"])?;
     ensure!(exit_code(&out) == Some(0), "root is answered");

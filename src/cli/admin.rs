@@ -242,7 +242,14 @@ pub(super) fn list(config_dir: &Path, run_dir: &Path, json: bool) -> anyhow::Res
     };
     for n in networks {
         let cfg = Config::load(config_dir, &n).ok();
-        let status = rt.block_on(control::query_status(run_dir, &n)).ok();
+        let status = match rt.block_on(control::query_status(run_dir, &n)) {
+            Ok(s) => Some(s),
+            // Not "down": this user may not ask (exit 4 says so).
+            Err(e) if super::ExitCode::of(&e) == super::ExitCode::PermissionDenied => {
+                return Err(e)
+            }
+            Err(_) => None,
+        };
         report.networks.push(ListedNetwork {
             virtual_ip: cfg.as_ref().map(|c| c.virtual_ip.to_string()),
             subnet: cfg.as_ref().map(|c| c.subnet.to_string()),
