@@ -10,7 +10,7 @@
 
 use std::fs;
 use std::io::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -101,6 +101,8 @@ struct FileNode {
     tun_offload: bool,
     #[serde(default = "default_true")]
     relay_for_peers: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    metrics: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -158,6 +160,9 @@ pub struct Config {
     /// Whether this member carries other members' ciphertext between two members it reaches
     /// directly while no relay answers them (see the node's `helping` module).
     pub relay_for_peers: bool,
+    /// Where to serve Prometheus metrics over HTTP (`ip:port`, e.g. `127.0.0.1:9101`); off
+    /// when unset (`meshvpn up --metrics` overrides it).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for Config {
@@ -207,6 +212,7 @@ impl Config {
             port_mapping: true,
             tun_offload: true,
             relay_for_peers: true,
+            metrics: None,
         })
     }
 
@@ -303,6 +309,15 @@ impl Config {
         for server in &file.node.stun_servers {
             token::split_host_port(server).map_err(|e| invalid("node.stun_servers", e))?;
         }
+        let metrics = match &file.node.metrics {
+            Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "node.metrics",
+                    format!("{text:?} is not an ip:port address (e.g. \"127.0.0.1:9101\")"),
+                )
+            })?),
+            None => None,
+        };
         let mut relays = Vec::new();
         for r in &file.relays {
             let key = PeerKey::from_base64(&r.public_key).ok_or_else(|| {
@@ -347,6 +362,7 @@ impl Config {
             port_mapping: file.node.port_mapping,
             tun_offload: file.node.tun_offload,
             relay_for_peers: file.node.relay_for_peers,
+            metrics,
         })
     }
 
@@ -369,6 +385,7 @@ impl Config {
                 port_mapping: self.port_mapping,
                 tun_offload: self.tun_offload,
                 relay_for_peers: self.relay_for_peers,
+                metrics: self.metrics.map(|a| a.to_string()),
             },
             relays: self
                 .relays
@@ -841,6 +858,20 @@ mod tests {
         assert_eq!(c.network, "example");
         assert_eq!(c.mtu, DEFAULT_MTU);
         assert!(c.tun_offload, "offload is on unless turned off");
+        assert_eq!(c.metrics, None, "metrics are off unless asked for");
+    }
+
+    #[test]
+    fn the_metrics_address_round_trips_and_a_bad_one_names_the_field() {
+        let text = include_str!("../config/example.toml");
+        let path = Path::new("config/example.toml");
+        let mut c = Config::parse(text, path).expect("example parses");
+        c.metrics = Some("127.0.0.1:9101".parse().expect("literal"));
+        let back = Config::parse(&c.to_toml(), path).expect("its own TOML parses");
+        assert_eq!(back.metrics, c.metrics);
+        let bad = c.to_toml().replace("127.0.0.1:9101", "localhost");
+        let e = Config::parse(&bad, path).expect_err("not an ip:port");
+        assert!(e.to_string().contains("node.metrics"), "{e}");
     }
 
     #[test]

@@ -10,12 +10,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::status::Status;
+use crate::status::NetworkStatus;
 
 /// How long a client waits for the agent's answer (a ping may take up to [`PING_TIMEOUT`]).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -160,34 +160,111 @@ pub async fn exchange_line(
     }
 }
 
+/// Why the agent of a network could not be asked: what `meshvpn` turns into its exit status
+/// (see `meshvpn(1)`, EXIT STATUS).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No agent listens: no socket file, or nothing accepts on it.
+    #[error("the agent of network {network:?} is not running (no control socket at {}); start it with `meshvpn up {network}`", path.display())]
+    NotRunning {
+        /// The network asked about.
+        network: String,
+        /// Its control socket path.
+        path: PathBuf,
+    },
+    /// The socket (or the directory holding it) may not be opened by this user.
+    #[error("cannot open the control socket {}: permission denied; {need}", path.display())]
+    PermissionDenied {
+        /// The control socket path.
+        path: PathBuf,
+        /// What the user needs, in words (root, or the socket's group).
+        need: String,
+    },
+    /// The agent accepted but did not answer in time.
+    #[error("the agent of network {network:?} did not answer on {} within {timeout:?}", path.display())]
+    TimedOut {
+        /// The network asked about.
+        network: String,
+        /// Its control socket path.
+        path: PathBuf,
+        /// How long the client waited.
+        timeout: Duration,
+    },
+    /// The agent closed the connection without a line.
+    #[error("the agent on {} closed the connection without an answer", path.display())]
+    NoAnswer {
+        /// The control socket path.
+        path: PathBuf,
+    },
+    /// Another I/O error.
+    #[error("talking to the agent on {}", path.display())]
+    Io {
+        /// The control socket path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
 /// Sends `request` to the agent of `network` and returns its one-line answer.
-pub async fn ask(run_dir: &Path, network: &str, request: &Request) -> anyhow::Result<String> {
+pub async fn ask(run_dir: &Path, network: &str, request: &Request) -> Result<String, ControlError> {
     let path = socket_path(run_dir, network);
     let timeout = match request {
         Request::Rotate { .. } => ROTATE_TIMEOUT,
         Request::Status | Request::Ping(_) | Request::Down => CLIENT_TIMEOUT,
     };
     match exchange_line(&path, request.to_line().as_bytes(), timeout).await {
-        Err(ExchangeError::TimedOut) => bail!(
-            "the agent of network {network:?} did not answer on {} within {timeout:?}",
-            path.display()
-        ),
-        Err(ExchangeError::NotRunning) => {
-            bail!("the agent of network {network:?} is not running (no control socket at {}); start it with `meshvpn up {network}`", path.display())
+        Err(ExchangeError::TimedOut) => Err(ControlError::TimedOut {
+            network: network.to_string(),
+            path,
+            timeout,
+        }),
+        Err(ExchangeError::NotRunning) => Err(ControlError::NotRunning {
+            network: network.to_string(),
+            path,
+        }),
+        Err(ExchangeError::Io(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let need = socket_access_need(&path);
+            Err(ControlError::PermissionDenied { path, need })
         }
-        Err(ExchangeError::Io(e)) => {
-            Err(e).with_context(|| format!("talking to the agent on {}", path.display()))
-        }
-        Ok(line) if line.trim().is_empty() => bail!(
-            "the agent on {} closed the connection without an answer",
-            path.display()
-        ),
+        Err(ExchangeError::Io(source)) => Err(ControlError::Io { path, source }),
+        Ok(line) if line.trim().is_empty() => Err(ControlError::NoAnswer { path }),
         Ok(line) => Ok(line),
     }
 }
 
+/// What a user refused access to the control socket at `path` needs, in words.
+///
+/// The agent creates its socket owner-only (mode 0600, root's): the control protocol does not
+/// tell read-only requests (`status`) from ones that change the network (`down`, `rotate`,
+/// `kick`), so no group gets it. A socket an administrator opened to a group (by `chgrp` and
+/// `chmod g+rw`) is named with that group.
+fn socket_access_need(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    match std::fs::metadata(path) {
+        Ok(m) if m.mode() & 0o060 == 0o060 && m.gid() != 0 => format!(
+            "run as root (e.g. with sudo) or as a member of group {}, which owns it",
+            group_name(m.gid()).unwrap_or_else(|| m.gid().to_string())
+        ),
+        Ok(_) | Err(_) => {
+            "run as root (e.g. with sudo): only root may talk to the agent".to_string()
+        }
+    }
+}
+
+/// The name of group `gid` from /etc/group, if listed.
+fn group_name(gid: u32) -> Option<String> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let id = fields.nth(1)?.parse::<u32>().ok()?;
+        (id == gid).then(|| name.to_string())
+    })
+}
+
 /// Asks the agent of `network` for its status.
-pub async fn query_status(run_dir: &Path, network: &str) -> anyhow::Result<Status> {
+pub async fn query_status(run_dir: &Path, network: &str) -> anyhow::Result<NetworkStatus> {
     let line = ask(run_dir, network, &Request::Status).await?;
     serde_json::from_str(&line)
         .with_context(|| format!("the agent of network {network:?} sent an unreadable answer"))

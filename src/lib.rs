@@ -61,6 +61,7 @@ pub mod config;
 pub mod control;
 pub mod dns;
 pub mod keys;
+pub mod metrics;
 // Its unit tests need a starting `Instant`; the node's own code stays under the clippy.toml bans.
 #[cfg_attr(test, allow(clippy::disallowed_methods))]
 pub mod node;

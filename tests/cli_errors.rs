@@ -398,3 +398,215 @@ fn a_config_others_may_read_is_refused() -> Result<()> {
     };
     assert_one_line_error(&out, &format!("{} has mode 0644", path.display()))
 }
+
+/// The exit code of `out` (printed with its stderr).
+fn exit_code(out: &Output) -> Option<i32> {
+    println!(
+        "exit {:?}, stderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    out.status.code()
+}
+
+/// Writes the config of network `network` into `dir` with `join --no-start`.
+fn join_no_start(dir: &TempDir, network: &str) -> Result<()> {
+    let relay = format!("{RELAY_KEY}@127.0.0.1:9");
+    let out = meshvpn(EXE.as_ref(), dir, &["create", network, "--relay", &relay])?;
+    ensure!(out.status.success(), "create {network} failed");
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let out = meshvpn(
+        EXE.as_ref(),
+        dir,
+        &["join", &token, "--no-start", "--name", "me"],
+    )?;
+    ensure!(
+        out.status.success(),
+        "join {network} --no-start failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A stand-in for an agent on the control socket `path`: answers each request line with
+/// `answer(line)` until `connections` were served or 20 s passed. Returns the number served.
+fn fake_agent(
+    path: &Path,
+    connections: usize,
+    answer: fn(&str) -> String,
+) -> Result<std::thread::JoinHandle<usize>> {
+    use std::io::{BufRead as _, BufReader};
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
+    Ok(std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut served = 0;
+        while served < connections && Instant::now() < deadline {
+            let Ok((stream, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            served += 1;
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut line = String::new();
+            let mut reader = BufReader::new(&stream);
+            if reader.read_line(&mut line).is_ok() {
+                let mut w = &stream;
+                let _ = writeln!(w, "{}", answer(line.trim()));
+            }
+        }
+        served
+    }))
+}
+
+fn ping_unknown_member(_: &str) -> String {
+    r#"{"peer":"bob","ok":false,"path":null,"endpoint":null,"rtt_ms":null,"error":"no member named or addressed \"bob\""}"#.into()
+}
+
+fn ping_no_answer(_: &str) -> String {
+    r#"{"peer":"bob","ok":false,"path":null,"endpoint":null,"rtt_ms":null,"error":"no answer within 3s"}"#.into()
+}
+
+fn ping_answered(_: &str) -> String {
+    r#"{"peer":"bob","ok":true,"path":"relay","endpoint":null,"rtt_ms":1.5,"error":null}"#.into()
+}
+
+#[test]
+fn exit_codes_tell_usage_not_running_and_unreachable_peers_apart() -> Result<()> {
+    let dir = TempDir::new()?;
+    // 2: clap's usage errors.
+    let out = meshvpn(EXE.as_ref(), &dir, &["status", "--bogus"])?;
+    ensure!(exit_code(&out) == Some(2), "an unknown option exits 2");
+    join_no_start(&dir, "x")?;
+
+    // 3: no agent (no socket; then a stale socket file nobody accepts on).
+    for args in [
+        &["status", "x"][..],
+        &["status"],
+        &["ping", "bob"],
+        &["peers"],
+        &["netcheck", "x"],
+        &["down", "x"],
+    ] {
+        let out = meshvpn(EXE.as_ref(), &dir, args)?;
+        ensure!(
+            exit_code(&out) == Some(3),
+            "{args:?} without an agent exits 3"
+        );
+        assert_one_line_error(&out, "not running")?;
+    }
+    let socket = dir.run().join("x.sock");
+    drop(std::os::unix::net::UnixListener::bind(&socket)?);
+    let out = meshvpn(EXE.as_ref(), &dir, &["status", "x"])?;
+    ensure!(exit_code(&out) == Some(3), "a stale socket exits 3");
+    std::fs::remove_file(&socket)?;
+
+    // 5: the agent knows no such member, or the member does not answer; 0 once it does.
+    let agent = fake_agent(&socket, 1, ping_unknown_member)?;
+    let out = meshvpn(EXE.as_ref(), &dir, &["ping", "bob", "-c", "1"])?;
+    ensure!(exit_code(&out) == Some(5), "an unknown member exits 5");
+    assert_one_line_error(&out, "no member named")?;
+    ensure!(
+        agent.join().ok() == Some(1),
+        "the fake agent was asked once"
+    );
+    std::fs::remove_file(&socket)?;
+    let agent = fake_agent(&socket, 2, ping_no_answer)?;
+    let out = meshvpn(EXE.as_ref(), &dir, &["ping", "bob", "-c", "2"])?;
+    ensure!(exit_code(&out) == Some(5), "a silent peer exits 5");
+    assert_one_line_error(&out, "did not answer any of 2 pings")?;
+    ensure!(
+        agent.join().ok() == Some(2),
+        "the fake agent was asked twice"
+    );
+    std::fs::remove_file(&socket)?;
+    let agent = fake_agent(&socket, 1, ping_answered)?;
+    let out = meshvpn(EXE.as_ref(), &dir, &["ping", "bob", "-c", "1"])?;
+    ensure!(exit_code(&out) == Some(0), "an answered ping exits 0");
+    ensure!(String::from_utf8_lossy(&out.stdout).contains("pong from bob via relay"));
+    ensure!(agent.join().ok() == Some(1));
+    std::fs::remove_file(&socket)?;
+
+    // 2 again: with two networks a command that needs one must be told which.
+    join_no_start(&dir, "y")?;
+    let out = meshvpn(EXE.as_ref(), &dir, &["ping", "bob"])?;
+    ensure!(exit_code(&out) == Some(2), "an ambiguous network exits 2");
+    assert_one_line_error(&out, "several networks are configured (x, y)")
+}
+
+/// `meshvpn` run as user nobody (uid 65534) with no groups and no capabilities.
+fn meshvpn_as_nobody(exe: &Path, dir: &TempDir, args: &[&str]) -> Result<Output> {
+    Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(exe)
+        .arg("--config-dir")
+        .arg(dir.config())
+        .arg("--run-dir")
+        .arg(dir.run())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("MESHVPN_CONFIG_DIR")
+        .env_remove("MESHVPN_RUN_DIR")
+        .output()
+        .context("running setpriv")
+}
+
+#[test]
+fn a_user_without_rights_gets_exit_4_and_is_told_what_is_needed() -> Result<()> {
+    if !is_root() {
+        println!("skipping: needs root (to switch to an unprivileged user)");
+        return Ok(());
+    }
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        println!("skipping: setpriv (util-linux) not installed");
+        return Ok(());
+    }
+    let dir = TempDir::new()?;
+    let exe = if world_executable(Path::new(EXE)) {
+        PathBuf::from(EXE)
+    } else {
+        let copy = dir.0.join("meshvpn");
+        std::fs::copy(EXE, &copy)?;
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+        copy
+    };
+    join_no_start(&dir, "x")?;
+    // The agent's socket is root's, mode 0600, in a directory anyone may enter.
+    let socket = dir.run().join("x.sock");
+    let agent = fake_agent(&socket, 1, ping_answered)?;
+    for args in [&["status", "x"][..], &["list"]] {
+        let out = meshvpn_as_nobody(&exe, &dir, args)?;
+        ensure!(
+            exit_code(&out) == Some(4),
+            "{args:?}: a refused control socket exits 4"
+        );
+        assert_one_line_error(&out, "permission denied; run as root")?;
+    }
+    // The same socket answers root (so the refusal above was the permission's doing).
+    let out = meshvpn(&exe, &dir, &["ping", "bob", "-c", "1"])?;
+    ensure!(exit_code(&out) == Some(0), "root is answered");
+    ensure!(agent.join().ok() == Some(1));
+
+    // The config directory (keys) is root's, mode 0700.
+    std::fs::set_permissions(dir.config(), std::fs::Permissions::from_mode(0o700))?;
+    for args in [&["status"][..], &["list"], &["peers"], &["ping", "bob"]] {
+        let out = meshvpn_as_nobody(&exe, &dir, args)?;
+        ensure!(
+            exit_code(&out) == Some(4),
+            "{args:?} on a closed config dir exits 4"
+        );
+        assert_one_line_error(&out, "permission denied; run as root")?;
+    }
+    // Starting an agent needs root or CAP_NET_ADMIN.
+    let out = meshvpn_as_nobody(&exe, &dir, &["up", "x"])?;
+    ensure!(exit_code(&out) == Some(4), "up as nobody exits 4");
+    assert_one_line_error(&out, "CAP_NET_ADMIN")
+}

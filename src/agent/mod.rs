@@ -14,8 +14,10 @@ mod floors;
 mod ifaddrs;
 pub(crate) mod portmap;
 mod progress;
+mod ready;
 mod relay_stream;
 mod relay_streams;
+pub mod reload;
 mod remembered;
 mod sockets;
 pub(crate) mod stream;
@@ -92,8 +94,16 @@ pub fn check_privileges() -> anyhow::Result<()> {
 }
 
 /// Runs the agent for `cfg` until SIGINT or SIGTERM; `state_dir` keeps what must survive a
-/// restart (the announcement floors).
-pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Result<()> {
+/// restart (the announcement floors) and is the config directory re-read on SIGHUP, whose
+/// `log_level` goes through `log` (see [`reload`]). With `metrics`, serves Prometheus metrics
+/// there (see [`crate::metrics`]).
+pub async fn run(
+    cfg: Config,
+    run_dir: &Path,
+    state_dir: &Path,
+    log: reload::LogControl,
+    metrics: Option<SocketAddr>,
+) -> anyhow::Result<()> {
     if cfg.relays.is_empty() {
         bail!("the config names no relay");
     }
@@ -145,6 +155,10 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
     let control_path = control::socket_path(run_dir, &cfg.network);
     let listener = bind_control(run_dir, &control_path).await?;
     let _cleanup = RemoveOnDrop(control_path.clone());
+    let metrics_listener = match metrics {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
 
     // Ready once the TUN, the socket and the control socket exist: resolving the relay may
     // wait for DNS, and the agent keeps retrying that on its own.
@@ -171,10 +185,14 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
     );
 
     let (control_tx, mut control_rx) = mpsc::channel::<(Request, oneshot::Sender<String>)>(16);
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(crate::metrics::serve(listener, control_tx.clone()));
+    }
     tokio::spawn(serve_control(listener, control_tx));
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut endpoint_timer = tokio::time::interval(ENDPOINT_REFRESH);
     let mut stream = RelayStreams::new(&relays);
     let mut step = Step::new();
@@ -183,6 +201,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
     let mut rotation = RotationWaiter::default();
     let mut cfg = cfg;
     let mut progress = Progress::new(Instant::now(), &relay.host_port());
+    let mut ready = ready::Readiness::default();
     let (mapper, mut mapping) = if cfg.port_mapping {
         let (m, rx) = PortMapper::spawn(port);
         (Some(m), Some(rx))
@@ -227,6 +246,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
         }
         pings.expire(Instant::now());
         progress.tick(Instant::now());
+        ready.observe(Instant::now(), node.is_registered());
         // The node's deadline, or the agent's own (a ping's timeout, a progress hint).
         let deadline = [
             node.poll_timeout().map(|(at, _)| at),
@@ -270,8 +290,11 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
             _ = tokio::time::sleep_until(deadline) => node.handle_timeout(Instant::now()),
             Some((req, reply)) = control_rx.recv() => match req {
                 Request::Status => {
-                    let status = node.status(Instant::now());
-                    let _ = reply.send(serde_json::to_string(&status).unwrap_or_default());
+                    let now = Instant::now();
+                    let status = node.status(now);
+                    let ready = ready.is_ready(now, status.peers.len());
+                    let answer = crate::status::NetworkStatus { status, ready };
+                    let _ = reply.send(serde_json::to_string(&answer).unwrap_or_default());
                 }
                 Request::Ping(peer) => pings.start(&mut node, Instant::now(), &peer, reply),
                 Request::Rotate { exclude } => rotation.start(&mut node, Instant::now(), exclude.as_deref(), reply),
@@ -293,6 +316,7 @@ pub async fn run(cfg: Config, run_dir: &Path, state_dir: &Path) -> anyhow::Resul
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
+            _ = sighup.recv() => reload::handle_sighup(&mut cfg, state_dir, &log),
         }
     }
 

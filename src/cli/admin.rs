@@ -4,15 +4,15 @@
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::path::Path;
 use std::process::Command as Process;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
 use rand::RngCore;
 
-use super::runtime;
+use super::{runtime, Failure};
 use crate::config::{self, Config};
 use crate::control::{self, PingReply, Request};
-use crate::status::Status;
+use crate::status::{ListReport, ListedNetwork, NetcheckReport, PeersReport, Status};
 use crate::wire::{admission, RelayRequest};
 
 /// The network a command is about: the one named, or the only one configured.
@@ -20,6 +20,7 @@ fn resolve_network(config_dir: &Path, name: Option<String>) -> anyhow::Result<St
     if let Some(n) = name {
         return Ok(n);
     }
+    super::exit::check_readable_dir(config_dir)?;
     let all = config::list_networks(config_dir);
     match all.as_slice() {
         [] => bail!(
@@ -27,25 +28,48 @@ fn resolve_network(config_dir: &Path, name: Option<String>) -> anyhow::Result<St
             config_dir.display()
         ),
         [one] => Ok(one.clone()),
-        many => bail!(
+        many => Err(Failure::Usage(format!(
             "several networks are configured ({}); name one",
             many.join(", ")
-        ),
+        ))
+        .into()),
     }
 }
 
+/// `meshvpn ping --json`: every answer, in order.
+#[derive(Debug, serde::Serialize)]
+struct PingReport {
+    /// [`crate::status::SCHEMA`].
+    schema: u32,
+    network: String,
+    peer: String,
+    sent: u32,
+    received: u32,
+    replies: Vec<PingReply>,
+}
+
 /// `meshvpn ping PEER`: pings on the current path and reports direct or relay, and the RTT.
+/// Fails with [`Failure::PeerUnreachable`] when no ping is answered or no member is `peer`.
 pub(super) fn ping(
     config_dir: &Path,
     run_dir: &Path,
     network: Option<String>,
     peer: &str,
     count: u32,
+    json: bool,
 ) -> anyhow::Result<()> {
     let network = resolve_network(config_dir, network)?;
     let rt = runtime()?;
-    let mut answered = 0;
-    for i in 0..count.max(1) {
+    let count = count.max(1);
+    let mut report = PingReport {
+        schema: crate::status::SCHEMA,
+        network: network.clone(),
+        peer: peer.to_string(),
+        sent: 0,
+        received: 0,
+        replies: Vec::new(),
+    };
+    for i in 0..count {
         if i > 0 {
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -56,34 +80,71 @@ pub(super) fn ping(
         ))?;
         let reply: PingReply =
             serde_json::from_str(&line).context("the agent sent an unreadable ping answer")?;
-        match (reply.ok, reply.error) {
+        report.sent += 1;
+        match (reply.ok, reply.error.as_deref()) {
             (true, _) => {
-                answered += 1;
-                let via = match (reply.path.as_deref(), reply.endpoint) {
-                    (Some("direct"), Some(e)) => format!("direct {e}"),
-                    (Some(p), _) => format!("via {p}"),
-                    (None, _) => "?".into(),
-                };
-                println!(
-                    "pong from {} {via} in {:.1} ms",
-                    reply.peer,
-                    reply.rtt_ms.unwrap_or(0.0)
-                );
+                report.received += 1;
+                if !json {
+                    let via = match (reply.path.as_deref(), reply.endpoint.as_deref()) {
+                        (Some("direct"), Some(e)) => format!("direct {e}"),
+                        (Some(p), _) => format!("via {p}"),
+                        (None, _) => "?".into(),
+                    };
+                    println!(
+                        "pong from {} {via} in {:.1} ms",
+                        reply.peer,
+                        reply.rtt_ms.unwrap_or(0.0)
+                    );
+                }
             }
-            (false, Some(e)) if e.starts_with("no member") => bail!("{e} in network {network:?}"),
-            (false, e) => println!("no pong from {}: {}", reply.peer, e.unwrap_or_default()),
+            (false, Some(e)) if e.starts_with("no member") => {
+                let message = format!("{e} in network {network:?}");
+                if json {
+                    report.replies.push(reply);
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                }
+                return Err(Failure::PeerUnreachable(message).into());
+            }
+            (false, e) => {
+                if !json {
+                    println!("no pong from {}: {}", reply.peer, e.unwrap_or_default());
+                }
+            }
         }
+        report.replies.push(reply);
     }
-    if answered == 0 {
-        bail!("{peer} did not answer any of {count} pings");
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    if report.received == 0 {
+        return Err(Failure::PeerUnreachable(format!(
+            "{peer} did not answer any of {count} pings"
+        ))
+        .into());
     }
     Ok(())
 }
 
 /// `meshvpn peers`: the peer table only.
-pub(super) fn peers(config_dir: &Path, run_dir: &Path, name: Option<String>) -> anyhow::Result<()> {
+pub(super) fn peers(
+    config_dir: &Path,
+    run_dir: &Path,
+    name: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
     let network = resolve_network(config_dir, name)?;
-    let status = runtime()?.block_on(control::query_status(run_dir, &network))?;
+    let status = runtime()?
+        .block_on(control::query_status(run_dir, &network))?
+        .status;
+    if json {
+        let report = PeersReport {
+            schema: crate::status::SCHEMA,
+            network: status.network,
+            peers: status.peers,
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
     if status.peers.is_empty() {
         println!("no peers yet");
     }
@@ -113,16 +174,11 @@ pub(super) fn netcheck(
     json: bool,
 ) -> anyhow::Result<()> {
     let network = resolve_network(config_dir, name)?;
-    let status = runtime()?.block_on(control::query_status(run_dir, &network))?;
+    let status = runtime()?
+        .block_on(control::query_status(run_dir, &network))?
+        .status;
     if json {
-        let report = serde_json::json!({
-            "network": status.network,
-            "nat": status.nat,
-            "relay": status.relay,
-            "peers": status.peers.iter().map(|p| serde_json::json!({
-                "name": p.name, "path": p.path, "endpoint": p.endpoint, "relay_reason": p.relay_reason,
-            })).collect::<Vec<_>>(),
-        });
+        let report = NetcheckReport::of(&status);
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
@@ -176,29 +232,105 @@ fn netcheck_text(s: &Status) -> String {
 }
 
 /// `meshvpn list`: configured networks and whether each agent answers.
-pub(super) fn list(config_dir: &Path, run_dir: &Path) -> anyhow::Result<()> {
+pub(super) fn list(config_dir: &Path, run_dir: &Path, json: bool) -> anyhow::Result<()> {
+    super::exit::check_readable_dir(config_dir)?;
     let networks = config::list_networks(config_dir);
-    if networks.is_empty() {
+    let rt = runtime()?;
+    let mut report = ListReport {
+        schema: crate::status::SCHEMA,
+        networks: Vec::new(),
+    };
+    for n in networks {
+        let cfg = Config::load(config_dir, &n).ok();
+        let status = match rt.block_on(control::query_status(run_dir, &n)) {
+            Ok(s) => Some(s),
+            // Not "down": this user may not ask (exit 4 says so).
+            Err(e) if super::ExitCode::of(&e) == super::ExitCode::PermissionDenied => {
+                return Err(e)
+            }
+            Err(_) => None,
+        };
+        report.networks.push(ListedNetwork {
+            virtual_ip: cfg.as_ref().map(|c| c.virtual_ip.to_string()),
+            subnet: cfg.as_ref().map(|c| c.subnet.to_string()),
+            running: status.is_some(),
+            ready: status.as_ref().is_some_and(|s| s.ready),
+            peers: status.as_ref().map(|s| s.status.peers.len()),
+            network: n,
+        });
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    if report.networks.is_empty() {
         println!("no networks configured in {}", config_dir.display());
         return Ok(());
     }
-    let rt = runtime()?;
     println!(
         "{:<20} {:<16} {:<18} STATE",
         "NETWORK", "VIRTUAL IP", "SUBNET"
     );
-    for n in networks {
-        let (ip, subnet) = match Config::load(config_dir, &n) {
-            Ok(c) => (c.virtual_ip.to_string(), c.subnet.to_string()),
-            Err(_) => ("?".into(), "(config unreadable)".into()),
+    for n in &report.networks {
+        let state = match n.peers {
+            Some(peers) => format!("up, {peers} peer(s)"),
+            None => "down".into(),
         };
-        let state = match rt.block_on(control::query_status(run_dir, &n)) {
-            Ok(s) => format!("up, {} peer(s)", s.peers.len()),
-            Err(_) => "down".into(),
-        };
-        println!("{n:<20} {ip:<16} {subnet:<18} {state}");
+        println!(
+            "{:<20} {:<16} {:<18} {state}",
+            n.network,
+            n.virtual_ip.as_deref().unwrap_or("?"),
+            n.subnet.as_deref().unwrap_or("(config unreadable)")
+        );
     }
     Ok(())
+}
+
+/// How often `meshvpn wait` asks the agent (a status costs the agent well under a millisecond).
+const WAIT_POLL: Duration = Duration::from_millis(100);
+
+/// `meshvpn wait [NAME]`: polls the agent until it is ready (registered with its relay and
+/// holding the member list), at most `timeout`.
+pub(super) fn wait(
+    config_dir: &Path,
+    run_dir: &Path,
+    name: Option<String>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let network = resolve_network(config_dir, name)?;
+    let rt = runtime()?;
+    let start = Instant::now();
+    let last = loop {
+        match rt.block_on(control::query_status(run_dir, &network)) {
+            Ok(s) if s.ready => {
+                println!(
+                    "network {network} ready after {:.1} s: registered with relay {}, {}",
+                    start.elapsed().as_secs_f64(),
+                    s.status.relay.address,
+                    s.status.summary()
+                );
+                return Ok(());
+            }
+            Err(e) if super::ExitCode::of(&e) == super::ExitCode::PermissionDenied => {
+                return Err(e)
+            }
+            other if start.elapsed() >= timeout => break other,
+            Ok(_) | Err(_) => {}
+        }
+        std::thread::sleep(WAIT_POLL.min(timeout.saturating_sub(start.elapsed())));
+    };
+    let waited = format!("{:.1} s", timeout.as_secs_f64());
+    match last {
+        Ok(s) if !s.status.relay.registered => bail!(
+            "network {network} not ready after {waited}: the agent is not registered with relay {} (is it running and reachable? see `meshvpn netcheck {network}`)",
+            s.status.relay.address
+        ),
+        Ok(_) => bail!(
+            "network {network} not ready after {waited}: registered with the relay, but its member list has not arrived"
+        ),
+        // Exit 3 when the agent never came up: the cause keeps its code under the context.
+        Err(e) => Err(e.context(format!("network {network} not ready after {waited}"))),
+    }
 }
 
 /// `meshvpn down NAME`: asks the agent to leave and stop.

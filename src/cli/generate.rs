@@ -30,13 +30,41 @@ const SHELLS: [(Shell, &str); 3] = [
 ///   `meshvpn-relay.1`, …); hidden subcommands get none.
 /// - `meshvpn.bash` (bash-completion), `_meshvpn` (zsh) and `meshvpn.fish` (fish).
 ///
+/// Every man page gets an EXIT STATUS section listing [`super::ExitCode`], which clap does
+/// not know about.
+///
 /// Existing files of the same names are overwritten.
 pub fn write_all(cmd: clap::Command, out: &Path) -> anyhow::Result<()> {
+    let codes: Vec<(u8, &str)> = super::ExitCode::ALL
+        .iter()
+        .map(|c| (c.code(), c.meaning()))
+        .collect();
+    write_all_with(cmd, &codes, out)
+}
+
+/// [`write_all`] with the EXIT STATUS section listing `exit_statuses` (code, meaning).
+pub fn write_all_with(
+    cmd: clap::Command,
+    exit_statuses: &[(u8, &str)],
+    out: &Path,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating output directory {}", out.display()))?;
 
     clap_mangen::generate_to(cmd.clone(), out)
         .with_context(|| format!("writing man pages into {}", out.display()))?;
+    let section = exit_status_section(exit_statuses);
+    for entry in std::fs::read_dir(out).with_context(|| format!("listing {}", out.display()))? {
+        let path = entry
+            .with_context(|| format!("listing {}", out.display()))?
+            .path();
+        if path.extension().is_some_and(|e| e == "1") {
+            let page = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            std::fs::write(&path, with_section(&page, &section))
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
 
     for (shell, file_name) in SHELLS {
         let mut visible = without_hidden_subcommands(cmd.clone());
@@ -50,6 +78,26 @@ pub fn write_all(cmd: clap::Command, out: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The roff text of an EXIT STATUS section: one tagged paragraph per code.
+fn exit_status_section(exit_statuses: &[(u8, &str)]) -> String {
+    let mut section = String::from(".SH \"EXIT STATUS\"\n");
+    for (code, meaning) in exit_statuses {
+        // A line starting with a dot or quote would be read as a roff request.
+        let text = meaning.replace('\\', "\\\\").replace('-', "\\-");
+        section.push_str(&format!(".TP\n\\fB{code}\\fR\n\\&{text}\n"));
+    }
+    section
+}
+
+/// `page` with `section` inserted before its VERSION section (where man pages keep EXIT
+/// STATUS, after the options), or at its end without one.
+fn with_section(page: &str, section: &str) -> String {
+    match page.find("\n.SH VERSION") {
+        Some(at) => format!("{}\n{section}{}", &page[..at], &page[at + 1..]),
+        None => format!("{page}{section}"),
+    }
 }
 
 /// `cmd` minus its hidden subcommands (such as `generate` itself), for the completion
@@ -130,7 +178,21 @@ mod tests {
             man.contains("relay"),
             "man page does not mention relay:\n{man}"
         );
+        let status = man
+            .find(".SH \"EXIT STATUS\"")
+            .expect("an EXIT STATUS section");
+        assert!(
+            man[status..].contains("\\fB3\\fR\n\\&the agent of the network is not running"),
+            "exit 3 not documented:\n{man}"
+        );
+        if let Some(version) = man.find(".SH VERSION") {
+            assert!(status < version, "EXIT STATUS comes before VERSION");
+        }
         let join = std::fs::read_to_string(out.join("meshvpn-join.1")).unwrap();
+        assert!(
+            join.contains("EXIT STATUS"),
+            "subcommand pages list the codes too"
+        );
         assert!(
             join.contains("token"),
             "meshvpn-join.1 lacks its argument:\n{join}"

@@ -5,6 +5,7 @@
 
 mod admin;
 pub mod demo;
+pub mod exit;
 pub mod generate;
 pub mod overlap;
 mod revoke;
@@ -24,6 +25,7 @@ use crate::keys::{NetworkSecret, NodeSecret};
 use crate::wire::token::{self, RelayEndpoint, Token};
 use crate::wire::{self, Frame};
 use crate::{agent, control, relay};
+pub use exit::{ExitCode, Failure};
 
 /// meshvpn: private virtual subnets over the internet, peer to peer, through any NAT.
 #[derive(Debug, Parser)]
@@ -160,12 +162,17 @@ pub enum Command {
     Up {
         /// Network name.
         name: String,
+        /// Serve Prometheus metrics on this address (GET /metrics), e.g. 127.0.0.1:9101;
+        /// overrides the config's `metrics`.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
     },
     /// Show this member's peers, their paths and round-trip times.
     Status {
-        /// Network name (default: every configured network).
+        /// Network name (default: every running network).
         name: Option<String>,
-        /// Print JSON instead of a table.
+        /// Print JSON (`{"schema": 1, "networks": [...]}`, one network or many) instead of
+        /// tables.
         #[arg(long)]
         json: bool,
     },
@@ -179,11 +186,17 @@ pub enum Command {
         /// Number of pings.
         #[arg(short, long, default_value_t = 4)]
         count: u32,
+        /// Print one JSON document with every answer instead of a line per pong.
+        #[arg(long)]
+        json: bool,
     },
     /// List the peers of a network: name, virtual IP, path and RTT.
     Peers {
         /// Network (default: the only configured one).
         name: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show this machine's NAT verdict and why each relayed peer is relayed.
     Netcheck {
@@ -193,8 +206,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Wait until a network's agent is registered with its relay and holds the member list
+    /// (for scripts: start the agent, `meshvpn wait`, then use the network).
+    Wait {
+        /// Network (default: the only configured one).
+        name: Option<String>,
+        /// Give up after this many seconds: exit 3 if the agent never answered, 1 if it did
+        /// but is not ready.
+        #[arg(long, value_name = "SECONDS", default_value_t = 30.0, value_parser = parse_seconds)]
+        timeout: f64,
+    },
     /// List the configured networks and whether each agent is up.
-    List,
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop the agent of a network (it tells the relay it leaves).
     Down {
         /// Network name.
@@ -238,8 +265,9 @@ pub enum Command {
     },
 }
 
-/// Runs the parsed command line.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the parsed command line; an agent it starts changes its log level through `log` on
+/// SIGHUP.
+pub fn run(cli: Cli, log: agent::reload::LogControl) -> anyhow::Result<()> {
     match cli.command {
         Command::Relay {
             listen,
@@ -308,7 +336,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let token = read_token(token.as_deref(), token_file.as_deref())?;
             if !no_start && !enable {
-                agent::check_privileges()?;
+                check_agent_privileges()?;
             }
             let path = Config::path(&cli.config_dir, &token.network);
             if path.exists() {
@@ -338,25 +366,33 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if enable {
                 return admin::enable_service(&cfg.network);
             }
-            runtime()?.block_on(agent::run(cfg, &cli.run_dir, &cli.config_dir))
+            runtime()?.block_on(agent::run(cfg, &cli.run_dir, &cli.config_dir, log, None))
         }
-        Command::Up { name } => {
-            agent::check_privileges()?;
+        Command::Up { name, metrics } => {
+            check_agent_privileges()?;
             let cfg = Config::load(&cli.config_dir, &name)?;
             overlap::check(&cfg, &cli.config_dir)?;
-            runtime()?.block_on(agent::run(cfg, &cli.run_dir, &cli.config_dir))
+            let metrics = metrics.or(cfg.metrics);
+            runtime()?.block_on(agent::run(cfg, &cli.run_dir, &cli.config_dir, log, metrics))
         }
         Command::Status { name, json } => status(&cli.config_dir, &cli.run_dir, name, json),
         Command::Ping {
             peer,
             network,
             count,
-        } => admin::ping(&cli.config_dir, &cli.run_dir, network, &peer, count),
-        Command::Peers { name } => admin::peers(&cli.config_dir, &cli.run_dir, name),
+            json,
+        } => admin::ping(&cli.config_dir, &cli.run_dir, network, &peer, count, json),
+        Command::Peers { name, json } => admin::peers(&cli.config_dir, &cli.run_dir, name, json),
         Command::Netcheck { name, json } => {
             admin::netcheck(&cli.config_dir, &cli.run_dir, name, json)
         }
-        Command::List => admin::list(&cli.config_dir, &cli.run_dir),
+        Command::Wait { name, timeout } => admin::wait(
+            &cli.config_dir,
+            &cli.run_dir,
+            name,
+            Duration::from_secs_f64(timeout),
+        ),
+        Command::List { json } => admin::list(&cli.config_dir, &cli.run_dir, json),
         Command::Down { name } => admin::down(&cli.run_dir, &name),
         Command::Leave { name, yes } => admin::leave(&cli.config_dir, &cli.run_dir, &name, yes),
         Command::Invite { name } => revoke::invite(&cli.config_dir, &name),
@@ -368,6 +404,28 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             demo::run(&exe)
         }
     }
+}
+
+/// A positive number of seconds, at most a day.
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(s),
+        Ok(_) => Err("must be more than 0 and at most 86400 seconds".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Fails unless this process may run the agent: [`Failure::PermissionDenied`] without root or
+/// CAP_NET_ADMIN, an error without `/dev/net/tun`.
+fn check_agent_privileges() -> anyhow::Result<()> {
+    if !agent::has_net_admin() {
+        return Err(Failure::PermissionDenied {
+            what: "starting the agent".into(),
+            need: "it needs root or CAP_NET_ADMIN to create its TUN device (try sudo, or run it as the meshvpn@NETWORK systemd service)".into(),
+        }
+        .into());
+    }
+    agent::check_privileges()
 }
 
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -561,15 +619,25 @@ async fn fetch_relay_key(
     bail!("relay {host_port} did not answer over UDP or TCP (is `meshvpn relay` running there and its port reachable?)")
 }
 
+/// `meshvpn status [NAME]`: the named network, or every running one.
 fn status(
     config_dir: &std::path::Path,
     run_dir: &std::path::Path,
     name: Option<String>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let names = match name {
-        Some(n) => vec![n],
+    let rt = runtime()?;
+    let mut report = crate::status::StatusReport {
+        schema: crate::status::SCHEMA,
+        networks: Vec::new(),
+        not_running: Vec::new(),
+    };
+    match name {
+        Some(n) => report
+            .networks
+            .push(rt.block_on(control::query_status(run_dir, &n))?),
         None => {
+            exit::check_readable_dir(config_dir)?;
             let found = config::list_networks(config_dir);
             if found.is_empty() {
                 bail!(
@@ -577,28 +645,36 @@ fn status(
                     config_dir.display()
                 );
             }
-            found
+            for n in found {
+                match rt.block_on(control::query_status(run_dir, &n)) {
+                    Ok(s) => report.networks.push(s),
+                    Err(e) if ExitCode::of(&e) == ExitCode::NotRunning => {
+                        report.not_running.push(n)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if report.networks.is_empty() {
+                return Err(Failure::NotRunning(format!(
+                    "the agents of the configured networks ({}) are not running; start one with `meshvpn up NETWORK`",
+                    report.not_running.join(", ")
+                ))
+                .into());
+            }
         }
-    };
-    let rt = runtime()?;
-    let mut statuses = Vec::new();
-    for n in &names {
-        statuses.push(rt.block_on(control::query_status(run_dir, n))?);
     }
     if json {
-        let text = if statuses.len() == 1 {
-            serde_json::to_string_pretty(&statuses[0])?
-        } else {
-            serde_json::to_string_pretty(&statuses)?
-        };
-        println!("{text}");
-    } else {
-        for (i, s) in statuses.iter().enumerate() {
-            if i > 0 {
-                println!();
-            }
-            print!("{}", s.to_table());
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    for (i, s) in report.networks.iter().enumerate() {
+        if i > 0 {
+            println!();
         }
+        print!("{}", s.to_table());
+    }
+    if !report.not_running.is_empty() {
+        println!("\nnot running: {}", report.not_running.join(", "));
     }
     Ok(())
 }

@@ -92,6 +92,8 @@ pub enum Signal {
     Int,
     /// SIGKILL: no goodbye.
     Kill,
+    /// SIGHUP: the agent re-reads its config.
+    Hup,
 }
 
 impl Signal {
@@ -100,6 +102,7 @@ impl Signal {
             Signal::Term => libc::SIGTERM,
             Signal::Int => libc::SIGINT,
             Signal::Kill => libc::SIGKILL,
+            Signal::Hup => libc::SIGHUP,
         }
     }
 }

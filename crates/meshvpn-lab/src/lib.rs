@@ -71,7 +71,9 @@ mod tests;
 
 pub use gateway::PortMapService;
 pub use mesh::{Mesh, PairReport};
-pub use meshvpn_status::{self as status, NatMapping, PeerPath, PeerStatus, Status};
+pub use meshvpn_status::{
+    self as status, NatMapping, NetworkStatus, PeerPath, PeerStatus, Status, StatusReport,
+};
 pub use nat::Nat;
 pub use node::{cpu_share, cpu_ticks, relay_counter, Node};
 pub use perf::{cpu_seconds, rss_kb, which, InterfaceBytes, Iperf3Result, Iperf3Test, PingStats};

@@ -1,5 +1,6 @@
 //! Driving `meshvpn` inside the lab: [`Node`] (one relay or member instance), whose
-//! [`Node::status`] parses `meshvpn status --json` into the product's own [`Status`].
+//! [`Node::status`] parses `meshvpn status --json` (a [`StatusReport`]) into the product's own
+//! [`Status`].
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
@@ -9,7 +10,7 @@ use std::process::{ExitStatus, Output};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use meshvpn_status::Status;
+use meshvpn_status::{NetworkStatus, Status, StatusReport, SCHEMA};
 
 use super::{wait_until, Host, Lab, Signal, EXEC_TIMEOUT};
 
@@ -233,11 +234,44 @@ impl Node {
         self.pid.is_some_and(|pid| lab.is_running(pid))
     }
 
-    /// `meshvpn status <network> --json`, parsed with the product's own schema.
+    /// `meshvpn status <network> --json`, parsed with the product's own schema: the member's
+    /// snapshot.
     pub fn status(&self, lab: &Lab, network: &str) -> Result<Status> {
-        let out = self.exec(lab, &["status", network, "--json"])?;
-        serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("{}: parsing `meshvpn status --json`", self.name))
+        Ok(self.network_status(lab, network)?.status)
+    }
+
+    /// `meshvpn status <network> --json`: the one network of the report (snapshot and
+    /// readiness).
+    pub fn network_status(&self, lab: &Lab, network: &str) -> Result<NetworkStatus> {
+        let report = self.status_report(lab, &[network])?;
+        let mut networks = report.networks.into_iter();
+        match (networks.next(), networks.next()) {
+            (Some(one), None) if one.status.network == network => Ok(one),
+            (first, second) => bail!(
+                "{}: `meshvpn status {network} --json` should list {network} alone, listed {:?} and {:?}",
+                self.name,
+                first.map(|n| n.status.network),
+                second.map(|n| n.status.network)
+            ),
+        }
+    }
+
+    /// `meshvpn status [args] --json`, checked for the schema version this lab reads.
+    pub fn status_report(&self, lab: &Lab, args: &[&str]) -> Result<StatusReport> {
+        let mut full = vec!["status"];
+        full.extend_from_slice(args);
+        full.push("--json");
+        let out = self.exec(lab, &full)?;
+        let report: StatusReport = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("{}: parsing `meshvpn status --json`", self.name))?;
+        if report.schema != SCHEMA {
+            bail!(
+                "{}: `meshvpn status --json` has schema {}, this lab reads {SCHEMA}",
+                self.name,
+                report.schema
+            );
+        }
+        Ok(report)
     }
 
     /// `meshvpn status <network>` (the human table).

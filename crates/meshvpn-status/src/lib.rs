@@ -11,6 +11,12 @@ use std::net::{AddrParseError, Ipv4Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+mod report;
+pub use report::{
+    ListReport, ListedNetwork, NetcheckPeer, NetcheckReport, NetworkStatus, PeersReport,
+    StatusReport, SCHEMA,
+};
+
 /// A snapshot of one member's view of its network.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Status {
@@ -309,37 +315,62 @@ impl Status {
         v
     }
 
-    /// Renders the status as a human-readable table.
+    /// One line: how many peers and on which paths (`3 peers: 2 direct, 1 relay-tcp`).
+    pub fn summary(&self) -> String {
+        let n = self.peers.len();
+        if n == 0 {
+            return "no peers yet".into();
+        }
+        let by_path: Vec<String> = PeerPath::ALL
+            .iter()
+            .filter_map(|path| {
+                let count = self.peers.iter().filter(|p| p.path == *path).count();
+                (count > 0).then(|| format!("{count} {path}"))
+            })
+            .collect();
+        let noun = if n == 1 { "peer" } else { "peers" };
+        format!("{n} {noun}: {}", by_path.join(", "))
+    }
+
+    /// Renders the status as a human-readable table: the summary line, a row for this member
+    /// (name, virtual IP, NAT, relay state), then one row per peer.
     pub fn to_table(&self) -> String {
+        self.table(None)
+    }
+
+    /// [`Status::to_table`]; `ready`, when the agent said, is added to the relay state.
+    fn table(&self, ready: Option<bool>) -> String {
         let mut out = String::new();
-        let relay_state = if self.relay.registered {
-            "registered"
+        let mut relay_state = if self.relay.registered {
+            format!("{} registered", self.relay.address)
         } else {
-            "not registered (retrying)"
+            format!("{} not registered (retrying)", self.relay.address)
         };
-        let _ = writeln!(
+        match ready {
+            Some(true) => relay_state.push_str(", synced"),
+            Some(false) if self.relay.registered => relay_state.push_str(", syncing members"),
+            Some(false) | None => {}
+        }
+        if let Some(o) = &self.relay.observed {
+            let _ = write!(relay_state, ", sees us as {o}");
+        }
+        let _ = writeln!(out, "{}: {}", self.network, self.summary());
+        let me = [
+            format!("{} (this member)", self.name),
+            self.virtual_ip.clone(),
+            self.nat.summary.clone(),
+            relay_state,
+        ];
+        let _ = write!(
             out,
-            "network {}  member {}  {}",
-            self.network, self.name, self.virtual_ip
+            "{}",
+            grid(&["MEMBER", "VIRTUAL IP", "NAT", "RELAY"], &[me])
         );
         let _ = writeln!(out, "public key {}", self.public_key);
-        let _ = writeln!(
-            out,
-            "relay {} {}{}",
-            self.relay.address,
-            relay_state,
-            self.relay
-                .observed
-                .as_ref()
-                .map(|o| format!(", sees us as {o}"))
-                .unwrap_or_default()
-        );
-        let _ = writeln!(out, "nat {}", self.nat.summary);
         if let Some(c) = &self.ip_conflict {
             let _ = writeln!(out, "WARNING: {c}");
         }
         if self.peers.is_empty() {
-            let _ = writeln!(out, "no peers yet");
             return out;
         }
         let rows: Vec<[String; 9]> = self
@@ -380,25 +411,32 @@ impl Status {
             "RX",
             "TX",
         ];
-        let mut widths = header.map(str::len);
-        for row in &rows {
-            for (w, cell) in widths.iter_mut().zip(row) {
-                *w = (*w).max(cell.len());
-            }
-        }
-        let line = |cells: Vec<&str>| {
-            let mut l = String::new();
-            for (i, c) in cells.iter().enumerate() {
-                let _ = write!(l, "{:<w$}  ", c, w = widths[i]);
-            }
-            l.trim_end().to_string()
-        };
-        let _ = writeln!(out, "{}", line(header.to_vec()));
-        for row in &rows {
-            let _ = writeln!(out, "{}", line(row.iter().map(String::as_str).collect()));
-        }
+        out.push_str(&grid(&header, &rows));
         out
     }
+}
+
+/// Left-aligned columns, two spaces apart, each as wide as its widest cell.
+fn grid<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (c, w) in cells.iter().zip(widths) {
+            let _ = write!(l, "{c:<w$}  ");
+        }
+        l.trim_end().to_string()
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", line(header.to_vec()));
+    for row in rows {
+        let _ = writeln!(out, "{}", line(row.iter().map(String::as_str).collect()));
+    }
+    out
 }
 
 fn human_bytes(n: u64) -> String {
@@ -594,5 +632,62 @@ mod tests {
         let table = s.to_table();
         assert!(table.contains("relay-tcp"), "{table}");
         assert!(table.contains("2.0 KiB"), "{table}");
+    }
+
+    #[test]
+    fn the_table_starts_with_a_summary_and_a_row_for_this_member() {
+        let mut s = sample();
+        let table = s.to_table();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "demo: 2 peers: 1 direct, 1 relay-tcp", "{table}");
+        assert!(lines[1].starts_with("MEMBER"), "{table}");
+        assert!(
+            lines[2].starts_with("alice (this member)")
+                && lines[2].contains("10.1.2.3")
+                && lines[2].contains("symmetric")
+                && lines[2].contains("198.51.100.1:3478 registered"),
+            "{table}"
+        );
+        let ready = NetworkStatus {
+            status: s.clone(),
+            ready: true,
+        };
+        assert!(ready.to_table().contains("registered, synced"));
+        s.peers.truncate(1);
+        assert!(s.to_table().starts_with("demo: 1 peer: 1 relay-tcp\n"));
+        s.peers.clear();
+        assert!(s.to_table().starts_with("demo: no peers yet\n"));
+    }
+
+    #[test]
+    fn reports_carry_the_schema_and_one_network_reads_like_many() {
+        let one = NetworkStatus {
+            status: sample(),
+            ready: true,
+        };
+        let report = StatusReport {
+            schema: SCHEMA,
+            networks: vec![one.clone()],
+            not_running: vec!["other".into()],
+        };
+        let json = serde_json::to_value(&report).expect("a report serialises");
+        assert_eq!(json["schema"], 1);
+        // The network's fields sit at the top of its object, beside `ready`.
+        assert_eq!(json["networks"][0]["network"], "demo");
+        assert_eq!(json["networks"][0]["ready"], true);
+        assert_eq!(json["networks"][0]["peers"][1]["path"], "direct");
+        let back: StatusReport = serde_json::from_value(json).expect("its own JSON parses");
+        assert_eq!(back, report);
+        // An agent that does not send `ready` reads as not ready.
+        let bare = serde_json::to_value(sample()).expect("a status serialises");
+        let old: NetworkStatus = serde_json::from_value(bare).expect("a bare status parses");
+        assert!(!old.ready);
+        assert_eq!(old.status, sample());
+        let netcheck = serde_json::to_value(NetcheckReport::of(&sample())).expect("serialises");
+        assert_eq!(netcheck["schema"], 1);
+        assert_eq!(
+            netcheck["peers"][0]["relay_reason"],
+            "UDP to the relay is blocked"
+        );
     }
 }
