@@ -367,6 +367,33 @@ impl Status {
             grid(&["MEMBER", "VIRTUAL IP", "NAT", "RELAY"], &[me])
         );
         let _ = writeln!(out, "public key {}", self.public_key);
+        if self.relays.len() > 1 {
+            let rows: Vec<[String; 4]> = self
+                .relays
+                .iter()
+                .map(|r| {
+                    let state = match (r.answering, r.registered, r.primary) {
+                        (true, _, true) => "answering, primary",
+                        (true, _, false) => "answering",
+                        (false, true, _) => "not answering (retrying)",
+                        (false, false, _) => "not registered (retrying)",
+                    };
+                    [
+                        r.address.clone(),
+                        state.to_string(),
+                        if r.transport.is_empty() {
+                            "-".into()
+                        } else {
+                            r.transport.clone()
+                        },
+                        r.rtt_ms
+                            .map(|ms| format!("{ms:.1} ms"))
+                            .unwrap_or_else(|| "-".into()),
+                    ]
+                })
+                .collect();
+            out.push_str(&grid(&["RELAY", "STATE", "VIA", "RTT"], &rows));
+        }
         if let Some(c) = &self.ip_conflict {
             let _ = writeln!(out, "WARNING: {c}");
         }
@@ -653,6 +680,21 @@ mod tests {
             ready: true,
         };
         assert!(ready.to_table().contains("registered, synced"));
+        assert!(!table.contains("RELAY  "), "one relay: no relay table\n{table}");
+        let mut second = s.relay.clone();
+        second.address = "198.51.100.2:3478".into();
+        second.primary = false;
+        second.answering = false;
+        second.registered = false;
+        second.rtt_ms = None;
+        s.relays = vec![s.relay.clone(), second];
+        let table = s.to_table();
+        assert!(
+            table.contains("198.51.100.1:3478  answering, primary  udp")
+                && table.contains("12.5 ms")
+                && table.contains("198.51.100.2:3478  not registered (retrying)"),
+            "{table}"
+        );
         s.peers.truncate(1);
         assert!(s.to_table().starts_with("demo: 1 peer: 1 relay-tcp\n"));
         s.peers.clear();
