@@ -680,7 +680,10 @@ mod tests {
             ready: true,
         };
         assert!(ready.to_table().contains("registered, synced"));
-        assert!(!table.contains("RELAY  "), "one relay: no relay table\n{table}");
+        assert!(
+            !table.contains("RELAY  "),
+            "one relay: no relay table\n{table}"
+        );
         let mut second = s.relay.clone();
         second.address = "198.51.100.2:3478".into();
         second.primary = false;
@@ -689,12 +692,15 @@ mod tests {
         second.rtt_ms = None;
         s.relays = vec![s.relay.clone(), second];
         let table = s.to_table();
+        let row = |addr: &str| table.lines().find(|l| l.starts_with(addr)).unwrap_or("");
+        let (first, second) = (row("198.51.100.1:3478"), row("198.51.100.2:3478"));
         assert!(
-            table.contains("198.51.100.1:3478  answering, primary  udp")
-                && table.contains("12.5 ms")
-                && table.contains("198.51.100.2:3478  not registered (retrying)"),
+            first.contains("answering, primary")
+                && first.contains("udp")
+                && first.ends_with("12.5 ms"),
             "{table}"
         );
+        assert!(second.contains("not registered (retrying)"), "{table}");
         s.peers.truncate(1);
         assert!(s.to_table().starts_with("demo: 1 peer: 1 relay-tcp\n"));
         s.peers.clear();
