@@ -12,15 +12,46 @@
 //! claim, and between equals the lower public key wins. The loser keeps its session but gets no
 //! route, and is told so clearly.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use blake2::{Blake2s256, Digest};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::keys::PeerKey;
+use crate::keys::{NetworkId, PeerKey};
 
 /// How many counter values a derived address may use (the first that is free is taken at join).
 pub const DERIVATION_ATTEMPTS: u8 = 8;
+
+/// The network's IPv6 overlay prefix: a unique local /64 (RFC 4193) whose 40-bit global ID is
+/// drawn from the network id, so every member computes the same one and two networks almost
+/// surely differ. The subnet ID is 0.
+pub fn overlay_ipv6_prefix(network: &NetworkId) -> Ipv6Net {
+    let mut h = Blake2s256::new();
+    h.update(b"meshvpn v1 ula prefix");
+    h.update(network.0);
+    let d = h.finalize();
+    let mut octets = [0u8; 16];
+    octets[0] = 0xfd;
+    octets[1..6].copy_from_slice(&d[..5]);
+    Ipv6Net::new(Ipv6Addr::from(octets), 64).expect("64 is a valid IPv6 prefix length")
+}
+
+/// Member `key`'s IPv6 overlay address: the network's [`overlay_ipv6_prefix`] and a 64-bit
+/// interface ID drawn from the key, so it is a function of the key that every member can check
+/// (like a derived IPv4 address) and needs no announcement. The all-zero interface ID (the
+/// subnet-router anycast address) is never used.
+pub fn overlay_ipv6(network: &NetworkId, key: &PeerKey) -> Ipv6Addr {
+    let mut h = Blake2s256::new();
+    h.update(b"meshvpn v1 ula interface id");
+    h.update(key.0);
+    let d = h.finalize();
+    let mut octets = overlay_ipv6_prefix(network).network().octets();
+    octets[8..].copy_from_slice(&d[..8]);
+    if octets[8..].iter().all(|b| *b == 0) {
+        octets[15] = 1;
+    }
+    Ipv6Addr::from(octets)
+}
 
 /// The `n`-th address derived from `key` in `subnet`. `None` for subnets too small to hold
 /// members (narrower than /30).
@@ -89,5 +120,28 @@ mod tests {
         assert!(owner_rank(&subnet, &a, ip) < owner_rank(&subnet, &b, ip));
         let other = Ipv4Addr::new(10, 20, 99, 99);
         assert!(owner_rank(&subnet, &b, other) < owner_rank(&subnet, &a, other));
+    }
+
+    #[test]
+    fn overlay_ipv6_is_a_ula_of_the_network_and_a_function_of_the_key() {
+        let (n1, n2) = (NetworkId([1; 32]), NetworkId([2; 32]));
+        let (k1, k2) = (PeerKey([3; 32]), PeerKey([4; 32]));
+        let p1 = overlay_ipv6_prefix(&n1);
+        assert_eq!(p1.prefix_len(), 64);
+        assert_eq!(p1.network().octets()[0], 0xfd, "unique local (fd00::/8)");
+        assert_ne!(
+            p1,
+            overlay_ipv6_prefix(&n2),
+            "networks get their own prefix"
+        );
+        let a = overlay_ipv6(&n1, &k1);
+        assert!(p1.contains(&a));
+        assert_eq!(a, overlay_ipv6(&n1, &k1), "deterministic");
+        assert_ne!(a, overlay_ipv6(&n1, &k2), "keys get their own address");
+        assert_eq!(
+            a.octets()[8..],
+            overlay_ipv6(&n2, &k1).octets()[8..],
+            "interface ID is the key's"
+        );
     }
 }
