@@ -512,6 +512,7 @@ mod tests {
                 reflexive: None,
                 port_mapping: None,
                 udp_blocked: false,
+                stun: Vec::new(),
             },
             ip_conflict: None,
             peers,

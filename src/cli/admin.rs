@@ -216,6 +216,27 @@ fn netcheck_text(s: &Status) -> String {
             "not registered"
         }
     ));
+    for r in s.relays.iter().filter(|_| s.relays.len() > 1) {
+        out.push_str(&format!(
+            "  relay {:<21} {} over {}{}\n",
+            r.address,
+            if r.answering {
+                "answering"
+            } else {
+                "not answering"
+            },
+            r.transport,
+            r.rtt_ms
+                .map(|ms| format!(", {ms:.1} ms"))
+                .unwrap_or_default()
+        ));
+    }
+    for a in &s.nat.stun {
+        out.push_str(&format!(
+            "  STUN {:<22} sees us as {}\n",
+            a.server, a.mapped
+        ));
+    }
     for p in &s.peers {
         match &p.relay_reason {
             Some(reason) => {
@@ -485,6 +506,7 @@ mod tests {
                 reflexive: Some("203.0.113.5:4000".into()),
                 port_mapping: None,
                 udp_blocked: false,
+                stun: Vec::new(),
             },
             ip_conflict: None,
             peers: vec![PeerStatus {

@@ -102,12 +102,21 @@ impl NetCheck {
         }
     }
 
-    /// The mapped address the first STUN server (the relay) reports.
+    /// The mapped address the first STUN server that answered reports (the first relay's
+    /// port when it answers).
     pub(crate) fn reflexive(&self) -> Option<SocketAddr> {
         self.targets
-            .first()
-            .and_then(|t| self.answers.get(t))
+            .iter()
+            .find_map(|t| self.answers.get(t))
             .map(|(m, _)| *m)
+    }
+
+    /// Every server's latest answer, `(server, mapped)`, in target order.
+    pub(crate) fn answers(&self) -> Vec<(SocketAddr, SocketAddr)> {
+        self.targets
+            .iter()
+            .filter_map(|t| self.answers.get(t).map(|(m, _)| (*t, *m)))
+            .collect()
     }
 
     /// The verdict from the answers so far, given our own host addresses.

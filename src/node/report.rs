@@ -6,7 +6,7 @@ use std::time::Instant;
 use super::peer::{Path, Peer};
 use super::relay_session::RelaySession;
 use super::{Node, StreamKind};
-use crate::status::{NatStatus, PeerPath, PeerStatus, RelayStatus, Status};
+use crate::status::{NatStatus, PeerPath, PeerStatus, RelayStatus, Status, StunAnswer};
 use crate::wire::NatKind;
 
 impl Node {
@@ -67,6 +67,15 @@ impl Node {
                     .map(|a| a.to_string()),
                 port_mapping: self.port_mapping.as_ref().map(|(l, a)| format!("{l} {a}")),
                 udp_blocked: self.relays[self.primary].on_stream(),
+                stun: self
+                    .netcheck
+                    .answers()
+                    .into_iter()
+                    .map(|(server, mapped)| StunAnswer {
+                        server: server.to_string(),
+                        mapped: mapped.to_string(),
+                    })
+                    .collect(),
             },
             peers,
             dropped: self.drops,

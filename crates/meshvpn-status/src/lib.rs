@@ -83,6 +83,18 @@ pub struct NatStatus {
     pub port_mapping: Option<String>,
     /// Whether UDP to the relay is blocked and the relay is reached over TCP.
     pub udp_blocked: bool,
+    /// What each STUN server (the relays' two ports, then `stun_servers`) answered lately.
+    #[serde(default)]
+    pub stun: Vec<StunAnswer>,
+}
+
+/// One STUN server's answer: where it saw this member.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StunAnswer {
+    /// The server, `ip:port`.
+    pub server: String,
+    /// This member's address as that server saw it.
+    pub mapped: String,
 }
 
 /// One peer as this member sees it.
@@ -560,6 +572,7 @@ mod tests {
                 reflexive: Some("203.0.113.5:4000".into()),
                 port_mapping: None,
                 udp_blocked: false,
+                stun: Vec::new(),
             },
             ip_conflict: None,
             peers: vec![

@@ -85,8 +85,11 @@ pub struct NetcheckReport {
     pub network: String,
     /// This member's NAT verdict.
     pub nat: NatStatus,
-    /// The relay.
+    /// The primary relay.
     pub relay: RelayStatus,
+    /// Every relay of the token: state, transport (`udp`, `tcp`, `tls`) and RTT.
+    #[serde(default)]
+    pub relays: Vec<RelayStatus>,
     /// Each peer's path and, when relayed, why.
     pub peers: Vec<NetcheckPeer>,
 }
@@ -112,6 +115,7 @@ impl NetcheckReport {
             network: status.network.clone(),
             nat: status.nat.clone(),
             relay: status.relay.clone(),
+            relays: status.relays.clone(),
             peers: status
                 .peers
                 .iter()
