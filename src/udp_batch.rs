@@ -168,6 +168,12 @@ impl UdpIo {
         self.send.len()
     }
 
+    /// The datagrams the host refused as too large since the last call (see
+    /// [`SendBatch::take_too_big`]).
+    pub(crate) fn take_too_big(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
+        self.send.take_too_big()
+    }
+
     /// Sends everything queued, waiting while the socket's send buffer is full; returns how
     /// many datagrams a send error dropped.
     pub(crate) async fn flush(&mut self) -> usize {
@@ -226,7 +232,15 @@ pub(crate) struct SendBatch {
     max_segments: usize,
     /// Datagrams dropped by send errors since [`take_dropped`](Self::take_dropped).
     dropped: usize,
+    /// Datagrams the host refused as too large (`EMSGSIZE`), for the node to shrink the
+    /// path MTU of their peer ([`take_too_big`](Self::take_too_big)); at most
+    /// [`MAX_TOO_BIG`] between two takes.
+    too_big: Vec<(SocketAddr, Vec<u8>)>,
 }
+
+/// Most refused datagrams kept for the node between two flushes: one per peer path is all the
+/// node needs, and the copy is made only on this rare error.
+const MAX_TOO_BIG: usize = 8;
 
 /// One send: `count` datagrams to `dst`, `len` bytes from `start`, `segment` bytes each
 /// (the last may be shorter).
@@ -249,6 +263,7 @@ impl SendBatch {
             offset: 0,
             max_segments: max_segments.max(1),
             dropped: 0,
+            too_big: Vec::new(),
         }
     }
 
@@ -272,6 +287,11 @@ impl SendBatch {
     /// How many datagrams send errors dropped since the last call.
     pub(crate) fn take_dropped(&mut self) -> usize {
         std::mem::take(&mut self.dropped)
+    }
+
+    /// The datagrams refused as too large since the last call, with their destinations.
+    pub(crate) fn take_too_big(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
+        std::mem::take(&mut self.too_big)
     }
 
     /// Forgets everything queued.
@@ -339,6 +359,12 @@ impl SendBatch {
                 }
                 Err(e) => {
                     self.dropped += run.count;
+                    if e.raw_os_error() == Some(libc::EMSGSIZE) && self.too_big.len() < MAX_TOO_BIG
+                    {
+                        let first = run.segment.min(run.len);
+                        self.too_big
+                            .push((run.dst, self.bytes[run.start..run.start + first].to_vec()));
+                    }
                     tracing::debug!(%e, dst = %run.dst, datagrams = run.count, "UDP send failed")
                 }
             }
@@ -500,6 +526,35 @@ mod tests {
         let b = batch(1, &[(A, 100); 3]);
         assert_eq!(b.next_run().map(|r| r.count), Some(1));
         assert!(!b.segmented());
+    }
+
+    #[test]
+    fn a_datagram_refused_as_too_large_is_kept_for_the_node_once() {
+        const A: &str = "198.51.100.1:51820";
+        const B: &str = "198.51.100.2:51820";
+        let mut b = batch(64, &[(A, 1400), (A, 1400), (B, 100)]);
+        let mut sent = Sent::new();
+        b.flush(|t| {
+            if t.destination == addr(A) {
+                return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+            }
+            record(&mut sent, t);
+            Ok(())
+        })
+        .expect("nothing blocks");
+        assert_eq!(sent.len(), 1, "the other destination still went out");
+        assert_eq!(b.take_dropped(), 2);
+        let too_big = b.take_too_big();
+        assert_eq!(too_big.len(), 1, "one copy per refused run");
+        assert_eq!(too_big[0].0, addr(A));
+        assert_eq!(too_big[0].1.len(), 1400, "the first datagram of the run");
+        assert_eq!(too_big[0].1[0], 0);
+        assert!(b.take_too_big().is_empty(), "taken once");
+        // Other errors are only dropped.
+        b.push(addr(A), &[1; 10]);
+        b.flush(|_| Err(io::Error::from_raw_os_error(libc::ENETUNREACH)))
+            .expect("nothing blocks");
+        assert!(b.take_too_big().is_empty());
     }
 
     #[test]

@@ -373,6 +373,7 @@ impl Executor<'_> {
                     self.udp.queue(dst, bytes);
                     if self.udp.queued() >= udp::SEND_BATCH {
                         self.udp.flush().await;
+                        self.report_too_big(node);
                     }
                 }
                 Output::Udp { socket, dst, bytes } => self.extra.send(socket, dst, bytes).await,
@@ -404,7 +405,16 @@ impl Executor<'_> {
             }
         }
         self.udp.flush().await;
+        self.report_too_big(node);
         self.tun.flush().await;
+    }
+
+    /// Tells the node about datagrams the host refused as too large (`EMSGSIZE`), so their
+    /// peer's path MTU shrinks at once; what that queues goes out with the next drain.
+    fn report_too_big(&mut self, node: &mut Node) {
+        for (dst, datagram) in self.udp.take_too_big() {
+            node.handle_send_too_big(Instant::now(), dst, &datagram);
+        }
     }
 
     fn event(&mut self, node: &Node, ev: Event) {
