@@ -167,3 +167,71 @@ fn a_public_member_carries_a_relayed_pair_while_the_relay_is_down_unless_told_no
         counters.carry_refused
     );
 }
+
+/// A stranger forging a member's address cannot make a helper carry more than its budget, and
+/// what it gets carried is never delivered (it does not decrypt); from any other address
+/// nothing is carried at all.
+#[test]
+fn forged_carry_requests_are_bounded_and_never_delivered() {
+    use meshvpn::node::{CARRY_BURST, CARRY_PER_SEC};
+    use meshvpn::wire::Frame;
+    use rand::RngCore;
+    let seed = simnet::seed(0x5eed_f04e);
+    let mut sim = Sim::new(seed, (10, 30), 0.0);
+    let helper = sim.add_member(None);
+    let carol = sim.add_member_behind(NatSpec::HOME_ROUTER);
+    let dave = sim.add_member_behind(NatSpec::HOME_ROUTER);
+    sim.run_until(Duration::from_secs(40), |s| {
+        both_direct(s, helper, carol) && both_direct(s, helper, dave)
+    })
+    .expect("the helper goes direct with both");
+    let Some(Path::Direct {
+        addr: carol_seen, ..
+    }) = sim.members[helper].node.path_to(&sim.key(carol))
+    else {
+        panic!("no direct path to carol");
+    };
+    let helper_addr = sim.members[helper].addr;
+    let dave_key = sim.key(dave);
+    let delivered_before = sim.members[dave].delivered.len();
+    let forged = |sim: &mut Sim, src, n: usize| {
+        for _ in 0..n {
+            let mut payload = vec![0u8; 148];
+            sim.rng.fill_bytes(&mut payload);
+            payload[..4].copy_from_slice(&[4, 0, 0, 0]); // a WireGuard data message header
+            let frame = Frame::RelaySend {
+                to: dave_key,
+                payload: &payload,
+            }
+            .to_vec();
+            sim.send_forged(src, helper_addr, frame);
+        }
+    };
+    // From an address that is no member's path: nothing carried.
+    let stranger: std::net::SocketAddr = "198.51.100.250:4444".parse().unwrap();
+    forged(&mut sim, stranger, 500);
+    sim.run_for(Duration::from_millis(200));
+    let c = sim.members[helper].node.forward_counters();
+    assert_eq!(c.carried, 0, "{c:?}");
+    assert!(c.carry_refused >= 500, "{c:?}");
+    // From carol's own address (forged): at most the budget, and dave delivers none of it.
+    let start = sim.now;
+    forged(&mut sim, carol_seen, 5000);
+    sim.run_for(Duration::from_secs(1));
+    let elapsed_ms = (sim.now - start).as_millis() as u64;
+    let c = sim.members[helper].node.forward_counters();
+    let bound = u64::from(CARRY_BURST) + u64::from(CARRY_PER_SEC) * elapsed_ms / 1000;
+    println!(
+        "5,000 forged carry requests from carol's address: {} carried (bound {bound}), {} refused; dave delivered {} of them",
+        c.carried,
+        c.carry_refused - 500,
+        sim.members[dave].delivered.len() - delivered_before
+    );
+    assert!(c.carried <= bound, "{c:?}");
+    assert!(c.carried < 5000, "the budget held: {c:?}");
+    assert_eq!(
+        sim.members[dave].delivered.len(),
+        delivered_before,
+        "forged ciphertext reached dave's TUN"
+    );
+}
