@@ -11,7 +11,11 @@
 //! - the control: the same restart with the helper down never gets carol and dave direct;
 //! - two members behind symmetric NATs (relayed, by the oracle) keep exchanging packets
 //!   through a public member once the relay dies, and not when that member has
-//!   `relay_for_peers` off.
+//!   `relay_for_peers` off;
+//! - every NAT pair (public, full cone, restricted cone, home router, symmetric), one side
+//!   restarted on a new port with the relay down: punchable pairs go direct again through the
+//!   passed call-me, the rest still deliver (carried), each against the oracle;
+//! - forged carry requests stay within the budget and deliver nothing.
 
 #![allow(clippy::unwrap_used)]
 #![allow(clippy::disallowed_methods, clippy::print_stdout)] // the simulator's start time; the printed seed and timings
@@ -234,4 +238,76 @@ fn forged_carry_requests_are_bounded_and_never_delivered() {
         delivered_before,
         "forged ciphertext reached dave's TUN"
     );
+}
+
+/// Every NAT pair, with the relay down and one side restarted on a new port: pairs the oracle
+/// lets punch go direct again through the passed call-me; the others still deliver (carried by
+/// the public member, or direct after a birthday probe).
+#[test]
+fn every_nat_pair_recovers_without_a_relay_as_the_oracle_says() {
+    use simnet::nat::{outcome, Outcome};
+    let kinds: [Option<NatSpec>; 5] = [
+        None,
+        Some(NatSpec::FULL_CONE),
+        Some(NatSpec::RESTRICTED_CONE),
+        Some(NatSpec::HOME_ROUTER),
+        Some(NatSpec::SYMMETRIC),
+    ];
+    let name = |k: &Option<NatSpec>| k.map_or("public", |s| s.name);
+    let seed = simnet::seed(0x5eed_a11a);
+    for (i, ka) in kinds.iter().enumerate() {
+        for kb in &kinds[i..] {
+            let mut sim = Sim::new(seed, (10, 30), 0.01);
+            let helper = sim.add_member(None);
+            let add = |sim: &mut Sim, k: &Option<NatSpec>| match k {
+                Some(spec) => sim.add_member_behind(*spec),
+                None => sim.add_member(None),
+            };
+            let a = add(&mut sim, ka);
+            let b = add(&mut sim, kb);
+            sim.run_until(Duration::from_secs(60), |s| {
+                both_direct(s, helper, a) && both_direct(s, helper, b)
+            })
+            .unwrap_or_else(|| panic!("{} / {}: the helper never went direct", name(ka), name(kb)));
+            sim.relay_alive = false;
+            sim.run_for(Duration::from_secs(30));
+            let port = sim.members[a].addr.port() + 1000;
+            sim.restart_on_port(a, port);
+            let want = outcome(ka.as_ref(), kb.as_ref());
+            let direct_after = sim.run_until(Duration::from_secs(30), |s| both_direct(s, a, b));
+            let mut tag = 1u32;
+            let start = sim.now;
+            let mut got = (false, false);
+            while sim.now - start < Duration::from_secs(20) && !(got.0 && got.1) {
+                sim.inject(a, b, tag);
+                sim.inject(b, a, tag + 1);
+                sim.run_for(Duration::from_millis(500));
+                got.0 |= sim.received(a, b, tag);
+                got.1 |= sim.received(b, a, tag + 1);
+                tag += 2;
+            }
+            println!(
+                "{} (restarted) / {}: oracle {want:?}, direct again after {direct_after:?}, delivers both ways: {}",
+                name(ka),
+                name(kb),
+                got.0 && got.1
+            );
+            assert!(got.0 && got.1, "{} / {}: cut off", name(ka), name(kb));
+            match want {
+                Outcome::Punch => assert!(
+                    direct_after.is_some(),
+                    "{} / {}: a punchable pair stayed apart",
+                    name(ka),
+                    name(kb)
+                ),
+                Outcome::Relay => assert!(
+                    !both_direct(&sim, a, b),
+                    "{} / {}: direct against the oracle",
+                    name(ka),
+                    name(kb)
+                ),
+                Outcome::Birthday => {}
+            }
+        }
+    }
 }
