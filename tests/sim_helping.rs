@@ -39,6 +39,23 @@ fn both_direct(s: &Sim, a: usize, b: usize) -> bool {
     direct(s, a, b) && direct(s, b, a)
 }
 
+/// Sends a packet each way between `a` and `b` every 500 ms until both arrived or `within`
+/// passes; how long it took, if both arrived.
+fn delivers_both_ways(sim: &mut Sim, a: usize, b: usize, within: Duration) -> Option<Duration> {
+    let mut tag = 1u32;
+    let start = sim.now;
+    let mut got = (false, false);
+    while sim.now - start < within && !(got.0 && got.1) {
+        sim.inject(a, b, tag);
+        sim.inject(b, a, tag + 1);
+        sim.run_for(Duration::from_millis(500));
+        got.0 |= sim.received(a, b, tag);
+        got.1 |= sim.received(b, a, tag + 1);
+        tag += 2;
+    }
+    (got.0 && got.1).then(|| sim.now - start)
+}
+
 /// The three members on direct paths, then the relay dead; returns `(helper, carol, dave)`.
 fn meshed_then_relay_dies(seed: u64) -> (Sim, usize, usize, usize) {
     let mut sim = Sim::new(seed, (10, 30), 0.01);
@@ -133,25 +150,14 @@ fn symmetric_pair_after_relay_death(
     sim.relay_alive = false;
     // Long enough for every relay session to count the relay as gone.
     sim.run_for(Duration::from_secs(30));
-    let mut tag = 1u32;
-    let start = sim.now;
-    let mut got = (false, false);
-    while sim.now - start < Duration::from_secs(10) && !(got.0 && got.1) {
-        sim.inject(a, b, tag);
-        sim.inject(b, a, tag + 1);
-        sim.run_for(Duration::from_millis(500));
-        got.0 |= sim.received(a, b, tag);
-        got.1 |= sim.received(b, a, tag + 1);
-        tag += 2;
-    }
-    if got.0 && got.1 {
+    let took = delivers_both_ways(&mut sim, a, b, Duration::from_secs(10));
+    if let Some(t) = took {
         println!(
-            "relay dead for 30 s: the symmetric pair delivers both ways through the public member within {:?} ({} datagrams carried)",
-            sim.now - start,
+            "relay dead for 30 s: the symmetric pair delivers both ways through the public member within {t:?} ({} datagrams carried)",
             sim.members[helper].node.forward_counters().carried
         );
     }
-    (got.0 && got.1, sim.members[helper].node.forward_counters())
+    (took.is_some(), sim.members[helper].node.forward_counters())
 }
 
 #[test]
@@ -275,24 +281,14 @@ fn every_nat_pair_recovers_without_a_relay_as_the_oracle_says() {
             sim.restart_on_port(a, port);
             let want = outcome(ka.as_ref(), kb.as_ref());
             let direct_after = sim.run_until(Duration::from_secs(30), |s| both_direct(s, a, b));
-            let mut tag = 1u32;
-            let start = sim.now;
-            let mut got = (false, false);
-            while sim.now - start < Duration::from_secs(20) && !(got.0 && got.1) {
-                sim.inject(a, b, tag);
-                sim.inject(b, a, tag + 1);
-                sim.run_for(Duration::from_millis(500));
-                got.0 |= sim.received(a, b, tag);
-                got.1 |= sim.received(b, a, tag + 1);
-                tag += 2;
-            }
+            let delivered = delivers_both_ways(&mut sim, a, b, Duration::from_secs(20)).is_some();
             println!(
                 "{} (restarted) / {}: oracle {want:?}, direct again after {direct_after:?}, delivers both ways: {}",
                 name(ka),
                 name(kb),
-                got.0 && got.1
+                delivered
             );
-            assert!(got.0 && got.1, "{} / {}: cut off", name(ka), name(kb));
+            assert!(delivered, "{} / {}: cut off", name(ka), name(kb));
             match want {
                 Outcome::Punch => assert!(
                     direct_after.is_some(),
