@@ -476,7 +476,9 @@ impl Node {
                     Some(stun::Binding::Response { tx, mapped }) => {
                         // Only an answer that really came over UDP proves UDP works.
                         if !from_stream {
-                            if let Some(r) = self.relay_at(from) {
+                            // Each session checks the answer came from its relay's host
+                            // (either STUN port).
+                            for r in 0..self.relays.len() {
                                 if self.relays[r].handle_udp_stun(now, from) {
                                     self.relay_transport_changed(now, r);
                                 }
