@@ -101,6 +101,8 @@ struct FileNode {
     tun_offload: bool,
     #[serde(default = "default_true")]
     relay_for_peers: bool,
+    #[serde(default = "default_true")]
+    dns: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     metrics: Option<String>,
 }
@@ -160,6 +162,9 @@ pub struct Config {
     /// Whether this member carries other members' ciphertext between two members it reaches
     /// directly while no relay answers them (see the node's `helping` module).
     pub relay_for_peers: bool,
+    /// Whether to answer DNS for `NAME.NETWORK.mesh.internal` on the virtual IP (and register
+    /// that zone with systemd-resolved on the TUN link); see [`crate::dns`].
+    pub dns: bool,
     /// Where to serve Prometheus metrics over HTTP (`ip:port`, e.g. `127.0.0.1:9101`); off
     /// when unset (`meshvpn up --metrics` overrides it).
     pub metrics: Option<SocketAddr>,
@@ -212,6 +217,7 @@ impl Config {
             port_mapping: true,
             tun_offload: true,
             relay_for_peers: true,
+            dns: true,
             metrics: None,
         })
     }
@@ -362,6 +368,7 @@ impl Config {
             port_mapping: file.node.port_mapping,
             tun_offload: file.node.tun_offload,
             relay_for_peers: file.node.relay_for_peers,
+            dns: file.node.dns,
             metrics,
         })
     }
@@ -385,6 +392,7 @@ impl Config {
                 port_mapping: self.port_mapping,
                 tun_offload: self.tun_offload,
                 relay_for_peers: self.relay_for_peers,
+                dns: self.dns,
                 metrics: self.metrics.map(|a| a.to_string()),
             },
             relays: self
@@ -858,6 +866,7 @@ mod tests {
         assert_eq!(c.network, "example");
         assert_eq!(c.mtu, DEFAULT_MTU);
         assert!(c.tun_offload, "offload is on unless turned off");
+        assert!(c.dns, "member names are on unless turned off");
         assert_eq!(c.metrics, None, "metrics are off unless asked for");
     }
 

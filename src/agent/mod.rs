@@ -10,6 +10,7 @@
 
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)] // the driver: owns the clock, tasks and sockets
 
+mod dns;
 mod floors;
 mod ifaddrs;
 pub(crate) mod portmap;
@@ -159,6 +160,7 @@ pub async fn run(
         Some(addr) => Some(crate::metrics::bind(addr).await?),
         None => None,
     };
+    let mut names = dns::Names::start(&cfg, &ifname).await;
 
     // Ready once the TUN, the socket and the control socket exist: resolving the relay may
     // wait for DNS, and the agent keeps retrying that on its own.
@@ -218,8 +220,10 @@ pub async fn run(
             pings: &mut pings,
             progress: &mut progress,
             rotation: &mut rotation,
+            names: &mut names,
         };
         io.drain(&mut node, &mut step).await;
+        names.refresh_if_changed(&node);
         if let Some(secret) = rotation.new_secret.take() {
             // The network has a new secret: keep it, then run a fresh node on it. Sessions
             // restart (new network id, control key and WireGuard preshared key); the TUN,
@@ -313,6 +317,7 @@ pub async fn run(
                 extra.retain(&node.active_sockets());
                 save_floors(&node, &floors_path, &mut saved_floors);
                 save_peers(&node, &peers_path, &mut saved_peers);
+                names.refresh(&node);
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -333,8 +338,10 @@ pub async fn run(
         pings: &mut pings,
         progress: &mut progress,
         rotation: &mut rotation,
+        names: &mut names,
     };
     io.drain(&mut node, &mut step).await;
+    names.stop().await;
     if let Some(m) = mapper {
         m.shutdown().await;
     }
@@ -355,6 +362,7 @@ struct Executor<'a> {
     pings: &'a mut PendingPings,
     progress: &'a mut Progress,
     rotation: &'a mut RotationWaiter,
+    names: &'a mut dns::Names,
 }
 
 impl Executor<'_> {
@@ -419,6 +427,7 @@ impl Executor<'_> {
 
     fn event(&mut self, node: &Node, ev: Event) {
         self.progress.on_event(&ev);
+        self.names.note_event(&ev);
         match &ev {
             Event::PingResult {
                 request,

@@ -66,6 +66,7 @@ mod inbound;
 mod link;
 mod membership;
 mod mtu;
+pub mod names;
 pub mod netcheck;
 mod outbox;
 mod path_mtu;
