@@ -96,6 +96,11 @@ fn fields_needing_restart(running: &Config, new: &Config) -> Vec<&'static str> {
         ),
         ("node.tun_offload", running.tun_offload != new.tun_offload),
         ("node.metrics", running.metrics != new.metrics),
+        (
+            "node.relay_for_peers",
+            running.relay_for_peers != new.relay_for_peers,
+        ),
+        ("node.dns", running.dns != new.dns),
     ];
     checks
         .into_iter()
