@@ -476,6 +476,7 @@ mod tests {
             name: name.into(),
             public_key: format!("key-{name}"),
             virtual_ip: "10.0.0.2".into(),
+            virtual_ipv6: None,
             path,
             endpoint: None,
             rtt_ms: Some(12.5),
@@ -493,6 +494,7 @@ mod tests {
             network: "n".into(),
             name: "me".into(),
             virtual_ip: "10.0.0.1".into(),
+            virtual_ipv6: None,
             public_key: "k".into(),
             relay: RelayStatus {
                 address: "198.51.100.1:3478".into(),

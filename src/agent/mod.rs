@@ -136,10 +136,13 @@ pub async fn run(
         cfg.tun_offload,
         std::env::var(tun::OFFLOAD_ENV).ok().as_deref(),
     );
+    let overlay_ipv6 =
+        crate::addressing::overlay_ipv6(&cfg.secret.derive().network_id, &cfg.private_key.public());
     let mut tun = TunIo::open(
         &ifname,
         cfg.virtual_ip,
         cfg.subnet.prefix_len(),
+        overlay_ipv6,
         cfg.mtu,
         want_offload,
     )

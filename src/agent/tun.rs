@@ -18,7 +18,8 @@
 //! packets are written one at a time with an empty virtio header.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::Path;
 
 use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
@@ -79,13 +80,46 @@ pub(crate) fn build_with_fallback<D>(
     build(false).map(|d| (d, false))
 }
 
+/// The prefix length of the IPv6 overlay: the network's ULA /64.
+const OVERLAY_IPV6_PREFIX: u8 = 64;
+
+/// Adds the member's IPv6 overlay address `ipv6`/64 to the device `ifname` (the kernel then
+/// routes the whole overlay prefix into it). Duplicate address detection is turned off for
+/// the device first: the address is a function of the member's key, unique by construction,
+/// and no neighbour on a TUN device could answer a probe anyway, so DAD would only keep the
+/// address unusable ("tentative") for a second. If the kernel has IPv6 disabled (no
+/// `/proc/sys/net/ipv6`, or `disable_ipv6` set for the device) or refuses the address, this
+/// logs it and the member runs IPv4-only.
+fn add_overlay_ipv6(device: &AsyncDevice, ifname: &str, ipv6: Ipv6Addr) {
+    if !Path::new("/proc/sys/net/ipv6").exists() {
+        tracing::warn!(%ipv6, "IPv6 is disabled in this kernel; the overlay runs IPv4-only");
+        return;
+    }
+    let conf = Path::new("/proc/sys/net/ipv6/conf").join(ifname);
+    if std::fs::read_to_string(conf.join("disable_ipv6")).is_ok_and(|v| v.trim() == "1") {
+        tracing::warn!(%ipv6, interface = ifname, "IPv6 is disabled on the TUN device (net.ipv6.conf.*.disable_ipv6); the overlay runs IPv4-only");
+        return;
+    }
+    if let Err(e) = std::fs::write(conf.join("accept_dad"), "0") {
+        tracing::debug!(%e, interface = ifname, "could not turn off duplicate address detection");
+    }
+    match device.add_address_v6(ipv6, OVERLAY_IPV6_PREFIX) {
+        Ok(()) => tracing::info!(%ipv6, "IPv6 overlay address assigned"),
+        Err(e) => {
+            tracing::warn!(%e, %ipv6, interface = ifname, "assigning the IPv6 overlay address failed; the overlay runs IPv4-only")
+        }
+    }
+}
+
 impl TunIo {
     /// Creates TUN device `name` with `ip/prefix` and `mtu`, with offload if `want_offload`
-    /// and the kernel agrees.
+    /// and the kernel agrees, and adds the member's IPv6 overlay address `ipv6`/64 (see
+    /// [`add_overlay_ipv6`]; without IPv6 in the kernel the device stays IPv4-only).
     pub(crate) fn open(
         name: &str,
         ip: Ipv4Addr,
         prefix: u8,
+        ipv6: Ipv6Addr,
         mtu: u16,
         want_offload: bool,
     ) -> io::Result<Self> {
@@ -97,6 +131,8 @@ impl TunIo {
                 .offload(offload)
                 .build_async()
         })?;
+        let ifname = device.name().unwrap_or_else(|_| name.to_string());
+        add_overlay_ipv6(&device, &ifname, ipv6);
         // tun-rs reports what it really set up (no IFF_VNET_HDR on this kernel: none).
         let offload = offload && device.tcp_gso();
         tracing::info!(

@@ -487,6 +487,7 @@ mod tests {
             network: "n".into(),
             name: "me".into(),
             virtual_ip: "10.0.0.1".into(),
+            virtual_ipv6: None,
             public_key: "k".into(),
             relay: RelayStatus {
                 address: "198.51.100.1:3478".into(),
@@ -513,6 +514,7 @@ mod tests {
                 name: "bob".into(),
                 public_key: "b".into(),
                 virtual_ip: "10.0.0.2".into(),
+                virtual_ipv6: None,
                 path: PeerPath::Relay,
                 endpoint: None,
                 rtt_ms: None,

@@ -20,7 +20,7 @@
 //! many packets pass through it. Nothing here reads a clock: time comes in as `now`.
 
 use std::collections::VecDeque;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 /// How much a [`HoldQueue`] holds, and for how long.
@@ -41,8 +41,8 @@ pub(crate) struct HoldLimits {
 pub(crate) struct Held {
     /// When it was held.
     pub(crate) at: Instant,
-    /// Its destination virtual IP.
-    pub(crate) dst: Ipv4Addr,
+    /// Its destination virtual IP (IPv4, or the IPv6 overlay address).
+    pub(crate) dst: IpAddr,
     /// The packet; give the buffer back with [`HoldQueue::recycle`].
     pub(crate) packet: Vec<u8>,
 }
@@ -81,7 +81,8 @@ impl HoldQueue {
     /// Holds a copy of `packet` for `dst`, dropping the oldest packets (of `dst` first, when
     /// `dst` has its share) until it fits; returns how many were dropped, counting `packet`
     /// itself when it alone is over the byte limit.
-    pub(crate) fn push(&mut self, now: Instant, dst: Ipv4Addr, packet: &[u8]) -> u64 {
+    pub(crate) fn push(&mut self, now: Instant, dst: impl Into<IpAddr>, packet: &[u8]) -> u64 {
+        let dst = dst.into();
         let limits = self.limits;
         if packet.len() > limits.bytes || limits.packets == 0 || limits.per_destination == 0 {
             return 1;
@@ -136,7 +137,7 @@ impl HoldQueue {
     }
 
     /// Takes out the oldest held packet whose destination satisfies `wanted`.
-    pub(crate) fn pop_where(&mut self, mut wanted: impl FnMut(Ipv4Addr) -> bool) -> Option<Held> {
+    pub(crate) fn pop_where(&mut self, mut wanted: impl FnMut(IpAddr) -> bool) -> Option<Held> {
         let i = self.held.iter().position(|h| wanted(h.dst))?;
         let held = self.held.remove(i)?;
         self.bytes -= held.packet.len();
@@ -177,6 +178,7 @@ impl HoldQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     const LIMITS: HoldLimits = HoldLimits {
         packets: 4,
@@ -184,10 +186,10 @@ mod tests {
         per_destination: 3,
         max_age: Duration::from_secs(2),
     };
-    const A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-    const B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+    const A: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+    const B: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
 
-    fn drain(q: &mut HoldQueue) -> Vec<(Ipv4Addr, u8)> {
+    fn drain(q: &mut HoldQueue) -> Vec<(IpAddr, u8)> {
         let mut out = Vec::new();
         while let Some(h) = q.pop() {
             out.push((h.dst, h.packet[0]));

@@ -2,10 +2,12 @@
 //! session and membership, relayed and direct disco messages to path selection, WireGuard
 //! datagrams, once the handshake guard admits them, to the peer link found by the initiator's
 //! static key (handshake initiations) or our receiver index (everything else). Anything that
-//! fits nowhere is counted and dropped. Decrypted TCP SYNs have their MSS clamped to the
-//! peer's path MTU on the way into the TUN (see `mtu`).
+//! fits nowhere is counted and dropped. A decrypted packet, IPv4 or IPv6, is delivered only
+//! from the sender's own address (for IPv6, the overlay address its key derives) to ours.
+//! Decrypted TCP SYNs have their MSS clamped to the peer's path MTU on the way into the TUN
+//! (see `mtu`).
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Instant;
 
 use super::link::{Admission, LinkOutput};
@@ -135,7 +137,7 @@ impl Node {
         let (vip, direct, out) = (p.virtual_ip(), p.direct(), &mut self.out);
         // A SYN or SYN-ACK from the peer is clamped to our path MTU towards it, so the host
         // behind our TUN never sends it a segment the path cannot carry.
-        let mss = mtu::mss_for(p.paths.pmtu.mtu());
+        let path_mtu = p.paths.pmtu.mtu();
         let scratch = &mut self.scratch;
         let members = &self.members;
         let mut refused = Inner::Deliver;
@@ -176,7 +178,7 @@ impl Node {
                             Inner::Deliver if mtu::is_tcp_syn(b) => {
                                 scratch.clear();
                                 scratch.extend_from_slice(b);
-                                mtu::clamp_mss(scratch, mss);
+                                mtu::clamp_mss_to_mtu(scratch, path_mtu);
                                 out.tun(scratch);
                             }
                             Inner::Deliver => out.tun(b),
@@ -219,11 +221,22 @@ impl Node {
     }
 }
 
-/// Source and destination of an IPv4 packet; `None` for a truncated header.
-fn inner_addresses(packet: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
-    let src: [u8; 4] = packet.get(12..16)?.try_into().ok()?;
-    let dst: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
-    Some((Ipv4Addr::from(src), Ipv4Addr::from(dst)))
+/// Source and destination of an IPv4 or IPv6 packet; `None` for a truncated header or
+/// another version.
+fn inner_addresses(packet: &[u8]) -> Option<(IpAddr, IpAddr)> {
+    match packet.first()? >> 4 {
+        4 => {
+            let src: [u8; 4] = packet.get(12..16)?.try_into().ok()?;
+            let dst: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
+            Some((Ipv4Addr::from(src).into(), Ipv4Addr::from(dst).into()))
+        }
+        6 => {
+            let src: [u8; 16] = packet.get(8..24)?.try_into().ok()?;
+            let dst: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
+            Some((Ipv6Addr::from(src).into(), Ipv6Addr::from(dst).into()))
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]

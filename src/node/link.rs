@@ -218,8 +218,8 @@ impl PeerLink {
 
     /// Opens one WireGuard datagram that came from `from` at `now`, then runs boringtun's
     /// flush loop; if a session is up afterwards, the packets held for it come out, in order,
-    /// as [`LinkOutput::Send`]. Opened packets whose inner source is not `allowed_source` are
-    /// counted as spoofed and dropped.
+    /// as [`LinkOutput::Send`]. Opened IPv4 packets whose inner source is not `allowed_source`
+    /// are counted as spoofed and dropped; opened IPv6 packets are the caller's to check.
     #[allow(clippy::too_many_arguments)] // each is one input of the one datagram
     pub(crate) fn decapsulate(
         &mut self,
@@ -253,8 +253,11 @@ impl PeerLink {
                     }
                     break;
                 }
-                TunnResult::WriteToTunnelV6(..) => {
-                    drops.spoofed_source += 1;
+                // The IPv6 source is checked by the caller, against the overlay address the
+                // sender's key derives (`Membership::check_inner`); no announcement names it.
+                TunnResult::WriteToTunnelV6(packet, _) => {
+                    self.rx_bytes += packet.len() as u64;
+                    out(LinkOutput::Tun(packet));
                     break;
                 }
                 TunnResult::Done => break,

@@ -1,7 +1,9 @@
 //! Membership: the member table built from the relay's pushes and snapshots, removed-member
 //! records (so an older push or snapshot never revives a member), the index that routes
 //! WireGuard receiver indices to members, and the virtual-IP routing table with its
-//! deterministic conflict resolution.
+//! deterministic conflict resolution. Beside it, the IPv6 overlay table maps each member's
+//! key-derived ULA address (`addressing::overlay_ipv6`) to the member, for the members that
+//! own their IPv4 address: it needs no announcement, since every member can derive it.
 //!
 //! # Algorithm
 //! Every entry carries the relay's change counter at which it was set (`learned`); removals
@@ -42,17 +44,17 @@
 //! change of the claims calls [`Membership::resolve`], reporting the [`Conflict`]s it returns.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::link::PeerLink;
 use super::path_selection::PathSelection;
 use super::peer::Peer;
 use super::{Event, Node};
 use crate::addressing;
-use crate::keys::PeerKey;
+use crate::keys::{NetworkId, PeerKey};
 use crate::wire::{self, Announcement, MemberEntry};
 
 /// A member missing from a relay snapshot while its direct path still answers is kept this
@@ -105,12 +107,23 @@ pub(crate) struct Membership {
     own: PeerKey,
     own_ip: Ipv4Addr,
     subnet: Ipv4Net,
+    network: NetworkId,
+    /// The network's IPv6 overlay prefix (`addressing::overlay_ipv6_prefix`).
+    prefix6: Ipv6Net,
+    /// Our own IPv6 overlay address (`addressing::overlay_ipv6`).
+    own_ip6: Ipv6Addr,
     entries: BTreeMap<PeerKey, MemberEntry>,
     /// Change counter (relay's) at which each member entry was last set.
     learned: BTreeMap<PeerKey, u64>,
     /// Members removed at a change counter, so an older push or snapshot does not revive them.
     tombstones: BTreeMap<PeerKey, u64>,
     by_ip: BTreeMap<Ipv4Addr, PeerKey>,
+    /// The IPv6 overlay routing table: the address derived from each member's key, for the
+    /// members that own their IPv4 address (rebuilt with `by_ip`).
+    by_ip6: BTreeMap<Ipv6Addr, PeerKey>,
+    /// Each claiming member's IPv6 overlay address, derived once (two hashes) when its claim
+    /// is first noted rather than at every rebuild.
+    overlay6: BTreeMap<PeerKey, Ipv6Addr>,
     by_index: BTreeMap<u32, PeerKey>,
     next_index: u32,
     /// Our own address is claimed by `owner`, who keeps it.
@@ -128,12 +141,18 @@ pub(crate) struct Membership {
 }
 
 impl Membership {
-    /// An empty table for the member `own` at `own_ip` in `subnet`.
-    pub(crate) fn new(own: PeerKey, own_ip: Ipv4Addr, subnet: Ipv4Net) -> Self {
+    /// An empty table for the member `own` at `own_ip` in `subnet` of network `network`
+    /// (whose id gives every member's IPv6 overlay address).
+    pub(crate) fn new(own: PeerKey, own_ip: Ipv4Addr, subnet: Ipv4Net, network: NetworkId) -> Self {
         Self {
             own,
             own_ip,
             subnet,
+            network,
+            prefix6: addressing::overlay_ipv6_prefix(&network),
+            own_ip6: addressing::overlay_ipv6(&network, &own),
+            by_ip6: BTreeMap::new(),
+            overlay6: BTreeMap::new(),
             entries: BTreeMap::new(),
             learned: BTreeMap::new(),
             tombstones: BTreeMap::new(),
@@ -172,6 +191,35 @@ impl Membership {
     /// The member that owns virtual IP `ip` (cryptokey routing), never ourselves.
     pub(crate) fn route(&self, ip: Ipv4Addr) -> Option<PeerKey> {
         self.by_ip.get(&ip).copied()
+    }
+
+    /// The member that owns IPv6 overlay address `ip` (its key derives it, and it owns its
+    /// IPv4 address), never ourselves.
+    pub(crate) fn route6(&self, ip: Ipv6Addr) -> Option<PeerKey> {
+        self.by_ip6.get(&ip).copied()
+    }
+
+    /// The member that owns `ip`, of either family.
+    pub(crate) fn route_ip(&self, ip: IpAddr) -> Option<PeerKey> {
+        match ip {
+            IpAddr::V4(v4) => self.route(v4),
+            IpAddr::V6(v6) => self.route6(v6),
+        }
+    }
+
+    /// Member `key`'s IPv6 overlay address, if it claims an address (is a member we route).
+    pub(crate) fn overlay_ipv6_of(&self, key: &PeerKey) -> Option<Ipv6Addr> {
+        self.overlay6.get(key).copied()
+    }
+
+    /// Our own IPv6 overlay address.
+    pub(crate) fn own_ipv6(&self) -> Ipv6Addr {
+        self.own_ip6
+    }
+
+    /// The network's IPv6 overlay prefix (a /64).
+    pub(crate) fn ipv6_prefix(&self) -> Ipv6Net {
+        self.prefix6
     }
 
     /// The member our receiver index `index` belongs to.
@@ -261,6 +309,7 @@ impl Membership {
         self.entries.remove(&key);
         self.learned.remove(&key);
         self.claims.remove(&key);
+        self.overlay6.remove(&key);
         self.rebased.remove(&key);
     }
 
@@ -282,6 +331,10 @@ impl Membership {
             None => since,
         };
         self.claims.insert(key, (ip, start));
+        let network = &self.network;
+        self.overlay6
+            .entry(key)
+            .or_insert_with(|| addressing::overlay_ipv6(network, &key));
     }
 
     /// Whether an announcement of `key` with timestamp `ts_ms` is not older than the newest
@@ -326,16 +379,17 @@ impl Membership {
     }
 
     /// Where `ip` stands among inner packets from member `from`: its source must be an
-    /// address the routing table gives to `from`, its destination our own address.
-    pub(crate) fn check_inner(
-        &self,
-        from: PeerKey,
-        source: Ipv4Addr,
-        destination: Ipv4Addr,
-    ) -> Inner {
-        if self.route(source) != Some(from) {
+    /// address the routing table gives to `from` (its IPv4 address, or for IPv6 the overlay
+    /// address its key derives), its destination our own address of the same family.
+    pub(crate) fn check_inner(&self, from: PeerKey, source: IpAddr, destination: IpAddr) -> Inner {
+        let ours = match (source, destination) {
+            (IpAddr::V4(_), IpAddr::V4(dst)) => dst == self.own_ip,
+            (IpAddr::V6(_), IpAddr::V6(dst)) => dst == self.own_ip6,
+            (IpAddr::V4(_) | IpAddr::V6(_), _) => false,
+        };
+        if self.route_ip(source) != Some(from) {
             Inner::SpoofedSource
-        } else if destination != self.own_ip {
+        } else if !ours {
             Inner::NotForUs
         } else {
             Inner::Deliver
@@ -369,6 +423,7 @@ impl Membership {
             by_ip.entry(*ip).or_default().push((*since, *key));
         }
         self.by_ip.clear();
+        self.by_ip6.clear();
         self.losers.clear();
         let previous = self.conflict.take();
         let mut report = Vec::new();
@@ -379,6 +434,11 @@ impl Membership {
             let owner = keys[0];
             if owner != self.own {
                 self.by_ip.insert(ip, owner);
+                // Only a member that owns its IPv4 address routes over IPv6 too: a loser
+                // keeps its session but gets no traffic, of either family.
+                if let Some(ip6) = self.overlay6.get(&owner) {
+                    self.by_ip6.insert(*ip6, owner);
+                }
             }
             for &loser in &keys[1..] {
                 if loser == self.own {
@@ -605,6 +665,10 @@ mod tests {
         "10.77.0.0/16".parse().expect("literal")
     }
 
+    fn network() -> NetworkId {
+        NetworkId([7; 32])
+    }
+
     fn entry(key: PeerKey) -> MemberEntry {
         MemberEntry {
             key,
@@ -624,7 +688,7 @@ mod tests {
         let derived = addressing::derive_virtual_ip(&subnet(), &k[2], 0).expect("derives");
         // k[1] holds `derived` by hand since counter 3; k[2] (whose key derives it) and k[3]
         // (a smaller or larger key, chosen) arrive later.
-        let mut m = Membership::new(k[0], ip("10.77.0.1"), subnet());
+        let mut m = Membership::new(k[0], ip("10.77.0.1"), subnet(), network());
         m.set_own_since(1);
         m.note_claim(k[1], derived, 3);
         m.note_claim(k[2], derived, 9);
@@ -636,7 +700,7 @@ mod tests {
         assert!(report.iter().all(|c| c.owner == k[1]));
 
         // The same claims seen by a member that learned them in another order agree.
-        let mut other = Membership::new(k[3], derived, subnet());
+        let mut other = Membership::new(k[3], derived, subnet(), network());
         other.set_own_since(12);
         other.note_claim(k[2], derived, 9);
         other.note_claim(k[1], derived, 3);
@@ -658,7 +722,7 @@ mod tests {
     fn we_keep_our_address_against_a_newcomer_and_hear_of_a_loss_once() {
         let k = keys(3);
         let ours = ip("10.77.3.3");
-        let mut m = Membership::new(k[0], ours, subnet());
+        let mut m = Membership::new(k[0], ours, subnet(), network());
         m.set_own_since(4);
         m.note_claim(k[1], ours, 8);
         let report = m.resolve();
@@ -678,7 +742,7 @@ mod tests {
         );
 
         // A member we did not know to be older: we lost, reported once.
-        let mut late = Membership::new(k[2], ours, subnet());
+        let mut late = Membership::new(k[2], ours, subnet(), network());
         late.set_own_since(20);
         late.note_claim(k[0], ours, 4);
         assert_eq!(late.resolve().len(), 1);
@@ -686,7 +750,7 @@ mod tests {
         assert!(late.resolve().is_empty(), "our loss is reported once");
 
         // Until the relay told us when our claim began, we rank last.
-        let mut fresh = Membership::new(k[2], ours, subnet());
+        let mut fresh = Membership::new(k[2], ours, subnet(), network());
         fresh.note_claim(k[1], ours, 8);
         fresh.resolve();
         assert_eq!(fresh.route(ours), Some(k[1]));
@@ -696,7 +760,7 @@ mod tests {
     fn equal_starts_fall_back_to_the_derived_claim_then_the_smaller_key() {
         let k = keys(3);
         let derived = addressing::derive_virtual_ip(&subnet(), &k[2], 0).expect("derives");
-        let mut m = Membership::new(k[0], ip("10.77.0.1"), subnet());
+        let mut m = Membership::new(k[0], ip("10.77.0.1"), subnet(), network());
         m.set_own_since(1);
         m.note_claim(k[1], derived, 5);
         m.note_claim(k[2], derived, 5);
@@ -713,7 +777,7 @@ mod tests {
     fn a_live_member_moving_onto_an_address_starts_a_new_claim() {
         let k = keys(3);
         let target = ip("10.77.9.9");
-        let mut m = Membership::new(k[0], ip("10.77.0.1"), subnet());
+        let mut m = Membership::new(k[0], ip("10.77.0.1"), subnet(), network());
         m.set_own_since(1);
         // k[1], present since 2, holds 10.77.1.1; k[2] takes 10.77.9.9 at 6.
         assert!(m.accept_push(k[1], 2));
@@ -731,36 +795,87 @@ mod tests {
     fn inner_packets_need_the_routed_source_and_our_destination() {
         let k = keys(3);
         let ours = ip("10.77.0.1");
-        let mut m = Membership::new(k[0], ours, subnet());
+        let mut m = Membership::new(k[0], ours, subnet(), network());
         m.set_own_since(1);
         m.note_claim(k[1], ip("10.77.0.2"), 2);
         m.note_claim(k[2], ip("10.77.0.2"), 3);
         m.resolve();
-        assert_eq!(m.check_inner(k[1], ip("10.77.0.2"), ours), Inner::Deliver);
+        let check = |k, s: Ipv4Addr, d: Ipv4Addr| m.check_inner(k, s.into(), d.into());
+        assert_eq!(check(k[1], ip("10.77.0.2"), ours), Inner::Deliver);
         assert_eq!(
-            m.check_inner(k[2], ip("10.77.0.2"), ours),
+            check(k[2], ip("10.77.0.2"), ours),
             Inner::SpoofedSource,
             "the loser of a clash may not send with the owner's address"
         );
+        assert_eq!(check(k[1], ip("10.77.5.5"), ours), Inner::SpoofedSource);
+        assert_eq!(check(k[1], ours, ours), Inner::SpoofedSource);
         assert_eq!(
-            m.check_inner(k[1], ip("10.77.5.5"), ours),
-            Inner::SpoofedSource
-        );
-        assert_eq!(m.check_inner(k[1], ours, ours), Inner::SpoofedSource);
-        assert_eq!(
-            m.check_inner(k[1], ip("10.77.0.2"), ip("10.77.0.2")),
+            check(k[1], ip("10.77.0.2"), ip("10.77.0.2")),
             Inner::NotForUs
         );
         assert_eq!(
-            m.check_inner(k[1], ip("10.77.0.2"), ip("192.0.2.1")),
+            check(k[1], ip("10.77.0.2"), ip("192.0.2.1")),
             Inner::NotForUs
         );
     }
 
     #[test]
+    fn ipv6_routes_follow_the_ipv4_owner_and_inner_ipv6_needs_the_derived_addresses() {
+        let k = keys(3);
+        let ours = ip("10.77.0.1");
+        let mut m = Membership::new(k[0], ours, subnet(), network());
+        m.set_own_since(1);
+        // k[1] owns 10.77.0.2; k[2] claims it later and loses.
+        m.note_claim(k[1], ip("10.77.0.2"), 2);
+        m.note_claim(k[2], ip("10.77.0.2"), 3);
+        m.resolve();
+        let a1 = addressing::overlay_ipv6(&network(), &k[1]);
+        let a2 = addressing::overlay_ipv6(&network(), &k[2]);
+        let own6 = addressing::overlay_ipv6(&network(), &k[0]);
+        assert_eq!(m.own_ipv6(), own6);
+        assert_eq!(m.route6(a1), Some(k[1]));
+        assert_eq!(
+            m.route6(a2),
+            None,
+            "a member without its IPv4 address gets no route"
+        );
+        assert_eq!(
+            m.route6(own6),
+            None,
+            "our own address is never routed to a peer"
+        );
+        assert_eq!(m.overlay_ipv6_of(&k[2]), Some(a2));
+        let v6 = IpAddr::V6;
+        assert_eq!(m.check_inner(k[1], v6(a1), v6(own6)), Inner::Deliver);
+        assert_eq!(
+            m.check_inner(k[2], v6(a2), v6(own6)),
+            Inner::SpoofedSource,
+            "the loser of the IPv4 clash may not send over IPv6 either"
+        );
+        assert_eq!(m.check_inner(k[1], v6(a2), v6(own6)), Inner::SpoofedSource);
+        let other: Ipv6Addr = "fd00::1".parse().expect("literal");
+        assert_eq!(
+            m.check_inner(k[1], v6(other), v6(own6)),
+            Inner::SpoofedSource
+        );
+        assert_eq!(m.check_inner(k[1], v6(a1), v6(a1)), Inner::NotForUs);
+        assert_eq!(
+            m.check_inner(k[1], v6(a1), IpAddr::V4(ours)),
+            Inner::NotForUs,
+            "families do not mix"
+        );
+        // Once the owner leaves, the next claimant routes over both families.
+        m.forget(k[1]);
+        m.resolve();
+        assert_eq!(m.route6(a1), None);
+        assert_eq!(m.route6(a2), Some(k[2]));
+        assert_eq!(m.route_ip(IpAddr::V6(a2)), Some(k[2]));
+    }
+
+    #[test]
     fn member_tables_stay_bounded() {
         let k = keys(1);
-        let mut m = Membership::new(k[0], ip("10.77.0.1"), subnet());
+        let mut m = Membership::new(k[0], ip("10.77.0.1"), subnet(), network());
         let key = |i: usize| {
             let mut b = [0u8; 32];
             b[..8].copy_from_slice(&(i as u64).to_be_bytes());
@@ -801,7 +916,7 @@ mod tests {
     #[test]
     fn announcements_older_than_the_floor_are_refused_also_after_a_restart() {
         let k = keys(2);
-        let mut m = Membership::new(k[0], ip("10.77.0.1"), subnet());
+        let mut m = Membership::new(k[0], ip("10.77.0.1"), subnet(), network());
         assert!(m.accept_announcement(k[1], 100));
         assert!(
             m.accept_announcement(k[1], 100),
@@ -814,7 +929,7 @@ mod tests {
         );
         let saved: Vec<_> = m.floors().iter().map(|(k, t)| (*k, *t)).collect();
 
-        let mut restarted = Membership::new(k[0], ip("10.77.0.1"), subnet());
+        let mut restarted = Membership::new(k[0], ip("10.77.0.1"), subnet(), network());
         restarted.restore_floors(saved);
         assert!(!restarted.accept_announcement(k[1], 100));
         assert!(restarted.accept_announcement(k[1], 151));
@@ -823,7 +938,12 @@ mod tests {
     #[test]
     fn pushes_removals_and_snapshots_respect_change_counters() {
         let k = keys(4);
-        let mut m = Membership::new(k[0], "10.77.0.1".parse().expect("literal"), subnet());
+        let mut m = Membership::new(
+            k[0],
+            "10.77.0.1".parse().expect("literal"),
+            subnet(),
+            network(),
+        );
         assert!(m.accept_push(k[1], 5));
         m.record(entry(k[1]));
         assert!(

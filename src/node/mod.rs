@@ -97,7 +97,7 @@ pub use timers::{Timer, TimerTable};
 pub use unrouted::{UNROUTED_BYTES, UNROUTED_MAX_AGE, UNROUTED_PACKETS, UNROUTED_PER_DESTINATION};
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
@@ -288,7 +288,8 @@ impl Node {
             })
             .collect();
         let transports = relays.iter().map(|r| r.transport()).collect();
-        let members = membership::Membership::new(public, cfg.virtual_ip, cfg.subnet);
+        let members =
+            membership::Membership::new(public, cfg.virtual_ip, cfg.subnet, keys.network_id);
         let mut node = Self {
             rng: ChaCha20Rng::seed_from_u64(cfg.seed),
             cfg,
@@ -332,6 +333,12 @@ impl Node {
     /// This member's virtual IP.
     pub fn virtual_ip(&self) -> Ipv4Addr {
         self.cfg.virtual_ip
+    }
+
+    /// This member's IPv6 overlay address (derived from the network id and its key, see
+    /// [`crate::addressing::overlay_ipv6`]; the prefix is a /64).
+    pub fn overlay_ipv6(&self) -> Ipv6Addr {
+        self.members.own_ipv6()
     }
 
     /// Whether a relay has acknowledged a registration recently.
@@ -402,16 +409,27 @@ impl Node {
         self.nat
     }
 
-    /// Handles one IP packet read from the TUN device. The data path: nothing here allocates
-    /// (a packet that must wait, for a handshake or for its destination's member, is copied
-    /// into a buffer its hold recycles).
+    /// Handles one IP packet read from the TUN device: IPv4 is routed by the virtual-IP table,
+    /// IPv6 by the overlay table (each member's key-derived address); IPv6 multicast and
+    /// link-local traffic (router and neighbour solicitations, MLD) stays on this host. The
+    /// data path: nothing here allocates (a packet that must wait, for a handshake or for its
+    /// destination's member, is copied into a buffer its hold recycles).
     pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8]) {
         self.now = self.now.max(now);
-        let Some(dst) = ipv4_destination(packet) else {
-            // IPv6 (router solicitations, MLD) and non-IP: not routed in the overlay yet.
-            return;
+        let dst = match packet.first().map(|b| b >> 4) {
+            Some(4) => match ipv4_destination(packet) {
+                Some(dst) => IpAddr::V4(dst),
+                None => return self.drops.no_route += 1,
+            },
+            Some(6) => match ipv6_destination(packet) {
+                Some(dst) if is_link_scope(&dst) => return,
+                Some(dst) => IpAddr::V6(dst),
+                None => return self.drops.no_route += 1,
+            },
+            // Not IP: nothing the kernel routes into a TUN device.
+            Some(_) | None => return,
         };
-        let Some(key) = self.members.route(dst) else {
+        let Some(key) = self.members.route_ip(dst) else {
             self.hold_unrouted(now, dst, packet);
             return;
         };
@@ -531,11 +549,16 @@ impl Node {
         true
     }
 
-    /// Finds a member by node name or virtual IP.
+    /// Finds a member by node name, virtual IP or IPv6 overlay address.
     pub fn find_peer(&self, name_or_ip: &str) -> Option<PeerKey> {
+        let ipv6 = name_or_ip.parse::<Ipv6Addr>().ok();
         self.peers
             .values()
-            .find(|p| p.announcement.name == name_or_ip || p.virtual_ip().to_string() == name_or_ip)
+            .find(|p| {
+                p.announcement.name == name_or_ip
+                    || p.virtual_ip().to_string() == name_or_ip
+                    || (ipv6.is_some() && self.members.overlay_ipv6_of(&p.key) == ipv6)
+            })
             .map(|p| p.key)
     }
 
@@ -769,6 +792,19 @@ fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
     Some(Ipv4Addr::new(
         packet[16], packet[17], packet[18], packet[19],
     ))
+}
+
+/// The destination of an IPv6 packet; `None` for anything else or a truncated header.
+fn ipv6_destination(packet: &[u8]) -> Option<Ipv6Addr> {
+    let dst: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
+    (packet[0] >> 4 == 6).then(|| Ipv6Addr::from(dst))
+}
+
+/// Whether an IPv6 destination stays on the link (multicast, link-local, unspecified): the
+/// kernel's own neighbour discovery, router solicitations and MLD on the TUN device, which
+/// the overlay does not carry and which are no error.
+fn is_link_scope(dst: &Ipv6Addr) -> bool {
+    dst.is_multicast() || dst.is_unicast_link_local() || dst.is_unspecified()
 }
 
 /// Whether an address is worth announcing as a host candidate: IPv4 other than loopback and

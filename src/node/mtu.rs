@@ -1,6 +1,7 @@
 //! Inner packets and the path MTU: what the overlay adds to every packet, TCP MSS clamping,
-//! ICMP "fragmentation needed" for packets that do not fit, and IPv4 fragmentation of those
-//! that may be fragmented. Pure functions over byte slices; nothing here panics on any input.
+//! ICMP "fragmentation needed" (IPv4) and ICMPv6 "Packet Too Big" for packets that do not fit,
+//! and IPv4 fragmentation of those that may be fragmented. Pure functions over byte slices;
+//! nothing here panics on any input.
 //!
 //! # Why each piece
 //! A peer's path can carry fewer bytes than the TUN MTU promises (PPPoE 1492, DS-Lite 1460, a
@@ -16,6 +17,11 @@
 //!   arrives on the TUN from an address routed through the TUN, so reverse-path filtering
 //!   accepts it (our own address as source would be dropped as a martian), and the kernel
 //!   stores the MTU in its route cache for that destination (`ip route get` shows it).
+//! - **ICMPv6 "Packet Too Big"** (type 2, RFC 4443 §3.2): IPv6 routers never fragment, so
+//!   every IPv6 packet larger than the path is answered this way, from the original
+//!   destination (the peer's overlay address) for the same reason, quoting as much of the
+//!   original as keeps the message within the IPv6 minimum MTU (1280). Linux then keeps the
+//!   MTU for that destination (never below 1280, RFC 8201).
 //! - **Fragmentation**: a packet without DF that is too large is fragmented here, exactly as
 //!   a router must (RFC 791), rather than dropped. Linux sets DF on nearly everything (TCP
 //!   always, UDP unless it fragmented locally), so this is rare.
@@ -25,7 +31,7 @@
 //! does not pad), carried in UDP over IPv4 or IPv6; relayed, the relay frame adds
 //! [`RELAY_OVERHEAD`]. [`path_overhead`] sums them, so inner MTU = underlay MTU − overhead.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use crate::wire::RELAY_OVERHEAD;
@@ -41,6 +47,13 @@ const IPV4_HEADER: u16 = 20;
 const IPV6_HEADER: u16 = 40;
 /// IPv4 and TCP headers without options: MSS = MTU − this.
 const TCP_IPV4_HEADERS: u16 = 40;
+/// IPv6 (no extension headers) and TCP headers without options: MSS = MTU − this.
+const TCP_IPV6_HEADERS: u16 = 60;
+/// The IPv6 minimum link MTU (RFC 8200 §5): an ICMPv6 error is at most this long (RFC 4443
+/// §2.4 (c)).
+const IPV6_MIN_MTU: usize = 1280;
+/// IPv6 next-header value of ICMPv6.
+const PROTO_ICMPV6: u8 = 58;
 /// An ICMP error carries at most this much in all (RFC 1812 §4.3.2.3: no more than 576 bytes).
 const ICMP_ERROR_MAX: usize = 576;
 /// IPv4 protocol numbers.
@@ -102,6 +115,45 @@ impl Ipv4Header {
     }
 }
 
+/// The IPv6 header fields this module needs, from a checked parse.
+#[derive(Debug, Clone, Copy)]
+struct Ipv6Header {
+    /// Header and payload: where the packet ends (any bytes after it are not part of it).
+    total_len: usize,
+    next_header: u8,
+    src: Ipv6Addr,
+}
+
+impl Ipv6Header {
+    /// The header of an IPv6 packet, if `packet` is one whose payload length fits its size.
+    fn parse(packet: &[u8]) -> Option<Self> {
+        let header: &[u8; 40] = packet.get(..40)?.try_into().ok()?;
+        if header[0] >> 4 != 6 {
+            return None;
+        }
+        let total_len = 40 + usize::from(u16::from_be_bytes([header[4], header[5]]));
+        if total_len > packet.len() {
+            return None;
+        }
+        let src: [u8; 16] = header[8..24].try_into().ok()?;
+        Some(Self {
+            total_len,
+            next_header: header[6],
+            src: Ipv6Addr::from(src),
+        })
+    }
+}
+
+/// Lowers the MSS option of a TCP SYN (or SYN-ACK), IPv4 or IPv6, to what fits an inner MTU
+/// of `mtu` ([`mss_for`], [`mss_for_ipv6`]); see [`clamp_mss`] and [`clamp_mss_ipv6`].
+pub(crate) fn clamp_mss_to_mtu(packet: &mut [u8], mtu: u16) -> bool {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => clamp_mss(packet, mss_for(mtu)),
+        Some(6) => clamp_mss_ipv6(packet, mss_for_ipv6(mtu)),
+        Some(_) | None => false,
+    }
+}
+
 /// Lowers the MSS option of an IPv4 TCP SYN (or SYN-ACK) to `max_mss` if it is larger, fixing
 /// the TCP checksum incrementally. Returns whether the packet changed; anything else (not
 /// TCP, not a SYN, a fragment, malformed options) is left alone.
@@ -112,7 +164,24 @@ pub(crate) fn clamp_mss(packet: &mut [u8], max_mss: u16) -> bool {
     if ip.protocol != PROTO_TCP || ip.offset != 0 || ip.more_fragments {
         return false;
     }
-    let tcp = ip.header_len;
+    clamp_tcp_mss(packet, ip.header_len, ip.total_len, max_mss)
+}
+
+/// Lowers the MSS option of an IPv6 TCP SYN (or SYN-ACK) whose TCP header follows the fixed
+/// header directly (no extension headers, as every SYN Linux sends) to `max_mss`, like
+/// [`clamp_mss`]; the pseudo header does not change, so the same incremental update holds.
+pub(crate) fn clamp_mss_ipv6(packet: &mut [u8], max_mss: u16) -> bool {
+    let Some(ip) = Ipv6Header::parse(packet) else {
+        return false;
+    };
+    if ip.next_header != PROTO_TCP {
+        return false;
+    }
+    clamp_tcp_mss(packet, 40, ip.total_len, max_mss)
+}
+
+/// Lowers the MSS option of the TCP SYN starting at `tcp` in a packet ending at `total_len`.
+fn clamp_tcp_mss(packet: &mut [u8], tcp: usize, total_len: usize, max_mss: u16) -> bool {
     let Some(&offset_byte) = packet.get(tcp + 12) else {
         return false;
     };
@@ -120,7 +189,7 @@ pub(crate) fn clamp_mss(packet: &mut [u8], max_mss: u16) -> bool {
         return false;
     };
     let tcp_len = usize::from(offset_byte >> 4) * 4;
-    if flags & 0x02 == 0 || tcp_len < 20 || tcp + tcp_len > ip.total_len {
+    if flags & 0x02 == 0 || tcp_len < 20 || tcp + tcp_len > total_len {
         return false;
     }
     let mut at = tcp + 20;
@@ -164,21 +233,28 @@ pub(crate) fn clamp_mss(packet: &mut [u8], max_mss: u16) -> bool {
     false
 }
 
-/// Whether `packet` is an IPv4 TCP segment with SYN set (a cheap look before copying it to
-/// clamp its MSS).
+/// Whether `packet` is an IPv4 TCP segment, or an IPv6 one without extension headers, with
+/// SYN set (a cheap look before copying it to clamp its MSS).
 pub(crate) fn is_tcp_syn(packet: &[u8]) -> bool {
     let Some(&first) = packet.first() else {
         return false;
     };
-    let header_len = usize::from(first & 0x0f) * 4;
-    first >> 4 == 4
-        && packet.get(9) == Some(&PROTO_TCP)
-        && packet.get(header_len + 13).is_some_and(|f| f & 0x02 != 0)
+    let (protocol, header_len) = match first >> 4 {
+        4 => (packet.get(9), usize::from(first & 0x0f) * 4),
+        6 => (packet.get(6), 40),
+        _ => return false,
+    };
+    protocol == Some(&PROTO_TCP) && packet.get(header_len + 13).is_some_and(|f| f & 0x02 != 0)
 }
 
 /// The MSS that fits an inner MTU of `mtu` (IPv4, no options).
 pub(crate) fn mss_for(mtu: u16) -> u16 {
     mtu.saturating_sub(TCP_IPV4_HEADERS)
+}
+
+/// The MSS that fits an inner MTU of `mtu` (IPv6 without extension headers, no options).
+pub(crate) fn mss_for_ipv6(mtu: u16) -> u16 {
+    mtu.saturating_sub(TCP_IPV6_HEADERS)
 }
 
 /// What to do with an inner packet larger than the path MTU.
@@ -188,17 +264,57 @@ pub(crate) enum TooBig {
     Answer,
     /// DF is clear: fragment it ([`fragment`]).
     Fragment,
-    /// Not IPv4, or an ICMP error about which no error may be sent: drop it.
+    /// IPv6 (never fragmented on the way): answer with ICMPv6 "Packet Too Big"
+    /// ([`packet_too_big`]).
+    AnswerIpv6,
+    /// Malformed, or IPv4 with options and DF clear: drop it.
     Drop,
 }
 
 /// How to handle `packet`, which does not fit the path.
 pub(crate) fn classify_too_big(packet: &[u8]) -> TooBig {
+    if Ipv6Header::parse(packet).is_some() {
+        return TooBig::AnswerIpv6;
+    }
     match Ipv4Header::parse(packet) {
         Some(ip) if ip.dont_fragment => TooBig::Answer,
         Some(ip) if ip.header_len == 20 => TooBig::Fragment,
         Some(_) | None => TooBig::Drop,
     }
+}
+
+/// Writes into `out` the ICMPv6 "Packet Too Big" (type 2, code 0) answering the IPv6 packet
+/// `original`, from the original destination to its source, naming `mtu` and quoting as much
+/// of the original as keeps the message within 1280 bytes, with its checksum over the IPv6
+/// pseudo header. Returns `false` (and leaves `out` empty) where RFC 4443 §2.4 forbids an
+/// error: about an ICMPv6 error, or a source that is not a single host.
+pub(crate) fn packet_too_big(original: &[u8], mtu: u16, out: &mut Vec<u8>) -> bool {
+    out.clear();
+    let Some(ip) = Ipv6Header::parse(original) else {
+        return false;
+    };
+    if ip.src.is_unspecified() || ip.src.is_multicast() || ip.src.is_loopback() {
+        return false;
+    }
+    // ICMPv6 errors are types 0–127; informational messages (echo, 128 and up) may be answered.
+    if ip.next_header == PROTO_ICMPV6 && original.get(40).is_none_or(|t| *t < 128) {
+        return false;
+    }
+    let quoted = ip.total_len.min(IPV6_MIN_MTU - 48);
+    let icmp_len = 8 + quoted;
+    out.resize(40 + icmp_len, 0);
+    out[0] = 0x60;
+    out[4..6].copy_from_slice(&(icmp_len as u16).to_be_bytes());
+    out[6] = PROTO_ICMPV6;
+    out[7] = 64;
+    out[8..24].copy_from_slice(&original[24..40]);
+    out[24..40].copy_from_slice(&original[8..24]);
+    out[40] = 2;
+    out[44..48].copy_from_slice(&u32::from(mtu).to_be_bytes());
+    out[48..].copy_from_slice(&original[..quoted]);
+    let sum = icmpv6_checksum(out);
+    out[42..44].copy_from_slice(&sum.to_be_bytes());
+    true
 }
 
 /// Writes into `out` the ICMP "fragmentation needed" (type 3, code 4) answering `original`,
@@ -327,6 +443,19 @@ fn checksum_update(hc: u16, old: u16, new: u16) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// The ICMPv6 checksum (RFC 4443 §2.3) of the IPv6 packet `packet` (its checksum field
+/// zero): the Internet checksum over the pseudo header (addresses, upper-layer length, next
+/// header) and the ICMPv6 message.
+fn icmpv6_checksum(packet: &[u8]) -> u16 {
+    let message = packet.get(40..).unwrap_or_default();
+    let len = message.len() as u32;
+    let pseudo = sum_words(packet.get(8..40).unwrap_or_default())
+        + (len >> 16)
+        + (len & 0xffff)
+        + u32::from(PROTO_ICMPV6);
+    !fold(pseudo + sum_words(message))
 }
 
 /// The Internet checksum (RFC 1071) of `data`, ready to store.
@@ -560,5 +689,129 @@ mod tests {
         let t1 = t0 + Duration::from_millis(500);
         let more = (0..100).take_while(|_| l.take(t1)).count();
         assert_eq!(more, ICMP_PER_SEC as usize / 2);
+    }
+
+    const SRC6: [u8; 16] = [0xfd, 1, 2, 3, 4, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    const DST6: [u8; 16] = [0xfd, 1, 2, 3, 4, 5, 0, 0, 9, 9, 9, 9, 9, 9, 9, 9];
+
+    /// An IPv6 packet with next header `next` and `payload` bytes of (patterned) payload.
+    fn ipv6(next: u8, payload: usize) -> Vec<u8> {
+        let mut p = vec![0u8; 40 + payload];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&(payload as u16).to_be_bytes());
+        p[6] = next;
+        p[7] = 64;
+        p[8..24].copy_from_slice(&SRC6);
+        p[24..40].copy_from_slice(&DST6);
+        for (i, b) in p[40..].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        p
+    }
+
+    /// The upper-layer checksum of an IPv6 packet over its pseudo header, computed from
+    /// scratch, with the checksum field (at `at` in the payload) taken as zero.
+    fn ipv6_checksum(p: &[u8], next: u8, at: usize) -> u16 {
+        let upper = &p[40..];
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&p[8..40]);
+        pseudo.extend_from_slice(&(upper.len() as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, next]);
+        let mut zeroed = upper.to_vec();
+        zeroed[at..at + 2].copy_from_slice(&[0, 0]);
+        !fold(sum_words(&pseudo) + sum_words(&zeroed))
+    }
+
+    fn syn6(options: &[u8]) -> Vec<u8> {
+        let opt_len = options.len().div_ceil(4) * 4;
+        let mut p = ipv6(PROTO_TCP, 20 + opt_len);
+        let tcp = &mut p[40..];
+        tcp.fill(0);
+        tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&5201u16.to_be_bytes());
+        tcp[12] = (((20 + opt_len) / 4) as u8) << 4;
+        tcp[13] = 0x02;
+        tcp[20..20 + options.len()].copy_from_slice(options);
+        let sum = ipv6_checksum(&p, PROTO_TCP, 16);
+        p[56..58].copy_from_slice(&sum.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn ipv6_syn_mss_is_clamped_for_sixty_bytes_of_headers() {
+        // NOP, then MSS 1440 at an odd offset; then window scale.
+        let mut p = syn6(&[1, 2, 4, 0x05, 0xa0, 3, 3, 7]);
+        assert!(is_tcp_syn(&p));
+        assert_eq!(mss_for_ipv6(1280), 1220);
+        assert!(clamp_mss_to_mtu(&mut p, 1280));
+        assert_eq!(mss_of(&p, 63), 1220);
+        assert_eq!(mss_of(&p, 56), ipv6_checksum(&p, PROTO_TCP, 16));
+        assert!(!clamp_mss_to_mtu(&mut p, 1400), "already below 1340");
+        // Even offset, and an IPv4 MTU would have given 1240.
+        let mut p = syn6(&[2, 4, 0x05, 0xb4]);
+        assert!(clamp_mss_to_mtu(&mut p, 1280));
+        assert_eq!(mss_of(&p, 62), 1220);
+        assert_eq!(mss_of(&p, 56), ipv6_checksum(&p, PROTO_TCP, 16));
+        // Not a SYN, not TCP, a payload length past the end: left alone.
+        let mut ack = syn6(&[2, 4, 0x05, 0xb4]);
+        ack[53] = 0x10;
+        assert!(!is_tcp_syn(&ack) && !clamp_mss_to_mtu(&mut ack, 1280));
+        let mut udp = ipv6(17, 40);
+        assert!(!clamp_mss_to_mtu(&mut udp, 1280));
+        let mut cut = syn6(&[2, 4, 0x05, 0xb4]);
+        cut.truncate(50);
+        assert!(!clamp_mss_to_mtu(&mut cut, 1280));
+    }
+
+    #[test]
+    fn packet_too_big_answers_from_the_destination_with_a_valid_icmpv6_checksum() {
+        let mut original = ipv6(PROTO_ICMPV6, 1400);
+        original[40] = 128; // echo request
+        assert_eq!(classify_too_big(&original), TooBig::AnswerIpv6);
+        let mut out = Vec::new();
+        assert!(packet_too_big(&original, 1300, &mut out));
+        assert_eq!(out.len(), IPV6_MIN_MTU, "within the IPv6 minimum MTU");
+        assert_eq!(out[0] >> 4, 6);
+        assert_eq!(
+            usize::from(u16::from_be_bytes([out[4], out[5]])),
+            out.len() - 40
+        );
+        assert_eq!(out[6], PROTO_ICMPV6);
+        assert_eq!((&out[8..24], &out[24..40]), (&DST6[..], &SRC6[..]));
+        assert_eq!((out[40], out[41]), (2, 0), "Packet Too Big");
+        assert_eq!(
+            u32::from_be_bytes([out[44], out[45], out[46], out[47]]),
+            1300
+        );
+        assert_eq!(
+            &out[48..],
+            &original[..out.len() - 48],
+            "quotes the original"
+        );
+        assert_eq!(
+            u16::from_be_bytes([out[42], out[43]]),
+            ipv6_checksum(&out, PROTO_ICMPV6, 2)
+        );
+        // A short original is quoted whole.
+        let small = ipv6(17, 60);
+        assert!(packet_too_big(&small, 1280, &mut out));
+        assert_eq!(out.len(), 48 + 100);
+        assert_eq!(
+            u16::from_be_bytes([out[42], out[43]]),
+            ipv6_checksum(&out, PROTO_ICMPV6, 2)
+        );
+        // No error about an ICMPv6 error, from a multicast or unspecified source, or about
+        // a malformed packet.
+        let mut error = ipv6(PROTO_ICMPV6, 100);
+        error[40] = 1;
+        assert!(!packet_too_big(&error, 1280, &mut out) && out.is_empty());
+        let mut multicast = ipv6(17, 100);
+        multicast[8] = 0xff;
+        assert!(!packet_too_big(&multicast, 1280, &mut out));
+        let mut unspecified = ipv6(17, 100);
+        unspecified[8..24].fill(0);
+        assert!(!packet_too_big(&unspecified, 1280, &mut out));
+        assert!(!packet_too_big(&original[..100], 1280, &mut out));
+        assert_eq!(classify_too_big(&original[..100]), TooBig::Drop);
     }
 }

@@ -4,7 +4,8 @@
 //! [`super::pmtu`] for the search).
 //!
 //! On the way to a peer, a packet larger than the path MTU is answered with ICMP
-//! "fragmentation needed" (DF set) or fragmented (DF clear) instead of being sealed into a
+//! "fragmentation needed" (IPv4, DF set), ICMPv6 "Packet Too Big" (IPv6) or fragmented
+//! (IPv4, DF clear) instead of being sealed into a
 //! datagram the path would drop silently; a TCP SYN or SYN-ACK has its MSS clamped to what
 //! fits, both leaving the TUN and, in `inbound`, before it is written into the TUN.
 //!
@@ -82,7 +83,7 @@ impl Node {
             let mut copy = std::mem::take(&mut self.scratch);
             copy.clear();
             copy.extend_from_slice(packet);
-            mtu::clamp_mss(&mut copy, mtu::mss_for(path_mtu));
+            mtu::clamp_mss_to_mtu(&mut copy, path_mtu);
             self.seal_to_peer(now, key, &copy);
             self.scratch = copy;
         } else {
@@ -97,6 +98,12 @@ impl Node {
             TooBig::Answer => {
                 self.drops.too_big += 1;
                 if self.icmp.take(now) && mtu::frag_needed(packet, path_mtu, &mut scratch) {
+                    self.out.tun(&scratch);
+                }
+            }
+            TooBig::AnswerIpv6 => {
+                self.drops.too_big += 1;
+                if self.icmp.take(now) && mtu::packet_too_big(packet, path_mtu, &mut scratch) {
                     self.out.tun(&scratch);
                 }
             }

@@ -1,4 +1,5 @@
-//! Packets for a virtual IP of the subnet that no member has yet.
+//! Packets for a virtual IP of the subnet (or an address of the IPv6 overlay prefix) that no
+//! member has yet.
 //!
 //! # Job
 //! A member that has just started is pushed to every other member by the relay within a
@@ -16,7 +17,7 @@
 //! routing table, which resolves address conflicts, then the member's peer link), and only
 //! packets from our own TUN device are ever held.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use super::hold::{HoldLimits, HoldQueue};
@@ -50,9 +51,20 @@ pub(super) fn queue() -> HoldQueue {
 
 impl Node {
     /// A packet from the TUN for `dst`, which no member has: held if `dst` could still get
-    /// one, else counted as `no_route`.
-    pub(super) fn hold_unrouted(&mut self, now: Instant, dst: Ipv4Addr, packet: &[u8]) {
-        if !addressing::is_usable(&self.cfg.subnet, dst) || dst == self.cfg.virtual_ip {
+    /// one (a usable address of the subnet, or an address of the IPv6 overlay prefix, not
+    /// ours), else counted as `no_route`.
+    pub(super) fn hold_unrouted(&mut self, now: Instant, dst: IpAddr, packet: &[u8]) {
+        let could_join = match dst {
+            IpAddr::V4(v4) => {
+                addressing::is_usable(&self.cfg.subnet, v4) && v4 != self.cfg.virtual_ip
+            }
+            IpAddr::V6(v6) => {
+                let prefix = self.members.ipv6_prefix();
+                // The subnet-router anycast address (interface ID 0) is never a member's.
+                prefix.contains(&v6) && v6 != prefix.network() && v6 != self.members.own_ipv6()
+            }
+        };
+        if !could_join {
             self.drops.no_route += 1;
             return;
         }
@@ -72,10 +84,13 @@ impl Node {
         self.drops.no_route += self.unrouted.expire(now);
         loop {
             let members = &self.members;
-            let Some(held) = self.unrouted.pop_where(|dst| members.route(dst).is_some()) else {
+            let Some(held) = self
+                .unrouted
+                .pop_where(|dst| members.route_ip(dst).is_some())
+            else {
                 break;
             };
-            if let Some(key) = self.members.route(held.dst) {
+            if let Some(key) = self.members.route_ip(held.dst) {
                 self.send_to_peer(now, key, &held.packet);
             }
             self.unrouted.recycle(held.packet);
@@ -96,6 +111,7 @@ mod tests {
     use crate::wire::MemberEntry;
     use rand::SeedableRng;
     use rand_chacha::ChaCha20Rng;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     /// Two members of one network: 10.77.0.1 and 10.77.0.2.
     fn pair(now: Instant) -> (Node, Node) {
@@ -219,5 +235,64 @@ mod tests {
         let peer = a.peers.get(&b.public).expect("b joined");
         assert_eq!(peer.link.held_packets(), 0);
         assert_eq!(a.drops.no_route, dropped + UNROUTED_PACKETS as u64 + 1);
+    }
+
+    /// An IPv6 packet from `src` to `dst` (ICMPv6 echo request, 8 bytes of payload).
+    fn packet6(src: Ipv6Addr, dst: Ipv6Addr, tag: u8) -> Vec<u8> {
+        let mut p = vec![0u8; 48];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&8u16.to_be_bytes());
+        p[6] = 58;
+        p[7] = 64;
+        p[8..24].copy_from_slice(&src.octets());
+        p[24..40].copy_from_slice(&dst.octets());
+        p[40] = 128;
+        p[47] = tag;
+        p
+    }
+
+    #[test]
+    fn ipv6_goes_to_the_member_whose_key_derives_the_destination_and_link_chatter_is_no_error() {
+        let now = Instant::now();
+        let (mut a, b) = pair(now);
+        a.handle_timeout(now);
+        drain(&mut a);
+        let (a6, b6) = (a.overlay_ipv6(), b.overlay_ipv6());
+        assert_eq!(
+            b6,
+            crate::addressing::overlay_ipv6(&b.keys.network_id, &b.public)
+        );
+        assert_ne!(a6, b6);
+        // Router and neighbour solicitations, MLD, link-local: silently stay on this host.
+        for dst in ["ff02::2", "ff02::1:ff00:1", "ff02::16", "fe80::1", "::"] {
+            let dst: Ipv6Addr = dst.parse().expect("literal");
+            a.handle_tun_packet(now, &packet6(a6, dst, 0));
+        }
+        assert_eq!((a.unrouted.len(), a.drops.no_route), (0, 0));
+        // Outside the overlay prefix, our own address, the subnet-router anycast address, a
+        // truncated header: no route.
+        let prefix = crate::addressing::overlay_ipv6_prefix(&a.keys.network_id);
+        for dst in [
+            "2001:db8::1".parse().expect("literal"),
+            a6,
+            prefix.network(),
+        ] {
+            a.handle_tun_packet(now, &packet6(a6, dst, 0));
+        }
+        a.handle_tun_packet(now, &packet6(a6, b6, 0)[..30]);
+        assert_eq!((a.unrouted.len(), a.drops.no_route), (0, 4));
+        // b's address before b is known: held, and released to b's link when it joins.
+        a.handle_tun_packet(now, &packet6(a6, b6, 1));
+        assert_eq!(a.unrouted.len(), 1);
+        a.upsert_member(now, entry(&b));
+        assert!(a.unrouted.is_empty());
+        assert_eq!(a.members.route6(b6), Some(b.public));
+        assert_eq!(a.find_peer(&b6.to_string()), Some(b.public));
+        let peer = a.peers.get(&b.public).expect("b joined");
+        assert_eq!(peer.link.held_packets(), 1, "waiting for the handshake");
+        a.handle_tun_packet(now, &packet6(a6, b6, 2));
+        let peer = a.peers.get(&b.public).expect("b joined");
+        assert_eq!(peer.link.held_packets(), 2, "routed straight to b");
+        assert_eq!(a.drops.no_route, 4);
     }
 }

@@ -7,7 +7,7 @@
 //! enums serialised to the exact strings the JSON has always carried.
 
 use std::fmt::{self, Write as _};
-use std::net::{AddrParseError, Ipv4Addr, SocketAddr};
+use std::net::{AddrParseError, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +26,10 @@ pub struct Status {
     pub name: String,
     /// This member's virtual IPv4 address.
     pub virtual_ip: String,
+    /// This member's IPv6 overlay address (a unique local address in the network's /64,
+    /// derived from the network id and the member's key); absent from older agents.
+    #[serde(default)]
+    pub virtual_ipv6: Option<String>,
     /// This member's public key (base64).
     pub public_key: String,
     /// The primary relay: the one whose member table this member follows.
@@ -106,6 +110,9 @@ pub struct PeerStatus {
     pub public_key: String,
     /// The peer's virtual IPv4 address.
     pub virtual_ip: String,
+    /// The peer's IPv6 overlay address; absent from older agents.
+    #[serde(default)]
+    pub virtual_ipv6: Option<String>,
     /// The path packets to this peer take.
     pub path: PeerPath,
     /// The underlay `ip:port` packets to this peer go to (the relay's when relayed).
@@ -290,6 +297,11 @@ impl PeerStatus {
         parse_ipv4(&self.virtual_ip)
     }
 
+    /// The peer's IPv6 overlay address, if the agent reported one that parses.
+    pub fn overlay_ipv6(&self) -> Option<Ipv6Addr> {
+        self.virtual_ipv6.as_deref()?.parse().ok()
+    }
+
     /// The endpoint as a socket address (`ip:port` or `[ipv6]:port`), if known and parseable.
     pub fn endpoint_addr(&self) -> Option<SocketAddr> {
         self.endpoint.as_deref()?.parse().ok()
@@ -308,6 +320,11 @@ impl Status {
     /// This member's virtual IPv4 address, parsed.
     pub fn virtual_ipv4(&self) -> Result<Ipv4Addr, AddrParseError> {
         parse_ipv4(&self.virtual_ip)
+    }
+
+    /// This member's IPv6 overlay address, if the agent reported one that parses.
+    pub fn overlay_ipv6(&self) -> Option<Ipv6Addr> {
+        self.virtual_ipv6.as_deref()?.parse().ok()
     }
 
     /// The peer called `name`, if listed.
@@ -379,6 +396,9 @@ impl Status {
             grid(&["MEMBER", "VIRTUAL IP", "NAT", "RELAY"], &[me])
         );
         let _ = writeln!(out, "public key {}", self.public_key);
+        if let Some(v6) = &self.virtual_ipv6 {
+            let _ = writeln!(out, "IPv6 overlay {v6}/64");
+        }
         if self.relays.len() > 1 {
             let rows: Vec<[String; 4]> = self
                 .relays
@@ -553,6 +573,7 @@ mod tests {
             network: "demo".into(),
             name: "alice".into(),
             virtual_ip: "10.1.2.3".into(),
+            virtual_ipv6: None,
             public_key: "a".into(),
             relay: RelayStatus {
                 address: "198.51.100.1:3478".into(),
@@ -580,6 +601,7 @@ mod tests {
                     name: "carol".into(),
                     public_key: "c".into(),
                     virtual_ip: "10.1.2.5/16".into(),
+                    virtual_ipv6: None,
                     path: PeerPath::RelayTcp,
                     endpoint: None,
                     rtt_ms: None,
@@ -594,6 +616,7 @@ mod tests {
                     name: "bob".into(),
                     public_key: "b".into(),
                     virtual_ip: "10.1.2.4".into(),
+                    virtual_ipv6: None,
                     path: PeerPath::Direct,
                     endpoint: Some("198.51.100.6:4000".into()),
                     rtt_ms: Some(0.5),
@@ -749,6 +772,30 @@ mod tests {
         assert_eq!(
             netcheck["peers"][0]["relay_reason"],
             "UDP to the relay is blocked"
+        );
+    }
+
+    #[test]
+    fn the_ipv6_overlay_address_is_optional_and_shown_for_this_member() {
+        let mut s = sample();
+        assert!(!s.to_table().contains("IPv6 overlay"));
+        let json = serde_json::to_string(&s).expect("serializes");
+        let old = json.replace(r#""virtual_ipv6":null,"#, "");
+        assert!(!old.contains("virtual_ipv6"), "{old}");
+        assert_eq!(
+            serde_json::from_str::<Status>(&old).expect("older JSON parses"),
+            s
+        );
+        s.virtual_ipv6 = Some("fd12:3456:789a::1".into());
+        s.peers[0].virtual_ipv6 = Some("fd12:3456:789a::2".into());
+        assert!(s.to_table().contains("IPv6 overlay fd12:3456:789a::1/64"));
+        assert_eq!(
+            s.overlay_ipv6(),
+            Some("fd12:3456:789a::1".parse().expect("literal"))
+        );
+        assert_eq!(
+            s.peers[0].overlay_ipv6(),
+            Some("fd12:3456:789a::2".parse().expect("literal"))
         );
     }
 }
