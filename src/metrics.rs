@@ -477,6 +477,7 @@ mod tests {
             public_key: format!("key-{name}"),
             virtual_ip: "10.0.0.2".into(),
             virtual_ipv6: None,
+            dns_name: None,
             path,
             endpoint: None,
             rtt_ms: Some(12.5),
@@ -495,6 +496,7 @@ mod tests {
             name: "me".into(),
             virtual_ip: "10.0.0.1".into(),
             virtual_ipv6: None,
+            dns_name: None,
             public_key: "k".into(),
             relay: RelayStatus {
                 address: "198.51.100.1:3478".into(),

@@ -189,6 +189,15 @@ fn members_resolve_by_name_and_vanish_when_they_leave() -> Result<()> {
         own.addresses("A")? == vec![IpAddr::V4(alice_ip)],
         "alice's own name: {own:?}"
     );
+    // `status --json` names the same: alice's own name and bob's.
+    let status = mesh.status("alice")?;
+    ensure!(
+        status.dns_name.as_deref() == Some(fqdn("alice").as_str())
+            && status.peer("bob").and_then(|p| p.dns_name.as_deref()) == Some(bob_name.as_str()),
+        "alice's status names: own {:?}, bob {:?}",
+        status.dns_name,
+        status.peer("bob").map(|p| &p.dns_name)
+    );
 
     // An unknown member: NXDOMAIN. A name outside the zone: REFUSED (we answer only our zone,
     // and never recurse).

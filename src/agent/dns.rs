@@ -134,6 +134,24 @@ impl Names {
     }
 
     /// Reverts the systemd-resolved settings and ends the server.
+    /// Fills in the DNS names of this member and its peers in `status`, as the zone
+    /// publishes them now (nothing when names are off).
+    pub(super) fn annotate(&self, status: &mut crate::status::Status) {
+        let Some(s) = &self.0 else {
+            return;
+        };
+        let name_of = |key: &str| {
+            s.published
+                .iter()
+                .find(|(_, holder, _, _)| holder.to_base64() == key)
+                .map(|(label, _, _, _)| format!("{label}.{}", s.domain))
+        };
+        status.dns_name = name_of(&status.public_key);
+        for p in &mut status.peers {
+            p.dns_name = name_of(&p.public_key);
+        }
+    }
+
     pub(super) async fn stop(self) {
         let Some(s) = self.0 else {
             return;

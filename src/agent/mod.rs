@@ -298,7 +298,8 @@ pub async fn run(
             Some((req, reply)) = control_rx.recv() => match req {
                 Request::Status => {
                     let now = Instant::now();
-                    let status = node.status(now);
+                    let mut status = node.status(now);
+                    names.annotate(&mut status);
                     let ready = ready.is_ready(now, status.peers.len());
                     let answer = crate::status::NetworkStatus { status, ready };
                     let _ = reply.send(serde_json::to_string(&answer).unwrap_or_default());

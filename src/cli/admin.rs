@@ -488,6 +488,7 @@ mod tests {
             name: "me".into(),
             virtual_ip: "10.0.0.1".into(),
             virtual_ipv6: None,
+            dns_name: None,
             public_key: "k".into(),
             relay: RelayStatus {
                 address: "198.51.100.1:3478".into(),
@@ -515,6 +516,7 @@ mod tests {
                 public_key: "b".into(),
                 virtual_ip: "10.0.0.2".into(),
                 virtual_ipv6: None,
+                dns_name: None,
                 path: PeerPath::Relay,
                 endpoint: None,
                 rtt_ms: None,

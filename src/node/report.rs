@@ -32,6 +32,7 @@ impl Node {
                     public_key: p.key.to_base64(),
                     virtual_ip: p.virtual_ip().to_string(),
                     virtual_ipv6: self.members.overlay_ipv6_of(&p.key).map(|a| a.to_string()),
+                    dns_name: None,
                     path,
                     endpoint: Some(endpoint.to_string()),
                     rtt_ms: p
@@ -52,6 +53,7 @@ impl Node {
             name: self.cfg.name.clone(),
             virtual_ip: self.cfg.virtual_ip.to_string(),
             virtual_ipv6: Some(self.overlay_ipv6().to_string()),
+            dns_name: None,
             public_key: self.public.to_base64(),
             relay: self.relay_status(&self.relays[self.primary]),
             relays: self.relays.iter().map(|r| self.relay_status(r)).collect(),

@@ -30,6 +30,10 @@ pub struct Status {
     /// derived from the network id and the member's key); absent from older agents.
     #[serde(default)]
     pub virtual_ipv6: Option<String>,
+    /// This member's DNS name (`NAME.NETWORK.mesh.internal`) when the agent serves names and
+    /// this member holds its label.
+    #[serde(default)]
+    pub dns_name: Option<String>,
     /// This member's public key (base64).
     pub public_key: String,
     /// The primary relay: the one whose member table this member follows.
@@ -113,6 +117,9 @@ pub struct PeerStatus {
     /// The peer's IPv6 overlay address; absent from older agents.
     #[serde(default)]
     pub virtual_ipv6: Option<String>,
+    /// The peer's DNS name, when the agent serves names and the peer holds its label.
+    #[serde(default)]
+    pub dns_name: Option<String>,
     /// The path packets to this peer take.
     pub path: PeerPath,
     /// The underlay `ip:port` packets to this peer go to (the relay's when relayed).
@@ -399,6 +406,9 @@ impl Status {
         if let Some(v6) = &self.virtual_ipv6 {
             let _ = writeln!(out, "IPv6 overlay {v6}/64");
         }
+        if let Some(name) = &self.dns_name {
+            let _ = writeln!(out, "DNS name {name}");
+        }
         if self.relays.len() > 1 {
             let rows: Vec<[String; 4]> = self
                 .relays
@@ -574,6 +584,7 @@ mod tests {
             name: "alice".into(),
             virtual_ip: "10.1.2.3".into(),
             virtual_ipv6: None,
+            dns_name: None,
             public_key: "a".into(),
             relay: RelayStatus {
                 address: "198.51.100.1:3478".into(),
@@ -602,6 +613,7 @@ mod tests {
                     public_key: "c".into(),
                     virtual_ip: "10.1.2.5/16".into(),
                     virtual_ipv6: None,
+                    dns_name: None,
                     path: PeerPath::RelayTcp,
                     endpoint: None,
                     rtt_ms: None,
@@ -617,6 +629,7 @@ mod tests {
                     public_key: "b".into(),
                     virtual_ip: "10.1.2.4".into(),
                     virtual_ipv6: None,
+                    dns_name: None,
                     path: PeerPath::Direct,
                     endpoint: Some("198.51.100.6:4000".into()),
                     rtt_ms: Some(0.5),
@@ -789,6 +802,9 @@ mod tests {
         s.virtual_ipv6 = Some("fd12:3456:789a::1".into());
         s.peers[0].virtual_ipv6 = Some("fd12:3456:789a::2".into());
         assert!(s.to_table().contains("IPv6 overlay fd12:3456:789a::1/64"));
+        assert!(!s.to_table().contains("DNS name"));
+        s.dns_name = Some("alice.demo.mesh.internal".into());
+        assert!(s.to_table().contains("DNS name alice.demo.mesh.internal"));
         assert_eq!(
             s.overlay_ipv6(),
             Some("fd12:3456:789a::1".parse().expect("literal"))
