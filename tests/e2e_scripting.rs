@@ -493,7 +493,30 @@ fn metrics_scrape_parses_and_shows_the_per_peer_path() -> Result<()> {
     let a = lab.add_public_host("a")?;
     let b = lab.add_public_host("b")?;
     let mut relay = Node::new(&lab, EXE.as_ref(), &relay_host, "relay")?;
-    let relay_addr = relay.start_relay(&lab, RELAY_PORT)?.to_string();
+    let relay_pid = relay.spawn(
+        &lab,
+        &[
+            "relay",
+            "--listen",
+            &format!("0.0.0.0:{RELAY_PORT}"),
+            "--metrics",
+            "127.0.0.1:9103",
+        ],
+    )?;
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        "the relay to listen",
+        || {
+            ensure!(
+                lab.is_running(relay_pid),
+                "the relay exited; see {}",
+                relay.log.display()
+            );
+            lab.udp_listening(&relay_host, RELAY_PORT)
+        },
+    )?;
+    let relay_addr = format!("{}:{RELAY_PORT}", relay_host.public_addr);
     let token = relay.create_token(&lab, "one", &relay_addr, Some("10.141.0.0/16"))?;
     let mut nodes = Vec::new();
     for (host, name) in [(&a, "alice"), (&b, "bob")] {
@@ -569,6 +592,28 @@ fn metrics_scrape_parses_and_shows_the_per_peer_path() -> Result<()> {
     ensure!(
         from_config.contains(r#"peer="alice",path="direct"} 1"#),
         "bob's metrics (from his config) show alice: {from_config}"
+    );
+    // The relay's metrics: both members in one network, forwarding and limit counters.
+    let relay_answer = http_get(&lab, &relay_host, 9103, "/metrics")?;
+    let (_, relay_body) = relay_answer
+        .split_once("\r\n\r\n")
+        .context("an HTTP answer from the relay")?;
+    for line in relay_body.lines() {
+        ensure!(is_sample_or_comment(line), "not a metrics line: {line:?}");
+    }
+    ensure!(
+        sample(relay_body, "meshvpn_relay_members") == Some(2.0)
+            && sample(relay_body, "meshvpn_relay_networks") == Some(1.0),
+        "the relay's members and networks: {relay_body}"
+    );
+    let counters = relay_body
+        .lines()
+        .filter(|l| l.starts_with("meshvpn_relay_server_") && l.contains("_total "))
+        .count();
+    ensure!(counters >= 10, "the relay's server counters: {relay_body}");
+    println!(
+        "relay metrics: {} lines, {counters} server counters",
+        relay_body.lines().count()
     );
     drop((alice, bob, relay));
     lab.teardown();

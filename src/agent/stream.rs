@@ -438,6 +438,7 @@ mod tests {
                 tcp_max_connections: None,
                 tcp_per_source: None,
                 server: Default::default(),
+                metrics: None,
             };
             let task = tokio::spawn(async move { driver::run(&opts).await });
             for _ in 0..100 {

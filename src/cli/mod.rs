@@ -100,6 +100,10 @@ pub enum Command {
         /// the relay's host at --ws-path: a reverse proxy's port in front of --ws-listen.
         #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
         advertise_tls: Option<u16>,
+        /// Serve Prometheus metrics on this address (GET /metrics), e.g. 127.0.0.1:9102:
+        /// members, networks, forwarded traffic and every limit counter.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
     },
     /// Ask a relay for its key over a stream as a member would reach it (TCP, or
     /// WebSocket-over-TLS through HTTPS_PROXY if set) and print it: a check that a host reaches
@@ -282,6 +286,7 @@ pub fn run(cli: Cli, log: agent::reload::LogControl) -> anyhow::Result<()> {
             ws_listen,
             ws_path,
             advertise_tls,
+            metrics,
         } => runtime()?.block_on(relay::driver::run(&relay::driver::RelayOptions {
             listen,
             ws: relay::ws::WsOptions {
@@ -305,6 +310,7 @@ pub fn run(cli: Cli, log: agent::reload::LogControl) -> anyhow::Result<()> {
                 max_networks,
                 ..relay::server::ServerConfig::default()
             },
+            metrics,
         })),
         Command::RelayProbe {
             relay,

@@ -96,6 +96,8 @@ pub struct RelayOptions {
     pub tcp_per_source: Option<usize>,
     /// Member, network and budget caps of the server.
     pub server: super::server::ServerConfig,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// One open TCP connection as the loop holds it.
@@ -253,6 +255,17 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
         .collect();
     drop(accept_tx);
     let (status_tx, mut status_requests) = mpsc::channel::<StatusRequest>(8);
+    let metrics_task = match opts.metrics {
+        Some(addr) => {
+            let listener = crate::metrics::bind(addr).await?;
+            tracing::info!(%addr, "serving metrics on GET /metrics");
+            Some(tokio::spawn(super::metrics::serve(
+                listener,
+                status_tx.clone(),
+            )))
+        }
+        None => None,
+    };
     let control_task = control_listener.map(|l| tokio::spawn(control::serve(l, status_tx)));
     let (event_tx, mut events) = mpsc::channel::<ConnEvent>(CONN_EVENT_QUEUE);
     let mut alt_buf = vec![0u8; 1_500];
@@ -317,6 +330,9 @@ pub async fn run(opts: &RelayOptions) -> anyhow::Result<()> {
     }
     for conn in relay.conns.values() {
         conn.task.abort();
+    }
+    if let Some(task) = metrics_task {
+        task.abort();
     }
     if let Some(task) = control_task {
         task.abort();
@@ -575,6 +591,7 @@ mod tests {
                 tcp_max_connections: None,
                 tcp_per_source: None,
                 server: Default::default(),
+                metrics: None,
             };
             let task = tokio::spawn(async move { run(&opts).await });
             for _ in 0..50 {

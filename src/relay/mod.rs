@@ -15,6 +15,7 @@ pub mod limits;
 // Accept loop and stream tasks of the driver side: they own the clock and spawn tasks.
 #[allow(clippy::disallowed_methods)]
 pub mod listener;
+pub mod metrics;
 pub mod rotation_store;
 // Its unit tests need a starting `Instant`; the server's own code stays under the clippy.toml bans.
 #[cfg_attr(test, allow(clippy::disallowed_methods))]
