@@ -115,6 +115,10 @@ fn relayed_pairs_and_joins_survive_the_first_relay_dying() {
         }
     }
     assert!(sim.members.iter().all(|m| m.node.primary_relay() == 0));
+    assert!(
+        sim.members.iter().all(|m| m.node.is_synced()),
+        "every member holds relay 0's member table"
+    );
     let mut tag = 1u32;
     every_pair_delivers(
         &mut sim,
@@ -173,6 +177,10 @@ fn relayed_pairs_and_joins_survive_the_first_relay_dying() {
         Duration::from_secs(5),
         "after the failover",
     );
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.members.iter().all(|m| m.node.is_synced())
+    })
+    .expect("every member holds relay 1's member table after the failover");
 
     // A member restarted while relay 0 is down joins through relay 1.
     let c = members[2];

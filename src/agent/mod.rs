@@ -15,7 +15,6 @@ mod floors;
 mod ifaddrs;
 pub(crate) mod portmap;
 mod progress;
-mod ready;
 mod relay_stream;
 mod relay_streams;
 pub mod reload;
@@ -206,7 +205,6 @@ pub async fn run(
     let mut rotation = RotationWaiter::default();
     let mut cfg = cfg;
     let mut progress = Progress::new(Instant::now(), &relay.host_port());
-    let mut ready = ready::Readiness::default();
     let (mapper, mut mapping) = if cfg.port_mapping {
         let (m, rx) = PortMapper::spawn(port);
         (Some(m), Some(rx))
@@ -253,7 +251,6 @@ pub async fn run(
         }
         pings.expire(Instant::now());
         progress.tick(Instant::now());
-        ready.observe(Instant::now(), node.is_registered());
         // The node's deadline, or the agent's own (a ping's timeout, a progress hint).
         let deadline = [
             node.poll_timeout().map(|(at, _)| at),
@@ -300,7 +297,7 @@ pub async fn run(
                     let now = Instant::now();
                     let mut status = node.status(now);
                     names.annotate(&mut status);
-                    let ready = ready.is_ready(now, status.peers.len());
+                    let ready = node.is_synced();
                     let answer = crate::status::NetworkStatus { status, ready };
                     let _ = reply.send(serde_json::to_string(&answer).unwrap_or_default());
                 }

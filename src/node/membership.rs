@@ -502,6 +502,7 @@ impl Node {
     /// newer than the snapshot (delivered before it) are kept; everything else follows it.
     pub(super) fn apply_full_sync(&mut self, now: Instant, seq: u64, entries: Vec<MemberEntry>) {
         self.relays[self.primary].sync_done();
+        self.synced = true;
         let snapshot = self.members.accept_snapshot(seq, entries);
         for key in snapshot.gone {
             let Some(p) = self.peers.get_mut(&key) else {

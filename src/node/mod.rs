@@ -259,6 +259,9 @@ pub struct Node {
     icmp: mtu::IcmpLimiter,
     /// Call-mes passed for and by other members (see `helping`).
     forwards: helping::ForwardCounters,
+    /// Whether the member table matches the primary relay's: its latest acknowledgement's
+    /// digest equalled ours, or its full snapshot was applied since.
+    synced: bool,
 }
 
 /// Whether an input touched only the data path (no deadline can have moved except the peer
@@ -319,6 +322,7 @@ impl Node {
             scratch: Vec::with_capacity(BUF_LEN),
             icmp: mtu::IcmpLimiter::default(),
             forwards: helping::ForwardCounters::default(),
+            synced: false,
         };
         node.reseal_announcement(now);
         node.refresh_timers();
@@ -344,6 +348,13 @@ impl Node {
     /// Whether a relay has acknowledged a registration recently.
     pub fn is_registered(&self) -> bool {
         self.relays.iter().any(|r| r.is_registered())
+    }
+
+    /// Whether this member is registered with its primary relay and its member table matches
+    /// that relay's (what `meshvpn wait` waits for): the relay's latest acknowledgement named
+    /// the digest of our table, or its full snapshot was applied since.
+    pub fn is_synced(&self) -> bool {
+        self.synced && self.relays[self.primary].is_registered()
     }
 
     /// Whether a relay answers now: registered, and the latest registration did not go

@@ -146,7 +146,8 @@ impl Node {
                 }
                 self.members.set_own_since(since);
                 self.resolve_addresses();
-                if self.members.digest() != digest {
+                self.synced = self.members.digest() == digest;
+                if !self.synced {
                     self.request_sync(now);
                 }
             }

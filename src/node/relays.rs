@@ -134,6 +134,7 @@ impl Node {
             "following another relay's member table"
         );
         self.relays[from].sync_done();
+        self.synced = false;
         self.members.rebase(self.relays[to].presence_since());
         self.out.event(Event::PrimaryRelay { relay: to, from });
         self.update_nat_verdict(now);
