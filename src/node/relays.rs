@@ -16,12 +16,13 @@
 //! - **The relay of a relayed peer** is the one the peer's relayed traffic last came through,
 //!   as long as that relay answers us; otherwise the primary. So two members whose primaries
 //!   differ (one cannot reach a relay the other still uses) meet on a relay both are on: the
-//!   first relayed packet of either tells the other where to answer.
+//!   first authenticated relayed packet of either tells the other where to answer.
 //!
 //! When a relay stops answering (one registration unanswered), peers relayed through it move
 //! to the primary, or to the first relay that answers if it was the primary, at once; their
 //! WireGuard sessions are unaffected, the relay only carries ciphertext. The member table
-//! moves only once the relay has failed.
+//! moves only once the relay has failed. With no relay answering at all, members help each
+//! other (see `helping`).
 //!
 //! [`RelaySession`]: super::relay_session::RelaySession
 
