@@ -150,20 +150,20 @@ impl Node {
     /// Hands `call_me` for member `to` to up to [`MAX_HELPERS`] members with a live direct
     /// path, for passing on (no relay answers).
     pub(super) fn forward_call_me(&mut self, now: Instant, to: PeerKey, call_me: &Disco) {
-        let nonce = self.nonce();
-        let stamp = self.disco_stamp(now);
-        let Some(target) = self.peers.get(&to) else {
+        let Some(inner) = self.seal_for(now, to, call_me) else {
             return;
         };
-        let inner = wire::seal_disco(&target.disco_key, self.public, stamp, call_me, nonce);
         if inner.len() > MAX_FORWARD_LEN {
             return;
         }
         let helpers: Vec<(PeerKey, SocketAddr, u16)> = self
             .peers
             .values()
-            .filter(|p| p.key != to && p.paths.direct_alive(now))
-            .filter_map(|p| p.direct().map(|(addr, socket)| (p.key, addr, socket)))
+            .filter(|p| p.key != to)
+            .filter_map(|p| {
+                p.live_direct(now)
+                    .map(|(addr, socket)| (p.key, addr, socket))
+            })
             .take(MAX_HELPERS)
             .collect();
         for (helper, addr, socket) in helpers {
@@ -194,12 +194,8 @@ impl Node {
         let sender_direct = self
             .peers
             .get(&sender)
-            .is_some_and(|p| p.paths.direct_alive(now));
-        let target = self
-            .peers
-            .get(&to)
-            .filter(|p| p.paths.direct_alive(now))
-            .and_then(|p| p.direct());
+            .is_some_and(|p| p.live_direct(now).is_some());
+        let target = self.peers.get(&to).and_then(|p| p.live_direct(now));
         let within_budget = self
             .peers
             .get_mut(&sender)
@@ -274,7 +270,7 @@ impl Node {
     }
 
     /// `msg` sealed for member `to` with a fresh stamp, or `None` if `to` is unknown.
-    fn seal_for(&mut self, now: Instant, to: PeerKey, msg: &Disco) -> Option<Vec<u8>> {
+    pub(super) fn seal_for(&mut self, now: Instant, to: PeerKey, msg: &Disco) -> Option<Vec<u8>> {
         let nonce = self.nonce();
         let stamp = self.disco_stamp(now);
         let p = self.peers.get(&to)?;
@@ -291,7 +287,7 @@ impl Node {
     pub(super) fn member_at(&self, now: Instant, addr: SocketAddr) -> Option<PeerKey> {
         self.peers
             .values()
-            .find(|p| p.direct().map(|d| d.0) == Some(addr) && p.paths.direct_alive(now))
+            .find(|p| p.live_direct(now).map(|d| d.0) == Some(addr))
             .map(|p| p.key)
     }
 
@@ -310,11 +306,7 @@ impl Node {
                 return;
             }
         };
-        let target = self
-            .peers
-            .get(&to)
-            .filter(|p| p.paths.direct_alive(now))
-            .and_then(|p| p.direct());
+        let target = self.peers.get(&to).and_then(|p| p.live_direct(now));
         let within_budget = self
             .peers
             .get_mut(&sender)
@@ -346,9 +338,8 @@ impl Node {
         let mut helpers: Vec<(bool, PeerKey, SocketAddr, u16)> = self
             .peers
             .values()
-            .filter(|p| p.paths.direct_alive(now))
             .filter_map(|p| {
-                let (addr, socket) = p.direct()?;
+                let (addr, socket) = p.live_direct(now)?;
                 Some((
                     p.announcement.nat != crate::wire::NatKind::Public,
                     p.key,

@@ -141,13 +141,9 @@ impl Node {
 
     /// Sends a sealed disco message to `key` through the relay.
     pub(super) fn send_disco_via_relay(&mut self, now: Instant, key: PeerKey, msg: &Disco) {
-        let nonce = self.nonce();
-        let stamp = self.disco_stamp(now);
-        let Some(p) = self.peers.get(&key) else {
-            return;
-        };
-        let dgram = wire::seal_disco(&p.disco_key, self.public, stamp, msg, nonce);
-        self.relay_payload(key, &dgram);
+        if let Some(dgram) = self.seal_for(now, key, msg) {
+            self.relay_payload(key, &dgram);
+        }
     }
 
     /// Sends a call-me with every address we know for ourselves through the relay.

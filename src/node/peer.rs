@@ -239,6 +239,11 @@ impl Peer {
     pub(crate) fn direct(&self) -> Option<(SocketAddr, u16)> {
         self.paths.direct()
     }
+
+    /// The direct path (address, our socket) while it still answers at `now`.
+    pub(crate) fn live_direct(&self, now: Instant) -> Option<(SocketAddr, u16)> {
+        self.direct().filter(|_| self.paths.direct_alive(now))
+    }
 }
 
 #[cfg(test)]
