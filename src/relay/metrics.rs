@@ -73,10 +73,12 @@ async fn respond(
 
 /// The Prometheus text of `status` (see the module doc).
 pub fn render(status: &RelayStatus) -> String {
-    let value = serde_json::to_value(status).unwrap_or(serde_json::Value::Null);
-    let mut numbers = Vec::new();
-    collect("", &value, &mut numbers);
     let mut registry = Registry::default();
+    // Every non-negative integer field; strings, flags and lists are not series.
+    let numbers = status
+        .fields()
+        .into_iter()
+        .filter_map(|(path, value)| Some((path.replace('.', "_"), value.parse::<u64>().ok()?)));
     for (path, n) in numbers {
         let name = format!("meshvpn_relay_{path}");
         let help = format!(
@@ -104,31 +106,6 @@ pub fn render(status: &RelayStatus) -> String {
 /// sockets' counters (limits, sizes and the uptime are gauges).
 fn is_counter(path: &str) -> bool {
     path.starts_with("server_") || path.starts_with("tcp_counters_") || path.starts_with("udp_")
-}
-
-/// Every non-negative integer leaf of `value`, with its path joined by `_`.
-fn collect(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, u64)>) {
-    match value {
-        serde_json::Value::Object(map) => {
-            for (k, v) in map {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}_{k}")
-                };
-                collect(&key, v, out);
-            }
-        }
-        serde_json::Value::Number(n) => {
-            if let Some(n) = n.as_u64() {
-                out.push((prefix.to_string(), n));
-            }
-        }
-        serde_json::Value::Null
-        | serde_json::Value::Bool(_)
-        | serde_json::Value::String(_)
-        | serde_json::Value::Array(_) => {}
-    }
 }
 
 #[cfg(test)]

@@ -74,11 +74,17 @@ pub struct UdpCounters {
 }
 
 impl RelayStatus {
+    /// Every field as `(path, value)`, nested fields joined with dots, in the JSON's order.
+    pub(crate) fn fields(&self) -> Vec<(String, String)> {
+        let value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        let mut fields = Vec::new();
+        flatten("", &value, &mut fields);
+        fields
+    }
+
     /// `name  value` lines, one per field, nested fields joined with dots.
     pub fn to_text(&self) -> String {
-        let value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
-        let mut lines = Vec::new();
-        flatten("", &value, &mut lines);
+        let lines = self.fields();
         let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         lines
             .iter()
