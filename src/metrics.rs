@@ -507,6 +507,7 @@ mod tests {
                 primary: true,
                 transport: "udp".into(),
                 rtt_ms: Some(12.0),
+                keepalive_s: None,
             },
             relays: vec![],
             endpoints: vec![],

@@ -19,7 +19,7 @@ use meshvpn::wire::token::{RelayEndpoint, TlsEndpoint, Token, MAX_RELAYS};
 use meshvpn::wire::{
     open_disco, open_from_relay, seal_disco, seal_from_relay, stun, Announcement, Disco,
     DiscoStamp, Frame, MemberEntry, NatKind, RelayReply, RelayRequest, RotationEntry, SyncTag,
-    MAX_ANNOUNCEMENT, MAX_ENDPOINTS, MAX_FORWARD_LEN,
+    MAX_ANNOUNCEMENT, MAX_ANSWER_AFTER_MS, MAX_ENDPOINTS, MAX_FORWARD_LEN,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -147,6 +147,13 @@ fn relay_request() -> impl Strategy<Value = RelayRequest> {
             .prop_map(|(network, ts_ms)| RelayRequest::Leave { network, ts_ms }),
         (network_id(), any::<u64>())
             .prop_map(|(network, ts_ms)| RelayRequest::Sync { network, ts_ms }),
+        (network_id(), any::<u64>(), 0..=MAX_ANSWER_AFTER_MS).prop_map(
+            |(network, ts_ms, answer_after_ms)| RelayRequest::Refresh {
+                network,
+                ts_ms,
+                answer_after_ms,
+            }
+        ),
         (
             network_id(),
             any::<u64>(),
@@ -186,6 +193,15 @@ fn with_network(req: RelayRequest, id: NetworkId) -> RelayRequest {
         },
         RelayRequest::Leave { ts_ms, .. } => RelayRequest::Leave { network: id, ts_ms },
         RelayRequest::Sync { ts_ms, .. } => RelayRequest::Sync { network: id, ts_ms },
+        RelayRequest::Refresh {
+            ts_ms,
+            answer_after_ms,
+            ..
+        } => RelayRequest::Refresh {
+            network: id,
+            ts_ms,
+            answer_after_ms,
+        },
         RelayRequest::Rotate {
             ts_ms,
             complete,
@@ -246,6 +262,7 @@ fn relay_reply() -> impl Strategy<Value = RelayReply> {
                 }
             ),
         (peer_key(), any::<u64>()).prop_map(|(key, seq)| RelayReply::MemberGone { key, seq }),
+        any::<u64>().prop_map(|echo_ts_ms| RelayReply::Unregistered { echo_ts_ms }),
         (any::<u32>(), any::<u64>())
             .prop_map(|(generation, seq)| RelayReply::SyncEmpty { generation, seq }),
         ".{0,100}".prop_map(|message| RelayReply::Error { message }),

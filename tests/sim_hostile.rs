@@ -321,6 +321,7 @@ fn the_exact_last_announcement_of_a_member_that_left_is_refused_too() {
             RelayReply::Member { entry, .. } => (entry.key == km).then_some(entry),
             RelayReply::RegisterAck { .. }
             | RelayReply::MemberGone { .. }
+            | RelayReply::Unregistered { .. }
             | RelayReply::SyncEmpty { .. }
             | RelayReply::Error { .. }
             | RelayReply::RotateAck { .. }

@@ -168,6 +168,16 @@ fn requests() -> Vec<RelayRequest> {
         },
         RelayRequest::Leave { network, ts_ms: 2 },
         RelayRequest::Sync { network, ts_ms: 3 },
+        RelayRequest::Refresh {
+            network,
+            ts_ms: 6,
+            answer_after_ms: 0,
+        },
+        RelayRequest::Refresh {
+            network,
+            ts_ms: 7,
+            answer_after_ms: 25_000,
+        },
         RelayRequest::Rotate {
             network,
             ts_ms: 4,
@@ -248,6 +258,7 @@ fn replies() -> Vec<RelayReply> {
                 since: 5,
             },
         },
+        RelayReply::Unregistered { echo_ts_ms: 9 },
         RelayReply::MemberGone {
             key: PeerKey([8; 32]),
             seq: 6,

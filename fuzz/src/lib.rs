@@ -253,6 +253,15 @@ fn at_time(req: RelayRequest, unix_ms: u64) -> RelayRequest {
             network,
             ts_ms: ts(ts_ms),
         },
+        RelayRequest::Refresh {
+            network,
+            ts_ms,
+            answer_after_ms,
+        } => RelayRequest::Refresh {
+            network,
+            ts_ms: ts(ts_ms),
+            answer_after_ms,
+        },
         RelayRequest::Rotate {
             network,
             ts_ms,

@@ -499,6 +499,7 @@ mod tests {
                 primary: true,
                 transport: "udp".into(),
                 rtt_ms: None,
+                keepalive_s: None,
             },
             relays: vec![],
             endpoints: vec![],

@@ -89,8 +89,8 @@ pub use link::{
 };
 pub use outbox::{Transmit, Transport};
 pub use relay_session::{
-    StreamKind, REGISTER_INTERVAL, REGISTER_RETRY_MAX, REGISTER_RETRY_MIN, RELAY_LOST_AFTER,
-    UDP_FALLBACK_AFTER,
+    StreamKind, ACK_TIMEOUT, REGISTER_INTERVAL, REGISTER_RETRY_MAX, REGISTER_RETRY_MIN,
+    RELAY_KEEPALIVE_MAX, RELAY_KEEPALIVE_START, RELAY_LOST_AFTER, UDP_FALLBACK_AFTER,
 };
 pub use rotation::{RotationRefused, ROTATE_GIVE_UP, ROTATE_RETRY};
 pub use timers::{Timer, TimerTable};
@@ -280,7 +280,7 @@ impl Node {
         let keys = cfg.network_secret.derive();
         assert!(!cfg.relays.is_empty(), "a node needs at least one relay");
         let cfg_secret = cfg.secret.to_static();
-        let netcheck = netcheck::NetCheck::new(stun_targets(&cfg.relays, &cfg.stun_servers), now);
+        let netcheck = netcheck::NetCheck::new(stun_targets(&cfg.relays, &cfg.stun_servers));
         let relays: Vec<_> = cfg
             .relays
             .iter()
@@ -398,7 +398,7 @@ impl Node {
             self.out.set_relay_transport(relay, session.transport());
             let targets: Vec<RelayTarget> = self.relays.iter().map(|r| r.target()).collect();
             self.netcheck
-                .set_targets(stun_targets(&targets, &self.cfg.stun_servers), now);
+                .set_targets(stun_targets(&targets, &self.cfg.stun_servers));
             self.refresh_timers();
         }
     }
@@ -644,6 +644,10 @@ impl Node {
             .filter_map(|p| p.link.poll_timeout())
             .min();
         self.timers.set(Timer::Handshake, handshake);
+        let quiet = self.quiet(self.now);
+        for r in &mut self.relays {
+            r.set_quiet(self.now, quiet);
+        }
         // The rotation upload talks to the relay, so its retries share the relay's slot.
         let sessions = self
             .relays
@@ -658,8 +662,8 @@ impl Node {
             (None, None) => self.now + REGISTER_INTERVAL,
         };
         self.timers.set(Timer::Relay, Some(relay));
-        self.timers
-            .set(Timer::Stun, Some(self.netcheck.next_round()));
+        let stun = self.netcheck.next_round(quiet);
+        self.timers.set(Timer::Stun, Some(stun.unwrap_or(self.now)));
         let paths = self
             .peers
             .values()
@@ -709,10 +713,18 @@ impl Node {
 
     // ----- NAT classification --------------------------------------------------------------
 
+    /// Whether the node is quiet: no peer moved a byte for [`peer::IDLE_AFTER`] and every
+    /// relay is reached over UDP (a stream needs the STUN answers that bring it back to UDP).
+    pub(crate) fn quiet(&self, now: Instant) -> bool {
+        self.peers.values().all(|p| p.paths.is_idle(now))
+            && !self.relays.iter().any(|r| r.wants_stream())
+    }
+
     /// Sends the STUN requests of a round, if one is due.
     fn stun_round(&mut self, now: Instant) {
+        let quiet = self.quiet(now);
         let rng = &mut self.rng;
-        let round = self.netcheck.poll_round(now, || {
+        let round = self.netcheck.poll_round(now, quiet, || {
             let mut tx = [0u8; 12];
             rng.fill_bytes(&mut tx);
             tx

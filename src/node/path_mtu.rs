@@ -131,7 +131,7 @@ impl Node {
         if p.paths.pmtu.kind() != kind {
             p.paths.pmtu.handle_path_change(now, kind);
         }
-        if !p.paths.path_confirmed() {
+        if !p.paths.path_confirmed() || (p.paths.pmtu.is_done() && p.paths.is_idle(now)) {
             return;
         }
         let Some((size, tx)) = p.paths.pmtu.poll_probe(now, || {
@@ -158,11 +158,12 @@ impl Node {
         }
     }
 
-    /// When `key`'s path MTU search next needs to run (only while its path is confirmed).
-    pub(super) fn pmtu_deadline(p: &super::peer::Peer) -> Option<Instant> {
-        p.paths
-            .path_confirmed()
-            .then(|| p.paths.pmtu.poll_timeout())
+    /// When `key`'s path MTU search next needs to run (only while its path is confirmed, and
+    /// a re-search only while the peer is active: path selection's activity check notices
+    /// the end of idleness within a second).
+    pub(super) fn pmtu_deadline(now: Instant, p: &super::peer::Peer) -> Option<Instant> {
+        let waits = p.paths.pmtu.is_done() && p.paths.is_idle(now);
+        (p.paths.path_confirmed() && !waits).then(|| p.paths.pmtu.poll_timeout())
     }
 
     /// The path to `key` changed to `path`: its MTU search starts again at the new path's base.

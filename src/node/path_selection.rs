@@ -18,7 +18,10 @@
 //! grows by half after every idle keepalive that was answered, up to a ceiling; a keepalive
 //! that goes unanswered (the path falls back to the relay) lowers the ceiling to the last
 //! interval that worked. So the keepalives come as often as the NATs on that path need, not
-//! more. A relayed idle peer is measured and probed at most every [`IDLE_RELAYED_INTERVAL`].
+//! more. The interval is also held to what our own NAT is known to keep, as the relay session
+//! learned it: a too-long guess there costs one registration, here a direct path. A ping from the peer on the idle direct path counts as a keepalive of ours (its ping
+//! and our pong refresh both NATs), so an idle pair settles on one side pinging. A relayed
+//! idle peer is measured and probed at most every [`IDLE_RELAYED_INTERVAL`].
 //! The first byte after idleness makes the peer active again: a direct path is pinged at once
 //! (and abandoned within [`DIRECT_TIMEOUT`] if it died meanwhile), a relayed one is probed
 //! again from the shortest backoff.
@@ -72,6 +75,8 @@ struct Keepalive {
     ceiling: Duration,
     /// When the idle keepalive in flight left (its answer proves `interval` works).
     idle_ping_sent: Option<Instant>,
+    /// The longest interval our own NAT is known to allow (see `PathSelection::set_nat_cap`).
+    nat_cap: Duration,
 }
 
 impl Default for Keepalive {
@@ -80,6 +85,7 @@ impl Default for Keepalive {
             interval: IDLE_KEEPALIVE_START,
             ceiling: IDLE_KEEPALIVE_MAX,
             idle_ping_sent: None,
+            nat_cap: IDLE_KEEPALIVE_MAX,
         }
     }
 }
@@ -214,6 +220,19 @@ impl PathSelection {
     /// Whether no byte moved for [`IDLE_AFTER`].
     pub(crate) fn is_idle(&self, now: Instant) -> bool {
         now.saturating_duration_since(self.last_active) >= IDLE_AFTER
+    }
+
+    /// The interval the idle keepalive uses now: the learned one, held to what our NAT is
+    /// known to keep (see [`Self::set_nat_cap`]).
+    fn idle_interval(&self) -> Duration {
+        self.keepalive.interval.min(self.keepalive.nat_cap)
+    }
+
+    /// Holds the idle keepalive interval to `cap`, how long our NAT is known to keep an idle
+    /// mapping (learned on the relay session, where a too-long guess costs one registration
+    /// rather than a direct path).
+    pub(crate) fn set_nat_cap(&mut self, cap: Duration) {
+        self.keepalive.nat_cap = cap.max(IDLE_KEEPALIVE_START);
     }
 
     /// Starts the idle keepalive interval at its maximum when neither side is behind a NAT
@@ -357,7 +376,7 @@ impl PathSelection {
                 if self.keepalive.idle_ping_sent.take().is_some() {
                     // An idle keepalive went unanswered: that interval is too long for the
                     // NATs on this path; the last one that worked becomes the ceiling.
-                    let good = (self.keepalive.interval * 2 / 3).max(IDLE_KEEPALIVE_START);
+                    let good = (self.idle_interval() * 2 / 3).max(IDLE_KEEPALIVE_START);
                     self.keepalive.ceiling = good;
                     self.keepalive.interval = good;
                 }
@@ -368,7 +387,7 @@ impl PathSelection {
                 changed = Some(self.path);
             } else if now >= self.next_probe {
                 if idle {
-                    self.next_probe = now + self.keepalive.interval;
+                    self.next_probe = now + self.idle_interval();
                     self.keepalive.idle_ping_sent = Some(now);
                     self.alive_until = self.alive_until.max(now + ANSWER_WINDOW);
                 } else {
@@ -473,10 +492,10 @@ impl PathSelection {
                             // The keepalive after a full idle interval was answered: the
                             // NATs keep the mapping that long; try a longer one next.
                             self.keepalive.interval =
-                                (self.keepalive.interval * 3 / 2).min(self.keepalive.ceiling);
+                                (self.idle_interval() * 3 / 2).min(self.keepalive.ceiling);
                         }
                     }
-                    now + self.keepalive.interval + ANSWER_WINDOW
+                    now + self.idle_interval() + ANSWER_WINDOW
                 } else {
                     now + DIRECT_TIMEOUT
                 };
@@ -512,6 +531,16 @@ impl PathSelection {
         from: SocketAddr,
         socket: u16,
     ) -> Option<SocketAddr> {
+        if self.direct() == Some((from, socket)) && self.is_idle(now) {
+            // The peer's idle keepalive on our direct path: its ping and our pong refresh the
+            // NATs on both sides, so our own keepalive waits a full interval and an eighth
+            // more (the peer's next one, at the same interval, comes first; at a shorter one,
+            // ours), and the path lives until that keepalive of ours could have been answered.
+            // Idle pairs so settle on one side pinging, the one with the shorter interval.
+            let next = now + self.idle_interval() * 9 / 8;
+            self.next_probe = self.next_probe.max(next);
+            self.alive_until = self.alive_until.max(next + ANSWER_WINDOW);
+        }
         let known = self.announced.contains(&from) || self.learned.contains_key(&from);
         let wanted = self.is_relayed() || (socket == 0 && !known);
         (wanted && self.take_token(now)).then_some(from)
@@ -719,6 +748,49 @@ mod tests {
         assert_eq!(changed, Some(Path::Relayed));
         assert_eq!(p.keepalive.ceiling, Duration::from_secs(100) * 2 / 3);
         assert_eq!(p.keepalive.interval, p.keepalive.ceiling);
+    }
+
+    #[test]
+    fn the_peers_idle_keepalives_stand_in_for_ours() {
+        let t0 = Instant::now();
+        let mut p = PathSelection::new(t0);
+        let a = addr("198.51.100.7:4000");
+        ping_pong(&mut p, 1, a, t0, Duration::from_millis(20));
+        let mut tx = 1;
+        // Idle from the start: our own keepalives would go out 25 s apart.
+        let (_, changed) = run_direct(&mut p, t0, t0 + IDLE_AFTER, true, &mut tx);
+        assert_eq!(changed, None);
+        // The peer pings us on the path every 20 s for 10 minutes: we send nothing of our own,
+        // and the path stays direct without a pong of ours being answered.
+        let mut now = t0 + IDLE_AFTER;
+        let mut ours = Vec::new();
+        for _ in 0..30 {
+            assert_eq!(p.handle_ping_from(now, a, 0), None, "no ping-back");
+            let (sent, changed) =
+                run_direct(&mut p, now, now + Duration::from_secs(20), false, &mut tx);
+            assert_eq!(changed, None, "the path stays direct");
+            ours.extend(sent);
+            now += Duration::from_secs(20);
+        }
+        assert!(ours.is_empty(), "our keepalives: {ours:?}");
+        // The peer stops: ours resume within an interval, and unanswered they end the path.
+        let (sent, changed) =
+            run_direct(&mut p, now, now + Duration::from_secs(60), false, &mut tx);
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert_eq!(changed, Some(Path::Relayed));
+        // A ping from another address of the peer is no keepalive of this path.
+        let mut q = PathSelection::new(t0);
+        ping_pong(&mut q, 1, a, t0, Duration::from_millis(20));
+        run_direct(&mut q, t0, t0 + IDLE_AFTER, true, &mut tx);
+        q.handle_ping_from(t0 + IDLE_AFTER, addr("198.51.100.7:4001"), 0);
+        let (sent, _) = run_direct(
+            &mut q,
+            t0 + IDLE_AFTER,
+            t0 + IDLE_AFTER + Duration::from_secs(30),
+            true,
+            &mut tx,
+        );
+        assert!(!sent.is_empty(), "our own keepalive still goes out");
     }
 
     #[test]

@@ -49,7 +49,7 @@ impl Node {
         });
         [
             Some(p.paths.poll_timeout()),
-            Self::pmtu_deadline(p),
+            Self::pmtu_deadline(self.now, p),
             stale,
             self.birthday_deadline(p),
         ]
@@ -76,6 +76,8 @@ impl Node {
         probes.clear();
         let no_nat = self.nat == NatKind::Public && p.announcement.nat == NatKind::Public;
         p.paths.set_no_nat(no_nat);
+        p.paths
+            .set_nat_cap(self.relays[self.primary].proven_keepalive());
         p.paths.note_activity(now, p.link.activity());
         // A keepalive whose predecessor went unanswered: perhaps our network changed (UDP
         // blocked); find out whether the relay still answers.

@@ -24,7 +24,8 @@
 //!   ordinary loss does not shrink the MTU.
 //! - Every acknowledged size is used at once; when a search ends its result is the MTU (which
 //!   lets a periodic re-search lower it if the path shrank). A search starts again after every
-//!   path change and every [`REPROBE_INTERVAL`].
+//!   path change and every [`REPROBE_INTERVAL`]; the periodic one waits while the peer is
+//!   idle (the node checks [`PathMtu::is_done`]) and runs as soon as traffic resumes.
 //! - A send the host refuses as too large (`EMSGSIZE`) lowers the upper bound and the MTU at
 //!   once ([`PathMtu::handle_too_big`]).
 //!
@@ -126,6 +127,13 @@ impl PathMtu {
     /// The largest inner packet the peer's path carries, as far as is known now.
     pub(crate) fn mtu(&self) -> u16 {
         self.mtu
+    }
+
+    /// Whether a search has ended and none is under way (only the periodic re-search is
+    /// pending). An idle peer's re-search waits until it is active again: probing a path
+    /// nothing uses costs full-size datagrams and tells nothing anyone needs now.
+    pub(crate) fn is_done(&self) -> bool {
+        matches!(self.state, State::Done { .. })
     }
 
     /// The base on the current path (never above the ceiling).

@@ -9,21 +9,24 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use super::relay_session::{Ack, StreamKind};
+use super::relay_session::{Ack, Registration, StreamKind};
 use super::{Event, Handled, Node};
 use crate::keys::PeerKey;
-use crate::wire::{self, RelayReply, RelayRequest};
+use crate::wire::{self, NatKind, RelayReply, RelayRequest};
 
 impl Node {
     /// Runs every relay session's due work, then looks at the primary choice again.
     pub(super) fn relay_timers(&mut self, now: Instant) {
+        let (quiet, no_nat) = (self.quiet(now), self.nat == NatKind::Public);
         for relay in 0..self.relays.len() {
+            self.relays[relay].set_quiet(now, quiet);
+            self.relays[relay].set_no_nat(no_nat);
             let due = self.relays[relay].handle_timeout(now);
             if due.lost {
                 self.out.event(Event::RelayLost { relay });
             }
-            if due.register {
-                self.register(now, relay);
+            if let Some(kind) = due.register {
+                self.register(now, relay, kind);
             }
             if due.sync && relay == self.primary {
                 self.request_sync(now);
@@ -47,14 +50,24 @@ impl Node {
         }
     }
 
-    /// Sends a registration with our current announcement to relay `relay`.
-    pub(super) fn register(&mut self, now: Instant, relay: usize) {
+    /// Sends relay `relay` a registration with our current announcement, or a refresh.
+    pub(super) fn register(&mut self, now: Instant, relay: usize, kind: Registration) {
         let ts = self.next_ts(now);
-        self.relays[relay].note_register_sent(now, ts);
-        let req = RelayRequest::Register {
-            network: self.keys.network_id,
-            ts_ms: ts,
-            announcement: self.announcement.clone(),
+        self.relays[relay].note_register_sent(now, ts, kind);
+        let network = self.keys.network_id;
+        let req = match kind {
+            Registration::Full => RelayRequest::Register {
+                network,
+                ts_ms: ts,
+                announcement: self.announcement.clone(),
+            },
+            Registration::Refresh { answer_after } => RelayRequest::Refresh {
+                network,
+                ts_ms: ts,
+                answer_after_ms: u32::try_from(answer_after.as_millis())
+                    .unwrap_or(u32::MAX)
+                    .min(wire::MAX_ANSWER_AFTER_MS),
+            },
         };
         self.send_to_relay_n(relay, &req);
     }
@@ -162,6 +175,11 @@ impl Node {
                 self.apply_full_sync(now, seq, Vec::new())
             }
             RelayReply::MemberGone { key, seq } if primary => self.apply_removal(now, key, seq),
+            RelayReply::Unregistered { echo_ts_ms } => {
+                if self.relays[relay].handle_unregistered(now, echo_ts_ms) {
+                    tracing::debug!(relay, "the relay does not hold us; registering again");
+                }
+            }
             RelayReply::Member { .. }
             | RelayReply::SyncEmpty { .. }
             | RelayReply::MemberGone { .. } => {}

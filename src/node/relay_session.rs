@@ -16,6 +16,26 @@
 //! next registration forward, so a relay (or UDP path) that went silent mid-session is noticed
 //! within seconds rather than at the next refresh.
 //!
+//! The first registration, and any after a change of announcement, address or transport or a
+//! lost answer, carries the announcement (`Registration::Full`); the others are small
+//! refreshes (`Registration::Refresh`) the relay takes only from the address it holds us at
+//! (else it answers "register again", see `RelaySession::handle_unregistered`).
+//!
+//! # Quiet: a learned NAT keepalive
+//! While the node is quiet (no peer active, see `RelaySession::set_quiet`) and on UDP, each
+//! refresh asks the relay to answer only after a delay and nothing else goes to the relay
+//! meanwhile; the next refresh follows the answer at once. An answer that arrives proves our
+//! NAT kept the mapping that long with nothing sent, and the delay grows by half, from
+//! [`RELAY_KEEPALIVE_START`] (or [`RELAY_KEEPALIVE_MAX`] without a NAT) up to a ceiling; an
+//! answer that does not arrive is followed by a full registration, and if the relay answers
+//! that, the NAT forgot the mapping: the last delay that worked becomes the ceiling (tried
+//! higher again after `CEILING_RETRY_AFTER` answers in a row). The longest proven delay also
+//! holds idle direct paths' keepalives (`RelaySession::proven_keepalive`). So an idle member
+//! sends the relay one small datagram per NAT timeout, and a relay that restarted hears from
+//! it within [`RELAY_KEEPALIVE_MAX`]. The end of quiet (or relayed traffic) gives up a pending
+//! delayed answer and refreshes at once; silence before a delayed answer is due counts neither
+//! towards losing the relay nor towards the fallback to a stream.
+//!
 //! # UDP or stream
 //! ```text
 //!            quiet for UDP_FALLBACK_AFTER           driver: stream up
@@ -65,6 +85,17 @@ use crate::wire::{MemberEntry, RelayRequest, SyncTag};
 /// Re-registration interval; a third of the relay's member TTL (30 s), so two lost refreshes
 /// never drop a live member.
 pub const REGISTER_INTERVAL: Duration = Duration::from_secs(10);
+/// The first answer delay of a quiet session's refresh behind a NAT: under the 30 s that the
+/// most forgetful NATs keep an idle UDP mapping.
+pub const RELAY_KEEPALIVE_START: Duration = Duration::from_secs(25);
+/// The longest answer delay a quiet session asks for: the 2 minutes RFC 4787 asks NATs to
+/// keep an idle UDP mapping, and the longest a restarted relay goes without hearing from a
+/// quiet member.
+pub const RELAY_KEEPALIVE_MAX: Duration = Duration::from_secs(120);
+/// Delayed answers that must arrive in a row at a lowered ceiling before a longer delay is
+/// tried again (a lost answer lowers the ceiling as an expired mapping does; this undoes it
+/// within hours, not never).
+const CEILING_RETRY_AFTER: u32 = 100;
 /// First retry delay while the relay does not answer; doubles up to [`REGISTER_RETRY_MAX`].
 pub const REGISTER_RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest retry delay while the relay does not answer.
@@ -122,11 +153,21 @@ enum Carrier {
     Leaving,
 }
 
+/// Which registration to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Registration {
+    /// With the announcement: first, after a change, after silence or a new transport.
+    Full,
+    /// Without it, from a member the relay holds at this address, answered after
+    /// `answer_after` (zero: at once).
+    Refresh { answer_after: Duration },
+}
+
 /// What a timer run asks the node to do.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Due {
-    /// Send a registration now.
-    pub(crate) register: bool,
+    /// Send this registration now.
+    pub(crate) register: Option<Registration>,
     /// Repeat the sync request now.
     pub(crate) sync: bool,
     /// The registration was just lost (report it).
@@ -194,6 +235,74 @@ pub(crate) struct RelaySession {
     unanswered_since: Option<Instant>,
     /// Since when the relay has answered every registration.
     answering_since: Option<Instant>,
+    /// Whether the node is quiet (no peer active, see `RelaySession::set_quiet`).
+    quiet: bool,
+    /// The registration in flight: whether it carried the announcement, and the answer
+    /// delay it asked for.
+    in_flight: Option<(bool, Duration)>,
+    /// The next registration must carry the announcement.
+    full_wanted: bool,
+    /// The learned NAT keepalive towards this relay (see the module doc).
+    keepalive: Keepalive,
+    /// The next registration checks the relay is there: answered at once even while quiet.
+    checking: bool,
+    /// Silence from the relay until then is expected: a delayed answer is due then. Neither
+    /// the loss of the relay nor the fallback to a stream counts silence before it.
+    excused_until: Instant,
+}
+
+/// The learned answer delay of a quiet session: how long the NAT keeps our mapping towards
+/// the relay with nothing sent on it.
+#[derive(Debug, Clone, Copy)]
+struct Keepalive {
+    delay: Duration,
+    /// Highest delay allowed: lowered to the last good one when a longer one failed.
+    ceiling: Duration,
+    /// A delayed answer went missing: if the relay answers the registration that follows,
+    /// the NAT forgot the mapping, and the delay is too long.
+    missed: bool,
+    /// Delayed answers in a row at the ceiling.
+    at_ceiling: u32,
+    /// The longest delay known to work.
+    proven: Duration,
+}
+
+impl Keepalive {
+    fn new() -> Self {
+        Self {
+            delay: RELAY_KEEPALIVE_START,
+            ceiling: RELAY_KEEPALIVE_MAX,
+            missed: false,
+            at_ceiling: 0,
+            proven: RELAY_KEEPALIVE_START,
+        }
+    }
+
+    /// A delayed answer for `delay` arrived: that delay works; try a longer one next.
+    fn answered(&mut self, delay: Duration) {
+        if delay < self.delay {
+            return;
+        }
+        if self.delay >= self.ceiling && self.ceiling < RELAY_KEEPALIVE_MAX {
+            self.at_ceiling += 1;
+            if self.at_ceiling >= CEILING_RETRY_AFTER {
+                self.at_ceiling = 0;
+                self.ceiling = (self.ceiling * 3 / 2).min(RELAY_KEEPALIVE_MAX);
+            }
+        }
+        self.proven = self.proven.max(delay);
+        self.delay = (self.delay * 3 / 2).min(self.ceiling);
+    }
+
+    /// The relay answered the registration after a missed delayed answer: the mapping did not
+    /// last; the last delay that worked becomes the ceiling.
+    fn expired(&mut self) {
+        let good = (self.delay * 2 / 3).max(RELAY_KEEPALIVE_START);
+        self.ceiling = good;
+        self.delay = good;
+        self.proven = self.proven.min(good);
+        self.at_ceiling = 0;
+    }
 }
 
 impl RelaySession {
@@ -234,7 +343,61 @@ impl RelaySession {
             stream_kind: StreamKind::Tcp,
             preferred_kind: StreamKind::Tcp,
             acked_on_stream: false,
+            quiet: false,
+            in_flight: None,
+            full_wanted: true,
+            keepalive: Keepalive::new(),
+            checking: false,
+            excused_until: now,
         }
+    }
+
+    /// Tells the session whether the node is quiet. A quiet session on UDP refreshes with an
+    /// answer delay (its learned NAT keepalive) and sends nothing else; the end of quiet
+    /// gives up a delayed answer still awaited and refreshes at once, so a relay that died
+    /// meanwhile is noticed within [`ACK_TIMEOUT`] of traffic resuming.
+    pub(crate) fn set_quiet(&mut self, now: Instant, quiet: bool) {
+        if std::mem::replace(&mut self.quiet, quiet) == quiet || quiet {
+            return;
+        }
+        if self.in_flight.is_some_and(|(_, d)| !d.is_zero()) {
+            self.give_up_delayed_answer(now);
+            self.next_register = now;
+        }
+    }
+
+    /// Stops waiting for the delayed answer in flight (it will be ignored if it comes): the
+    /// relay's silence from now on counts again.
+    fn give_up_delayed_answer(&mut self, now: Instant) {
+        self.pending_ts = None;
+        self.in_flight = None;
+        self.excused_until = self.excused_until.min(now);
+    }
+
+    /// Starts the keepalive delay at its maximum when we are not behind a NAT (the refresh
+    /// then only checks the relay is there).
+    pub(crate) fn set_no_nat(&mut self, no_nat: bool) {
+        if no_nat && self.keepalive.ceiling == RELAY_KEEPALIVE_MAX {
+            self.keepalive.delay = RELAY_KEEPALIVE_MAX;
+            self.keepalive.proven = RELAY_KEEPALIVE_MAX;
+        }
+    }
+
+    /// The answer delay a quiet refresh asks for now.
+    #[cfg(test)]
+    pub(crate) fn keepalive(&self) -> Duration {
+        self.keepalive.delay
+    }
+
+    /// The longest time with nothing sent that our NAT is known to keep the mapping to this
+    /// relay (the longest delayed answer that arrived; the first delay until one did).
+    pub(crate) fn proven_keepalive(&self) -> Duration {
+        self.keepalive.proven
+    }
+
+    /// How long the registration in flight may take to be answered.
+    fn answer_wait(&self) -> Duration {
+        self.in_flight.map_or(Duration::ZERO, |(_, d)| d) + ACK_TIMEOUT
     }
 
     /// Seals and signs `req` for this relay with the current return-path cookie.
@@ -354,12 +517,14 @@ impl RelaySession {
         }
         self.target.addr = addr;
         self.next_register = now;
+        self.full_wanted = true;
         true
     }
 
-    /// Registers at once (our announcement changed).
+    /// Registers at once with the announcement (it changed).
     pub(crate) fn register_now(&mut self, now: Instant) {
         self.next_register = now;
+        self.full_wanted = true;
     }
 
     /// Reports a key mismatch only once: `true` the first time.
@@ -371,11 +536,11 @@ impl RelaySession {
     pub(crate) fn poll_timeout(&self) -> Instant {
         let mut at = self.next_register;
         if let (true, Some(ack)) = (self.registered, self.last_ack) {
-            at = at.min(ack + RELAY_LOST_AFTER);
+            at = at.min(ack.max(self.excused_until) + RELAY_LOST_AFTER);
         }
         if let (false, Some(_), Some(sent)) = (self.unanswered, self.pending_ts, self.register_sent)
         {
-            at = at.min(sent + ACK_TIMEOUT);
+            at = at.min(sent + self.answer_wait());
         }
         if let Some(sent) = self.sync_sent {
             at = at.min(sent + SYNC_RETRY);
@@ -390,9 +555,9 @@ impl RelaySession {
     pub(crate) fn handle_timeout(&mut self, now: Instant) -> Due {
         let mut due = Due::default();
         if self.registered
-            && self
-                .last_ack
-                .is_none_or(|t| now.saturating_duration_since(t) >= RELAY_LOST_AFTER)
+            && self.last_ack.is_none_or(|t| {
+                now.saturating_duration_since(t.max(self.excused_until)) >= RELAY_LOST_AFTER
+            })
         {
             self.registered = false;
             self.backoff = REGISTER_RETRY_MIN;
@@ -405,8 +570,15 @@ impl RelaySession {
             && self.pending_ts.is_some()
             && self
                 .register_sent
-                .is_some_and(|t| now.saturating_duration_since(t) >= ACK_TIMEOUT)
+                .is_some_and(|t| now.saturating_duration_since(t) >= self.answer_wait())
         {
+            if self.in_flight.is_some_and(|(_, d)| !d.is_zero()) {
+                // A delayed answer missed: the NAT forgot the mapping, or the relay is gone.
+                // The full registration that follows tells which.
+                self.keepalive.missed = true;
+            }
+            self.in_flight = None;
+            self.full_wanted = true;
             self.unanswered = true;
             self.unanswered_since.get_or_insert(now);
             self.answering_since = None;
@@ -418,9 +590,26 @@ impl RelaySession {
             }
         }
         if now >= self.next_register {
-            due.register = true;
+            let refresh = self.answering() && !self.full_wanted && self.carrier != Carrier::Leaving;
+            let answer_after = if self.quiet && self.carrier == Carrier::Udp && !self.checking {
+                self.keepalive.delay
+            } else {
+                Duration::ZERO
+            };
+            self.checking = false;
+            due.register = Some(if refresh {
+                Registration::Refresh { answer_after }
+            } else {
+                Registration::Full
+            });
             self.next_register = if self.answering() {
+                // A delayed answer sets the next one; this is the fallback.
                 now + REGISTER_INTERVAL
+                    + if refresh {
+                        answer_after
+                    } else {
+                        Duration::ZERO
+                    }
             } else {
                 let wait = self.backoff;
                 self.backoff = (self.backoff * 2).min(REGISTER_RETRY_MAX);
@@ -442,10 +631,34 @@ impl RelaySession {
         due
     }
 
-    /// A registration with timestamp `ts` went out at `now`.
-    pub(crate) fn note_register_sent(&mut self, now: Instant, ts: u64) {
+    /// A registration `kind` with timestamp `ts` went out at `now`.
+    pub(crate) fn note_register_sent(&mut self, now: Instant, ts: u64, kind: Registration) {
         self.pending_ts = Some(ts);
         self.register_sent = Some(now);
+        self.in_flight = Some(match kind {
+            Registration::Full => (true, Duration::ZERO),
+            Registration::Refresh { answer_after } => (false, answer_after),
+        });
+        match kind {
+            Registration::Refresh { answer_after } if !answer_after.is_zero() => {
+                self.excused_until = self.excused_until.max(now + answer_after);
+            }
+            Registration::Refresh { .. } | Registration::Full => {}
+        }
+    }
+
+    /// The relay does not hold us (it answered the refresh with timestamp `echo_ts` so):
+    /// register with the announcement at once. `false` if it answers nothing in flight.
+    pub(crate) fn handle_unregistered(&mut self, now: Instant, echo_ts: u64) -> bool {
+        if self.pending_ts != Some(echo_ts) || self.in_flight.is_some_and(|(full, _)| full) {
+            return false;
+        }
+        self.note_heard(now);
+        self.pending_ts = None;
+        self.in_flight = None;
+        self.full_wanted = true;
+        self.next_register = now;
+        true
     }
 
     /// Whether a sync request may go out (none is in flight); if so it is recorded as sent.
@@ -472,8 +685,14 @@ impl RelaySession {
     /// it still answers. Returns whether the deadline moved.
     pub(crate) fn check_if_silent(&mut self, now: Instant) -> bool {
         let silent = now.saturating_duration_since(self.last_heard) >= SILENCE_CHECK_AFTER;
+        let waiting = self.in_flight.is_some_and(|(_, d)| !d.is_zero());
+        if waiting {
+            // Relayed traffic: the delayed answer is no longer worth waiting for.
+            self.give_up_delayed_answer(now);
+        }
         if silent && self.pending_ts.is_none() && self.next_register > now {
             self.next_register = now;
+            self.checking = true;
             return true;
         }
         false
@@ -488,15 +707,35 @@ impl RelaySession {
         self.unanswered = false;
         self.unanswered_since = None;
         self.answering_since.get_or_insert(now);
-        self.rtt = self
+        let waited = self
             .register_sent
-            .map(|sent| now.saturating_duration_since(sent));
+            .map_or(Duration::ZERO, |sent| now.saturating_duration_since(sent));
+        let (full, delay) = self.in_flight.take().unwrap_or((true, Duration::ZERO));
+        // The round trip is what the answer took beyond the delay asked for.
+        self.rtt = Some(waited.saturating_sub(delay));
         self.last_ack = Some(now);
         self.note_heard(now);
         self.backoff = REGISTER_RETRY_MIN;
         let was = self.registered;
         self.registered = true;
         self.next_register = now + REGISTER_INTERVAL;
+        if full {
+            self.full_wanted = false;
+            if std::mem::take(&mut self.keepalive.missed) {
+                self.keepalive.expired();
+            }
+        } else if !delay.is_zero() {
+            if waited >= delay {
+                // Nothing went to the relay for `delay` and its answer still came in.
+                self.keepalive.answered(delay);
+                if self.quiet {
+                    self.next_register = now;
+                }
+            } else {
+                // Answered early (the relay held too many delayed answers): nothing learned.
+                self.next_register = self.register_sent.map_or(now, |s| s + delay);
+            }
+        }
         if self.carrier == Carrier::Stream {
             self.acked_on_stream = true;
             self.preferred_kind = self.stream_kind;
@@ -572,6 +811,7 @@ impl RelaySession {
             Carrier::Stream => {
                 tracing::info!(relay = %self.target.addr, "UDP to the relay works again; leaving the stream");
                 self.carrier = Carrier::Leaving;
+                self.full_wanted = true;
                 self.stream_backoff = STREAM_RETRY_MIN;
                 self.udp_since = now;
                 self.next_register = now;
@@ -589,6 +829,7 @@ impl RelaySession {
         }
         tracing::info!(relay = %self.target.addr, ?kind, "attached to the relay over the stream");
         self.carrier = Carrier::Stream;
+        self.full_wanted = true;
         self.acked_on_stream = false;
         self.stream_backoff = STREAM_RETRY_MIN;
         self.next_register = now;
@@ -612,6 +853,7 @@ impl RelaySession {
             Carrier::Stream => {
                 tracing::warn!(relay = %self.target.addr, kind = ?self.stream_kind, "stream to the relay closed");
                 self.carrier = Carrier::Udp;
+                self.full_wanted = true;
                 self.udp_since = now;
                 self.next_register = now;
                 if !self.acked_on_stream {
@@ -641,7 +883,7 @@ impl RelaySession {
         if self.carrier != Carrier::Udp || self.answering() {
             return None;
         }
-        let quiet_since = self.last_heard.max(self.udp_since);
+        let quiet_since = self.last_heard.max(self.udp_since).max(self.excused_until);
         Some((quiet_since + UDP_FALLBACK_AFTER).max(self.next_stream_attempt))
     }
 }
@@ -680,9 +922,9 @@ mod tests {
             }
             now = now.max(at);
             let due = s.handle_timeout(now);
-            if due.register {
+            if due.register.is_some() {
                 ts += 1;
-                s.note_register_sent(now, ts);
+                s.note_register_sent(now, ts, Registration::Full);
             }
             if s.wants_stream() {
                 return Some(now);
@@ -735,8 +977,8 @@ mod tests {
         // Make before break: the stream stays until a registration over UDP is acknowledged.
         assert!(s.wants_stream());
         assert_eq!(s.poll_timeout(), later, "register over UDP at once");
-        assert!(s.handle_timeout(later).register);
-        s.note_register_sent(later, 7);
+        assert!(s.handle_timeout(later).register.is_some());
+        s.note_register_sent(later, 7, Registration::Full);
         s.handle_ack(later, 7, "198.51.100.9:4000".parse().expect("literal"));
         assert!(!s.wants_stream());
     }
@@ -746,8 +988,8 @@ mod tests {
         let t0 = Instant::now();
         let mut s = session_with_tls(t0, false);
         let due = s.handle_timeout(t0);
-        assert!(due.register);
-        s.note_register_sent(t0, 1);
+        assert!(due.register.is_some());
+        s.note_register_sent(t0, 1, Registration::Full);
         let observed = "198.51.100.9:4000".parse().expect("literal");
         let ack = s.handle_ack(t0 + Duration::from_millis(40), 1, observed);
         assert_eq!(ack, Ack::Accepted { news: true });
@@ -775,7 +1017,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = session(t0);
         s.handle_timeout(t0);
-        s.note_register_sent(t0, 1);
+        s.note_register_sent(t0, 1, Registration::Full);
         s.handle_ack(t0, 1, "198.51.100.9:4000".parse().expect("literal"));
         s.note_heard(t0);
         assert!(
@@ -785,8 +1027,8 @@ mod tests {
         let t1 = t0 + SILENCE_CHECK_AFTER;
         assert!(s.check_if_silent(t1));
         assert_eq!(s.poll_timeout(), t1);
-        assert!(s.handle_timeout(t1).register);
-        s.note_register_sent(t1, 2);
+        assert!(s.handle_timeout(t1).register.is_some());
+        s.note_register_sent(t1, 2, Registration::Full);
         assert!(!s.check_if_silent(t1), "one check in flight at a time");
     }
 
@@ -827,8 +1069,8 @@ mod tests {
 
     /// Registers once at `now` and has the relay acknowledge it.
     fn acked(s: &mut RelaySession, now: Instant, ts: u64) {
-        assert!(s.handle_timeout(now).register);
-        s.note_register_sent(now, ts);
+        assert!(s.handle_timeout(now).register.is_some());
+        s.note_register_sent(now, ts, Registration::Full);
         let observed = "198.51.100.9:4000".parse().expect("literal");
         assert!(matches!(
             s.handle_ack(now, ts, observed),
@@ -912,5 +1154,132 @@ mod tests {
             assert!(!s.handle_stream_down(asked));
             now = asked;
         }
+    }
+
+    /// Runs a quiet session for `until`, answering each registration the way `answer` says
+    /// (`Some(true)`: answered at the delay asked for; `Some(false)`: a delayed answer is lost
+    /// as an expired NAT mapping loses it, others are answered); returns what was sent.
+    fn run_quiet(
+        s: &mut RelaySession,
+        from: Instant,
+        until: Instant,
+        ts: &mut u64,
+        lose_delays_over: Duration,
+    ) -> Vec<(Instant, Registration)> {
+        let observed = "198.51.100.9:4000".parse().expect("literal");
+        let mut sent = Vec::new();
+        let mut pending: Option<(Instant, u64)> = None;
+        let mut now = from;
+        for _ in 0..10_000 {
+            let mut at = s.poll_timeout();
+            if let Some((answer_at, _)) = pending {
+                at = at.min(answer_at);
+            }
+            if at > until {
+                break;
+            }
+            now = now.max(at);
+            if let Some((answer_at, echo)) = pending {
+                if answer_at <= now {
+                    pending = None;
+                    s.handle_ack(now, echo, observed);
+                    continue;
+                }
+            }
+            s.set_quiet(now, true);
+            if let Some(kind) = s.handle_timeout(now).register {
+                *ts += 1;
+                s.note_register_sent(now, *ts, kind);
+                sent.push((now, kind));
+                let rtt = Duration::from_millis(20);
+                match kind {
+                    Registration::Refresh { answer_after } if answer_after > lose_delays_over => {}
+                    Registration::Refresh { answer_after } => {
+                        pending = Some((now + answer_after + rtt, *ts))
+                    }
+                    Registration::Full => pending = Some((now + rtt, *ts)),
+                }
+            }
+        }
+        sent
+    }
+
+    #[test]
+    fn a_quiet_session_learns_its_nat_keepalive_from_delayed_answers() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        acked(&mut s, t0, 1);
+        let mut ts = 1;
+        let hour = Duration::from_secs(3600);
+        // A NAT that keeps mappings 60 s: delays grow 25, 37.5, 56, then 84 is lost, and the
+        // ceiling settles at 56 s.
+        let sent = run_quiet(&mut s, t0, t0 + hour, &mut ts, Duration::from_secs(60));
+        let delays: Vec<u64> = sent
+            .iter()
+            .filter_map(|(_, k)| match k {
+                Registration::Refresh { answer_after } => Some(answer_after.as_secs()),
+                Registration::Full => None,
+            })
+            .collect();
+        assert_eq!(&delays[..4], &[25, 37, 56, 84], "{delays:?}");
+        assert!(delays[4..].iter().all(|d| *d == 56), "{delays:?}");
+        let fulls = sent
+            .iter()
+            .filter(|(_, k)| *k == Registration::Full)
+            .count();
+        assert_eq!(fulls, 1, "one registration after the lost answer: {sent:?}");
+        assert!(s.answering(), "the relay never counted as lost");
+        assert!(sent.len() < 75, "{} registrations in an hour", sent.len());
+
+        // Not behind a NAT: the longest delay from the start.
+        let mut s = session(t0);
+        s.set_no_nat(true);
+        acked(&mut s, t0, 1);
+        let sent = run_quiet(&mut s, t0, t0 + hour, &mut ts, Duration::MAX);
+        assert!(sent.len() <= 32, "{} registrations in an hour", sent.len());
+        assert_eq!(s.keepalive(), RELAY_KEEPALIVE_MAX);
+    }
+
+    #[test]
+    fn the_end_of_quiet_or_an_unregistered_answer_registers_at_once() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        acked(&mut s, t0, 1);
+        let mut ts = 1;
+        s.set_quiet(t0, true);
+        let t1 = s.poll_timeout();
+        let Some(Registration::Refresh { answer_after }) = s.handle_timeout(t1).register else {
+            panic!("a delayed refresh while quiet");
+        };
+        assert_eq!(answer_after, RELAY_KEEPALIVE_START);
+        ts += 1;
+        s.note_register_sent(t1, ts, Registration::Refresh { answer_after });
+        // Not yet lost or unanswered while the delay runs.
+        let t2 = t1 + Duration::from_secs(20);
+        assert!(s.poll_timeout() > t2);
+        // Traffic resumes: a refresh answered at once goes out now.
+        s.set_quiet(t2, false);
+        assert_eq!(s.poll_timeout(), t2);
+        assert_eq!(
+            s.handle_timeout(t2).register,
+            Some(Registration::Refresh {
+                answer_after: Duration::ZERO
+            })
+        );
+        ts += 1;
+        s.note_register_sent(
+            t2,
+            ts,
+            Registration::Refresh {
+                answer_after: Duration::ZERO,
+            },
+        );
+        // The relay restarted: it asks for a registration, which goes out at once, in full.
+        assert!(
+            !s.handle_unregistered(t2, ts - 1),
+            "not the refresh in flight"
+        );
+        assert!(s.handle_unregistered(t2, ts));
+        assert_eq!(s.handle_timeout(t2).register, Some(Registration::Full));
     }
 }

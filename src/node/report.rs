@@ -130,6 +130,8 @@ impl Node {
             }
             .into(),
             rtt_ms: r.rtt().map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
+            keepalive_s: (r.stream_in_use().is_none() && r.is_registered())
+                .then(|| r.proven_keepalive().as_secs()),
         }
     }
 

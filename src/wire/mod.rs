@@ -61,6 +61,8 @@ const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
 /// Announcements larger than this are refused by relays and members alike.
 pub const MAX_ANNOUNCEMENT: usize = 1024;
+/// The longest answer delay a [`RelayRequest::Refresh`] may ask for (five minutes).
+pub const MAX_ANSWER_AFTER_MS: u32 = 300_000;
 
 /// Why bytes from outside were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -318,6 +320,17 @@ pub enum RelayRequest {
     },
     /// Leave now (graceful shutdown).
     Leave { network: NetworkId, ts_ms: u64 },
+    /// Still here: keep the stored announcement, from the address registered. The relay
+    /// answers with a [`RelayReply::RegisterAck`] after `answer_after_ms` (at most
+    /// [`MAX_ANSWER_AFTER_MS`]; the member sends nothing to the relay meanwhile, so an answer
+    /// that arrives proves the NAT kept the mapping that long) and keeps the member that long
+    /// plus its member TTL. A relay that does not hold the member at that address answers
+    /// [`RelayReply::Unregistered`] at once.
+    Refresh {
+        network: NetworkId,
+        ts_ms: u64,
+        answer_after_ms: u32,
+    },
     /// Send me every member of `network` again.
     Sync { network: NetworkId, ts_ms: u64 },
     /// Store entries of a secret rotation of `network` (the id being retired): one sealed
@@ -337,6 +350,7 @@ impl RelayRequest {
     pub fn ts_ms(&self) -> u64 {
         match self {
             RelayRequest::Register { ts_ms, .. }
+            | RelayRequest::Refresh { ts_ms, .. }
             | RelayRequest::Leave { ts_ms, .. }
             | RelayRequest::Sync { ts_ms, .. }
             | RelayRequest::Rotate { ts_ms, .. } => *ts_ms,
@@ -347,6 +361,7 @@ impl RelayRequest {
     pub fn network(&self) -> NetworkId {
         match self {
             RelayRequest::Register { network, .. }
+            | RelayRequest::Refresh { network, .. }
             | RelayRequest::Leave { network, .. }
             | RelayRequest::Sync { network, .. }
             | RelayRequest::Rotate { network, .. } => *network,
@@ -365,6 +380,13 @@ impl RelayRequest {
             }
             RelayRequest::Leave { network, ts_ms } => {
                 w.u8(2).raw(&network.0).u64(*ts_ms);
+            }
+            RelayRequest::Refresh {
+                network,
+                ts_ms,
+                answer_after_ms,
+            } => {
+                w.u8(5).raw(&network.0).u64(*ts_ms).u32(*answer_after_ms);
             }
             RelayRequest::Sync { network, ts_ms } => {
                 w.u8(3).raw(&network.0).u64(*ts_ms);
@@ -404,6 +426,17 @@ impl RelayRequest {
             }
             2 => RelayRequest::Leave { network, ts_ms },
             3 => RelayRequest::Sync { network, ts_ms },
+            5 => {
+                let answer_after_ms = r.u32()?;
+                if answer_after_ms > MAX_ANSWER_AFTER_MS {
+                    return Err(WireError::Malformed("refresh answer delay too long"));
+                }
+                RelayRequest::Refresh {
+                    network,
+                    ts_ms,
+                    answer_after_ms,
+                }
+            }
             4 => {
                 let complete = flag(&mut r)?;
                 let count = usize::from(r.u8()?);
@@ -473,6 +506,10 @@ pub enum RelayReply {
     Member { tag: SyncTag, entry: MemberEntry },
     /// A member left or expired.
     MemberGone { key: PeerKey, seq: u64 },
+    /// The refresh with timestamp `echo_ts_ms` came from a member the relay does not hold at
+    /// that address (it restarted, the member expired, or the member's NAT mapping changed):
+    /// register again.
+    Unregistered { echo_ts_ms: u64 },
     /// A sync round with zero other members (so an empty network is distinguishable from loss).
     SyncEmpty { generation: u32, seq: u64 },
     /// The relay refused a request.
@@ -526,6 +563,9 @@ impl RelayReply {
             }
             RelayReply::MemberGone { key, seq } => {
                 w.u8(3).raw(&key.0).u64(*seq);
+            }
+            RelayReply::Unregistered { echo_ts_ms } => {
+                w.u8(8).u64(*echo_ts_ms);
             }
             RelayReply::SyncEmpty { generation, seq } => {
                 w.u8(4).u32(*generation).u64(*seq);
@@ -605,6 +645,9 @@ impl RelayReply {
                     false => None,
                     true => Some(RotationEntry::decode_from(&mut r)?),
                 },
+            },
+            8 => RelayReply::Unregistered {
+                echo_ts_ms: r.u64()?,
             },
             other => return Err(WireError::UnknownType("relay reply", other)),
         })
@@ -747,6 +790,7 @@ mod tests {
                 key: key(4),
                 seq: 5,
             },
+            RelayReply::Unregistered { echo_ts_ms: 9 },
             RelayReply::SyncEmpty {
                 generation: 7,
                 seq: 6,

@@ -641,6 +641,7 @@ impl Sim {
             RelayReply::RegisterAck { observed, .. } => *observed = bogus,
             RelayReply::Member { entry, .. } => entry.observed = bogus,
             RelayReply::MemberGone { .. }
+            | RelayReply::Unregistered { .. }
             | RelayReply::SyncEmpty { .. }
             | RelayReply::Error { .. }
             | RelayReply::RotateAck { .. }

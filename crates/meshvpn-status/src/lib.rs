@@ -76,6 +76,11 @@ pub struct RelayStatus {
     /// Round-trip time of the latest acknowledged registration, in milliseconds.
     #[serde(default)]
     pub rtt_ms: Option<f64>,
+    /// How long this member's NAT is known to keep its mapping to the relay with nothing
+    /// sent (learned from delayed answers), in seconds: while quiet, the member refreshes
+    /// its registration this often.
+    #[serde(default)]
+    pub keepalive_s: Option<u64>,
 }
 
 /// This member's NAT verdict.
@@ -595,6 +600,7 @@ mod tests {
                 primary: true,
                 transport: "udp".into(),
                 rtt_ms: Some(12.5),
+                keepalive_s: Some(120),
             },
             relays: Vec::new(),
             endpoints: vec!["192.168.1.2:41641".into()],

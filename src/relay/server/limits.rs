@@ -82,8 +82,21 @@ pub struct Counters {
     pub key_requests_answered: u64,
     /// Cookie replies sent to addresses that had not proven they receive.
     pub cookie_replies: u64,
-    /// Registrations accepted (new and refresh).
+    /// Registrations accepted (new and repeated, each carrying the announcement).
     pub registrations: u64,
+    /// Refreshes accepted (a registered member still there, without its announcement).
+    #[serde(default)]
+    pub refreshes: u64,
+    /// Refreshes answered after the delay their member asked for (NAT keepalive probes).
+    #[serde(default)]
+    pub delayed_answers: u64,
+    /// Refreshes answered at once although a delay was asked for, because the relay already
+    /// held its maximum of delayed answers.
+    #[serde(default)]
+    pub delayed_answers_full: u64,
+    /// Refreshes from a member not held at that address, answered with "register again".
+    #[serde(default)]
+    pub unregistered_refreshes: u64,
     /// Full membership syncs sent.
     pub syncs: u64,
     /// Members that left.

@@ -34,8 +34,10 @@
 //! per network and in all, and networks, are capped ([`ServerConfig`]). Each limit has a counter
 //! in [`Counters`].
 //!
-//! Membership is *soft state*: a member that does not re-register within [`MEMBER_TTL`] is
-//! dropped and the others are told ([`RelayReply::MemberGone`]). Expiries sit in a timer heap
+//! Membership is *soft state*: a member that does not register or refresh within
+//! [`MEMBER_TTL`] (plus the answer delay its last refresh asked for, see
+//! [`RelayRequest::Refresh`]) is dropped and the others are told ([`RelayReply::MemberGone`]).
+//! Delayed answers sit in a second timer heap, at most [`MAX_DELAYED_ANSWERS`] entries. Expiries sit in a timer heap
 //! (one entry per member, moved forward lazily when it fires), so no input scans all members.
 //! Any change of the member set is pushed to every member of the network at once; each register
 //! acknowledgement carries a digest of the set so a member that lost a push asks for a full
@@ -68,11 +70,15 @@ use crate::wire::{
     self, stun, DatagramKind, Frame, MemberEntry, RelayReply, RelayRequest, SyncTag,
 };
 
-/// How long a member stays registered without refreshing. Members refresh every
+/// How long a member stays registered without refreshing. Active members refresh every
 /// `node::REGISTER_INTERVAL` (10 s), so three refreshes may be lost before a live member is
 /// dropped, and a member that vanished without saying goodbye is gone from everyone's view
-/// within 30 s.
+/// within 30 s (a quiet one within its answer delay, at most two minutes, and 30 s).
 pub const MEMBER_TTL: Duration = Duration::from_secs(30);
+/// Delayed refresh answers held at once, relay-wide (heap entries, stale ones included):
+/// beyond this, refreshes are answered at once, so a member flooding refreshes costs bounded
+/// memory. Honest members hold one each.
+const MAX_DELAYED_ANSWERS: usize = 65_536;
 /// How far a request's timestamp may be from the relay's clock. Hosts synchronised by NTP agree
 /// within a second; two minutes tolerates a badly kept clock while a captured request is
 /// refused soon after (and the per-member memory of timestamps outlives this window).
@@ -90,6 +96,18 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(10);
 const SYNC_RATE: f64 = 0.5;
 /// Syncs one member may ask for at once.
 const SYNC_BURST: f64 = 4.0;
+
+/// A timer heap of (when, member, tag) entries, earliest first.
+type TimerHeap = BinaryHeap<Reverse<(Instant, PeerKey, u64)>>;
+
+/// Takes the earliest entry of `heap` off it if it is due at `now`.
+fn pop_due(heap: &mut TimerHeap, now: Instant) -> Option<(Instant, PeerKey, u64)> {
+    let Reverse(top) = heap.peek().copied()?;
+    (top.0 <= now).then(|| {
+        heap.pop();
+        top
+    })
+}
 
 /// Where a message came from or goes to: a UDP address or a TCP connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -151,6 +169,8 @@ struct Member {
     syncs: TokenBucket,
     /// The change counter of the push that introduced this member (see [`MemberEntry::since`]).
     since: u64,
+    /// The delayed answer to the member's latest refresh: when, and the timestamp it echoes.
+    answer: Option<(Instant, u64)>,
 }
 
 /// The relay server's state (see the module doc for the driving contract).
@@ -165,7 +185,10 @@ pub struct RelayServer {
     member_network: BTreeMap<PeerKey, NetworkId>,
     by_link: BTreeMap<Link, PeerKey>,
     last_ts: BTreeMap<PeerKey, (u64, Instant)>,
-    expiries: BinaryHeap<Reverse<(Instant, PeerKey, u64)>>,
+    expiries: TimerHeap,
+    /// Delayed refresh answers: (when, member, echoed timestamp); entries whose member has
+    /// another answer pending since are stale and skipped.
+    answers: TimerHeap,
     next_timer: u64,
     next_housekeeping: Option<Instant>,
     transmits: VecDeque<Transmit>,
@@ -201,6 +224,7 @@ impl RelayServer {
             by_link: BTreeMap::new(),
             last_ts: BTreeMap::new(),
             expiries: BinaryHeap::new(),
+            answers: BinaryHeap::new(),
             next_timer: 0,
             next_housekeeping: None,
             transmits: VecDeque::new(),
@@ -285,15 +309,8 @@ impl RelayServer {
 
     /// Expires members whose soft state ran out, and does housekeeping when due.
     pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(Reverse((at, key, timer))) = self.expiries.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.expiries.pop();
-            let Some(net) = self.member_network.get(&key).copied() else {
-                continue;
-            };
-            let Some(member) = self.networks.get(&net).and_then(|m| m.get(&key)) else {
+        while let Some((_, key, timer)) = pop_due(&mut self.expiries, now) {
+            let Some((net, member)) = self.member(&key) else {
                 continue;
             };
             if member.timer != timer {
@@ -307,6 +324,22 @@ impl RelayServer {
             tracing::debug!(member = %key.short(), network = %net, "member expired");
             self.counters.expired += 1;
             self.remove_member(net, key);
+        }
+        while let Some((at, key, ts)) = pop_due(&mut self.answers, now) {
+            let Some(net) = self.member_network.get(&key).copied() else {
+                continue;
+            };
+            let Some(member) = self.networks.get_mut(&net).and_then(|m| m.get_mut(&key)) else {
+                continue;
+            };
+            if member.answer != Some((at, ts)) {
+                continue;
+            }
+            member.answer = None;
+            let (link, session) = (member.link, member.session);
+            let ttl = member.expires.saturating_duration_since(now);
+            self.counters.delayed_answers += 1;
+            self.acknowledge(link, net, key, ts, &session, ttl);
         }
         self.rotations.expire(now);
         if self.next_housekeeping.is_some_and(|t| t <= now) {
@@ -322,10 +355,16 @@ impl RelayServer {
     /// When [`RelayServer::handle_timeout`] should next be called, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let expiry = self.expiries.peek().map(|Reverse((at, _, _))| *at);
-        [expiry, self.next_housekeeping, self.rotations.next_expiry()]
-            .into_iter()
-            .flatten()
-            .min()
+        let answer = self.answers.peek().map(|Reverse((at, _, _))| *at);
+        [
+            expiry,
+            answer,
+            self.next_housekeeping,
+            self.rotations.next_expiry(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Next datagram to send.
@@ -448,6 +487,18 @@ impl RelayServer {
         }
         let registered_here =
             cached.is_some() && self.member_network.get(&sender) == Some(&request.network());
+        if matches!(request, RelayRequest::Refresh { .. })
+            && (!registered_here || cached.is_some_and(|(_, link)| link != from))
+        {
+            // Sealed by the key's holder, so it is worth an answer: smaller than the request,
+            // it tells a member the relay lost (a restart, an expiry, a new NAT mapping) to
+            // register again at once instead of waiting out its answer delay.
+            tracing::debug!(member = %sender.short(), from = %from.addr(), "refresh from a member not held there; asking it to register");
+            self.last_ts.insert(sender, (ts, now));
+            self.counters.unregistered_refreshes += 1;
+            self.reply(from, &session, RelayReply::Unregistered { echo_ts_ms: ts });
+            return;
+        }
         // The owner of a finished rotation is no longer registered under the retired id, but
         // may repeat its last part (the acknowledgement got lost) and must be answered.
         let rotation_owner = matches!(request, RelayRequest::Rotate { .. })
@@ -473,6 +524,9 @@ impl RelayServer {
             RelayRequest::Register { announcement, .. } => {
                 self.register(now, from, sender, network, announcement, session, ts)
             }
+            RelayRequest::Refresh {
+                answer_after_ms, ..
+            } => self.refresh(now, from, sender, network, session, ts, answer_after_ms),
             RelayRequest::Leave { .. } => {
                 tracing::debug!(member = %sender.short(), %network, "member left");
                 self.counters.leaves += 1;
@@ -586,8 +640,9 @@ impl RelayServer {
                     m.link = from;
                 }
                 m.announcement = announcement;
-                m.expires = expires;
+                m.expires = m.expires.max(expires);
                 m.session = session;
+                m.answer = None;
             }
             None => {
                 let timer = self.next_timer;
@@ -602,6 +657,7 @@ impl RelayServer {
                         timer,
                         syncs: TokenBucket::full(now, SYNC_BURST),
                         since: self.seq + 1,
+                        answer: None,
                     },
                 );
                 self.expiries.push(Reverse((expires, sender, timer)));
@@ -614,20 +670,7 @@ impl RelayServer {
             tracing::debug!(member = %sender.short(), %network, addr = %from.addr(), "member registered");
         }
 
-        let entries = self.entries_except(network, sender);
-        let ack = RelayReply::RegisterAck {
-            echo_ts_ms: ts,
-            observed: from.addr(),
-            members: entries.len() as u32,
-            digest: wire::membership_digest(entries.iter()),
-            ttl_s: MEMBER_TTL.as_secs() as u16,
-            since: self
-                .networks
-                .get(&network)
-                .and_then(|m| m.get(&sender))
-                .map_or(0, |m| m.since),
-        };
-        self.reply(from, &session, ack);
+        self.acknowledge(from, network, sender, ts, &session, MEMBER_TTL);
         if changed {
             self.seq += 1;
             if let Some(entry) = self.entry(network, sender) {
@@ -643,6 +686,74 @@ impl RelayServer {
         if is_new {
             self.send_full_sync(network, sender);
         }
+    }
+
+    /// A registered member, at the address it registered from, is still there: keep it for
+    /// the answer delay it asks for plus [`MEMBER_TTL`], and acknowledge after that delay
+    /// (at once if none was asked for, or if [`MAX_DELAYED_ANSWERS`] are held already).
+    #[allow(clippy::too_many_arguments)]
+    fn refresh(
+        &mut self,
+        now: Instant,
+        from: Link,
+        sender: PeerKey,
+        network: NetworkId,
+        session: [u8; 32],
+        ts: u64,
+        answer_after_ms: u32,
+    ) {
+        let delay =
+            Duration::from_millis(u64::from(answer_after_ms.min(wire::MAX_ANSWER_AFTER_MS)));
+        let full = self.answers.len() >= MAX_DELAYED_ANSWERS;
+        if full && !delay.is_zero() {
+            self.counters.delayed_answers_full += 1;
+        }
+        let delay = if full { Duration::ZERO } else { delay };
+        let Some(m) = self
+            .networks
+            .get_mut(&network)
+            .and_then(|m| m.get_mut(&sender))
+        else {
+            return;
+        };
+        m.expires = m.expires.max(now + delay + MEMBER_TTL);
+        m.session = session;
+        self.counters.refreshes += 1;
+        if delay.is_zero() {
+            m.answer = None;
+            self.acknowledge(from, network, sender, ts, &session, MEMBER_TTL);
+        } else {
+            let at = now + delay;
+            m.answer = Some((at, ts));
+            self.answers.push(Reverse((at, sender, ts)));
+        }
+    }
+
+    /// Acknowledges `sender`'s registration or refresh with timestamp `ts` on `link`: the
+    /// member set's size and digest, and how long the member is kept without another one.
+    fn acknowledge(
+        &mut self,
+        link: Link,
+        network: NetworkId,
+        sender: PeerKey,
+        ts: u64,
+        session: &[u8; 32],
+        ttl: Duration,
+    ) {
+        let entries = self.entries_except(network, sender);
+        let ack = RelayReply::RegisterAck {
+            echo_ts_ms: ts,
+            observed: link.addr(),
+            members: entries.len() as u32,
+            digest: wire::membership_digest(entries.iter()),
+            ttl_s: u16::try_from(ttl.as_secs()).unwrap_or(u16::MAX),
+            since: self
+                .networks
+                .get(&network)
+                .and_then(|m| m.get(&sender))
+                .map_or(0, |m| m.since),
+        };
+        self.reply(link, session, ack);
     }
 
     /// Counts a trip of `limit` and tells the requester why its request was refused.

@@ -797,3 +797,155 @@ fn key_response_names_the_tls_endpoint_only_to_a_request_as_large() {
         Some(tls)
     );
 }
+
+impl Client {
+    pub(super) fn refresh(&self, relay: &RelayServer, now: Instant, after_ms: u32) -> RelayRequest {
+        RelayRequest::Refresh {
+            network: self.keys.network_id,
+            ts_ms: ts(relay, now),
+            answer_after_ms: after_ms,
+        }
+    }
+}
+
+#[test]
+fn refreshes_keep_a_member_and_are_answered_after_the_delay_asked_for() {
+    let t0 = Instant::now();
+    let mut relay = relay(t0, 7);
+    let net = NetworkSecret([3; 32]);
+    let (mut a, mut b) = (Client::new(10, 1000, &net), Client::new(11, 1001, &net));
+    let req = a.register(&relay, t0);
+    a.send(&mut relay, t0, &req);
+    let req = b.register(&relay, t0);
+    b.send(&mut relay, t0, &req);
+    a.drain(&mut relay, t0);
+
+    // A refresh without a delay is acknowledged at once, and carries no announcement.
+    let t1 = t0 + Duration::from_secs(10);
+    let req = a.refresh(&relay, t1, 0);
+    let d = a.datagram(&relay, &req);
+    let full = a.datagram(&relay, &a.register(&relay, t1));
+    assert!(d.len() < full.len(), "{} vs {}", d.len(), full.len());
+    relay.handle_datagram(t1, a.link, &d);
+    let echo = ts(&relay, t1);
+    assert!(matches!(
+        a.drain(&mut relay, t1)[..],
+        [RelayReply::RegisterAck { echo_ts_ms, .. }] if echo_ts_ms == echo
+    ));
+    assert_eq!(relay.counters().refreshes, 1);
+
+    // A refresh asking for 100 s: nothing at once, the answer at 100 s, and a kept alive
+    // well beyond the member TTL meanwhile.
+    let t2 = t1 + Duration::from_secs(1);
+    let req = a.refresh(&relay, t2, 100_000);
+    assert!(a.send(&mut relay, t2, &req).is_empty());
+    let mut now = t2;
+    let due = t2 + Duration::from_secs(100);
+    while let Some(at) = relay.poll_timeout().filter(|at| *at < due) {
+        now = at;
+        relay.handle_timeout(now);
+        // b refreshes as an active member would, so only a's silence is tested.
+        let req = b.refresh(&relay, now, 0);
+        b.send(&mut relay, now, &req);
+        assert!(
+            a.drain(&mut relay, now).is_empty(),
+            "nothing for a before {due:?}"
+        );
+    }
+    assert!(now >= t2 + MEMBER_TTL, "a outlived the plain member TTL");
+    assert_eq!(relay.member_count(), 2);
+    relay.handle_timeout(due);
+    let echo = ts(&relay, t2);
+    assert!(matches!(
+        a.drain(&mut relay, due)[..],
+        [RelayReply::RegisterAck { echo_ts_ms, ttl_s, .. }] if echo_ts_ms == echo && u64::from(ttl_s) <= MEMBER_TTL.as_secs()
+    ));
+    assert_eq!(relay.counters().delayed_answers, 1);
+    // Without a further refresh, a expires a member TTL after the answer.
+    let req = b.refresh(&relay, due, 0);
+    b.send(&mut relay, due, &req);
+    let req = b.refresh(&relay, due + MEMBER_TTL, 0);
+    b.send(&mut relay, due + MEMBER_TTL, &req);
+    relay.handle_timeout(due + MEMBER_TTL);
+    assert_eq!(relay.member_count(), 1);
+    assert!(relay.member(&a.secret.public()).is_none(), "a expired");
+
+    // A newer refresh replaces a pending delayed answer: only the newest is answered.
+    let t3 = due + MEMBER_TTL;
+    let req = b.refresh(&relay, t3 + Duration::from_millis(1), 50_000);
+    b.send(&mut relay, t3, &req);
+    let req = b.refresh(&relay, t3 + Duration::from_millis(2), 20_000);
+    b.send(&mut relay, t3, &req);
+    relay.handle_timeout(t3 + Duration::from_secs(60));
+    let answers = b.drain(&mut relay, t3 + Duration::from_secs(60));
+    assert_eq!(answers.len(), 1, "{answers:?}");
+}
+
+#[test]
+fn a_refresh_from_a_member_not_held_there_asks_it_to_register() {
+    let t0 = Instant::now();
+    let mut relay = relay(t0, 7);
+    let net = NetworkSecret([3; 32]);
+    let mut a = Client::new(10, 1000, &net);
+    // Never registered (a relay that restarted): told to register, in fewer bytes than asked.
+    let req = a.refresh(&relay, t0, 60_000);
+    let d = a.datagram(&relay, &req);
+    relay.handle_datagram(t0, a.link, &d);
+    let mut sizes = Vec::new();
+    let mut replies = Vec::new();
+    while let Some(t) = relay.poll_transmit() {
+        sizes.push(t.payload.len());
+        relay.transmits.push_front(t);
+        replies.extend(a.drain(&mut relay, t0));
+    }
+    assert!(
+        sizes.iter().all(|s| *s <= d.len()),
+        "{sizes:?} vs {}",
+        d.len()
+    );
+    let echo = ts(&relay, t0);
+    assert!(
+        matches!(replies[..], [RelayReply::Unregistered { echo_ts_ms }] if echo_ts_ms == echo),
+        "{replies:?}"
+    );
+    assert_eq!(relay.member_count(), 0);
+    assert_eq!(relay.counters().unregistered_refreshes, 1);
+
+    // Registered, then the same key refreshes from another address (a new NAT mapping):
+    // the relay does not move the member there on a refresh, it asks for a registration.
+    let t1 = t0 + Duration::from_secs(1);
+    let req = a.register(&relay, t1);
+    a.send(&mut relay, t1, &req);
+    assert_eq!(relay.member_count(), 1);
+    let home = a.link;
+    a.link = Link::Udp(SocketAddr::from(([198, 51, 100, 99], 4000)));
+    let t2 = t1 + Duration::from_secs(1);
+    let req = a.refresh(&relay, t2, 0);
+    let moved = a.send(&mut relay, t2, &req);
+    assert!(
+        matches!(moved[..], [RelayReply::Unregistered { .. }]),
+        "{moved:?}"
+    );
+    assert_eq!(
+        relay.by_link.get(&home),
+        Some(&a.secret.public()),
+        "still at home"
+    );
+
+    // A captured refresh played again, from anywhere, is refused as a replay.
+    let t3 = t2 + Duration::from_secs(1);
+    a.link = home;
+    let req = a.refresh(&relay, t3, 0);
+    let captured = a.datagram(&relay, &req);
+    relay.handle_datagram(t3, home, &captured);
+    assert_eq!(a.drain(&mut relay, t3).len(), 1);
+    let replayed = relay.counters().replayed;
+    relay.handle_datagram(t3, home, &captured);
+    relay.handle_datagram(
+        t3,
+        Link::Udp(SocketAddr::from(([203, 0, 113, 5], 1))),
+        &captured,
+    );
+    assert_eq!(relay.counters().replayed, replayed + 2);
+    assert!(relay.poll_transmit().is_none(), "nothing answers a replay");
+}
