@@ -6,6 +6,10 @@
 //! and exits 0). `cargo bench` builds the `meshvpn` binary with the release profile. Paths:
 //!
 //! * **raw**: two public hosts through the internet router, no tunnel (the 100 % line);
+//! * **userspace floor**: the same hosts joined by the least a userspace tunnel does (this
+//!   binary re-run as a TUN ↔ UDP forwarder in each host, see `floor_forwarder`): no crypto,
+//!   no batching, one thread blocked in poll(2). What it adds to a ping is what waking a
+//!   process costs here, and no userspace tunnel gets below it;
 //! * **meshvpn direct**: two public members, checked to be on a direct path;
 //! * **meshvpn relayed**: two members behind [`Nat::Symmetric`], checked to stay on the relay;
 //! * **nebula**: two public hosts, no lighthouse (`static_host_map`), a CA from `nebula-cert`,
@@ -13,8 +17,9 @@
 //! * **wireguard-go**: `wireguard-go -f <if>` in both hosts, configured with `wg set` and `ip`,
 //!   when `wireguard-go` and `wg` are installed.
 //!
-//! Every path gets a fresh lab in every run. On a tunnel it first counts the underlay bytes of
-//! one member for `MESHVPN_BENCH_IDLE_S` (default 60) idle seconds (after 5 s of quiet) and the agents' RSS, then
+//! Every path gets a fresh lab in every run. On a tunnel, in the first run, it first counts
+//! the underlay bytes of one member for `MESHVPN_BENCH_IDLE_S` (default 240: two of the
+//! longest relay keepalives) idle seconds (after 30 s of quiet); then it reads the agents' RSS,
 //! pings (20 at 0.05 s), runs `iperf3` with 1 and 4 streams both ways for
 //! `MESHVPN_BENCH_SECONDS` (default 5) each while summing both agents' CPU time, pings again
 //! during a 1-stream run, and reads the RSS again. `MESHVPN_BENCH_RUNS` (default 3) runs; the
@@ -54,8 +59,10 @@ const DIRECT_BOUND: Duration = Duration::from_secs(20);
 /// Nebula or wireguard-go must answer a ping within this after starting.
 const TUNNEL_UP_BOUND: Duration = Duration::from_secs(20);
 /// Quiet time before the idle window, so it sees the steady state (keepalives, registration
-/// refreshes) rather than the tail of connection setup (path probes, the first handshakes).
-const IDLE_SETTLE: Duration = Duration::from_secs(5);
+/// refreshes) rather than the tail of connection setup (path probes, the first handshakes):
+/// a meshvpn peer turns idle after 15 s without traffic, and its relay session quiet at the
+/// next refresh, 10 s later.
+const IDLE_SETTLE: Duration = Duration::from_secs(30);
 /// The underlay interface of every lab host (public or NATed).
 const UNDERLAY_IF: &str = "eth0";
 const SECONDS_PER_DAY: f64 = 86_400.0;
@@ -64,6 +71,7 @@ const SECONDS_PER_DAY: f64 = 86_400.0;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Raw,
+    Floor,
     Direct,
     Relayed,
     Nebula,
@@ -71,8 +79,9 @@ enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [
+    const ALL: [Kind; 6] = [
         Kind::Raw,
+        Kind::Floor,
         Kind::Direct,
         Kind::Relayed,
         Kind::Nebula,
@@ -82,6 +91,7 @@ impl Kind {
     fn label(self) -> &'static str {
         match self {
             Kind::Raw => "raw underlay",
+            Kind::Floor => "userspace floor",
             Kind::Direct => "meshvpn direct",
             Kind::Relayed => "meshvpn relayed",
             Kind::Nebula => "nebula",
@@ -92,7 +102,7 @@ impl Kind {
     /// Why this path cannot run here (a missing tool and how to install it), if so.
     fn missing(self) -> Option<&'static str> {
         let need: &[(&str, &str)] = match self {
-            Kind::Raw | Kind::Direct | Kind::Relayed => &[],
+            Kind::Raw | Kind::Floor | Kind::Direct | Kind::Relayed => &[],
             Kind::Nebula => &[("nebula", "nebula"), ("nebula-cert", "nebula")],
             Kind::WireguardGo => &[("wireguard-go", "wireguard-go"), ("wg", "wireguard-tools")],
         };
@@ -158,6 +168,16 @@ impl Setup {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(FLOOR_ARG) {
+        return match floor_forwarder(&args[2..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                println!("floor forwarder: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if !lab::is_root() {
         println!("dataplane: needs root (it builds network namespaces); skipping");
         return ExitCode::SUCCESS;
@@ -177,7 +197,7 @@ fn main() -> ExitCode {
     let cfg = Config {
         runs: env_u64("MESHVPN_BENCH_RUNS", 3).clamp(1, 20) as usize,
         test: Duration::from_secs(env_u64("MESHVPN_BENCH_SECONDS", 5).clamp(1, 60)),
-        idle: Duration::from_secs(env_u64("MESHVPN_BENCH_IDLE_S", 60).min(3600)),
+        idle: Duration::from_secs(env_u64("MESHVPN_BENCH_IDLE_S", 240).min(3600)),
     };
     let filters: Vec<String> = std::env::args()
         .skip(1)
@@ -254,24 +274,25 @@ fn one_run(kind: Kind, run: usize, cfg: &Config) -> Result<Sample> {
     let tag = format!("dp{run}-{kind:?}").to_lowercase();
     let setup = match kind {
         Kind::Raw => setup_raw(&tag)?,
+        Kind::Floor => setup_floor(&tag)?,
         Kind::Direct => setup_meshvpn(&tag, None)?,
         Kind::Relayed => setup_meshvpn(&tag, Some(Nat::Symmetric))?,
         Kind::Nebula => setup_nebula(&tag)?,
         Kind::WireguardGo => setup_wireguard_go(&tag)?,
     };
-    measure(&setup, cfg)
+    measure(&setup, cfg, run == 0)
 }
 
 /// Runs every measurement on a ready path, in the order that keeps each clean: idle traffic
 /// and idle RSS before any load, the idle ping before the throughput runs.
-fn measure(s: &Setup, cfg: &Config) -> Result<Sample> {
+fn measure(s: &Setup, cfg: &Config, idle: bool) -> Result<Sample> {
     let lab = s.lab();
     let mut out = Sample {
         first_packet_s: s.first_packet.map(|d| d.as_secs_f64()),
         ..Sample::default()
     };
     let tunnel = !s.agents.is_empty();
-    if tunnel && !cfg.idle.is_zero() {
+    if tunnel && idle && !cfg.idle.is_zero() {
         sleep_bounded(IDLE_SETTLE)?;
         let before = lab.interface_bytes(&s.a, UNDERLAY_IF)?;
         let t0 = Instant::now();
@@ -344,6 +365,102 @@ fn setup_raw(tag: &str) -> Result<Setup> {
         b,
         holder: Holder::Lab(lab),
         agents: Vec::new(),
+        first_packet: None,
+    })
+}
+
+/// The argument that makes this binary the floor forwarder (see [`floor_forwarder`]).
+const FLOOR_ARG: &str = "--floor-forwarder";
+/// How long a floor forwarder runs at most (the lab ends it long before).
+const FLOOR_LIFETIME: Duration = Duration::from_secs(3600);
+/// The floor forwarders' UDP port.
+const FLOOR_PORT: u16 = 51821;
+
+/// The userspace floor: the least any userspace tunnel does, and what it costs in this VM. A
+/// TUN device and a UDP socket in one thread blocked in poll(2); every packet read from one
+/// is written to the other, one system call each way, no crypto, no batching, no state.
+/// Arguments: `IFNAME IPV4 PEER_ADDR:PORT` (a /24 on the TUN; the socket on [`FLOOR_PORT`]).
+fn floor_forwarder(args: &[String]) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let [name, ip, peer] = args else {
+        bail!("usage: {FLOOR_ARG} IFNAME IPV4 PEER_ADDR:PORT");
+    };
+    let ip: Ipv4Addr = ip.parse().context("the TUN address")?;
+    let peer: std::net::SocketAddr = peer.parse().context("the peer's address")?;
+    let dev = tun_rs::DeviceBuilder::new()
+        .name(name)
+        .ipv4(ip, 24, None)
+        .mtu(1420)
+        .build_sync()
+        .context("creating the TUN device")?;
+    let udp = std::net::UdpSocket::bind(("0.0.0.0", FLOOR_PORT)).context("binding UDP")?;
+    let mut fds = [
+        libc::pollfd {
+            fd: dev.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: udp.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let mut buf = vec![0u8; 65_536];
+    let until = Instant::now() + FLOOR_LIFETIME;
+    while Instant::now() < until {
+        // SAFETY: `fds` is a valid array of two pollfd structs for the whole call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+        if n <= 0 {
+            continue;
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            if let Ok(len) = dev.recv(&mut buf) {
+                let _ = udp.send_to(&buf[..len], peer);
+            }
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            if let Ok((len, _)) = udp.recv_from(&mut buf) {
+                let _ = dev.send(&buf[..len]);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Two public hosts joined by [`floor_forwarder`]s (this binary, re-run in each host).
+fn setup_floor(tag: &str) -> Result<Setup> {
+    let mut lab = Lab::new(tag)?;
+    let a = lab.add_public_host("alice")?;
+    let b = lab.add_public_host("bob")?;
+    let exe = std::env::current_exe().context("finding this benchmark's binary")?;
+    let overlay = [Ipv4Addr::new(10, 96, 0, 1), Ipv4Addr::new(10, 96, 0, 2)];
+    let hosts = [&a, &b];
+    let mut agents = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let ifname = format!("flb{}{}", std::process::id() % 1_000_000, &h.name[..1]);
+        let peer = format!("{}:{FLOOR_PORT}", hosts[1 - i].addr);
+        let log = lab.dir().join(format!("floor-{}.log", h.name));
+        let ip = overlay[i].to_string();
+        agents.push(lab.spawn(h, &exe, &[FLOOR_ARG, &ifname, &ip, &peer], &log)?);
+    }
+    wait_until(
+        TUNNEL_UP_BOUND,
+        Duration::from_millis(50),
+        "the floor forwarders",
+        || {
+            for pid in &agents {
+                ensure!(lab.is_running(*pid), "a floor forwarder exited");
+            }
+            Ok(lab.ping(&a, overlay[1], 1, Duration::from_millis(200)))
+        },
+    )?;
+    Ok(Setup {
+        target: overlay[1],
+        a,
+        b,
+        holder: Holder::Lab(lab),
+        agents,
         first_packet: None,
     })
 }
@@ -794,12 +911,16 @@ fn print_report(samples: &[(Kind, Vec<Sample>)], cfg: &Config) {
         )
     };
     let idle_overhead = diff(med(Kind::Direct, &|s| s.ping_idle_ms), raw_idle);
+    let floor_overhead = diff(
+        med(Kind::Direct, &|s| s.ping_idle_ms),
+        med(Kind::Floor, &|s| s.ping_idle_ms),
+    );
     let rss = [Kind::Direct, Kind::Relayed]
         .iter()
         .filter_map(|k| med(*k, &|s| s.rss_idle_mb))
         .reduce(f64::max);
     let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b.filter(|b| *b > 0.0)?);
-    let targets: [(&str, String, Option<f64>, String, bool); 7] = [
+    let targets: [(&str, String, Option<f64>, String, bool); 8] = [
         (
             "direct 1 stream vs nebula (same run)",
             "≥ 3.0×".into(),
@@ -830,6 +951,13 @@ fn print_report(samples: &[(Kind, Vec<Sample>)], cfg: &Config) {
             idle_overhead,
             idle_overhead.map_or_else(|| "-".into(), |v| format!("{v:+.3} ms")),
             idle_overhead.is_some_and(|v| v <= 0.1),
+        ),
+        (
+            "  of which over the userspace floor",
+            "≤ 0.100 ms".into(),
+            floor_overhead,
+            floor_overhead.map_or_else(|| "-".into(), |v| format!("{v:+.3} ms")),
+            floor_overhead.is_some_and(|v| v <= 0.1),
         ),
         (
             "agent RSS idle (larger agent)",
