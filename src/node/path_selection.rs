@@ -77,6 +77,9 @@ struct Keepalive {
     idle_ping_sent: Option<Instant>,
     /// The longest interval our own NAT is known to allow (see `PathSelection::set_nat_cap`).
     nat_cap: Duration,
+    /// Whether our keepalives lead: the peer's do not stand in for them (see
+    /// `PathSelection::set_leads`).
+    leads: bool,
 }
 
 impl Default for Keepalive {
@@ -86,6 +89,7 @@ impl Default for Keepalive {
             ceiling: IDLE_KEEPALIVE_MAX,
             idle_ping_sent: None,
             nat_cap: IDLE_KEEPALIVE_MAX,
+            leads: false,
         }
     }
 }
@@ -226,6 +230,12 @@ impl PathSelection {
     /// known to keep (see [`Self::set_nat_cap`]).
     fn idle_interval(&self) -> Duration {
         self.keepalive.interval.min(self.keepalive.nat_cap)
+    }
+
+    /// Makes our idle keepalives the leading ones (the peer's then do not defer ours; ours
+    /// defer the peer's). The two sides of a path must disagree; the node picks by key.
+    pub(crate) fn set_leads(&mut self, leads: bool) {
+        self.keepalive.leads = leads;
     }
 
     /// Holds the idle keepalive interval to `cap`, how long our NAT is known to keep an idle
@@ -531,12 +541,14 @@ impl PathSelection {
         from: SocketAddr,
         socket: u16,
     ) -> Option<SocketAddr> {
-        if self.direct() == Some((from, socket)) && self.is_idle(now) {
+        if self.direct() == Some((from, socket)) && self.is_idle(now) && !self.keepalive.leads {
             // The peer's idle keepalive on our direct path: its ping and our pong refresh the
             // NATs on both sides, so our own keepalive waits a full interval and an eighth
             // more (the peer's next one, at the same interval, comes first; at a shorter one,
             // ours), and the path lives until that keepalive of ours could have been answered.
-            // Idle pairs so settle on one side pinging, the one with the shorter interval.
+            // Idle pairs so settle on one side pinging, the one with the shorter interval. One
+            // side leads (the node picks the smaller key) and never defers, so two that became
+            // idle together and ping in step fall out of step.
             let next = now + self.idle_interval() * 9 / 8;
             self.next_probe = self.next_probe.max(next);
             self.alive_until = self.alive_until.max(next + ANSWER_WINDOW);
@@ -778,6 +790,20 @@ mod tests {
             run_direct(&mut p, now, now + Duration::from_secs(60), false, &mut tx);
         assert_eq!(sent.len(), 1, "{sent:?}");
         assert_eq!(changed, Some(Path::Relayed));
+        // The leading side keeps its own keepalives whatever the peer sends.
+        let mut l = PathSelection::new(t0);
+        l.set_leads(true);
+        ping_pong(&mut l, 1, a, t0, Duration::from_millis(20));
+        run_direct(&mut l, t0, t0 + IDLE_AFTER, true, &mut tx);
+        let mut now = t0 + IDLE_AFTER;
+        let mut sent = Vec::new();
+        for _ in 0..6 {
+            l.handle_ping_from(now, a, 0);
+            let (s, _) = run_direct(&mut l, now, now + Duration::from_secs(20), true, &mut tx);
+            sent.extend(s);
+            now += Duration::from_secs(20);
+        }
+        assert!(sent.len() >= 3, "the leader keeps pinging: {sent:?}");
         // A ping from another address of the peer is no keepalive of this path.
         let mut q = PathSelection::new(t0);
         ping_pong(&mut q, 1, a, t0, Duration::from_millis(20));

@@ -78,6 +78,7 @@ impl Node {
         p.paths.set_no_nat(no_nat);
         p.paths
             .set_nat_cap(self.relays[self.primary].proven_keepalive());
+        p.paths.set_leads(self.public < key);
         p.paths.note_activity(now, p.link.activity());
         // A keepalive whose predecessor went unanswered: perhaps our network changed (UDP
         // blocked); find out whether the relay still answers.

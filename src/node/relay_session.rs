@@ -242,6 +242,11 @@ pub(crate) struct RelaySession {
     in_flight: Option<(bool, Duration)>,
     /// The next registration must carry the announcement.
     full_wanted: bool,
+    /// Counts the times a full registration was wanted: one acknowledged satisfies the want
+    /// only if it went out after the latest (an older one carried an older announcement).
+    full_wants: u64,
+    /// `full_wants` when the full registration in flight went out.
+    full_sent_at_want: u64,
     /// The learned NAT keepalive towards this relay (see the module doc).
     keepalive: Keepalive,
     /// The next registration checks the relay is there: answered at once even while quiet.
@@ -346,6 +351,8 @@ impl RelaySession {
             quiet: false,
             in_flight: None,
             full_wanted: true,
+            full_wants: 0,
+            full_sent_at_want: 0,
             keepalive: Keepalive::new(),
             checking: false,
             excused_until: now,
@@ -364,6 +371,13 @@ impl RelaySession {
             self.give_up_delayed_answer(now);
             self.next_register = now;
         }
+    }
+
+    /// The next registration must carry the announcement (it changed, or the relay may not
+    /// hold it).
+    fn want_full(&mut self) {
+        self.full_wanted = true;
+        self.full_wants += 1;
     }
 
     /// Stops waiting for the delayed answer in flight (it will be ignored if it comes): the
@@ -517,14 +531,14 @@ impl RelaySession {
         }
         self.target.addr = addr;
         self.next_register = now;
-        self.full_wanted = true;
+        self.want_full();
         true
     }
 
     /// Registers at once with the announcement (it changed).
     pub(crate) fn register_now(&mut self, now: Instant) {
         self.next_register = now;
-        self.full_wanted = true;
+        self.want_full();
     }
 
     /// Reports a key mismatch only once: `true` the first time.
@@ -562,6 +576,8 @@ impl RelaySession {
             self.registered = false;
             self.backoff = REGISTER_RETRY_MIN;
             self.answering_since = None;
+            // The relay itself is gone: a delayed answer it missed says nothing of our NAT.
+            self.keepalive.missed = false;
             due.lost = true;
         }
         // A registration the relay did not answer: retry soon with backoff instead of after a
@@ -578,7 +594,7 @@ impl RelaySession {
                 self.keepalive.missed = true;
             }
             self.in_flight = None;
-            self.full_wanted = true;
+            self.want_full();
             self.unanswered = true;
             self.unanswered_since.get_or_insert(now);
             self.answering_since = None;
@@ -635,6 +651,9 @@ impl RelaySession {
     pub(crate) fn note_register_sent(&mut self, now: Instant, ts: u64, kind: Registration) {
         self.pending_ts = Some(ts);
         self.register_sent = Some(now);
+        if kind == Registration::Full {
+            self.full_sent_at_want = self.full_wants;
+        }
         self.in_flight = Some(match kind {
             Registration::Full => (true, Duration::ZERO),
             Registration::Refresh { answer_after } => (false, answer_after),
@@ -656,7 +675,7 @@ impl RelaySession {
         self.note_heard(now);
         self.pending_ts = None;
         self.in_flight = None;
-        self.full_wanted = true;
+        self.want_full();
         self.next_register = now;
         true
     }
@@ -720,7 +739,12 @@ impl RelaySession {
         self.registered = true;
         self.next_register = now + REGISTER_INTERVAL;
         if full {
-            self.full_wanted = false;
+            if self.full_sent_at_want == self.full_wants {
+                self.full_wanted = false;
+            } else {
+                // Acknowledges an announcement older than the one wanted now: send that one.
+                self.next_register = now;
+            }
             if std::mem::take(&mut self.keepalive.missed) {
                 self.keepalive.expired();
             }
@@ -811,7 +835,7 @@ impl RelaySession {
             Carrier::Stream => {
                 tracing::info!(relay = %self.target.addr, "UDP to the relay works again; leaving the stream");
                 self.carrier = Carrier::Leaving;
-                self.full_wanted = true;
+                self.want_full();
                 self.stream_backoff = STREAM_RETRY_MIN;
                 self.udp_since = now;
                 self.next_register = now;
@@ -829,7 +853,7 @@ impl RelaySession {
         }
         tracing::info!(relay = %self.target.addr, ?kind, "attached to the relay over the stream");
         self.carrier = Carrier::Stream;
-        self.full_wanted = true;
+        self.want_full();
         self.acked_on_stream = false;
         self.stream_backoff = STREAM_RETRY_MIN;
         self.next_register = now;
@@ -853,7 +877,7 @@ impl RelaySession {
             Carrier::Stream => {
                 tracing::warn!(relay = %self.target.addr, kind = ?self.stream_kind, "stream to the relay closed");
                 self.carrier = Carrier::Udp;
-                self.full_wanted = true;
+                self.want_full();
                 self.udp_since = now;
                 self.next_register = now;
                 if !self.acked_on_stream {
@@ -1281,5 +1305,38 @@ mod tests {
         );
         assert!(s.handle_unregistered(t2, ts));
         assert_eq!(s.handle_timeout(t2).register, Some(Registration::Full));
+    }
+
+    #[test]
+    fn an_announcement_changed_while_a_registration_is_in_flight_is_sent_after_its_ack() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        assert_eq!(s.handle_timeout(t0).register, Some(Registration::Full));
+        s.note_register_sent(t0, 1, Registration::Full);
+        // The NAT verdict arrives and the announcement is sealed again before the ack of the
+        // registration that carried the old one.
+        s.register_now(t0);
+        let observed = "198.51.100.9:4000".parse().expect("literal");
+        let t1 = t0 + Duration::from_millis(1);
+        assert!(matches!(
+            s.handle_ack(t1, 1, observed),
+            Ack::Accepted { .. }
+        ));
+        assert_eq!(
+            s.poll_timeout(),
+            t1,
+            "the new announcement goes out at once"
+        );
+        assert_eq!(s.handle_timeout(t1).register, Some(Registration::Full));
+        s.note_register_sent(t1, 2, Registration::Full);
+        s.handle_ack(t1, 2, observed);
+        // Now the relay holds the current one: refreshes from here on.
+        let t2 = s.poll_timeout();
+        assert_eq!(
+            s.handle_timeout(t2).register,
+            Some(Registration::Refresh {
+                answer_after: Duration::ZERO
+            })
+        );
     }
 }
