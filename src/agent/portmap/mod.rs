@@ -24,7 +24,9 @@
 //!
 //!    A success publishes `Some(PortMapping)` and logs once at info (`UPnP mapped a.b.c.d:p`).
 //!    When every protocol fails, the reason is logged at debug and the round is repeated after
-//!    [`GATEWAY_RETRY`]: most routers simply have none of these enabled, which is not news.
+//!    [`GATEWAY_RETRY`], doubling up to [`GATEWAY_RETRY_MAX`] for the same gateway (a changed
+//!    route is noticed within [`ROUTE_CHECK`] and asked at once): most routers simply have none
+//!    of these enabled, which is not news.
 //! 3. With a mapping, renews it when half its lifetime has passed (clamped to
 //!    [`MIN_RENEW`]..=[`MAX_RENEW`]), re-reading the external address, and re-checks the route
 //!    every [`ROUTE_CHECK`]; a changed gateway or local address drops the old mapping (best
@@ -76,9 +78,14 @@ const MAX_RENEW: Duration = Duration::from_secs(3600);
 const ROUTE_CHECK: Duration = Duration::from_secs(60);
 /// How often to look for a default route while there is none (offline host, network not up yet).
 const NO_ROUTE_RECHECK: Duration = Duration::from_secs(60);
-/// Retry interval after a gateway offered no mapping (no IGD, no PCP/NAT-PMP, or refused): the
-/// answer rarely changes, so ask rarely, yet pick up a router whose UPnP was just enabled.
+/// First retry interval after a gateway offered no mapping (no IGD, no PCP/NAT-PMP, or
+/// refused): the answer rarely changes, so ask rarely, yet pick up a router whose UPnP was just
+/// enabled. It doubles, up to [`GATEWAY_RETRY_MAX`], while the same gateway keeps offering
+/// none; a new gateway (the route changed, looked at every [`ROUTE_CHECK`]) is asked at once.
 const GATEWAY_RETRY: Duration = Duration::from_secs(300);
+/// Longest retry interval for a gateway that offered no mapping: an idle member behind a
+/// router without UPnP, PCP or NAT-PMP (or with a public address) asks about once an hour.
+const GATEWAY_RETRY_MAX: Duration = Duration::from_secs(3600);
 /// First retry delay after a mapping we had could not be renewed: it probably is a transient
 /// hiccup (gateway rebooting), so try again soon...
 const RETRY_MIN: Duration = Duration::from_secs(5);
@@ -193,6 +200,7 @@ async fn run(
         tx,
         active: None,
         backoff: None,
+        refused: None,
     };
     let mut next = Instant::now();
     loop {
@@ -260,6 +268,9 @@ struct Mapper {
     active: Option<Active>,
     /// After losing a mapping: the next retry delay (doubling); `None`: retry at GATEWAY_RETRY.
     backoff: Option<Duration>,
+    /// The gateway that offered no mapping last, when to ask it again, and the delay that
+    /// was.
+    refused: Option<(Route, Instant, Duration)>,
 }
 
 impl Mapper {
@@ -346,8 +357,16 @@ impl Mapper {
             }
         }
 
+        if let Some((refused, retry_at, _)) = self.refused {
+            if self.active.is_none() && self.backoff.is_none() && refused == route && now < retry_at
+            {
+                // Not yet time to ask this gateway again; the route is looked at meanwhile.
+                return retry_at.min(now + ROUTE_CHECK);
+            }
+        }
         match map(route, self.port).await {
             Ok(active) => {
+                self.refused = None;
                 let m = active.mapping;
                 tracing::info!(
                     "{} mapped {} (to {}:{}, lease {}s)",
@@ -369,15 +388,29 @@ impl Mapper {
                         self.backoff = Some(next_backoff(delay));
                         delay
                     }
-                    None => GATEWAY_RETRY,
+                    None => {
+                        let delay = gateway_retry(self.refused, route);
+                        self.refused = Some((route, Instant::now() + delay, delay));
+                        delay
+                    }
                 };
                 tracing::debug!(
                     "no port mapping on gateway {}: {e:#}; trying again in {delay:?}",
                     route.gateway
                 );
-                Instant::now() + delay
+                Instant::now() + delay.min(ROUTE_CHECK)
             }
         }
+    }
+}
+
+/// How long to wait before asking `route`'s gateway again after it offered no mapping, given
+/// the gateway that refused before (and the delay then): [`GATEWAY_RETRY`] for a new one,
+/// else doubled, at most [`GATEWAY_RETRY_MAX`].
+fn gateway_retry(refused: Option<(Route, Instant, Duration)>, route: Route) -> Duration {
+    match refused {
+        Some((r, _, delay)) if r == route => delay.saturating_mul(2).min(GATEWAY_RETRY_MAX),
+        Some(_) | None => GATEWAY_RETRY,
     }
 }
 

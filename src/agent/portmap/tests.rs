@@ -91,6 +91,28 @@ fn backoff_doubles_up_to_the_cap() {
 }
 
 #[test]
+fn a_gateway_without_mappings_is_asked_less_and_less_and_a_new_one_at_once() {
+    let route = |g: u8| Route {
+        gateway: Ipv4Addr::new(192, 168, g, 1),
+        local: Ipv4Addr::new(192, 168, g, 2),
+    };
+    let at = Instant::now();
+    let mut refused = None;
+    let mut seen = Vec::new();
+    for _ in 0..8 {
+        let d = gateway_retry(refused, route(1));
+        refused = Some((route(1), at, d));
+        seen.push(d.as_secs());
+    }
+    assert_eq!(seen, [300, 600, 1200, 2400, 3600, 3600, 3600, 3600]);
+    assert_eq!(
+        gateway_retry(refused, route(2)),
+        GATEWAY_RETRY,
+        "another gateway"
+    );
+}
+
+#[test]
 fn external_address_checks() {
     assert!(usable_external(Ipv4Addr::new(11, 0, 0, 1).into()).is_ok());
     assert!(usable_external(Ipv4Addr::new(100, 64, 0, 1).into()).is_ok());
