@@ -135,6 +135,10 @@ struct Sample {
     ping_load_ms: Option<f64>,
     /// Both agents' CPU seconds per Gbit moved during the four throughput runs.
     cpu_per_gbit: Option<f64>,
+    /// Cores busy during the four throughput runs: both agents', and the whole machine's
+    /// (agents, iperf3 and the kernel's forwarding).
+    agent_cores: Option<f64>,
+    machine_cores: Option<f64>,
     /// The larger of the two agents' RSS, MB.
     rss_idle_mb: Option<f64>,
     rss_after_mb: Option<f64>,
@@ -308,6 +312,7 @@ fn measure(s: &Setup, cfg: &Config, idle: bool) -> Result<Sample> {
 
     lab.start_iperf3_server(&s.b, IPERF_PORT)?;
     let cpu_before = agents_cpu(&s.agents)?;
+    let (machine_before, wall) = (machine_busy_seconds()?, Instant::now());
     let mut bits = 0.0;
     for (i, (streams, reverse)) in TESTS.into_iter().enumerate() {
         let test = Iperf3Test {
@@ -319,9 +324,12 @@ fn measure(s: &Setup, cfg: &Config, idle: bool) -> Result<Sample> {
         out.mbit[i] = Some(r.mbit_per_second());
         bits += r.bytes as f64 * 8.0;
     }
+    let wall = wall.elapsed().as_secs_f64();
+    out.machine_cores = Some((machine_busy_seconds()? - machine_before) / wall);
     if tunnel {
         let cpu = agents_cpu(&s.agents)? - cpu_before;
         out.cpu_per_gbit = (bits > 0.0).then(|| cpu / (bits / 1e9));
+        out.agent_cores = Some(cpu / wall);
     }
 
     // Ping under load: pings start a second into a 1-stream run, once TCP has ramped up.
@@ -745,6 +753,26 @@ fn check_running(s: &Setup) -> Result<()> {
     Ok(())
 }
 
+/// CPU seconds the whole machine spent busy so far, all cores (`/proc/stat`: everything but
+/// idle and iowait).
+fn machine_busy_seconds() -> Result<f64> {
+    let text = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().context("a /proc/stat field"))
+        .collect::<Result<_>>()?;
+    ensure!(ticks.len() >= 5, "short cpu line in /proc/stat");
+    let busy: u64 = ticks.iter().sum::<u64>() - ticks[3] - ticks[4];
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(busy as f64 / hz)
+}
+
 fn agents_cpu(agents: &[u32]) -> Result<f64> {
     agents.iter().map(|pid| cpu_seconds(*pid)).sum()
 }
@@ -868,14 +896,22 @@ fn print_report(samples: &[(Kind, Vec<Sample>)], cfg: &Config) {
     println!();
     println!(
         "Agents: CPU = both agents' CPU seconds per Gbit moved in the four throughput runs (= cores \
-         busy per Gbit/s); RSS = \
+         busy per Gbit/s); cores = cores busy during those runs, both agents / the whole machine \
+         ({} cores; at its core count, a tunnel thread more has nowhere to run); RSS = \
          the larger agent's VmRSS; idle = one member's underlay bytes (both directions) over {:?} \
          idle ({IDLE_SETTLE:?} after setup), per day",
+        thread::available_parallelism().map_or(0, |n| n.get()),
         cfg.idle
     );
     println!(
-        "{:<17} {:>12} {:>12} {:>13} {:>14} {:>13}",
-        "path", "CPU s/Gbit", "RSS idle MB", "RSS after MB", "idle per day", "first packet"
+        "{:<17} {:>12} {:>13} {:>12} {:>13} {:>14} {:>13}",
+        "path",
+        "CPU s/Gbit",
+        "cores",
+        "RSS idle MB",
+        "RSS after MB",
+        "idle per day",
+        "first packet"
     );
     for &k in &rows {
         if k == Kind::Raw {
@@ -885,10 +921,16 @@ fn print_report(samples: &[(Kind, Vec<Sample>)], cfg: &Config) {
             println!("{:<17} {why}", k.label());
             continue;
         }
+        let cores = format!(
+            "{} / {}",
+            num(med(k, &|s| s.agent_cores), 2),
+            num(med(k, &|s| s.machine_cores), 2)
+        );
         println!(
-            "{:<17} {:>12} {:>12} {:>13} {:>14} {:>13}",
+            "{:<17} {:>12} {:>13} {:>12} {:>13} {:>14} {:>13}",
             k.label(),
             num(med(k, &|s| s.cpu_per_gbit), 2),
+            cores,
             num(med(k, &|s| s.rss_idle_mb), 1),
             num(med(k, &|s| s.rss_after_mb), 1),
             bytes(med(k, &|s| s.idle_bytes_per_day)),

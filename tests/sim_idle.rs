@@ -151,3 +151,39 @@ fn idle_members_are_back_on_a_restarted_relay_within_one_keepalive() {
     println!("both idle members back on the restarted relay after {back:?}");
     assert!(both_direct(&sim, a, b), "the direct path was never touched");
 }
+
+#[test]
+fn an_idle_relayed_pair_stays_quiet_too() {
+    let seed = simnet::seed(0x1d21);
+    let mut sim = Sim::new(seed, (10, 30), 0.0);
+    // Both behind symmetric NATs: no direct path; everything goes through the relay.
+    let a = sim.add_member_behind(NatSpec::SYMMETRIC);
+    let b = sim.add_member_behind(NatSpec::SYMMETRIC);
+    sim.run_until(Duration::from_secs(60), |s| {
+        s.members[a].node.path_to(&s.key(b)) == Some(Path::Relayed)
+            && s.members[b].node.path_to(&s.key(a)) == Some(Path::Relayed)
+    })
+    .expect("they know each other");
+    // A packet each way (the session is up), then quiet.
+    sim.inject(a, b, 1);
+    sim.inject(b, a, 2);
+    sim.run_for(Duration::from_secs(2));
+    assert!(sim.received(a, b, 1) && sim.received(b, a, 2));
+    sim.run_for(Duration::from_secs(600));
+    sim.tap = Some(Vec::new());
+    sim.run_for(IDLE);
+    let tap = sim.tap.take().unwrap();
+    let public = std::net::IpAddr::V4(sim.nats[0].public_ip);
+    let (path, relay) = per_day(&sim, &tap, public, IDLE.as_secs());
+    println!(
+        "relayed pair (symmetric NATs), idle hour: per day {path} B of direct probes, {relay} B with the relay"
+    );
+    // A probe round (a ping to each candidate, a call-me and a ping through the relay) every
+    // 5 minutes; a refresh every 25 s for a NAT that forgets after 30 s.
+    assert!(path < 400_000, "{path} B a day of direct probes");
+    assert!(relay < 2_000_000, "{relay} B a day with the relay");
+    // The pair still works at once.
+    sim.inject(a, b, 3);
+    sim.run_for(Duration::from_secs(2));
+    assert!(sim.received(a, b, 3));
+}
