@@ -41,7 +41,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use meshvpn_lab::{
-    self as lab, cpu_seconds, rss_kb, wait_until, which, Host, Iperf3Test, Lab, Mesh, Nat, PeerPath,
+    self as lab, cpu_seconds, machine_busy_seconds, rss_kb, wait_until, which, Host, Iperf3Test,
+    Lab, Mesh, Nat, PeerPath,
 };
 
 const EXE: &str = env!("CARGO_BIN_EXE_meshvpn");
@@ -415,13 +416,17 @@ fn floor_forwarder(args: &[String]) -> Result<()> {
         },
     ];
     let mut buf = vec![0u8; 65_536];
+    let spin = Duration::from_micros(env_u64("MESHVPN_BENCH_FLOOR_SPIN_US", 0));
+    let mut last = Instant::now() - spin;
     let until = Instant::now() + FLOOR_LIFETIME;
     while Instant::now() < until {
+        let timeout = if last.elapsed() < spin { 0 } else { 1000 };
         // SAFETY: `fds` is a valid array of two pollfd structs for the whole call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
         if n <= 0 {
             continue;
         }
+        last = Instant::now();
         if fds[0].revents & libc::POLLIN != 0 {
             if let Ok(len) = dev.recv(&mut buf) {
                 let _ = udp.send_to(&buf[..len], peer);
@@ -751,26 +756,6 @@ fn check_running(s: &Setup) -> Result<()> {
         ensure!(s.lab().is_running(*pid), "tunnel process {pid} exited");
     }
     Ok(())
-}
-
-/// CPU seconds the whole machine spent busy so far, all cores (`/proc/stat`: everything but
-/// idle and iowait).
-fn machine_busy_seconds() -> Result<f64> {
-    let text = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("cpu "))
-        .context("no cpu line in /proc/stat")?;
-    let ticks: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|v| v.parse().context("a /proc/stat field"))
-        .collect::<Result<_>>()?;
-    ensure!(ticks.len() >= 5, "short cpu line in /proc/stat");
-    let busy: u64 = ticks.iter().sum::<u64>() - ticks[3] - ticks[4];
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Ok(busy as f64 / hz)
 }
 
 fn agents_cpu(agents: &[u32]) -> Result<f64> {

@@ -19,12 +19,6 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use simnet::{Sim, Tapped};
 
-fn both_direct(sim: &Sim, a: usize, b: usize) -> bool {
-    let (ka, kb) = (sim.key(a), sim.key(b));
-    matches!(sim.members[a].node.path_to(&kb), Some(Path::Direct { .. }))
-        && matches!(sim.members[b].node.path_to(&ka), Some(Path::Direct { .. }))
-}
-
 /// Whether a datagram is a disco message, sent directly or relayed.
 fn is_disco(t: &Tapped) -> bool {
     if classify(&t.payload) != DatagramKind::Meshvpn {
@@ -48,7 +42,7 @@ fn replayed_disco_from_forged_sources_adds_nothing_and_pairs_stay_direct() {
     let (addr_a, addr_b) = (sim.members[a].addr, sim.members[b].addr);
     sim.tap = Some(Vec::new());
     let took = sim
-        .run_until(Duration::from_secs(60), |s| both_direct(s, a, b))
+        .run_until(Duration::from_secs(60), |s| s.both_direct(a, b))
         .expect("the pair goes direct");
     println!("direct after {took:?}");
     // Keepalives on the direct path, so the capture holds pings and pongs of both kinds.
@@ -124,7 +118,7 @@ fn replayed_disco_from_forged_sources_adds_nothing_and_pairs_stay_direct() {
         .count();
     println!("{direct_disco} direct disco datagrams during the replay");
     assert!(direct_disco <= 4 * 80 / 2 + 8, "{direct_disco}");
-    assert!(both_direct(&sim, a, b), "the pair stayed direct");
+    assert!(sim.both_direct(a, b), "the pair stayed direct");
 }
 
 #[test]
@@ -143,7 +137,7 @@ fn a_relay_lying_about_observed_addresses_gets_at_most_the_probe_budget_sent_the
     sim.run_for(Duration::from_secs(40));
     sim.direct_blocked = false;
     let took = sim
-        .run_until(Duration::from_secs(60), |s| both_direct(s, a, b))
+        .run_until(Duration::from_secs(60), |s| s.both_direct(a, b))
         .expect("the pair still goes direct");
     let direct_from = sim.tap.as_ref().unwrap().len();
     sim.run_for(Duration::from_secs(20));
@@ -172,7 +166,7 @@ fn a_relay_lying_about_observed_addresses_gets_at_most_the_probe_budget_sent_the
         .filter(|t| t.dst.ip() == third_party)
         .count();
     assert_eq!(later, 0, "probes to the third party while direct");
-    assert!(both_direct(&sim, a, b));
+    assert!(sim.both_direct(a, b));
     println!("direct {took:?} after the block lifted");
 }
 

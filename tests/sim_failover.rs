@@ -17,7 +17,6 @@ mod simnet;
 
 use std::time::Duration;
 
-use meshvpn::node::peer::Path;
 use meshvpn::relay::server::RelayServer;
 use rand::Rng;
 use simnet::nat::{self, NatSpec};
@@ -36,13 +35,6 @@ fn everyone_knows_everyone(s: &Sim) -> bool {
     s.members
         .iter()
         .all(|m| m.node.peer_keys().count() == n - 1)
-}
-
-fn direct(s: &Sim, a: usize, b: usize) -> bool {
-    matches!(
-        s.members[a].node.path_to(&s.key(b)),
-        Some(Path::Direct { .. })
-    )
 }
 
 /// Every ordered pair delivers a packet within `within` (one is sent every 500 ms until it
@@ -99,13 +91,13 @@ fn relayed_pairs_and_joins_survive_the_first_relay_dying() {
             }
             match nat::outcome(SPECS[a].as_ref(), SPECS[b].as_ref()) {
                 nat::Outcome::Relay => assert!(
-                    !direct(&sim, a, b),
+                    !sim.is_direct(a, b),
                     "{} -> {} is direct although the oracle says relay",
                     NAMES[a],
                     NAMES[b]
                 ),
                 nat::Outcome::Punch => assert!(
-                    direct(&sim, a, b),
+                    sim.is_direct(a, b),
                     "{} -> {} is not direct although a punch works",
                     NAMES[a],
                     NAMES[b]

@@ -28,17 +28,6 @@ use meshvpn::node::peer::Path;
 use simnet::nat::NatSpec;
 use simnet::Sim;
 
-fn direct(s: &Sim, a: usize, b: usize) -> bool {
-    matches!(
-        s.members[a].node.path_to(&s.key(b)),
-        Some(Path::Direct { .. })
-    )
-}
-
-fn both_direct(s: &Sim, a: usize, b: usize) -> bool {
-    direct(s, a, b) && direct(s, b, a)
-}
-
 /// Sends a packet each way between `a` and `b` every 500 ms until both arrived or `within`
 /// passes; how long it took, if both arrived.
 fn delivers_both_ways(sim: &mut Sim, a: usize, b: usize, within: Duration) -> Option<Duration> {
@@ -63,7 +52,7 @@ fn meshed_then_relay_dies(seed: u64) -> (Sim, usize, usize, usize) {
     let carol = sim.add_member_behind(NatSpec::HOME_ROUTER);
     let dave = sim.add_member_behind(NatSpec::HOME_ROUTER);
     sim.run_until(Duration::from_secs(40), |s| {
-        both_direct(s, helper, carol) && both_direct(s, helper, dave) && both_direct(s, carol, dave)
+        s.both_direct(helper, carol) && s.both_direct(helper, dave) && s.both_direct(carol, dave)
     })
     .expect("every pair goes direct with the relay up");
     sim.relay_alive = false;
@@ -78,11 +67,11 @@ fn a_member_restarted_with_every_relay_down_finds_its_peers_through_a_helper() {
     let old = sim.members[carol].addr;
     sim.restart_on_port(carol, old.port() + 1000);
     let t = sim
-        .run_until(Duration::from_secs(30), |s| both_direct(s, carol, helper))
+        .run_until(Duration::from_secs(30), |s| s.both_direct(carol, helper))
         .expect("carol reaches the public helper at its remembered address");
     println!("relay down, carol restarted on a new port: direct to the public helper after {t:?}");
     let t = sim
-        .run_until(Duration::from_secs(30), |s| both_direct(s, carol, dave))
+        .run_until(Duration::from_secs(30), |s| s.both_direct(carol, dave))
         .expect("carol and dave go direct through the passed call-me");
     let (h, d, c) = (
         sim.members[helper].node.forward_counters(),
@@ -123,7 +112,7 @@ fn without_a_helper_the_restarted_member_stays_cut_off_from_its_punchable_peer()
     sim.members[helper].alive = false;
     let old = sim.members[carol].addr;
     sim.restart_on_port(carol, old.port() + 1000);
-    let got = sim.run_until(Duration::from_secs(30), |s| both_direct(s, carol, dave));
+    let got = sim.run_until(Duration::from_secs(30), |s| s.both_direct(carol, dave));
     assert!(
         got.is_none(),
         "carol and dave went direct with no helper and no relay: the helped case proves nothing"
@@ -143,10 +132,10 @@ fn symmetric_pair_after_relay_death(
     let a = sim.add_member_behind(NatSpec::SYMMETRIC);
     let b = sim.add_member_behind(NatSpec::SYMMETRIC);
     sim.run_until(Duration::from_secs(40), |s| {
-        both_direct(s, helper, a) && both_direct(s, helper, b)
+        s.both_direct(helper, a) && s.both_direct(helper, b)
     })
     .expect("the public member goes direct with both");
-    assert!(!direct(&sim, a, b), "the symmetric pair cannot be direct");
+    assert!(!sim.is_direct(a, b), "the symmetric pair cannot be direct");
     sim.relay_alive = false;
     // Long enough for every relay session to count the relay as gone.
     sim.run_for(Duration::from_secs(30));
@@ -192,7 +181,7 @@ fn forged_carry_requests_are_bounded_and_never_delivered() {
     let carol = sim.add_member_behind(NatSpec::HOME_ROUTER);
     let dave = sim.add_member_behind(NatSpec::HOME_ROUTER);
     sim.run_until(Duration::from_secs(40), |s| {
-        both_direct(s, helper, carol) && both_direct(s, helper, dave)
+        s.both_direct(helper, carol) && s.both_direct(helper, dave)
     })
     .expect("the helper goes direct with both");
     let Some(Path::Direct {
@@ -272,7 +261,7 @@ fn every_nat_pair_recovers_without_a_relay_as_the_oracle_says() {
             let a = add(&mut sim, ka);
             let b = add(&mut sim, kb);
             sim.run_until(Duration::from_secs(60), |s| {
-                both_direct(s, helper, a) && both_direct(s, helper, b)
+                s.both_direct(helper, a) && s.both_direct(helper, b)
             })
             .unwrap_or_else(|| panic!("{} / {}: the helper never went direct", name(ka), name(kb)));
             sim.relay_alive = false;
@@ -280,7 +269,7 @@ fn every_nat_pair_recovers_without_a_relay_as_the_oracle_says() {
             let port = sim.members[a].addr.port() + 1000;
             sim.restart_on_port(a, port);
             let want = outcome(ka.as_ref(), kb.as_ref());
-            let direct_after = sim.run_until(Duration::from_secs(30), |s| both_direct(s, a, b));
+            let direct_after = sim.run_until(Duration::from_secs(30), |s| s.both_direct(a, b));
             let delivered = delivers_both_ways(&mut sim, a, b, Duration::from_secs(20)).is_some();
             println!(
                 "{} (restarted) / {}: oracle {want:?}, direct again after {direct_after:?}, delivers both ways: {}",
@@ -297,7 +286,7 @@ fn every_nat_pair_recovers_without_a_relay_as_the_oracle_says() {
                     name(kb)
                 ),
                 Outcome::Relay => assert!(
-                    !both_direct(&sim, a, b),
+                    !sim.both_direct(a, b),
                     "{} / {}: direct against the oracle",
                     name(ka),
                     name(kb)

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use meshvpn::addressing;
 use meshvpn::keys::{NodeSecret, PeerKey};
-use meshvpn::node::peer::Path;
 use meshvpn::node::{Node, NodeConfig, RelayTarget};
 use meshvpn::wire::{self, Announcement, MemberEntry, NatKind, RelayReply, SyncTag};
 use rand::{Rng, SeedableRng};
@@ -100,12 +99,6 @@ fn standalone(sim: &mut Sim) -> Node {
     )
 }
 
-fn both_direct(sim: &Sim, a: usize, b: usize) -> bool {
-    let (ka, kb) = (sim.key(a), sim.key(b));
-    matches!(sim.members[a].node.path_to(&kb), Some(Path::Direct { .. }))
-        && matches!(sim.members[b].node.path_to(&ka), Some(Path::Direct { .. }))
-}
-
 /// Sends tagged packets from `a` to `b` until one arrives, at most `tries` times.
 fn reaches(sim: &mut Sim, a: usize, b: usize, first_tag: u32, tries: u32) -> bool {
     for tag in first_tag..first_tag + tries {
@@ -132,7 +125,7 @@ fn a_false_member_gone_leaves_a_direct_session_up_for_the_grace_period() {
     let a = sim.add_member(None);
     let b = sim.add_member(None);
     let took = sim
-        .run_until(Duration::from_secs(30), |s| both_direct(s, a, b))
+        .run_until(Duration::from_secs(30), |s| s.both_direct(a, b))
         .expect("direct path");
     println!("direct after {took:?}");
     let kb = sim.key(b);
@@ -153,7 +146,7 @@ fn a_false_member_gone_leaves_a_direct_session_up_for_the_grace_period() {
         sim.members[a].node.peer_keys().any(|k| *k == kb),
         "the peer survives a false removal"
     );
-    assert!(both_direct(&sim, a, b), "still direct");
+    assert!(sim.both_direct(a, b), "still direct");
     assert!(reaches(&mut sim, a, b, 1, 5), "traffic still flows a -> b");
     assert!(
         reaches(&mut sim, b, a, 100, 5),

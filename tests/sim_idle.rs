@@ -21,16 +21,6 @@ use simnet::{Sim, Tapped};
 const HEADERS: u64 = 28;
 const IDLE: Duration = Duration::from_secs(3600);
 
-fn both_direct(sim: &Sim, a: usize, b: usize) -> bool {
-    matches!(
-        sim.members[a].node.path_to(&sim.key(b)),
-        Some(Path::Direct { .. })
-    ) && matches!(
-        sim.members[b].node.path_to(&sim.key(a)),
-        Some(Path::Direct { .. })
-    )
-}
-
 /// Bytes per day to and from `public` (member `a`'s address on the internet): (peer path,
 /// relay session).
 fn per_day(sim: &Sim, tap: &[Tapped], public: std::net::IpAddr, secs: u64) -> (u64, u64) {
@@ -65,7 +55,7 @@ fn per_day(sim: &Sim, tap: &[Tapped], public: std::net::IpAddr, secs: u64) -> (u
 
 /// Runs an idle hour after the pair went direct; returns (time direct, bytes per day).
 fn idle_hour(sim: &mut Sim, a: usize, b: usize, public: std::net::IpAddr) -> (Duration, u64, u64) {
-    sim.run_until(Duration::from_secs(60), |s| both_direct(s, a, b))
+    sim.run_until(Duration::from_secs(60), |s| s.both_direct(a, b))
         .expect("the pair goes direct");
     // Settle: the peer turns idle and the keepalive interval is learned.
     sim.run_for(Duration::from_secs(600));
@@ -76,7 +66,7 @@ fn idle_hour(sim: &mut Sim, a: usize, b: usize, public: std::net::IpAddr) -> (Du
     while t < IDLE {
         sim.run_for(step);
         t += step;
-        if both_direct(sim, a, b) {
+        if sim.both_direct(a, b) {
             direct += step;
         }
         // Quiet refreshes keep both members on the relay all along.
@@ -135,7 +125,7 @@ fn idle_members_are_back_on_a_restarted_relay_within_one_keepalive() {
     let mut sim = Sim::new(seed, (10, 30), 0.0);
     let a = sim.add_member(None);
     let b = sim.add_member_behind(NatSpec::HOME_ROUTER);
-    sim.run_until(Duration::from_secs(60), |s| both_direct(s, a, b))
+    sim.run_until(Duration::from_secs(60), |s| s.both_direct(a, b))
         .expect("the pair goes direct");
     sim.run_for(Duration::from_secs(600));
     // The relay restarts empty while both are quiet: each learns at its next refresh, which
@@ -149,7 +139,7 @@ fn idle_members_are_back_on_a_restarted_relay_within_one_keepalive() {
         )
         .expect("both register again");
     println!("both idle members back on the restarted relay after {back:?}");
-    assert!(both_direct(&sim, a, b), "the direct path was never touched");
+    assert!(sim.both_direct(a, b), "the direct path was never touched");
 }
 
 #[test]

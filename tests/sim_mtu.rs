@@ -12,7 +12,6 @@ mod simnet;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use meshvpn::node::peer::Path;
 use simnet::Sim;
 
 /// Generous bound on convergence in simulated time (a search needs a few seconds).
@@ -48,13 +47,6 @@ fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-fn is_direct(sim: &Sim, a: usize, b: usize) -> bool {
-    matches!(
-        sim.members[a].node.path_to(&sim.key(b)),
-        Some(Path::Direct { .. })
-    )
-}
-
 fn mtu(sim: &Sim, a: usize, b: usize) -> Option<u16> {
     sim.members[a].node.path_mtu(&sim.key(b))
 }
@@ -64,8 +56,8 @@ fn mtu(sim: &Sim, a: usize, b: usize) -> Option<u16> {
 fn converge(sim: &mut Sim, a: usize, b: usize, direct: bool, want: u16, what: &str) -> Duration {
     let took = sim
         .run_until(CONVERGE, |s| {
-            is_direct(s, a, b) == direct
-                && is_direct(s, b, a) == direct
+            s.is_direct(a, b) == direct
+                && s.is_direct(b, a) == direct
                 && mtu(s, a, b) == Some(want)
                 && mtu(s, b, a) == Some(want)
         })
@@ -74,8 +66,8 @@ fn converge(sim: &mut Sim, a: usize, b: usize, direct: bool, want: u16, what: &s
                 "{what}: path MTU {:?} / {:?}, direct {} / {}, wanted {want}",
                 mtu(sim, a, b),
                 mtu(sim, b, a),
-                is_direct(sim, a, b),
-                is_direct(sim, b, a)
+                sim.is_direct(a, b),
+                sim.is_direct(b, a)
             )
         });
     println!(

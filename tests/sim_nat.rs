@@ -35,12 +35,6 @@ fn add(sim: &mut Sim, k: &Option<NatSpec>) -> usize {
     }
 }
 
-fn both_direct(sim: &Sim, a: usize, b: usize) -> bool {
-    let (ka, kb) = (sim.key(a), sim.key(b));
-    matches!(sim.members[a].node.path_to(&kb), Some(Path::Direct { .. }))
-        && matches!(sim.members[b].node.path_to(&ka), Some(Path::Direct { .. }))
-}
-
 /// Runs one pair; returns (time to first packet both ways, time to direct if any).
 fn run_pair(seed: u64, ka: &Option<NatSpec>, kb: &Option<NatSpec>) -> (Duration, Option<Duration>) {
     let mut sim = Sim::new(seed, (10, 40), 0.01);
@@ -68,7 +62,7 @@ fn run_pair(seed: u64, ka: &Option<NatSpec>, kb: &Option<NatSpec>) -> (Duration,
         tag += 1;
     };
     let direct = sim
-        .run_until(Duration::from_secs(40), |s| both_direct(s, a, b))
+        .run_until(Duration::from_secs(40), |s| s.both_direct(a, b))
         .map(|_| sim.now - start);
     // Each side classified its own NAT with STUN against the relay's two ports.
     for (i, k) in [(a, ka), (b, kb)] {
@@ -113,7 +107,7 @@ fn run_pair(seed: u64, ka: &Option<NatSpec>, kb: &Option<NatSpec>) -> (Duration,
     if direct.is_some() {
         sim.run_for(Duration::from_secs(90));
         assert!(
-            both_direct(&sim, a, b),
+            sim.both_direct(a, b),
             "{} <-> {}: direct path did not hold for 90 s",
             name(ka),
             name(kb)
@@ -169,7 +163,7 @@ fn two_members_behind_one_nat_connect_over_their_lan() {
     let a = sim.add_member_behind(NatSpec::SYMMETRIC);
     let b = sim.add_member_in_site(0);
     let t = sim
-        .run_until(Duration::from_secs(30), |s| both_direct(s, a, b))
+        .run_until(Duration::from_secs(30), |s| s.both_direct(a, b))
         .expect("direct over the LAN");
     println!("same-LAN pair direct after {t:?}");
 }
@@ -180,7 +174,7 @@ fn a_flushed_nat_mapping_recovers() {
     let mut sim = Sim::new(seed, (10, 40), 0.0);
     let a = sim.add_member_behind(NatSpec::HOME_ROUTER);
     let b = sim.add_member_behind(NatSpec::HOME_ROUTER);
-    sim.run_until(Duration::from_secs(30), |s| both_direct(s, a, b))
+    sim.run_until(Duration::from_secs(30), |s| s.both_direct(a, b))
         .expect("direct first");
     // The router forgets every mapping (reboot, conntrack flush): the next outbound packets get
     // new mappings, the direct path goes silent, traffic falls back to the relay and re-punches.
@@ -201,7 +195,7 @@ fn a_flushed_nat_mapping_recovers() {
     };
     println!("after the flush, traffic recovered within {recovered:?}");
     let t = sim
-        .run_until(Duration::from_secs(60), |s| both_direct(s, a, b))
+        .run_until(Duration::from_secs(60), |s| s.both_direct(a, b))
         .expect("direct again");
     println!("direct again {t:?} later");
 }
@@ -260,7 +254,7 @@ fn hairpinning_connects_isolated_members_behind_one_nat() {
         };
         let a = sim.add_member_behind(spec);
         let b = sim.add_member_in_site(0);
-        let direct = sim.run_until(Duration::from_secs(30), |s| both_direct(s, a, b));
+        let direct = sim.run_until(Duration::from_secs(30), |s| s.both_direct(a, b));
         println!("hairpin {hairpin}: direct after {direct:?}");
         assert_eq!(
             direct.is_some(),

@@ -348,6 +348,19 @@ impl Sim {
         self.members[i].node.public_key()
     }
 
+    /// Whether member `a` sends to member `b` on a direct path.
+    pub fn is_direct(&self, a: usize, b: usize) -> bool {
+        matches!(
+            self.members[a].node.path_to(&self.key(b)),
+            Some(meshvpn::node::peer::Path::Direct { .. })
+        )
+    }
+
+    /// Whether members `a` and `b` are on a direct path, each toward the other.
+    pub fn both_direct(&self, a: usize, b: usize) -> bool {
+        self.is_direct(a, b) && self.is_direct(b, a)
+    }
+
     /// Routes a datagram from member `i` (or the relay, `None`) towards `dst`, through NATs.
     /// Member `i`'s socket `socket` sends from port `main port + socket`.
     fn send_from(&mut self, i: Option<usize>, socket: u16, dst: SocketAddr, payload: Vec<u8>) {

@@ -76,7 +76,10 @@ pub use meshvpn_status::{
 };
 pub use nat::Nat;
 pub use node::{cpu_share, cpu_ticks, relay_counter, Node};
-pub use perf::{cpu_seconds, rss_kb, which, InterfaceBytes, Iperf3Result, Iperf3Test, PingStats};
+pub use perf::{
+    cpu_seconds, machine_busy_seconds, rss_kb, which, InterfaceBytes, Iperf3Result, Iperf3Test,
+    PingStats,
+};
 pub use probe::{Filtering, Mapping, NatBehavior, PingLog, PingRun};
 
 use std::ffi::OsStr;

@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use super::{cpu_ticks, wait_until, Host, Lab};
 
@@ -88,11 +88,33 @@ pub fn which(program: &str) -> Option<PathBuf> {
         })
 }
 
+/// Clock ticks per second, the unit of `/proc`'s CPU times.
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+}
+
 /// CPU time (user + system) `pid` has used so far, in seconds (from `/proc/PID/stat`).
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Ok(cpu_ticks(pid)? as f64 / hz)
+    Ok(cpu_ticks(pid)? as f64 / clock_ticks_per_second())
+}
+
+/// CPU time the whole machine has been busy so far (every CPU, anything but idle and I/O
+/// wait), in seconds (from the `cpu` line of `/proc/stat`).
+pub fn machine_busy_seconds() -> Result<f64> {
+    let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().context("a /proc/stat field"))
+        .collect::<Result<_>>()?;
+    ensure!(ticks.len() >= 5, "short cpu line in /proc/stat");
+    let busy: u64 = ticks.iter().sum::<u64>() - ticks[3] - ticks[4];
+    Ok(busy as f64 / clock_ticks_per_second())
 }
 
 /// Resident memory of `pid` in kB (`VmRSS` in `/proc/PID/status`).

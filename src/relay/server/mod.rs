@@ -158,6 +158,17 @@ impl UnixClock {
     }
 }
 
+/// Who sent an authenticated request, from where, under which session key, and its
+/// timestamp: what every request handler needs besides the request's own fields.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Requester {
+    pub(super) from: Link,
+    pub(super) sender: PeerKey,
+    pub(super) network: NetworkId,
+    pub(super) session: [u8; 32],
+    pub(super) ts: u64,
+}
+
 struct Member {
     link: Link,
     announcement: Vec<u8>,
@@ -520,13 +531,18 @@ impl RelayServer {
         }
         self.last_ts.insert(sender, (ts, now));
         let network = request.network();
+        let req = Requester {
+            from,
+            sender,
+            network,
+            session,
+            ts,
+        };
         match signed.request {
-            RelayRequest::Register { announcement, .. } => {
-                self.register(now, from, sender, network, announcement, session, ts)
-            }
+            RelayRequest::Register { announcement, .. } => self.register(now, &req, announcement),
             RelayRequest::Refresh {
                 answer_after_ms, ..
-            } => self.refresh(now, from, sender, network, session, ts, answer_after_ms),
+            } => self.refresh(now, &req, answer_after_ms),
             RelayRequest::Leave { .. } => {
                 tracing::debug!(member = %sender.short(), %network, "member left");
                 self.counters.leaves += 1;
@@ -546,7 +562,7 @@ impl RelayServer {
             }
             RelayRequest::Rotate {
                 complete, entries, ..
-            } => self.rotate(now, from, sender, network, session, ts, complete, entries),
+            } => self.rotate(now, &req, complete, entries),
         }
     }
 
@@ -586,17 +602,16 @@ impl RelayServer {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn register(
-        &mut self,
-        now: Instant,
-        from: Link,
-        sender: PeerKey,
-        network: NetworkId,
-        announcement: Vec<u8>,
-        session: [u8; 32],
-        ts: u64,
-    ) {
+    /// A registration: stores (or refreshes) `req.sender`'s announcement at the link it came
+    /// from, acknowledges it, and tells the network's other members what changed.
+    fn register(&mut self, now: Instant, req: &Requester, announcement: Vec<u8>) {
+        let &Requester {
+            from,
+            sender,
+            network,
+            session,
+            ts,
+        } = req;
         if self.refuse_retired(from, sender, network, &session) {
             return;
         }
@@ -691,17 +706,14 @@ impl RelayServer {
     /// A registered member, at the address it registered from, is still there: keep it for
     /// the answer delay it asks for plus [`MEMBER_TTL`], and acknowledge after that delay
     /// (at once if none was asked for, or if [`MAX_DELAYED_ANSWERS`] are held already).
-    #[allow(clippy::too_many_arguments)]
-    fn refresh(
-        &mut self,
-        now: Instant,
-        from: Link,
-        sender: PeerKey,
-        network: NetworkId,
-        session: [u8; 32],
-        ts: u64,
-        answer_after_ms: u32,
-    ) {
+    fn refresh(&mut self, now: Instant, req: &Requester, answer_after_ms: u32) {
+        let &Requester {
+            from,
+            sender,
+            network,
+            session,
+            ts,
+        } = req;
         let delay =
             Duration::from_millis(u64::from(answer_after_ms.min(wire::MAX_ANSWER_AFTER_MS)));
         let full = self.answers.len() >= MAX_DELAYED_ANSWERS;

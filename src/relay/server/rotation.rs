@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use super::limits::Limit;
-use super::{Link, RelayServer};
+use super::{Link, RelayServer, Requester};
 use crate::keys::{NetworkId, PeerKey};
 use crate::wire::rotation::ROTATION_RECORD_TTL;
 use crate::wire::{RelayReply, RotationEntry};
@@ -153,18 +153,20 @@ impl RelayServer {
     }
 
     /// A rotation request from `sender`, a registered member of `network`.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn rotate(
         &mut self,
         now: Instant,
-        from: Link,
-        sender: PeerKey,
-        network: NetworkId,
-        session: [u8; 32],
-        ts: u64,
+        req: &Requester,
         complete: bool,
         entries: Vec<RotationEntry>,
     ) {
+        let &Requester {
+            from,
+            sender,
+            network,
+            session,
+            ts,
+        } = req;
         let cap_entries = self.config.max_members_per_network;
         let refusal = match self.rotations.records.get(&network) {
             Some(r) if r.by != sender => Some((
