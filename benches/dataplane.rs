@@ -9,7 +9,9 @@
 //! * **userspace floor**: the same hosts joined by the least a userspace tunnel does (this
 //!   binary re-run as a TUN ↔ UDP forwarder in each host, see `floor_forwarder`): no crypto,
 //!   no batching, one thread blocked in poll(2). What it adds to a ping is what waking a
-//!   process costs here, and no userspace tunnel gets below it;
+//!   process costs here, and no userspace tunnel gets below it.
+//!   `MESHVPN_BENCH_FLOOR_SPIN_US=N` makes the forwarders busy-poll for N µs after every
+//!   packet before blocking again, to see whether spinning buys latency on this machine;
 //! * **meshvpn direct**: two public members, checked to be on a direct path;
 //! * **meshvpn relayed**: two members behind [`Nat::Symmetric`], checked to stay on the relay;
 //! * **nebula**: two public hosts, no lighthouse (`static_host_map`), a CA from `nebula-cert`,
@@ -17,9 +19,12 @@
 //! * **wireguard-go**: `wireguard-go -f <if>` in both hosts, configured with `wg set` and `ip`,
 //!   when `wireguard-go` and `wg` are installed.
 //!
-//! Every path gets a fresh lab in every run. On a tunnel, in the first run, it first counts
-//! the underlay bytes of one member for `MESHVPN_BENCH_IDLE_S` (default 240: two of the
-//! longest relay keepalives) idle seconds (after 30 s of quiet); then it reads the agents' RSS,
+//! First it sets up every tunnel at once, each in its own lab, and counts the underlay bytes
+//! of one member of each over the same `MESHVPN_BENCH_IDLE_S` idle seconds (default 900;
+//! after 30 s of quiet; 0 skips it): bytes do not depend on CPU, so the tunnels share the
+//! window, and a long window sees the sparse timers (relay refreshes every 1–2 minutes, idle
+//! relayed probe rounds 5 to 30 minutes apart) rather than the tail of setup. Then every path
+//! gets a fresh lab in every run: it reads the agents' RSS,
 //! pings (20 at 0.05 s), runs `iperf3` with 1 and 4 streams both ways for
 //! `MESHVPN_BENCH_SECONDS` (default 5) each while summing both agents' CPU time, pings again
 //! during a 1-stream run, and reads the RSS again. `MESHVPN_BENCH_RUNS` (default 3) runs; the
@@ -202,7 +207,7 @@ fn main() -> ExitCode {
     let cfg = Config {
         runs: env_u64("MESHVPN_BENCH_RUNS", 3).clamp(1, 20) as usize,
         test: Duration::from_secs(env_u64("MESHVPN_BENCH_SECONDS", 5).clamp(1, 60)),
-        idle: Duration::from_secs(env_u64("MESHVPN_BENCH_IDLE_S", 240).min(3600)),
+        idle: Duration::from_secs(env_u64("MESHVPN_BENCH_IDLE_S", 900).min(7200)),
     };
     let filters: Vec<String> = std::env::args()
         .skip(1)
@@ -229,6 +234,18 @@ fn main() -> ExitCode {
 
     let mut samples: Vec<(Kind, Vec<Sample>)> = kinds.iter().map(|k| (*k, Vec::new())).collect();
     let mut failed = false;
+    let idle = if cfg.idle.is_zero() {
+        Vec::new()
+    } else {
+        match idle_phase(&kinds, &cfg) {
+            Ok(idle) => idle,
+            Err(e) => {
+                failed = true;
+                println!("  idle traffic FAILED: {e:#}");
+                Vec::new()
+            }
+        }
+    };
     for run in 0..cfg.runs {
         for (kind, got) in samples.iter_mut() {
             if kind.missing().is_some() {
@@ -265,6 +282,15 @@ fn main() -> ExitCode {
             }
         }
     }
+    for (kind, per_day) in idle {
+        if let Some(first) = samples
+            .iter_mut()
+            .find(|(k, _)| *k == kind)
+            .and_then(|(_, got)| got.first_mut())
+        {
+            first.idle_bytes_per_day = Some(per_day);
+        }
+    }
     print_report(&samples, &cfg);
     println!("(total {:.0?})", started.elapsed());
     if failed {
@@ -275,36 +301,67 @@ fn main() -> ExitCode {
     }
 }
 
-fn one_run(kind: Kind, run: usize, cfg: &Config) -> Result<Sample> {
-    let tag = format!("dp{run}-{kind:?}").to_lowercase();
-    let setup = match kind {
-        Kind::Raw => setup_raw(&tag)?,
-        Kind::Floor => setup_floor(&tag)?,
-        Kind::Direct => setup_meshvpn(&tag, None)?,
-        Kind::Relayed => setup_meshvpn(&tag, Some(Nat::Symmetric))?,
-        Kind::Nebula => setup_nebula(&tag)?,
-        Kind::WireguardGo => setup_wireguard_go(&tag)?,
-    };
-    measure(&setup, cfg, run == 0)
+fn setup(kind: Kind, tag: &str) -> Result<Setup> {
+    match kind {
+        Kind::Raw => setup_raw(tag),
+        Kind::Floor => setup_floor(tag),
+        Kind::Direct => setup_meshvpn(tag, None),
+        Kind::Relayed => setup_meshvpn(tag, Some(Nat::Symmetric)),
+        Kind::Nebula => setup_nebula(tag),
+        Kind::WireguardGo => setup_wireguard_go(tag),
+    }
 }
 
-/// Runs every measurement on a ready path, in the order that keeps each clean: idle traffic
-/// and idle RSS before any load, the idle ping before the throughput runs.
-fn measure(s: &Setup, cfg: &Config, idle: bool) -> Result<Sample> {
+fn one_run(kind: Kind, run: usize, cfg: &Config) -> Result<Sample> {
+    let tag = format!("dp{run}-{kind:?}").to_lowercase();
+    measure(&setup(kind, &tag)?, cfg)
+}
+
+/// Idle traffic of every tunnel at once, each in its own lab (bytes do not depend on CPU, so
+/// the labs share the window): sets them all up, leaves them alone for [`IDLE_SETTLE`], then
+/// counts one member's underlay bytes (both directions) over `cfg.idle`. Per day, by kind.
+fn idle_phase(kinds: &[Kind], cfg: &Config) -> Result<Vec<(Kind, f64)>> {
+    let mut setups = Vec::new();
+    for &kind in kinds {
+        if kind == Kind::Raw || kind.missing().is_some() {
+            continue;
+        }
+        let tag = format!("dpi-{kind:?}").to_lowercase();
+        setups.push((kind, setup(kind, &tag).with_context(|| kind.label())?));
+    }
+    println!(
+        "  idle: {} tunnel(s) up; {IDLE_SETTLE:?} to settle, then counting for {:?}",
+        setups.len(),
+        cfg.idle
+    );
+    sleep_bounded(IDLE_SETTLE)?;
+    let mut before = Vec::new();
+    for (_, s) in &setups {
+        before.push(s.lab().interface_bytes(&s.a, UNDERLAY_IF)?);
+    }
+    let t0 = Instant::now();
+    sleep_bounded(cfg.idle)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let mut out = Vec::new();
+    for ((kind, s), before) in setups.iter().zip(before) {
+        check_running(s).with_context(|| kind.label())?;
+        let bytes = s.lab().interface_bytes(&s.a, UNDERLAY_IF)?.since(before);
+        let per_day = bytes as f64 / secs * SECONDS_PER_DAY;
+        println!("  idle {:<16} {bytes} B in {secs:.0} s", kind.label());
+        out.push((*kind, per_day));
+    }
+    Ok(out)
+}
+
+/// Runs every measurement on a ready path, in the order that keeps each clean: idle RSS
+/// before any load, the idle ping before the throughput runs.
+fn measure(s: &Setup, cfg: &Config) -> Result<Sample> {
     let lab = s.lab();
     let mut out = Sample {
         first_packet_s: s.first_packet.map(|d| d.as_secs_f64()),
         ..Sample::default()
     };
     let tunnel = !s.agents.is_empty();
-    if tunnel && idle && !cfg.idle.is_zero() {
-        sleep_bounded(IDLE_SETTLE)?;
-        let before = lab.interface_bytes(&s.a, UNDERLAY_IF)?;
-        let t0 = Instant::now();
-        sleep_bounded(cfg.idle)?;
-        let bytes = lab.interface_bytes(&s.a, UNDERLAY_IF)?.since(before);
-        out.idle_bytes_per_day = Some(bytes as f64 / t0.elapsed().as_secs_f64() * SECONDS_PER_DAY);
-    }
     if tunnel {
         check_running(s)?;
         out.rss_idle_mb = Some(max_rss_mb(&s.agents)?);

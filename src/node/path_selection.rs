@@ -21,7 +21,8 @@
 //! more. The interval is also held to what our own NAT is known to keep, as the relay session
 //! learned it: a too-long guess there costs one registration, here a direct path. A ping from the peer on the idle direct path counts as a keepalive of ours (its ping
 //! and our pong refresh both NATs), so an idle pair settles on one side pinging. A relayed
-//! idle peer is measured and probed at most every [`IDLE_RELAYED_INTERVAL`].
+//! idle peer's RTT is measured every [`IDLE_RELAYED_INTERVAL`]; its probe rounds come at least
+//! that far apart and back off, doubling, to [`IDLE_PROBE_MAX`].
 //! The first byte after idleness makes the peer active again: a direct path is pinged at once
 //! (and abandoned within [`DIRECT_TIMEOUT`] if it died meanwhile), a relayed one is probed
 //! again from the shortest backoff.
@@ -54,9 +55,9 @@ use std::time::{Duration, Instant};
 use super::birthday::Birthday;
 use super::peer::{
     Path, PendingPing, ProbeBucket, ReplayCache, CANDIDATE_TTL, DIRECT_PING_INTERVAL,
-    DIRECT_TIMEOUT, IDLE_AFTER, IDLE_KEEPALIVE_MAX, IDLE_KEEPALIVE_START, IDLE_RELAYED_INTERVAL,
-    MAX_CANDIDATES, PING_EXPIRY, PROBE_BACKOFF_MAX, PROBE_BACKOFF_MIN, RELAY_PING_INTERVAL,
-    SWITCH_RTT_RATIO,
+    DIRECT_TIMEOUT, IDLE_AFTER, IDLE_KEEPALIVE_MAX, IDLE_KEEPALIVE_START, IDLE_PROBE_MAX,
+    IDLE_RELAYED_INTERVAL, MAX_CANDIDATES, PING_EXPIRY, PROBE_BACKOFF_MAX, PROBE_BACKOFF_MIN,
+    RELAY_PING_INTERVAL, SWITCH_RTT_RATIO,
 };
 use super::pmtu::{PathKind, PathMtu};
 
@@ -422,12 +423,16 @@ impl PathSelection {
                 // Ask the peer (through the relay) to probe us at the same moment, so both
                 // NATs open their mappings towards each other together.
                 probes.push(Probe::CallMe);
-                self.next_probe = now + self.backoff;
                 let cap = if idle {
-                    IDLE_RELAYED_INTERVAL
+                    // Idle rounds come at least IDLE_RELAYED_INTERVAL apart and back off
+                    // from there: between two NATs no round opened, the next one likely
+                    // will not either, and the first byte probes again at once.
+                    self.backoff = self.backoff.max(IDLE_RELAYED_INTERVAL);
+                    IDLE_PROBE_MAX
                 } else {
                     PROBE_BACKOFF_MAX
                 };
+                self.next_probe = now + self.backoff;
                 self.backoff = (self.backoff * 2).min(cap);
             }
             if now >= self.next_relay_ping {
@@ -721,6 +726,63 @@ mod tests {
             }
         }
         (sent, None)
+    }
+
+    /// Runs `p`'s timers every second from `from` until `until`; the times probe rounds (a
+    /// call-me) and relay pings left.
+    fn run_relayed(
+        p: &mut PathSelection,
+        from: Instant,
+        until: Instant,
+    ) -> (Vec<Instant>, Vec<Instant>) {
+        let (mut rounds, mut relay_pings) = (Vec::new(), Vec::new());
+        let mut now = from;
+        let mut probes = Vec::new();
+        while now < until {
+            now += Duration::from_secs(1);
+            probes.clear();
+            assert_eq!(p.handle_timeout(now, &mut probes), None, "stays relayed");
+            for probe in &probes {
+                match probe {
+                    Probe::CallMe => rounds.push(now),
+                    Probe::Ping { addr: None, .. } => relay_pings.push(now),
+                    Probe::Ping { .. } => {}
+                }
+            }
+        }
+        (rounds, relay_pings)
+    }
+
+    #[test]
+    fn an_idle_relayed_peer_probes_ever_more_rarely_and_at_once_when_active_again() {
+        let t0 = Instant::now();
+        let mut p = PathSelection::new(t0);
+        p.set_announced([addr("198.51.100.7:4000")]);
+        p.note_activity(t0, (1, 1));
+        // Three idle hours: after the active backoff, rounds at 5, 10, 20, then every 30 min.
+        let end = t0 + Duration::from_secs(3 * 3600);
+        let (rounds, relay_pings) = run_relayed(&mut p, t0, end);
+        let gaps: Vec<u64> = rounds
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs())
+            .skip_while(|g| *g <= PROBE_BACKOFF_MAX.as_secs())
+            .collect();
+        assert_eq!(&gaps[..4], &[300, 600, 1200, 1800], "{gaps:?}");
+        assert!(gaps[4..].iter().all(|g| *g == 1800), "{gaps:?}");
+        assert!(
+            rounds.len() <= 20,
+            "{} rounds in three idle hours",
+            rounds.len()
+        );
+        // The relay RTT is still measured every 5 minutes.
+        let last = *relay_pings.last().expect("relay pings");
+        let before = relay_pings[relay_pings.len() - 2];
+        assert_eq!((last - before).as_secs(), IDLE_RELAYED_INTERVAL.as_secs());
+        // A byte ends it: a round at once, then the active backoff again.
+        p.note_activity(end, (2, 2));
+        let (rounds, _) = run_relayed(&mut p, end, end + Duration::from_secs(10));
+        assert_eq!(rounds.first(), Some(&(end + Duration::from_secs(1))));
+        assert!(rounds.len() >= 2, "{rounds:?}");
     }
 
     #[test]
