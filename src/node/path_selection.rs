@@ -21,8 +21,8 @@
 //! more. The interval is also held to what our own NAT is known to keep, as the relay session
 //! learned it: a too-long guess there costs one registration, here a direct path. A ping from the peer on the idle direct path counts as a keepalive of ours (its ping
 //! and our pong refresh both NATs), so an idle pair settles on one side pinging. A relayed
-//! idle peer's RTT is measured every [`IDLE_RELAYED_INTERVAL`]; its probe rounds come at least
-//! that far apart and back off, doubling, to [`IDLE_PROBE_MAX`].
+//! idle peer's RTT is measured every [`IDLE_RELAYED_INTERVAL`]; its probe rounds keep backing
+//! off, doubling past [`PROBE_BACKOFF_MAX`], to [`IDLE_PROBE_MAX`].
 //! The first byte after idleness makes the peer active again: a direct path is pinged at once
 //! (and abandoned within [`DIRECT_TIMEOUT`] if it died meanwhile), a relayed one is probed
 //! again from the shortest backoff.
@@ -331,9 +331,14 @@ impl PathSelection {
         self.suppressed
     }
 
-    /// Starts probing again soon (new information about the peer).
+    /// Starts probing again soon (new information about the peer): a round at once and,
+    /// while active, the shortest backoff again. An idle peer gets the one round and keeps
+    /// its long backoff: a peer behind a symmetric NAT announces a new mapping now and then,
+    /// and each must not start a burst of rounds nobody is waiting for.
     pub(crate) fn reset_backoff(&mut self, now: Instant) {
-        self.backoff = PROBE_BACKOFF_MIN;
+        if !self.is_idle(now) {
+            self.backoff = PROBE_BACKOFF_MIN;
+        }
         if self.is_relayed() {
             self.next_probe = now;
         }
@@ -424,10 +429,9 @@ impl PathSelection {
                 // NATs open their mappings towards each other together.
                 probes.push(Probe::CallMe);
                 let cap = if idle {
-                    // Idle rounds come at least IDLE_RELAYED_INTERVAL apart and back off
-                    // from there: between two NATs no round opened, the next one likely
-                    // will not either, and the first byte probes again at once.
-                    self.backoff = self.backoff.max(IDLE_RELAYED_INTERVAL);
+                    // Idle rounds keep backing off past the active cap: between two NATs
+                    // no round opened, the next one likely will not either, and the first
+                    // byte probes again at once.
                     IDLE_PROBE_MAX
                 } else {
                     PROBE_BACKOFF_MAX
@@ -759,7 +763,7 @@ mod tests {
         let mut p = PathSelection::new(t0);
         p.set_announced([addr("198.51.100.7:4000")]);
         p.note_activity(t0, (1, 1));
-        // Three idle hours: after the active backoff, rounds at 5, 10, 20, then every 30 min.
+        // Three idle hours: past the active cap the gaps go on doubling, then every 30 min.
         let end = t0 + Duration::from_secs(3 * 3600);
         let (rounds, relay_pings) = run_relayed(&mut p, t0, end);
         let gaps: Vec<u64> = rounds
@@ -767,8 +771,16 @@ mod tests {
             .map(|w| (w[1] - w[0]).as_secs())
             .skip_while(|g| *g <= PROBE_BACKOFF_MAX.as_secs())
             .collect();
-        assert_eq!(&gaps[..4], &[300, 600, 1200, 1800], "{gaps:?}");
-        assert!(gaps[4..].iter().all(|g| *g == 1800), "{gaps:?}");
+        let cap = IDLE_PROBE_MAX.as_secs();
+        let settled = gaps
+            .iter()
+            .position(|g| *g == cap)
+            .expect("reaches the cap");
+        assert!(settled >= 4, "{gaps:?}");
+        for w in gaps[..=settled].windows(2) {
+            assert!(w[1] == 2 * w[0] || w[1] == cap, "doubling: {gaps:?}");
+        }
+        assert!(gaps[settled..].iter().all(|g| *g == cap), "{gaps:?}");
         assert!(
             rounds.len() <= 20,
             "{} rounds in three idle hours",
@@ -778,6 +790,13 @@ mod tests {
         let last = *relay_pings.last().expect("relay pings");
         let before = relay_pings[relay_pings.len() - 2];
         assert_eq!((last - before).as_secs(), IDLE_RELAYED_INTERVAL.as_secs());
+        // News about an idle peer (a new mapping announced) is probed once, at once, and the
+        // long backoff stays.
+        p.reset_backoff(end);
+        let news = end + IDLE_PROBE_MAX / 2;
+        let (rounds, _) = run_relayed(&mut p, end, news);
+        assert_eq!(rounds, vec![end + Duration::from_secs(1)], "one round");
+        let end = news;
         // A byte ends it: a round at once, then the active backoff again.
         p.note_activity(end, (2, 2));
         let (rounds, _) = run_relayed(&mut p, end, end + Duration::from_secs(10));
