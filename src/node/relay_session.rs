@@ -26,10 +26,11 @@
 //! refresh asks the relay to answer only after a delay and nothing else goes to the relay
 //! meanwhile; the next refresh follows the answer at once. An answer that arrives proves our
 //! NAT kept the mapping that long with nothing sent, and the delay grows by half, from
-//! [`RELAY_KEEPALIVE_START`] (or [`RELAY_KEEPALIVE_MAX`] without a NAT) up to a ceiling; an
-//! answer that does not arrive is followed by a full registration, and if the relay answers
-//! that, the NAT forgot the mapping: the last delay that worked becomes the ceiling (tried
-//! higher again after `CEILING_RETRY_AFTER` answers in a row). The longest proven delay also
+//! [`RELAY_KEEPALIVE_START`] (or [`RELAY_KEEPALIVE_MAX`] without a NAT); an answer that does
+//! not arrive is followed by a full registration, and if the relay answers that, the NAT
+//! forgot the mapping: the next delay is halfway between the longest that worked and the
+//! shortest that failed, until they are close (`KEEPALIVE_RESOLUTION`), and the search starts
+//! again after `CEILING_RETRY_AFTER` answers in a row. The longest proven delay also
 //! holds idle direct paths' keepalives (`RelaySession::proven_keepalive`). So an idle member
 //! sends the relay one small datagram per NAT timeout, and a relay that restarted hears from
 //! it within [`RELAY_KEEPALIVE_MAX`]. The end of quiet (or relayed traffic) gives up a pending
@@ -92,10 +93,14 @@ pub const RELAY_KEEPALIVE_START: Duration = Duration::from_secs(25);
 /// keep an idle UDP mapping, and the longest a restarted relay goes without hearing from a
 /// quiet member.
 pub const RELAY_KEEPALIVE_MAX: Duration = Duration::from_secs(120);
-/// Delayed answers that must arrive in a row at a lowered ceiling before a longer delay is
-/// tried again (a lost answer lowers the ceiling as an expired mapping does; this undoes it
-/// within hours, not never).
+/// Delayed answers that must arrive in a row at the settled delay before longer delays are
+/// tried again (a lost answer counts as a failed delay, as an expired mapping does; this
+/// undoes it within hours, not never).
 const CEILING_RETRY_AFTER: u32 = 100;
+/// The keepalive search stops once the shortest delay that failed is within this fraction
+/// of the longest that worked (which it then keeps): against the 120 s of Linux conntrack
+/// it settles near 111 s, against a 60 s NAT at 56 s, with a margin below the timeout.
+const KEEPALIVE_RESOLUTION: f64 = 0.15;
 /// First retry delay while the relay does not answer; doubles up to [`REGISTER_RETRY_MAX`].
 pub const REGISTER_RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest retry delay while the relay does not answer.
@@ -257,17 +262,23 @@ pub(crate) struct RelaySession {
 }
 
 /// The learned answer delay of a quiet session: how long the NAT keeps our mapping towards
-/// the relay with nothing sent on it.
+/// the relay with nothing sent on it. Delays grow by half until one fails; from then on the
+/// next try is halfway between the longest that worked and the shortest that failed, until
+/// the two are within [`KEEPALIVE_RESOLUTION`] of each other.
 #[derive(Debug, Clone, Copy)]
 struct Keepalive {
+    /// The delay the next quiet refresh asks for.
     delay: Duration,
-    /// Highest delay allowed: lowered to the last good one when a longer one failed.
-    ceiling: Duration,
+    /// The longest delay that worked since the last failure (the one to fall back to).
+    good: Duration,
+    /// The shortest delay known to fail, until [`CEILING_RETRY_AFTER`] answers in a row at
+    /// the settled delay forget it.
+    failed: Option<Duration>,
     /// A delayed answer went missing: if the relay answers the registration that follows,
     /// the NAT forgot the mapping, and the delay is too long.
     missed: bool,
-    /// Delayed answers in a row at the ceiling.
-    at_ceiling: u32,
+    /// Delayed answers in a row at the settled delay.
+    settled_answers: u32,
     /// The longest delay known to work.
     proven: Duration,
 }
@@ -276,9 +287,10 @@ impl Keepalive {
     fn new() -> Self {
         Self {
             delay: RELAY_KEEPALIVE_START,
-            ceiling: RELAY_KEEPALIVE_MAX,
+            good: RELAY_KEEPALIVE_START,
+            failed: None,
             missed: false,
-            at_ceiling: 0,
+            settled_answers: 0,
             proven: RELAY_KEEPALIVE_START,
         }
     }
@@ -288,25 +300,38 @@ impl Keepalive {
         if delay < self.delay {
             return;
         }
-        if self.delay >= self.ceiling && self.ceiling < RELAY_KEEPALIVE_MAX {
-            self.at_ceiling += 1;
-            if self.at_ceiling >= CEILING_RETRY_AFTER {
-                self.at_ceiling = 0;
-                self.ceiling = (self.ceiling * 3 / 2).min(RELAY_KEEPALIVE_MAX);
-            }
-        }
+        self.good = delay;
         self.proven = self.proven.max(delay);
-        self.delay = (self.delay * 3 / 2).min(self.ceiling);
+        self.delay = match self.failed {
+            None => (delay * 3 / 2).min(RELAY_KEEPALIVE_MAX),
+            Some(failed) if failed.saturating_sub(delay) > delay.mul_f64(KEEPALIVE_RESOLUTION) => {
+                (delay + failed) / 2
+            }
+            Some(_) => {
+                // Settled. A lost answer looks like an expired mapping: after many answers
+                // in a row, forget the failure and search upwards again.
+                self.settled_answers += 1;
+                if self.settled_answers >= CEILING_RETRY_AFTER {
+                    self.settled_answers = 0;
+                    self.failed = None;
+                }
+                delay
+            }
+        };
     }
 
     /// The relay answered the registration after a missed delayed answer: the mapping did not
-    /// last; the last delay that worked becomes the ceiling.
+    /// last that long. The longest delay that worked is tried again; if that one was what
+    /// failed (the NAT changed), a third shorter.
     fn expired(&mut self) {
-        let good = (self.delay * 2 / 3).max(RELAY_KEEPALIVE_START);
-        self.ceiling = good;
-        self.delay = good;
-        self.proven = self.proven.min(good);
-        self.at_ceiling = 0;
+        let failed = self.delay;
+        self.failed = Some(self.failed.map_or(failed, |f| f.min(failed)));
+        if self.good >= failed {
+            self.good = (failed * 2 / 3).max(RELAY_KEEPALIVE_START);
+        }
+        self.delay = self.good;
+        self.proven = self.proven.min(self.good);
+        self.settled_answers = 0;
     }
 }
 
@@ -391,7 +416,7 @@ impl RelaySession {
     /// Starts the keepalive delay at its maximum when we are not behind a NAT (the refresh
     /// then only checks the relay is there).
     pub(crate) fn set_no_nat(&mut self, no_nat: bool) {
-        if no_nat && self.keepalive.ceiling == RELAY_KEEPALIVE_MAX {
+        if no_nat && self.keepalive.failed.is_none() {
             self.keepalive.delay = RELAY_KEEPALIVE_MAX;
             self.keepalive.proven = RELAY_KEEPALIVE_MAX;
         }
@@ -1235,25 +1260,44 @@ mod tests {
         acked(&mut s, t0, 1);
         let mut ts = 1;
         let hour = Duration::from_secs(3600);
-        // A NAT that keeps mappings 60 s: delays grow 25, 37.5, 56, then 84 is lost, and the
-        // ceiling settles at 56 s.
+        // A NAT that keeps mappings 60 s: delays grow 25, 37.5, 56, then 84 is lost; halfway
+        // between 56 and 84 (70) and then 63 are lost too, and the delay settles at 56 s.
         let sent = run_quiet(&mut s, t0, t0 + hour, &mut ts, Duration::from_secs(60));
-        let delays: Vec<u64> = sent
-            .iter()
-            .filter_map(|(_, k)| match k {
-                Registration::Refresh { answer_after } => Some(answer_after.as_secs()),
-                Registration::Full => None,
-            })
-            .collect();
-        assert_eq!(&delays[..4], &[25, 37, 56, 84], "{delays:?}");
-        assert!(delays[4..].iter().all(|d| *d == 56), "{delays:?}");
-        let fulls = sent
-            .iter()
-            .filter(|(_, k)| *k == Registration::Full)
-            .count();
-        assert_eq!(fulls, 1, "one registration after the lost answer: {sent:?}");
+        let delays = |sent: &[(Instant, Registration)]| -> Vec<u64> {
+            sent.iter()
+                .filter_map(|(_, k)| match k {
+                    Registration::Refresh { answer_after } => Some(answer_after.as_secs()),
+                    Registration::Full => None,
+                })
+                .collect()
+        };
+        let fulls = |sent: &[(Instant, Registration)]| {
+            sent.iter()
+                .filter(|(_, k)| *k == Registration::Full)
+                .count()
+        };
+        let d = delays(&sent);
+        assert_eq!(&d[..9], &[25, 37, 56, 84, 56, 70, 56, 63, 56], "{d:?}");
+        assert!(d[9..].iter().all(|d| *d == 56), "{d:?}");
+        assert_eq!(
+            fulls(&sent),
+            3,
+            "one registration per lost answer: {sent:?}"
+        );
         assert!(s.answering(), "the relay never counted as lost");
-        assert!(sent.len() < 75, "{} registrations in an hour", sent.len());
+        assert!(sent.len() < 80, "{} registrations in an hour", sent.len());
+        assert_eq!(s.proven_keepalive().as_secs(), 56);
+
+        // Linux conntrack's 120 s (a delay of exactly that loses the race): 120 is lost, 102
+        // and then 111 work, and it stays there.
+        let mut s = session(t0);
+        acked(&mut s, t0, 1);
+        let sent = run_quiet(&mut s, t0, t0 + hour, &mut ts, Duration::from_secs(118));
+        let d = delays(&sent);
+        assert_eq!(&d[..8], &[25, 37, 56, 84, 120, 84, 102, 111], "{d:?}");
+        assert!(d[8..].iter().all(|d| *d == 111), "{d:?}");
+        assert_eq!(fulls(&sent), 1, "{sent:?}");
+        assert!(sent.len() < 40, "{} registrations in an hour", sent.len());
 
         // Not behind a NAT: the longest delay from the start.
         let mut s = session(t0);
