@@ -23,7 +23,7 @@
 //! of one member of each over the same `MESHVPN_BENCH_IDLE_S` idle seconds (default 900;
 //! after 30 s of quiet; 0 skips it): bytes do not depend on CPU, so the tunnels share the
 //! window, and a long window sees the sparse timers (relay refreshes every 1–2 minutes, idle
-//! relayed probe rounds 5 to 30 minutes apart) rather than the tail of setup. Then every path
+//! relayed probe rounds doubling to 30 minutes apart) rather than the tail of setup. Then every path
 //! gets a fresh lab in every run: it reads the agents' RSS,
 //! pings (20 at 0.05 s), runs `iperf3` with 1 and 4 streams both ways for
 //! `MESHVPN_BENCH_SECONDS` (default 5) each while summing both agents' CPU time, pings again

@@ -170,7 +170,7 @@ fn an_idle_relayed_pair_stays_quiet_too() {
         "relayed pair (symmetric NATs), idle hour: per day {path} B of direct probes, {relay} B with the relay"
     );
     // Probe rounds (a ping to each candidate and a call-me) backing off, doubling, to 30 minutes
-    // apart, the relay RTT measured every 5 minutes; a refresh every 25 s for a NAT that
+    // apart, the relay RTT measured every 30 minutes; a refresh every 25 s for a NAT that
     // forgets after 30 s.
     assert!(path < 120_000, "{path} B a day of direct probes");
     assert!(relay < 2_000_000, "{relay} B a day with the relay");

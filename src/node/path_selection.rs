@@ -786,7 +786,7 @@ mod tests {
             "{} rounds in three idle hours",
             rounds.len()
         );
-        // The relay RTT is still measured every 5 minutes.
+        // The relay RTT is still measured every 30 minutes.
         let last = *relay_pings.last().expect("relay pings");
         let before = relay_pings[relay_pings.len() - 2];
         assert_eq!((last - before).as_secs(), IDLE_RELAYED_INTERVAL.as_secs());

@@ -55,8 +55,9 @@ pub const IDLE_KEEPALIVE_START: Duration = Duration::from_secs(25);
 /// mapping (and Linux keeps an answered one), with room for a lost keepalive. Between two
 /// members without NAT this is the interval from the start (it only checks liveness).
 pub const IDLE_KEEPALIVE_MAX: Duration = Duration::from_secs(100);
-/// While idle and relayed: the relay RTT is measured this often.
-pub const IDLE_RELAYED_INTERVAL: Duration = Duration::from_secs(300);
+/// While idle and relayed: the relay RTT is measured this often (it only feeds `status`
+/// then; the first byte measures it again at once).
+pub const IDLE_RELAYED_INTERVAL: Duration = Duration::from_secs(1800);
 /// While idle and relayed, probe rounds back off (doubling on past [`PROBE_BACKOFF_MAX`]) up
 /// to this: a pair behind NATs that no round opened rarely gets a direct path by waiting, and
 /// its first byte probes again at once.
