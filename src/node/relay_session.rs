@@ -30,7 +30,7 @@
 //! not arrive is followed by a full registration, and if the relay answers that, the NAT
 //! forgot the mapping: the next delay is halfway between the longest that worked and the
 //! shortest that failed, until they are close (`KEEPALIVE_RESOLUTION`), and the search starts
-//! again after `CEILING_RETRY_AFTER` answers in a row. The longest proven delay also
+//! again after `SEARCH_AGAIN_AFTER` answers in a row. The longest proven delay also
 //! holds idle direct paths' keepalives (`RelaySession::proven_keepalive`). So an idle member
 //! sends the relay one small datagram per NAT timeout, and a relay that restarted hears from
 //! it within [`RELAY_KEEPALIVE_MAX`]. The end of quiet (or relayed traffic) gives up a pending
@@ -96,7 +96,7 @@ pub const RELAY_KEEPALIVE_MAX: Duration = Duration::from_secs(120);
 /// Delayed answers that must arrive in a row at the settled delay before longer delays are
 /// tried again (a lost answer counts as a failed delay, as an expired mapping does; this
 /// undoes it within hours, not never).
-const CEILING_RETRY_AFTER: u32 = 100;
+const SEARCH_AGAIN_AFTER: u32 = 100;
 /// The keepalive search stops once the shortest delay that failed is within this fraction
 /// of the longest that worked (which it then keeps): against the 120 s of Linux conntrack
 /// it settles near 111 s, against a 60 s NAT at 56 s, with a margin below the timeout.
@@ -269,9 +269,9 @@ pub(crate) struct RelaySession {
 struct Keepalive {
     /// The delay the next quiet refresh asks for.
     delay: Duration,
-    /// The longest delay that worked since the last failure (the one to fall back to).
+    /// The longest delay known to work (since the last failure: the one to fall back to).
     good: Duration,
-    /// The shortest delay known to fail, until [`CEILING_RETRY_AFTER`] answers in a row at
+    /// The shortest delay known to fail, until [`SEARCH_AGAIN_AFTER`] answers in a row at
     /// the settled delay forget it.
     failed: Option<Duration>,
     /// A delayed answer went missing: if the relay answers the registration that follows,
@@ -279,8 +279,6 @@ struct Keepalive {
     missed: bool,
     /// Delayed answers in a row at the settled delay.
     settled_answers: u32,
-    /// The longest delay known to work.
-    proven: Duration,
 }
 
 impl Keepalive {
@@ -291,7 +289,6 @@ impl Keepalive {
             failed: None,
             missed: false,
             settled_answers: 0,
-            proven: RELAY_KEEPALIVE_START,
         }
     }
 
@@ -301,7 +298,6 @@ impl Keepalive {
             return;
         }
         self.good = delay;
-        self.proven = self.proven.max(delay);
         self.delay = match self.failed {
             None => (delay * 3 / 2).min(RELAY_KEEPALIVE_MAX),
             Some(failed) if failed.saturating_sub(delay) > delay.mul_f64(KEEPALIVE_RESOLUTION) => {
@@ -311,7 +307,7 @@ impl Keepalive {
                 // Settled. A lost answer looks like an expired mapping: after many answers
                 // in a row, forget the failure and search upwards again.
                 self.settled_answers += 1;
-                if self.settled_answers >= CEILING_RETRY_AFTER {
+                if self.settled_answers >= SEARCH_AGAIN_AFTER {
                     self.settled_answers = 0;
                     self.failed = None;
                 }
@@ -330,7 +326,6 @@ impl Keepalive {
             self.good = (failed * 2 / 3).max(RELAY_KEEPALIVE_START);
         }
         self.delay = self.good;
-        self.proven = self.proven.min(self.good);
         self.settled_answers = 0;
     }
 }
@@ -418,7 +413,7 @@ impl RelaySession {
     pub(crate) fn set_no_nat(&mut self, no_nat: bool) {
         if no_nat && self.keepalive.failed.is_none() {
             self.keepalive.delay = RELAY_KEEPALIVE_MAX;
-            self.keepalive.proven = RELAY_KEEPALIVE_MAX;
+            self.keepalive.good = RELAY_KEEPALIVE_MAX;
         }
     }
 
@@ -431,7 +426,7 @@ impl RelaySession {
     /// The longest time with nothing sent that our NAT is known to keep the mapping to this
     /// relay (the longest delayed answer that arrived; the first delay until one did).
     pub(crate) fn proven_keepalive(&self) -> Duration {
-        self.keepalive.proven
+        self.keepalive.good
     }
 
     /// How long the registration in flight may take to be answered.
