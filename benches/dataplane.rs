@@ -82,16 +82,18 @@ enum Kind {
     Raw,
     Floor,
     Direct,
+    PerCpu,
     Relayed,
     Nebula,
     WireguardGo,
 }
 
 impl Kind {
-    const ALL: [Kind; 6] = [
+    const ALL: [Kind; 7] = [
         Kind::Raw,
         Kind::Floor,
         Kind::Direct,
+        Kind::PerCpu,
         Kind::Relayed,
         Kind::Nebula,
         Kind::WireguardGo,
@@ -102,6 +104,7 @@ impl Kind {
             Kind::Raw => "raw underlay",
             Kind::Floor => "userspace floor",
             Kind::Direct => "meshvpn direct",
+            Kind::PerCpu => "meshvpn per-CPU",
             Kind::Relayed => "meshvpn relayed",
             Kind::Nebula => "nebula",
             Kind::WireguardGo => "wireguard-go",
@@ -111,7 +114,7 @@ impl Kind {
     /// Why this path cannot run here (a missing tool and how to install it), if so.
     fn missing(self) -> Option<&'static str> {
         let need: &[(&str, &str)] = match self {
-            Kind::Raw | Kind::Floor | Kind::Direct | Kind::Relayed => &[],
+            Kind::Raw | Kind::Floor | Kind::Direct | Kind::PerCpu | Kind::Relayed => &[],
             Kind::Nebula => &[("nebula", "nebula"), ("nebula-cert", "nebula")],
             Kind::WireguardGo => &[("wireguard-go", "wireguard-go"), ("wg", "wireguard-tools")],
         };
@@ -312,8 +315,9 @@ fn setup(kind: Kind, tag: &str) -> Result<Setup> {
     match kind {
         Kind::Raw => setup_raw(tag),
         Kind::Floor => setup_floor(tag),
-        Kind::Direct => setup_meshvpn(tag, None),
-        Kind::Relayed => setup_meshvpn(tag, Some(Nat::Symmetric)),
+        Kind::Direct => setup_meshvpn(tag, None, EXE.as_ref()),
+        Kind::PerCpu => setup_meshvpn(tag, None, &per_cpu_wrapper()?),
+        Kind::Relayed => setup_meshvpn(tag, Some(Nat::Symmetric), EXE.as_ref()),
         Kind::Nebula => setup_nebula(tag),
         Kind::WireguardGo => setup_wireguard_go(tag),
     }
@@ -330,7 +334,8 @@ fn one_run(kind: Kind, run: usize, cfg: &Config) -> Result<Sample> {
 fn idle_phase(kinds: &[Kind], cfg: &Config) -> Result<Vec<(Kind, f64)>> {
     let mut setups = Vec::new();
     for &kind in kinds {
-        if kind == Kind::Raw || kind.missing().is_some() {
+        // The per-CPU mode sends exactly what the default one does while idle.
+        if kind == Kind::Raw || kind == Kind::PerCpu || kind.missing().is_some() {
             continue;
         }
         let tag = format!("dpi-{kind:?}").to_lowercase();
@@ -554,15 +559,24 @@ fn setup_floor(tag: &str) -> Result<Setup> {
     })
 }
 
+/// A script that runs the meshvpn binary with `MESHVPN_PER_CPU=1` (the low-latency mode).
+fn per_cpu_wrapper() -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("meshvpn-bench-{}", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    let path = dir.join("meshvpn");
+    fs::write(
+        &path,
+        format!("#!/bin/sh\nexec env MESHVPN_PER_CPU=1 '{EXE}' \"$@\"\n"),
+    )?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
+    Ok(path)
+}
+
 /// Two members, both public (`nat` = `None`: must go direct) or both behind `nat` (must stay
 /// relayed); measures the time to first packet on the way.
-fn setup_meshvpn(tag: &str, nat: Option<Nat>) -> Result<Setup> {
-    let mut mesh = Mesh::new(
-        tag,
-        EXE.as_ref(),
-        &[("alice", nat), ("bob", nat)],
-        RELAY_PORT,
-    )?;
+fn setup_meshvpn(tag: &str, nat: Option<Nat>, exe: &std::path::Path) -> Result<Setup> {
+    let mut mesh = Mesh::new(tag, exe, &[("alice", nat), ("bob", nat)], RELAY_PORT)?;
     mesh.create_network("bench", Some("10.93.0.0/16"))?;
     mesh.join("alice")?;
     wait_until(
@@ -1015,6 +1029,18 @@ fn print_report(samples: &[(Kind, Vec<Sample>)], cfg: &Config) {
         )
     };
     let idle_overhead = diff(med(Kind::Direct, &|s| s.ping_idle_ms), raw_idle);
+    let per_cpu_overhead = diff(med(Kind::PerCpu, &|s| s.ping_idle_ms), raw_idle);
+    let per_cpu_vs_nebula = {
+        let per_cpu: Vec<Option<f64>> = run_values(samples, Kind::PerCpu, |s| s.mbit[0]);
+        let nebula: Vec<Option<f64>> = run_values(samples, Kind::Nebula, |s| s.mbit[0]);
+        median(
+            per_cpu
+                .iter()
+                .zip(&nebula)
+                .filter_map(|(d, n)| Some(d.as_ref()? / n.as_ref().filter(|n| **n > 0.0)?))
+                .collect(),
+        )
+    };
     let floor_overhead = diff(
         med(Kind::Direct, &|s| s.ping_idle_ms),
         med(Kind::Floor, &|s| s.ping_idle_ms),
@@ -1024,7 +1050,7 @@ fn print_report(samples: &[(Kind, Vec<Sample>)], cfg: &Config) {
         .filter_map(|k| med(*k, &|s| s.rss_idle_mb))
         .reduce(f64::max);
     let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b.filter(|b| *b > 0.0)?);
-    let targets: [(&str, String, Option<f64>, String, bool); 8] = [
+    let targets: [(&str, String, Option<f64>, String, bool); 10] = [
         (
             "direct 1 stream vs nebula (same run)",
             "≥ 3.0×".into(),
@@ -1062,6 +1088,20 @@ fn print_report(samples: &[(Kind, Vec<Sample>)], cfg: &Config) {
             floor_overhead,
             floor_overhead.map_or_else(|| "-".into(), |v| format!("{v:+.3} ms")),
             floor_overhead.is_some_and(|v| v <= 0.1),
+        ),
+        (
+            "ping overhead idle (per-CPU mode)",
+            "≤ 0.100 ms".into(),
+            per_cpu_overhead,
+            per_cpu_overhead.map_or_else(|| "-".into(), |v| format!("{v:+.3} ms")),
+            per_cpu_overhead.is_some_and(|v| v <= 0.1),
+        ),
+        (
+            "per-CPU mode 1 stream vs nebula",
+            "≥ 3.0×".into(),
+            per_cpu_vs_nebula,
+            per_cpu_vs_nebula.map_or_else(|| "-".into(), |v| format!("{v:.2}×")),
+            per_cpu_vs_nebula.is_some_and(|v| v >= 3.0),
         ),
         (
             "agent RSS idle (larger agent)",

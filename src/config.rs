@@ -99,6 +99,8 @@ struct FileNode {
     port_mapping: bool,
     #[serde(default = "default_true")]
     tun_offload: bool,
+    #[serde(default)]
+    per_cpu_data_path: bool,
     #[serde(default = "default_true")]
     relay_for_peers: bool,
     #[serde(default = "default_true")]
@@ -159,6 +161,10 @@ pub struct Config {
     /// coalesced writes out); the agent falls back without it where the kernel refuses, and
     /// the environment variable `MESHVPN_TUN_OFFLOAD=0` turns it off as well.
     pub tun_offload: bool,
+    /// Whether to run one data-path thread per CPU, each handed the packets sent and
+    /// received on its CPU (lower latency on multi-core hosts, less single-flow throughput;
+    /// see the agent's `cpus` module); `MESHVPN_PER_CPU=1` or `=0` overrides it.
+    pub per_cpu_data_path: bool,
     /// Whether this member carries other members' ciphertext between two members it reaches
     /// directly while no relay answers them (see the node's `helping` module).
     pub relay_for_peers: bool,
@@ -216,6 +222,7 @@ impl Config {
             stun_servers: Vec::new(),
             port_mapping: true,
             tun_offload: true,
+            per_cpu_data_path: false,
             relay_for_peers: true,
             dns: true,
             metrics: None,
@@ -367,6 +374,7 @@ impl Config {
             stun_servers: file.node.stun_servers,
             port_mapping: file.node.port_mapping,
             tun_offload: file.node.tun_offload,
+            per_cpu_data_path: file.node.per_cpu_data_path,
             relay_for_peers: file.node.relay_for_peers,
             dns: file.node.dns,
             metrics,
@@ -391,6 +399,7 @@ impl Config {
                 stun_servers: self.stun_servers.clone(),
                 port_mapping: self.port_mapping,
                 tun_offload: self.tun_offload,
+                per_cpu_data_path: self.per_cpu_data_path,
                 relay_for_peers: self.relay_for_peers,
                 dns: self.dns,
                 metrics: self.metrics.map(|a| a.to_string()),
@@ -866,6 +875,10 @@ mod tests {
         assert_eq!(c.network, "example");
         assert_eq!(c.mtu, DEFAULT_MTU);
         assert!(c.tun_offload, "offload is on unless turned off");
+        assert!(
+            !c.per_cpu_data_path,
+            "per-CPU threads are off unless turned on"
+        );
         assert!(c.dns, "member names are on unless turned off");
         assert_eq!(c.metrics, None, "metrics are off unless asked for");
     }

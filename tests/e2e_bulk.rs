@@ -2,7 +2,9 @@
 //! A bulk TCP transfer through the tunnel between two public members arrives intact, with
 //! TUN offload on (TSO super-packets in, coalesced writes out, UDP segmentation) and again
 //! with it forced off (`MESHVPN_TUN_OFFLOAD=0`): the receiver's SHA-256 of the stream must
-//! equal the sender's. Throughput of both runs is printed, never asserted.
+//! equal the sender's; and a third time in the per-CPU mode (`MESHVPN_PER_CPU=1`: a
+//! multi-queue TUN steered by CPU, a UDP socket and a pinned thread per CPU, all driving one
+//! node). Throughput of every run is printed, never asserted.
 //!
 //! Each run builds its own [`Mesh`], torn down on drop even when the run fails. Only lab
 //! addresses are ever contacted.
@@ -34,7 +36,7 @@ const STALL: Duration = Duration::from_secs(30);
 
 /// One run's figures.
 struct Run {
-    offload: bool,
+    mode: &'static str,
     mbit_s: f64,
 }
 
@@ -47,17 +49,19 @@ fn a_bulk_tcp_transfer_arrives_intact_with_tun_offload_on_and_off() -> Result<()
     let t0 = Instant::now();
     let scratch = std::env::temp_dir().join(format!("meshvpn-e2e-bulk-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
-    let off = wrapper(&scratch, "MESHVPN_TUN_OFFLOAD=0")?;
+    let off = wrapper(&scratch, "off", "MESHVPN_TUN_OFFLOAD=0")?;
+    let per_cpu = wrapper(&scratch, "percpu", "MESHVPN_PER_CPU=1")?;
     let runs = [
-        transfer("e2e-bulk-on", EXE.as_ref(), true),
-        transfer("e2e-bulk-off", &off, false),
+        transfer("e2e-bulk-on", EXE.as_ref(), Mode::Offload),
+        transfer("e2e-bulk-off", &off, Mode::NoOffload),
+        transfer("e2e-bulk-cpu", &per_cpu, Mode::PerCpu),
     ];
     let _ = std::fs::remove_dir_all(&scratch);
     let runs = runs.into_iter().collect::<Result<Vec<Run>>>()?;
     for r in &runs {
         println!(
-            "  offload {}: {} MiB in one TCP stream at {:.0} Mbit/s",
-            if r.offload { "on " } else { "off" },
+            "  {}: {} MiB in one TCP stream at {:.0} Mbit/s",
+            r.mode,
             TRANSFER >> 20,
             r.mbit_s
         );
@@ -69,8 +73,32 @@ fn a_bulk_tcp_transfer_arrives_intact_with_tun_offload_on_and_off() -> Result<()
     Ok(())
 }
 
-/// A script in `dir` that runs the meshvpn binary with the environment assignment `env`.
-fn wrapper(dir: &Path, env: &str) -> Result<PathBuf> {
+/// How the agents of one run move packets.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The defaults: TUN offload on, one data-path thread.
+    Offload,
+    /// `MESHVPN_TUN_OFFLOAD=0`.
+    NoOffload,
+    /// `MESHVPN_PER_CPU=1` (offload on).
+    PerCpu,
+}
+
+impl Mode {
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Offload => "offload on ",
+            Mode::NoOffload => "offload off",
+            Mode::PerCpu => "per-CPU    ",
+        }
+    }
+}
+
+/// A script `dir/name/meshvpn` that runs the meshvpn binary with the environment assignment
+/// `env`.
+fn wrapper(dir: &Path, name: &str, env: &str) -> Result<PathBuf> {
+    let dir = dir.join(name);
+    std::fs::create_dir_all(&dir)?;
     let path = dir.join("meshvpn");
     std::fs::write(&path, format!("#!/bin/sh\nexec env {env} '{EXE}' \"$@\"\n"))
         .with_context(|| format!("writing {}", path.display()))?;
@@ -79,8 +107,8 @@ fn wrapper(dir: &Path, env: &str) -> Result<PathBuf> {
 }
 
 /// Two public members on `exe`; alice streams [`TRANSFER`] bytes to bob over the tunnel and
-/// both sides hash them. `offload` is what the agents must report in their logs.
-fn transfer(tag: &str, exe: &Path, offload: bool) -> Result<Run> {
+/// both sides hash them. `mode` is what the agents must report in their logs.
+fn transfer(tag: &str, exe: &Path, mode: Mode) -> Result<Run> {
     let mut mesh = Mesh::new(tag, exe, &[("alice", None), ("bob", None)], RELAY_PORT)?;
     mesh.create_network(NETWORK, Some("10.81.0.0/16"))?;
     mesh.join("alice")?;
@@ -103,15 +131,29 @@ fn transfer(tag: &str, exe: &Path, offload: bool) -> Result<Run> {
             .lines()
             .find(|l| l.contains("TUN device ready"))
             .with_context(|| format!("{name}'s log does not say how its TUN device was set up"))?;
-        if offload {
-            // The kernel may refuse offload (the agent then falls back): say so, still test.
-            if !line.contains("offload=true") {
-                println!("  note: {name} runs without TUN offload here: {line}");
-            }
-        } else {
+        if mode == Mode::NoOffload {
             ensure!(
                 line.contains("offload=false"),
                 "{name} was told MESHVPN_TUN_OFFLOAD=0 but reports: {line}"
+            );
+        } else if !line.contains("offload=true") {
+            // The kernel may refuse offload (the agent then falls back): say so, still test.
+            println!("  note: {name} runs without TUN offload here: {line}");
+        }
+        let threads = log
+            .lines()
+            .find(|l| l.contains("data path:"))
+            .with_context(|| format!("{name}'s log does not say how its data path runs"))?;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if mode == Mode::PerCpu && cpus >= 2 {
+            ensure!(
+                threads.contains("one thread per CPU") && line.contains("steering=\"cpu\""),
+                "{name} was told MESHVPN_PER_CPU=1 on {cpus} CPUs but reports: {threads} / {line}"
+            );
+        } else if mode != Mode::PerCpu {
+            ensure!(
+                threads.contains("the control loop alone"),
+                "{name} runs its data path in the control loop by default, but reports: {threads}"
             );
         }
     }
@@ -156,7 +198,10 @@ fn transfer(tag: &str, exe: &Path, offload: bool) -> Result<Run> {
         &hex(&sent)[..16]
     );
     mesh.shutdown()?;
-    Ok(Run { offload, mbit_s })
+    Ok(Run {
+        mode: mode.label(),
+        mbit_s,
+    })
 }
 
 /// Writes [`TRANSFER`] pseudo-random bytes and closes; returns their hash.

@@ -10,6 +10,7 @@
 
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)] // the driver: owns the clock, tasks and sockets
 
+mod cpus;
 mod dns;
 mod floors;
 mod ifaddrs;
@@ -23,6 +24,7 @@ mod sockets;
 pub(crate) mod stream;
 mod tun;
 mod udp;
+mod workers;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -49,6 +51,7 @@ use relay_streams::RelayStreams;
 use sockets::ExtraSockets;
 use tun::TunIo;
 use udp::UdpIo;
+use workers::Workers;
 
 /// How often the host's addresses are re-read (a change is re-announced to peers).
 const ENDPOINT_REFRESH: Duration = Duration::from_secs(10);
@@ -118,13 +121,30 @@ pub async fn run(
     let relay = relays[0].clone();
     let ifname = cfg.interface_name();
 
-    let (socket, dual_stack) = bind_udp(cfg.listen_port).map_err(|e| {
+    let cpus = if cpus::wanted(
+        cfg.per_cpu_data_path,
+        std::env::var(cpus::PER_CPU_ENV).ok().as_deref(),
+    ) {
+        cpus::data_path_cpus().unwrap_or(0)
+    } else {
+        0
+    };
+    let group = match cpus::bind_group(cfg.listen_port, cpus) {
+        Err(e) if cpus > 0 && e.kind() != std::io::ErrorKind::AddrInUse => {
+            tracing::warn!(%e, "could not bind a UDP socket per CPU; one socket, one data-path thread");
+            cpus::bind_group(cfg.listen_port, 0)
+        }
+        bound => bound,
+    }
+    .map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             anyhow::anyhow!("UDP port {} is already in use (another agent or program holds it); set a different node.listen_port", cfg.listen_port)
         } else {
             anyhow::anyhow!("binding UDP port {}: {e}", cfg.listen_port)
         }
     })?;
+    let dual_stack = group.dual_stack;
+    let socket = UdpSocket::from_std(group.main).context("setting up the UDP socket")?;
     let mut udp = UdpIo::new(socket, dual_stack).context("setting up the UDP socket")?;
     let port = udp
         .local_addr()
@@ -137,13 +157,14 @@ pub async fn run(
     );
     let overlay_ipv6 =
         crate::addressing::overlay_ipv6(&cfg.secret.derive().network_id, &cfg.private_key.public());
-    let mut tun = TunIo::open(
+    let (mut tun, queues) = TunIo::open(
         &ifname,
         cfg.virtual_ip,
         cfg.subnet.prefix_len(),
         overlay_ipv6,
         cfg.mtu,
         want_offload,
+        group.per_cpu.len(),
     )
     .map_err(|e| {
         if e.kind() == std::io::ErrorKind::PermissionDenied {
@@ -188,6 +209,25 @@ pub async fn run(
         relays = ?relay_addrs, public_key = %node.public_key(), "agent started"
     );
 
+    let shared = workers::Shared::new(node);
+    // Queues and sockets come in pairs; if the TUN fell back to one queue the per-CPU
+    // sockets close here and the main socket gets every datagram.
+    let worker_sockets = if queues.len() == group.per_cpu.len() {
+        group.per_cpu
+    } else {
+        Vec::new()
+    };
+    let workers = Workers::start(&shared, queues, worker_sockets, dual_stack);
+    tracing::info!(
+        threads = workers.len(),
+        "data path: {}",
+        if workers.len() > 0 {
+            "one thread per CPU, pinned, beside the control loop"
+        } else {
+            "the control loop alone"
+        }
+    );
+
     let (control_tx, mut control_rx) = mpsc::channel::<(Request, oneshot::Sender<String>)>(16);
     if let Some(listener) = metrics_listener {
         tokio::spawn(crate::metrics::serve(listener, control_tx.clone()));
@@ -213,6 +253,7 @@ pub async fn run(
     };
 
     loop {
+        let mut node = shared.node.lock().await;
         let mut io = Executor {
             udp: &mut udp,
             tun: &mut tun,
@@ -243,7 +284,7 @@ pub async fn run(
             let addrs: Vec<SocketAddr> = (0..node.relay_count())
                 .filter_map(|r| node.relay_addr(r))
                 .collect();
-            node = start_node(&cfg, &addrs, &stun_servers, &floors_path);
+            *node = start_node(&cfg, &addrs, &stun_servers, &floors_path);
             node.set_local_endpoints(Instant::now(), local_endpoints(port, &ifname, dual_stack));
             stream.close_all();
             extra.retain(&node.active_sockets());
@@ -261,17 +302,20 @@ pub async fn run(
         .flatten()
         .min()
         .unwrap_or_else(|| Instant::now() + IDLE_WAKE);
+        shared.arm(deadline);
+        drop(node);
         let deadline = tokio::time::Instant::from_std(deadline);
         tokio::select! {
             r = udp.readable() => match r {
                 Ok(()) => {
+                    let mut node = shared.node.lock().await;
                     let now = Instant::now();
                     udp.receive(READ_BUDGET, |from, bytes| node.handle_udp(now, from, bytes));
                 }
                 Err(e) => tracing::debug!(%e, "UDP socket failed"),
             },
-            Some((n, from, bytes)) = extra_rx.recv() => node.handle_udp_on(Instant::now(), n, sockaddr::unmap(from), &bytes),
-            (r, ev) = stream.recv() => match ev {
+            Some((n, from, bytes)) = extra_rx.recv() => shared.node.lock().await.handle_udp_on(Instant::now(), n, sockaddr::unmap(from), &bytes),
+            (r, ev) = stream.recv() => { let mut node = shared.node.lock().await; match ev {
                 StreamEvent::Datagram(d) => node.handle_relay_stream(Instant::now(), r, &d),
                 StreamEvent::Connected(result) => match stream.get(r).and_then(|s| s.handle_connected(result)) {
                     Some(kind) => node.handle_relay_stream_up(Instant::now(), r, kind),
@@ -283,16 +327,18 @@ pub async fn run(
                     }
                     node.handle_relay_stream_down(Instant::now(), r);
                 }
-            },
+            }},
             r = tun.readable() => match r {
                 Ok(()) => {
+                    let mut node = shared.node.lock().await;
                     let now = Instant::now();
                     tun.receive(READ_BUDGET, |packet| node.handle_tun_packet(now, packet));
                 }
                 Err(e) => tracing::debug!(%e, "TUN device failed"),
             },
-            _ = tokio::time::sleep_until(deadline) => node.handle_timeout(Instant::now()),
-            Some((req, reply)) = control_rx.recv() => match req {
+            _ = tokio::time::sleep_until(deadline) => shared.node.lock().await.handle_timeout(Instant::now()),
+            () = shared.wake.notified() => {}
+            Some((req, reply)) = control_rx.recv() => { let mut node = shared.node.lock().await; match req {
                 Request::Status => {
                     let now = Instant::now();
                     let mut status = node.status(now);
@@ -308,12 +354,14 @@ pub async fn run(
                     tracing::info!("asked to go down over the control socket");
                     break;
                 }
-            },
+            }},
             Ok(()) = changed(&mut mapping) => {
+                let mut node = shared.node.lock().await;
                 let current = mapping.as_ref().and_then(|m| *m.borrow());
                 node.set_port_mapping(Instant::now(), current.map(|m| (m.protocol.to_string(), m.external)));
             }
             _ = endpoint_timer.tick() => {
+                let mut node = shared.node.lock().await;
                 node.set_local_endpoints(Instant::now(), local_endpoints(port, &ifname, dual_stack));
                 extra.retain(&node.active_sockets());
                 save_floors(&node, &floors_path, &mut saved_floors);
@@ -328,6 +376,8 @@ pub async fn run(
 
     tracing::info!("shutting down: telling the relay we leave");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    workers.stop();
+    let mut node = shared.node.lock().await;
     node.leave(Instant::now());
     save_floors(&node, &floors_path, &mut saved_floors);
     save_peers(&node, &peers_path, &mut saved_peers);
@@ -752,27 +802,6 @@ fn ping_reply(
         error,
     };
     serde_json::to_string(&reply).unwrap_or_default()
-}
-
-/// Binds the main UDP socket: dual-stack `[::]:port` (IPv4 arrives v4-mapped) where IPv6
-/// exists, else `0.0.0.0:port`. Returns whether it is dual-stack.
-fn bind_udp(port: u16) -> std::io::Result<(UdpSocket, bool)> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    if let Ok(s) = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)) {
-        if s.set_only_v6(false).is_ok() {
-            s.set_nonblocking(true)?;
-            let addr = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port);
-            match s.bind(&addr.into()) {
-                Ok(()) => return Ok((UdpSocket::from_std(s.into())?, true)),
-                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(e),
-                // No IPv6 on this host: fall back to IPv4 only.
-                Err(_) => {}
-            }
-        }
-    }
-    let s = std::net::UdpSocket::bind(("0.0.0.0", port))?;
-    s.set_nonblocking(true)?;
-    Ok((UdpSocket::from_std(s)?, false))
 }
 
 fn local_endpoints(port: u16, ifname: &str, dual_stack: bool) -> Vec<SocketAddr> {

@@ -95,6 +95,10 @@ fn fields_needing_restart(running: &Config, new: &Config) -> Vec<&'static str> {
             running.port_mapping != new.port_mapping,
         ),
         ("node.tun_offload", running.tun_offload != new.tun_offload),
+        (
+            "node.per_cpu_data_path",
+            running.per_cpu_data_path != new.per_cpu_data_path,
+        ),
         ("node.metrics", running.metrics != new.metrics),
         (
             "node.relay_for_peers",

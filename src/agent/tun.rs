@@ -21,7 +21,11 @@ use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
-use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{
+    AsyncDevice, DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN,
+};
+
+use super::cpus;
 
 /// The environment variable that turns TUN offload off (`0`, `false`, `off` or `no`).
 pub(crate) const OFFLOAD_ENV: &str = "MESHVPN_TUN_OFFLOAD";
@@ -90,7 +94,7 @@ const OVERLAY_IPV6_PREFIX: u8 = 64;
 /// address unusable ("tentative") for a second. If the kernel has IPv6 disabled (no
 /// `/proc/sys/net/ipv6`, or `disable_ipv6` set for the device) or refuses the address, this
 /// logs it and the member runs IPv4-only.
-fn add_overlay_ipv6(device: &AsyncDevice, ifname: &str, ipv6: Ipv6Addr) {
+fn add_overlay_ipv6(device: &SyncDevice, ifname: &str, ipv6: Ipv6Addr) {
     if !Path::new("/proc/sys/net/ipv6").exists() {
         tracing::warn!(%ipv6, "IPv6 is disabled in this kernel; the overlay runs IPv4-only");
         return;
@@ -111,10 +115,25 @@ fn add_overlay_ipv6(device: &AsyncDevice, ifname: &str, ipv6: Ipv6Addr) {
     }
 }
 
+/// A queue of the TUN device for a data-path thread, to be made a [`TunIo`] inside that
+/// thread's runtime ([`TunIo::from_queue`]).
+pub(crate) struct TunQueue {
+    device: SyncDevice,
+    offload: bool,
+    mtu: u16,
+}
+
 impl TunIo {
     /// Creates TUN device `name` with `ip/prefix` and `mtu`, with offload if `want_offload`
     /// and the kernel agrees, and adds the member's IPv6 overlay address `ipv6`/64 (see
     /// [`add_overlay_ipv6`]; without IPv6 in the kernel the device stays IPv4-only).
+    ///
+    /// With `cpus > 0` the device is multi-queue: queues `0..cpus` are returned for the
+    /// per-CPU data-path threads (queue `i` for CPU `i`, steered there by
+    /// [`cpus::attach_cpu_steering`]) and the last queue is the control loop's, which the
+    /// steering never picks. Where the kernel refuses more queues no queue is returned and the
+    /// control loop's is the only one; where it refuses the steering program, packets are
+    /// spread over all queues by flow (logged).
     pub(crate) fn open(
         name: &str,
         ip: Ipv4Addr,
@@ -122,28 +141,91 @@ impl TunIo {
         ipv6: Ipv6Addr,
         mtu: u16,
         want_offload: bool,
-    ) -> io::Result<Self> {
-        let (device, offload) = build_with_fallback(want_offload, |offload| {
-            DeviceBuilder::new()
-                .name(name)
-                .ipv4(ip, prefix, None)
-                .mtu(mtu)
-                .offload(offload)
-                .build_async()
-        })?;
-        let ifname = device.name().unwrap_or_else(|_| name.to_string());
-        add_overlay_ipv6(&device, &ifname, ipv6);
+        cpus: usize,
+    ) -> io::Result<(Self, Vec<TunQueue>)> {
+        let build = |multi_queue: bool| {
+            build_with_fallback(want_offload, |offload| {
+                DeviceBuilder::new()
+                    .name(name)
+                    .ipv4(ip, prefix, None)
+                    .mtu(mtu)
+                    .offload(offload)
+                    .multi_queue(multi_queue)
+                    .build_sync()
+            })
+        };
+        let (first, offload) = match build(cpus > 0) {
+            Ok(built) => built,
+            Err(e) if cpus > 0 => {
+                tracing::warn!(%e, "multi-queue TUN refused; one queue, one data-path thread");
+                return Self::open(name, ip, prefix, ipv6, mtu, want_offload, 0);
+            }
+            Err(e) => return Err(e),
+        };
+        let ifname = first.name().unwrap_or_else(|_| name.to_string());
+        add_overlay_ipv6(&first, &ifname, ipv6);
         // tun-rs reports what it really set up (no IFF_VNET_HDR on this kernel: none).
-        let offload = offload && device.tcp_gso();
+        let offload = offload && first.tcp_gso();
+        let udp_segmentation = offload && first.udp_gso();
+        let (main, queues) = match attach_queues(&first, cpus) {
+            Ok(mut clones) if cpus > 0 => {
+                let main = clones
+                    .pop()
+                    .expect("attach_queues returns cpus (at least one) queues");
+                let mut queues = vec![first];
+                queues.extend(clones);
+                (main, queues)
+            }
+            Ok(_) => (first, Vec::new()),
+            Err(e) => {
+                tracing::warn!(%e, "could not add TUN queues; one queue, one data-path thread");
+                (first, Vec::new())
+            }
+        };
+        let steering = if queues.is_empty() {
+            "none"
+        } else {
+            match cpus::attach_cpu_steering(&queues[0], queues.len()) {
+                Ok(()) => "cpu",
+                Err(e) => {
+                    tracing::info!(%e, "TUN packets cannot be steered to the sending CPU's thread (needs CAP_BPF); spreading them by flow");
+                    "flow"
+                }
+            }
+        };
         tracing::info!(
             offload,
-            udp_segmentation = offload && device.udp_gso(),
+            udp_segmentation,
+            queues = queues.len() + 1,
+            steering,
             "TUN device ready"
         );
+        let queues = queues
+            .into_iter()
+            .map(|device| TunQueue {
+                device,
+                offload,
+                mtu,
+            })
+            .collect();
+        Ok((Self::new(AsyncDevice::new(main)?, offload, mtu), queues))
+    }
+
+    /// The data-path thread's side of a queue from [`open`](Self::open); call it inside the
+    /// runtime that will drive it.
+    pub(crate) fn from_queue(queue: TunQueue) -> io::Result<Self> {
+        Ok(Self::new(
+            AsyncDevice::new(queue.device)?,
+            queue.offload,
+            queue.mtu,
+        ))
+    }
+
+    fn new(device: AsyncDevice, offload: bool, mtu: u16) -> Self {
         // A packet from the TUN is at most its MTU (offload splits super-packets to it).
         let slot = usize::from(mtu).max(1500) + 64;
         let reads = if offload { IDEAL_BATCH_SIZE } else { 1 };
-        Ok(Self {
+        Self {
             device,
             offload,
             coalesce: offload,
@@ -157,7 +239,7 @@ impl TunIo {
             out: Vec::new(),
             queued: 0,
             gro: GROTable::new(),
-        })
+        }
     }
 
     /// Waits until a packet may be read.
@@ -239,6 +321,14 @@ impl TunIo {
             }
         }
     }
+}
+
+/// Attaches `cpus` more queues to the multi-queue device of `first` (queues 1 to `cpus`).
+fn attach_queues(first: &SyncDevice, cpus: usize) -> io::Result<Vec<SyncDevice>> {
+    if cpus == 0 {
+        return Ok(Vec::new());
+    }
+    (0..cpus).map(|_| first.try_clone()).collect()
 }
 
 /// A buffer for one queued packet. tun-rs coalesces a flow into its first packet's buffer

@@ -102,6 +102,28 @@ impl Step {
         node.poll_event().map(Output::Event)
     }
 
+    /// The next output a data-path thread executes on its own: a datagram for the main UDP
+    /// socket, then a packet for the TUN device; `None` once neither is next. It never opens
+    /// or closes a stream and leaves events, stream datagrams and the extra sockets' datagrams
+    /// (and every datagram queued after one of those, to keep their order) to [`Step::poll`]
+    /// of the control loop, whose node then reports output queued in
+    /// [`Node::poll_timeout`].
+    pub fn poll_data<'a>(&'a mut self, node: &mut Node) -> Option<Output<'a>> {
+        if let Some(Transport::Udp { socket: 0, .. }) = node.next_transport() {
+            if let Some(t) = node.poll_transmit(&mut self.buf) {
+                if let Transport::Udp { socket, dst } = t.transport {
+                    return Some(Output::Udp {
+                        socket,
+                        dst,
+                        bytes: &self.buf[..t.len],
+                    });
+                }
+            }
+        }
+        let n = node.poll_tun(&mut self.buf)?;
+        Some(Output::Tun(&self.buf[..n]))
+    }
+
     /// Whether the driver was told to hold the stream to `relay` open.
     pub fn stream_wanted(&self, relay: usize) -> bool {
         self.streams.get(relay).is_some_and(Option::is_some)

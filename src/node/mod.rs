@@ -613,6 +613,12 @@ impl Node {
         self.out.pop_transmit(buf)
     }
 
+    /// How the next datagram [`poll_transmit`](Self::poll_transmit) returns leaves, without
+    /// taking it (a data-path thread executes only datagrams for the main socket).
+    pub fn next_transport(&self) -> Option<Transport> {
+        self.out.next_transport()
+    }
+
     /// Moves the next packet for the TUN device into `buf` and returns its length.
     pub fn poll_tun(&mut self, buf: &mut Vec<u8>) -> Option<usize> {
         self.out.pop_tun(buf)

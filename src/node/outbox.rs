@@ -214,6 +214,11 @@ impl Outbox {
         })
     }
 
+    /// How the next datagram leaves, without taking it.
+    pub(crate) fn next_transport(&self) -> Option<Transport> {
+        self.transmits.front().map(|(t, _)| *t)
+    }
+
     /// Swaps the next TUN packet into `out`; returns its length.
     pub(crate) fn pop_tun(&mut self, out: &mut Vec<u8>) -> Option<usize> {
         let mut buf = self.tun.pop_front()?;
