@@ -72,6 +72,11 @@ impl Shared {
             .poll_timeout()
             .is_some_and(|(at, _)| self.nanos(at) < self.armed.load(Ordering::Acquire));
         if sooner || stream_wants(node) != streams_before {
+            tracing::trace!(
+                sooner,
+                reason = node.poll_timeout().map_or("", |(_, why)| why),
+                "a data-path thread wakes the control loop"
+            );
             self.wake.notify_one();
         }
     }
