@@ -33,6 +33,10 @@ use std::io;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// The environment variable that turns the per-CPU data path on (`1`, `true`, `on`, `yes`)
@@ -135,39 +139,44 @@ struct ProgLoadAttr {
     prog_flags: u32,
 }
 
-/// The steering program: `r0 = current CPU % cpus; return r0`. The kernel then takes the
-/// result modulo the number of queues; with `cpus` below it, queue `i` gets exactly the
-/// packets sent on CPU `i` and the queues past `cpus` (the control loop's) get none.
-fn steering_program(cpus: usize) -> [BpfInsn; 3] {
-    let modulus = i32::try_from(cpus.max(1)).unwrap_or(i32::MAX);
-    [
-        // call bpf_get_smp_processor_id
-        BpfInsn {
-            code: 0x85,
-            regs: 0,
-            off: 0,
-            imm: BPF_FUNC_GET_SMP_PROCESSOR_ID,
-        },
-        // r0 %= cpus (BPF_ALU64 | BPF_MOD | BPF_K)
-        BpfInsn {
-            code: 0x97,
-            regs: 0,
-            off: 0,
-            imm: modulus,
-        },
-        // exit
-        BpfInsn {
-            code: 0x95,
-            regs: 0,
-            off: 0,
-            imm: 0,
-        },
-    ]
+/// What the steering program returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Program {
+    /// The current CPU modulo this many queues.
+    Cpu(usize),
+    /// Always this queue.
+    Queue(usize),
+}
+
+/// The steering program: `return current CPU % cpus`, or `return queue`. The kernel then
+/// takes the result modulo the number of queues; with `cpus` below it, queue `i` gets exactly
+/// the packets sent on CPU `i` and the queues past `cpus` (the control loop's) get none.
+fn program(p: Program) -> Vec<BpfInsn> {
+    let insn = |code: u8, imm: i32| BpfInsn {
+        code,
+        regs: 0,
+        off: 0,
+        imm,
+    };
+    // BPF_ALU64 | BPF_MOV | BPF_K, BPF_JMP | BPF_CALL, BPF_ALU64 | BPF_MOD | BPF_K,
+    // BPF_JMP | BPF_EXIT; every instruction works on r0.
+    const MOV: u8 = 0xb7;
+    const CALL: u8 = 0x85;
+    const MOD: u8 = 0x97;
+    const EXIT: u8 = 0x95;
+    match p {
+        Program::Cpu(cpus) => vec![
+            insn(CALL, BPF_FUNC_GET_SMP_PROCESSOR_ID),
+            insn(MOD, i32::try_from(cpus.max(1)).unwrap_or(i32::MAX)),
+            insn(EXIT, 0),
+        ],
+        Program::Queue(queue) => vec![insn(MOV, i32::try_from(queue).unwrap_or(0)), insn(EXIT, 0)],
+    }
 }
 
 /// Loads the steering program for `cpus` CPUs; the kernel checks it before accepting it.
-fn load_steering_program(cpus: usize) -> io::Result<OwnedFd> {
-    let insns = steering_program(cpus);
+fn load_steering_program(p: Program) -> io::Result<OwnedFd> {
+    let insns = program(p);
     let license = c"GPL";
     let attr = ProgLoadAttr {
         prog_type: BPF_PROG_TYPE_SOCKET_FILTER,
@@ -200,7 +209,11 @@ fn load_steering_program(cpus: usize) -> io::Result<OwnedFd> {
 /// Makes the multi-queue TUN device behind `queue` hand every packet to the queue numbered
 /// like the CPU that sent it (modulo `cpus`). Needs `CAP_BPF` (or root) to load the program.
 pub(crate) fn attach_cpu_steering(queue: &impl AsRawFd, cpus: usize) -> io::Result<()> {
-    let prog = load_steering_program(cpus)?;
+    attach(queue, Program::Cpu(cpus))
+}
+
+fn attach(queue: &impl AsRawFd, p: Program) -> io::Result<()> {
+    let prog = load_steering_program(p)?;
     let prog_fd: libc::c_int = prog.as_raw_fd();
     // SAFETY: TUNSETSTEERINGEBPF reads one int (the program's descriptor) from the pointer;
     // the device keeps its own reference to the program, so ours may close after.
@@ -226,11 +239,32 @@ pub(crate) struct SocketGroup {
 /// dual-stack where the host has IPv6 and `0.0.0.0` otherwise; see the module docs for how
 /// the port stays exclusive. With `cpus == 0` this is one plain socket.
 pub(crate) fn bind_group(port: u16, cpus: usize) -> io::Result<SocketGroup> {
-    let (first, dual_stack) = bind_one(port, None, cpus > 0)?;
+    bind_group_in(port, cpus, true)
+}
+
+/// [`bind_group`], IPv4-only unless `try_ipv6`.
+///
+/// The order of binds matters for [`Steering::funnel`]: among sockets equally good for a
+/// datagram the kernel takes the first of its list, to whose end it adds dual-stack sockets
+/// bound with `SO_REUSEPORT` and to whose front it adds IPv4 ones. So the control loop's
+/// socket is bound first when dual-stack and last when IPv4-only.
+fn bind_group_in(port: u16, cpus: usize, try_ipv6: bool) -> io::Result<SocketGroup> {
+    let reuse = cpus > 0;
+    let (first, dual_stack) = if try_ipv6 {
+        bind_one(port, None, reuse)?
+    } else {
+        (bind_one_family(port, false, None, reuse)?, false)
+    };
     let port = first.local_addr()?.as_socket().map_or(port, |a| a.port());
-    let mut per_cpu = Vec::with_capacity(cpus);
+    let main_first = dual_stack || cpus == 0;
+    let (mut main, mut per_cpu) = if main_first {
+        (Some(first), Vec::with_capacity(cpus))
+    } else {
+        set_incoming_cpu(&first, 0)?;
+        (None, vec![first])
+    };
     let mut result = Ok(());
-    for cpu in 0..cpus {
+    for cpu in per_cpu.len()..cpus {
         match bind_one_family(port, dual_stack, Some(cpu), true) {
             Ok(s) => per_cpu.push(s),
             Err(e) => {
@@ -239,14 +273,21 @@ pub(crate) fn bind_group(port: u16, cpus: usize) -> io::Result<SocketGroup> {
             }
         }
     }
+    if main.is_none() && result.is_ok() {
+        match bind_one_family(port, dual_stack, None, true) {
+            Ok(s) => main = Some(s),
+            Err(e) => result = Err(e),
+        }
+    }
     // Whatever happened, no other socket may join the port from now on.
-    for s in std::iter::once(&first).chain(&per_cpu) {
+    for s in main.iter().chain(&per_cpu) {
         s.set_reuse_port(false)?;
     }
     result?;
+    let main = main.ok_or_else(|| io::Error::other("the control loop's socket was not bound"))?;
     Ok(SocketGroup {
         dual_stack,
-        main: first.into(),
+        main: main.into(),
         per_cpu: per_cpu.into_iter().map(Into::into).collect(),
     })
 }
@@ -294,9 +335,15 @@ fn bind_one_family(
 }
 
 /// `SO_INCOMING_CPU`: prefer this socket for datagrams processed on `cpu`.
-fn set_incoming_cpu(s: &Socket, cpu: usize) -> io::Result<()> {
+fn set_incoming_cpu(s: &impl AsRawFd, cpu: usize) -> io::Result<()> {
     let value = libc::c_int::try_from(cpu)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "CPU number out of range"))?;
+    set_incoming_cpu_raw(s, value)
+}
+
+/// `SO_INCOMING_CPU` with any value (-1: no CPU; the kernel then sets it to the CPU of the
+/// next datagram the socket receives).
+fn set_incoming_cpu_raw(s: &impl AsRawFd, value: libc::c_int) -> io::Result<()> {
     // SAFETY: SO_INCOMING_CPU takes one int; the pointer and length describe `value`.
     let r = unsafe {
         libc::setsockopt(
@@ -314,10 +361,155 @@ fn set_incoming_cpu(s: &Socket, cpu: usize) -> io::Result<()> {
     }
 }
 
+/// Where the kernel hands packets: to the thread of the CPU they were produced on (the
+/// per-CPU threads' queues and sockets), or all to the control loop.
+///
+/// # Why two modes
+/// Keeping every hand-off on one CPU is what makes a sparse exchange (a ping, a request and
+/// its answer) fast. A bulk flow wants the opposite: the program producing it on one CPU and
+/// the agent sealing it on another, in parallel; kept on the producer's CPU the two take
+/// turns and the flow runs at half speed. So the data path starts spread by CPU, and the
+/// first batch large enough to mean a bulk flow ([`BUSY_BATCH`]) funnels everything to the
+/// control loop — one unpinned thread, which the scheduler places beside the producer, as
+/// when there are no per-CPU threads. After [`FUNNEL_HOLD`] without such a batch it spreads
+/// again. Either way every packet is read by some thread: a switch only moves where the
+/// kernel queues the next ones.
+///
+/// Funnelled datagrams reach the control loop's socket because the per-CPU sockets give up
+/// their CPU preference (`SO_INCOMING_CPU` of -1) and the control loop's socket, bound
+/// first, comes first among equals in the kernel's lookup.
+pub(crate) struct Steering {
+    /// A descriptor of one queue of the TUN device (the program is per device).
+    tun: Option<OwnedFd>,
+    /// The per-CPU sockets, socket `i` for CPU `i`.
+    sockets: Vec<OwnedFd>,
+    funnelled: bool,
+}
+
+/// The fewest packets one read must bring to mean a bulk flow: a TCP sender's super-packet
+/// from the TUN is dozens of segments, a GRO-coalesced read from the socket likewise; a ping,
+/// a DNS query or an interactive session never comes close.
+pub(crate) const BUSY_BATCH: usize = 16;
+/// How long the data path stays funnelled after the last bulk batch: long enough that a
+/// flow pausing between bursts (TCP slow start, an application's writes) does not flip the
+/// steering back and forth, short enough that the next interactive exchange is fast again.
+pub(crate) const FUNNEL_HOLD: Duration = Duration::from_millis(500);
+
+impl Steering {
+    /// Steering over the TUN queue `tun` (when its CPU program is attached) and `sockets`.
+    pub(crate) fn new(tun: Option<OwnedFd>, sockets: Vec<OwnedFd>) -> Self {
+        Self {
+            tun,
+            sockets,
+            funnelled: false,
+        }
+    }
+
+    /// Whether everything goes to the control loop now.
+    pub(crate) fn is_funnelled(&self) -> bool {
+        self.funnelled
+    }
+
+    /// Hands every new packet to the control loop (queue and socket number `cpus`).
+    pub(crate) fn funnel(&mut self) -> io::Result<()> {
+        if self.funnelled {
+            return Ok(());
+        }
+        self.funnelled = true;
+        for s in &self.sockets {
+            set_incoming_cpu_raw(s, -1)?;
+        }
+        match &self.tun {
+            Some(tun) => attach(tun, Program::Queue(self.sockets.len())),
+            None => Ok(()),
+        }
+    }
+
+    /// Hands every new packet to the thread of the CPU it was produced on.
+    pub(crate) fn spread(&mut self) -> io::Result<()> {
+        if !self.funnelled {
+            return Ok(());
+        }
+        self.funnelled = false;
+        for (cpu, s) in self.sockets.iter().enumerate() {
+            set_incoming_cpu(s, cpu)?;
+        }
+        match &self.tun {
+            Some(tun) => attach(tun, Program::Cpu(self.sockets.len())),
+            None => Ok(()),
+        }
+    }
+}
+
+/// [`Steering`] driven by batch sizes, shared by the threads: any thread's bulk batch
+/// funnels, the control loop spreads again after [`FUNNEL_HOLD`] of quiet.
+pub(crate) struct Funnel {
+    steering: Mutex<Steering>,
+    /// Whether `steering` funnels (read without its lock on every batch).
+    funnelled: AtomicBool,
+    /// The last bulk batch, in nanoseconds after `epoch`.
+    last_busy: AtomicU64,
+    epoch: Instant,
+}
+
+impl Funnel {
+    /// Starts spread.
+    pub(crate) fn new(steering: Steering) -> Self {
+        Self {
+            funnelled: AtomicBool::new(steering.is_funnelled()),
+            steering: Mutex::new(steering),
+            last_busy: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Notes one read of `packets` packets at `now`; true if this one funnelled.
+    pub(crate) fn note_batch(&self, packets: usize, now: Instant) -> bool {
+        if packets < BUSY_BATCH {
+            return false;
+        }
+        let since = u64::try_from(now.saturating_duration_since(self.epoch).as_nanos());
+        self.last_busy
+            .fetch_max(since.unwrap_or(u64::MAX), Ordering::AcqRel);
+        if self.funnelled.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut steering = self.steering.lock().unwrap_or_else(|e| e.into_inner());
+        if steering.is_funnelled() {
+            return false;
+        }
+        if let Err(e) = steering.funnel() {
+            tracing::warn!(%e, "could not funnel the data path to the control loop");
+        }
+        self.funnelled.store(true, Ordering::Release);
+        true
+    }
+
+    /// While funnelled, when to spread again: [`FUNNEL_HOLD`] after the last bulk batch.
+    pub(crate) fn spread_at(&self) -> Option<Instant> {
+        self.funnelled.load(Ordering::Acquire).then(|| {
+            self.epoch + Duration::from_nanos(self.last_busy.load(Ordering::Acquire)) + FUNNEL_HOLD
+        })
+    }
+
+    /// Spreads again if funnelled and [`FUNNEL_HOLD`] passed since the last bulk batch;
+    /// true if it did.
+    pub(crate) fn maybe_spread(&self, now: Instant) -> bool {
+        if self.spread_at().is_none_or(|at| now < at) {
+            return false;
+        }
+        let mut steering = self.steering.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = steering.spread() {
+            tracing::warn!(%e, "could not hand the data path back to the per-CPU threads");
+        }
+        self.funnelled.store(false, Ordering::Release);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
 
     #[test]
     fn the_environment_overrides_the_config_only_with_a_clear_word() {
@@ -333,13 +525,20 @@ mod tests {
 
     #[test]
     fn the_steering_program_is_call_mod_exit() {
-        let p = steering_program(4);
-        assert_eq!(
-            p.iter().map(|i| (i.code, i.imm)).collect::<Vec<_>>(),
-            [(0x85, 8), (0x97, 4), (0x95, 0)]
-        );
+        let shape = |p: Program| {
+            program(p)
+                .iter()
+                .map(|i| (i.code, i.imm))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(shape(Program::Cpu(4)), [(0x85, 8), (0x97, 4), (0x95, 0)]);
+        assert_eq!(shape(Program::Queue(2)), [(0xb7, 2), (0x95, 0)]);
         assert_eq!(std::mem::size_of::<BpfInsn>(), 8, "uapi struct bpf_insn");
-        assert_eq!(steering_program(0)[1].imm, 1, "never a modulus of zero");
+        assert_eq!(
+            program(Program::Cpu(0))[1].imm,
+            1,
+            "never a modulus of zero"
+        );
     }
 
     #[test]
@@ -362,6 +561,137 @@ mod tests {
         assert_eq!(err, Some(io::ErrorKind::AddrInUse), "a second agent");
     }
 
+    /// Sends five datagrams to `port` on loopback from each CPU in turn; returns, per CPU,
+    /// how many each socket of `group` (main first) read.
+    fn received_per_cpu(group: &SocketGroup, port: u16, cpus: usize) -> Vec<Vec<usize>> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let to: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, port).into();
+                    let mut seen = Vec::new();
+                    for cpu in 0..cpus {
+                        pin_current_thread(cpu).expect("pinning the sender");
+                        let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("sender");
+                        for _ in 0..5 {
+                            sender.send_to(b"x", to).expect("loopback send");
+                        }
+                        let mut counts = vec![0usize; cpus + 1];
+                        let deadline = Instant::now() + Duration::from_secs(2);
+                        while counts.iter().sum::<usize>() < 5 && Instant::now() < deadline {
+                            let all = std::iter::once(&group.main).chain(&group.per_cpu);
+                            for (i, s) in all.enumerate() {
+                                let mut buf = [0u8; 8];
+                                while s.recv_from(&mut buf).is_ok() {
+                                    counts[i] += 1;
+                                }
+                            }
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        seen.push(counts);
+                    }
+                    seen
+                })
+                .join()
+                .expect("sender thread")
+        })
+    }
+
+    /// Funnelling hands every datagram to the control loop's socket, spreading hands them
+    /// back to the socket of their CPU, for a dual-stack and an IPv4-only group alike.
+    #[test]
+    fn a_funnel_hands_every_datagram_to_the_control_loop_and_back() {
+        let Some(cpus) = data_path_cpus() else {
+            println!("skipping: this machine has a single CPU (or a cpuset with holes)");
+            return;
+        };
+        for try_ipv6 in [true, false] {
+            let group = bind_group_in(0, cpus, try_ipv6).expect("binding a group");
+            let port = group.main.local_addr().expect("bound").port();
+            let dups = group
+                .per_cpu
+                .iter()
+                .map(|s| OwnedFd::from(s.try_clone().expect("dup")))
+                .collect();
+            let mut steering = Steering::new(None, dups);
+            steering.funnel().expect("funnel");
+            assert!(steering.is_funnelled());
+            let all_main: Vec<Vec<usize>> = (0..cpus)
+                .map(|_| {
+                    let mut v = vec![0; cpus + 1];
+                    v[0] = 5;
+                    v
+                })
+                .collect();
+            assert_eq!(
+                received_per_cpu(&group, port, cpus),
+                all_main,
+                "funnelled, IPv6 tried: {try_ipv6}"
+            );
+            steering.spread().expect("spread");
+            let own: Vec<Vec<usize>> = (0..cpus)
+                .map(|cpu| {
+                    let mut v = vec![0; cpus + 1];
+                    v[cpu + 1] = 5;
+                    v
+                })
+                .collect();
+            assert_eq!(
+                received_per_cpu(&group, port, cpus),
+                own,
+                "spread again, IPv6 tried: {try_ipv6}"
+            );
+        }
+    }
+
+    /// A bulk batch funnels, a small one does not; the funnel holds for [`FUNNEL_HOLD`]
+    /// after the last bulk batch, then spreads, and the kernel follows each step.
+    #[test]
+    fn bulk_batches_funnel_and_quiet_spreads_again() {
+        let Some(cpus) = data_path_cpus() else {
+            println!("skipping: this machine has a single CPU (or a cpuset with holes)");
+            return;
+        };
+        let group = bind_group(0, cpus).expect("binding a group");
+        let port = group.main.local_addr().expect("bound").port();
+        let dups = group
+            .per_cpu
+            .iter()
+            .map(|s| OwnedFd::from(s.try_clone().expect("dup")))
+            .collect();
+        let funnel = Funnel::new(Steering::new(None, dups));
+        let t0 = Instant::now();
+        let own = |cpu: usize| {
+            let mut v = vec![0; cpus + 1];
+            v[cpu] = 5;
+            v
+        };
+        assert!(!funnel.note_batch(BUSY_BATCH - 1, t0), "a small batch");
+        assert_eq!(funnel.spread_at(), None);
+        assert_eq!(
+            received_per_cpu(&group, port, cpus),
+            (1..=cpus).map(own).collect::<Vec<_>>()
+        );
+        assert!(funnel.note_batch(BUSY_BATCH, t0), "a bulk batch funnels");
+        assert!(
+            !funnel.note_batch(BUSY_BATCH, t0 + FUNNEL_HOLD / 2),
+            "already funnelled"
+        );
+        assert_eq!(received_per_cpu(&group, port, cpus), vec![own(0); cpus]);
+        let at = funnel.spread_at().expect("funnelled");
+        assert_eq!(
+            at,
+            t0 + FUNNEL_HOLD / 2 + FUNNEL_HOLD,
+            "held after the last bulk batch"
+        );
+        assert!(!funnel.maybe_spread(at - Duration::from_millis(1)));
+        assert!(funnel.maybe_spread(at));
+        assert_eq!(funnel.spread_at(), None);
+        assert_eq!(
+            received_per_cpu(&group, port, cpus),
+            (1..=cpus).map(own).collect::<Vec<_>>()
+        );
+    }
+
     /// The point of the group: a datagram processed on CPU `i` reaches socket `i`. Loopback
     /// delivery runs on the sender's CPU, so a sender pinned to each CPU in turn must be
     /// heard by exactly that CPU's socket.
@@ -373,32 +703,7 @@ mod tests {
         };
         let group = bind_group(0, cpus).expect("binding a group");
         let port = group.main.local_addr().expect("bound").port();
-        let to: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, port).into();
-        let handle = std::thread::spawn(move || -> Vec<Vec<usize>> {
-            let mut seen = Vec::new();
-            for cpu in 0..cpus {
-                pin_current_thread(cpu).expect("pinning the sender");
-                let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("sender");
-                for _ in 0..5 {
-                    sender.send_to(b"x", to).expect("loopback send");
-                }
-                let mut counts = vec![0usize; cpus + 1];
-                let deadline = Instant::now() + Duration::from_secs(2);
-                while counts.iter().sum::<usize>() < 5 && Instant::now() < deadline {
-                    let all = std::iter::once(&group.main).chain(&group.per_cpu);
-                    for (i, s) in all.enumerate() {
-                        let mut buf = [0u8; 8];
-                        while s.recv_from(&mut buf).is_ok() {
-                            counts[i] += 1;
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                seen.push(counts);
-            }
-            seen
-        });
-        let seen = handle.join().expect("sender thread");
+        let seen = received_per_cpu(&group, port, cpus);
         for (cpu, counts) in seen.iter().enumerate() {
             let mut want = vec![0usize; cpus + 1];
             want[cpu + 1] = 5;
@@ -410,7 +715,8 @@ mod tests {
     }
 
     /// The TUN half: with the steering program attached, a packet an application sends on
-    /// CPU `i` is read from queue `i` and from no other. Runs in a network namespace of its
+    /// CPU `i` is read from queue `i` and from no other; funnelled, every packet is read from
+    /// the last queue (the control loop's), and spread again from queue `i`. Runs in a network namespace of its
     /// own thread (gone with the thread), so nothing leaves the test.
     #[test]
     fn a_packet_sent_on_a_cpu_lands_in_that_cpus_tun_queue() {
@@ -423,7 +729,7 @@ mod tests {
             println!("skipping: this machine has a single CPU (or a cpuset with holes)");
             return;
         };
-        let seen = std::thread::spawn(move || -> io::Result<Vec<Vec<usize>>> {
+        let seen = std::thread::spawn(move || -> io::Result<Vec<Vec<Vec<usize>>>> {
             // SAFETY: unshare moves only this thread into a new, empty network namespace.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
                 return Err(io::Error::last_os_error());
@@ -434,7 +740,7 @@ mod tests {
                 .multi_queue(true)
                 .build_sync()?;
             let mut queues = vec![first];
-            for _ in 1..cpus {
+            for _ in 0..cpus {
                 let q = queues[0].try_clone()?;
                 queues.push(q);
             }
@@ -442,41 +748,73 @@ mod tests {
             for q in &queues {
                 q.set_nonblocking(true)?;
             }
-            let to: SocketAddr = (std::net::Ipv4Addr::new(10, 201, 0, 2), 9).into();
-            let mut seen = Vec::new();
-            for cpu in 0..cpus {
-                pin_current_thread(cpu)?;
-                let sender = std::net::UdpSocket::bind("10.201.0.1:0")?;
-                for _ in 0..5 {
-                    sender.send_to(b"steer", to)?;
-                }
-                // Count only our datagrams (the kernel may send its own packets too).
-                let mut counts = vec![0usize; cpus];
-                let deadline = Instant::now() + Duration::from_secs(2);
-                while counts.iter().sum::<usize>() < 5 && Instant::now() < deadline {
-                    for (i, q) in queues.iter().enumerate() {
-                        let mut buf = [0u8; 2048];
-                        while let Ok(n) = q.recv(&mut buf) {
-                            let ours = n >= 28
-                                && buf[0] >> 4 == 4
-                                && buf[9] == 17
-                                && buf[22..24] == [0, 9];
-                            counts[i] += usize::from(ours);
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                seen.push(counts);
+            let group = bind_group(0, cpus)?;
+            let sockets = group
+                .per_cpu
+                .iter()
+                .map(|s| s.try_clone().map(OwnedFd::from))
+                .collect::<io::Result<Vec<_>>>()?;
+            // SAFETY: dup of an open descriptor; the OwnedFd owns the copy.
+            let dup = unsafe { libc::dup(queues[0].as_raw_fd()) };
+            if dup < 0 {
+                return Err(io::Error::last_os_error());
             }
-            Ok(seen)
+            // SAFETY: `dup` is a fresh descriptor owned by nothing else.
+            let mut steering = Steering::new(Some(unsafe { OwnedFd::from_raw_fd(dup) }), sockets);
+            let mut rounds = vec![round(&queues, cpus)?];
+            steering.funnel()?;
+            rounds.push(round(&queues, cpus)?);
+            steering.spread()?;
+            rounds.push(round(&queues, cpus)?);
+            Ok(rounds)
         })
         .join()
         .expect("test thread")
         .expect("a multi-queue TUN with the steering program");
-        for (cpu, counts) in seen.iter().enumerate() {
-            let mut want = vec![0usize; cpus];
-            want[cpu] = 5;
-            assert_eq!(counts, &want, "sent on CPU {cpu}: our datagrams per queue");
+        let per_cpu: Vec<Vec<usize>> = (0..cpus)
+            .map(|cpu| {
+                let mut want = vec![0usize; cpus + 1];
+                want[cpu] = 5;
+                want
+            })
+            .collect();
+        let mut funnelled = vec![0usize; cpus + 1];
+        funnelled[cpus] = 5;
+        assert_eq!(
+            seen[0], per_cpu,
+            "spread: our datagrams per queue, per sending CPU"
+        );
+        assert_eq!(seen[1], vec![funnelled; cpus], "funnelled");
+        assert_eq!(seen[2], per_cpu, "spread again");
+    }
+
+    /// Sends five datagrams into the TUN device of `queues` from each CPU in turn; per CPU,
+    /// how many of them each queue held.
+    fn round(queues: &[tun_rs::SyncDevice], cpus: usize) -> io::Result<Vec<Vec<usize>>> {
+        let to: SocketAddr = (std::net::Ipv4Addr::new(10, 201, 0, 2), 9).into();
+        let mut seen = Vec::new();
+        for cpu in 0..cpus {
+            pin_current_thread(cpu)?;
+            let sender = std::net::UdpSocket::bind("10.201.0.1:0")?;
+            for _ in 0..5 {
+                sender.send_to(b"steer", to)?;
+            }
+            // Count only our datagrams (the kernel may send its own packets too).
+            let mut counts = vec![0usize; queues.len()];
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while counts.iter().sum::<usize>() < 5 && Instant::now() < deadline {
+                for (i, q) in queues.iter().enumerate() {
+                    let mut buf = [0u8; 2048];
+                    while let Ok(n) = q.recv(&mut buf) {
+                        let ours =
+                            n >= 28 && buf[0] >> 4 == 4 && buf[9] == 17 && buf[22..24] == [0, 9];
+                        counts[i] += usize::from(ours);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            seen.push(counts);
         }
+        Ok(seen)
     }
 }

@@ -157,7 +157,7 @@ pub async fn run(
     );
     let overlay_ipv6 =
         crate::addressing::overlay_ipv6(&cfg.secret.derive().network_id, &cfg.private_key.public());
-    let (mut tun, queues) = TunIo::open(
+    let (mut tun, queues, cpu_steered) = TunIo::open(
         &ifname,
         cfg.virtual_ip,
         cfg.subnet.prefix_len(),
@@ -209,7 +209,6 @@ pub async fn run(
         relays = ?relay_addrs, public_key = %node.public_key(), "agent started"
     );
 
-    let shared = workers::Shared::new(node);
     // Queues and sockets come in pairs; if the TUN fell back to one queue the per-CPU
     // sockets close here and the main socket gets every datagram.
     let worker_sockets = if queues.len() == group.per_cpu.len() {
@@ -217,6 +216,8 @@ pub async fn run(
     } else {
         Vec::new()
     };
+    let steering = steering_for(&queues, &worker_sockets, cpu_steered);
+    let shared = workers::Shared::new(node, steering);
     let workers = Workers::start(&shared, queues, worker_sockets, dual_stack);
     tracing::info!(
         threads = workers.len(),
@@ -292,11 +293,13 @@ pub async fn run(
         }
         pings.expire(Instant::now());
         progress.tick(Instant::now());
+        shared.maybe_spread(Instant::now());
         // The node's deadline, or the agent's own (a ping's timeout, a progress hint).
         let deadline = [
             node.poll_timeout().map(|(at, _)| at),
             pings.poll_timeout(),
             progress.poll_timeout(),
+            shared.spread_at(),
         ]
         .into_iter()
         .flatten()
@@ -310,7 +313,8 @@ pub async fn run(
                 Ok(()) => {
                     let mut node = shared.node.lock().await;
                     let now = Instant::now();
-                    udp.receive(READ_BUDGET, |from, bytes| node.handle_udp(now, from, bytes));
+                    let n = udp.receive(READ_BUDGET, |from, bytes| node.handle_udp(now, from, bytes));
+                    shared.note_batch(n, now);
                 }
                 Err(e) => tracing::debug!(%e, "UDP socket failed"),
             },
@@ -332,7 +336,8 @@ pub async fn run(
                 Ok(()) => {
                     let mut node = shared.node.lock().await;
                     let now = Instant::now();
-                    tun.receive(READ_BUDGET, |packet| node.handle_tun_packet(now, packet));
+                    let n = tun.receive(READ_BUDGET, |packet| node.handle_tun_packet(now, packet));
+                    shared.note_batch(n, now);
                 }
                 Err(e) => tracing::debug!(%e, "TUN device failed"),
             },
@@ -402,6 +407,37 @@ pub async fn run(
     }
     drop(tun);
     Ok(())
+}
+
+/// The steering of the per-CPU data path over `queues` and `sockets` (none without them);
+/// the TUN half only when its CPU program is attached (`cpu_steered`).
+fn steering_for(
+    queues: &[tun::TunQueue],
+    sockets: &[std::net::UdpSocket],
+    cpu_steered: bool,
+) -> Option<cpus::Steering> {
+    if queues.is_empty() || sockets.is_empty() {
+        return None;
+    }
+    let tun = match queues.first().map(tun::TunQueue::try_clone_fd) {
+        Some(Ok(fd)) if cpu_steered => Some(fd),
+        Some(Err(e)) => {
+            tracing::warn!(%e, "cannot hold the TUN queue for steering; bulk flows stay spread");
+            None
+        }
+        Some(Ok(_)) | None => None,
+    };
+    let fds: std::io::Result<Vec<std::os::fd::OwnedFd>> = sockets
+        .iter()
+        .map(|s| s.try_clone().map(Into::into))
+        .collect();
+    match fds {
+        Ok(fds) => Some(cpus::Steering::new(tun, fds)),
+        Err(e) => {
+            tracing::warn!(%e, "cannot hold the per-CPU sockets for steering; bulk flows stay spread");
+            None
+        }
+    }
 }
 
 /// Executes the node's outputs: the agent's half of the shared [`Step`].

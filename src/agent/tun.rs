@@ -19,6 +19,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use tun_rs::{
@@ -123,6 +124,21 @@ pub(crate) struct TunQueue {
     mtu: u16,
 }
 
+impl TunQueue {
+    /// A second descriptor of this queue (for swapping the device's steering program).
+    pub(crate) fn try_clone_fd(&self) -> io::Result<OwnedFd> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the descriptor is open for as long as `self.device` lives, which outlives
+        // this call; dup returns a new descriptor that the OwnedFd then owns.
+        let fd = unsafe { libc::dup(self.device.as_raw_fd()) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor owned by nothing else.
+        Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+    }
+}
+
 impl TunIo {
     /// Creates TUN device `name` with `ip/prefix` and `mtu`, with offload if `want_offload`
     /// and the kernel agrees, and adds the member's IPv6 overlay address `ipv6`/64 (see
@@ -133,7 +149,7 @@ impl TunIo {
     /// [`cpus::attach_cpu_steering`]) and the last queue is the control loop's, which the
     /// steering never picks. Where the kernel refuses more queues no queue is returned and the
     /// control loop's is the only one; where it refuses the steering program, packets are
-    /// spread over all queues by flow (logged).
+    /// spread over all queues by flow (logged). The flag says whether the CPU steering is on.
     pub(crate) fn open(
         name: &str,
         ip: Ipv4Addr,
@@ -142,7 +158,7 @@ impl TunIo {
         mtu: u16,
         want_offload: bool,
         cpus: usize,
-    ) -> io::Result<(Self, Vec<TunQueue>)> {
+    ) -> io::Result<(Self, Vec<TunQueue>, bool)> {
         let build = |multi_queue: bool| {
             build_with_fallback(want_offload, |offload| {
                 DeviceBuilder::new()
@@ -208,7 +224,11 @@ impl TunIo {
                 mtu,
             })
             .collect();
-        Ok((Self::new(AsyncDevice::new(main)?, offload, mtu), queues))
+        Ok((
+            Self::new(AsyncDevice::new(main)?, offload, mtu),
+            queues,
+            steering == "cpu",
+        ))
     }
 
     /// The data-path thread's side of a queue from [`open`](Self::open); call it inside the

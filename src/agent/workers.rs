@@ -13,6 +13,12 @@
 //! the node's next deadline became earlier than the one the loop sleeps on (queued output
 //! makes it "now") or the node changed which relay streams it wants.
 //!
+//! # Funnelling bulk flows
+//! Every thread and the control loop report the size of each read ([`Shared::note_batch`]);
+//! the first read of [`cpus::BUSY_BATCH`] packets or more funnels every new packet to the
+//! control loop, and the control loop spreads them again once [`cpus::FUNNEL_HOLD`] passed
+//! without one ([`Shared::maybe_spread`]; see [`cpus::Steering`] for why).
+//!
 //! A thread stops when [`Workers::stop`] is called, or when the control loop is gone.
 
 #![allow(clippy::disallowed_methods)] // the driver: owns the clock
@@ -24,6 +30,7 @@ use std::time::Instant;
 
 use tokio::sync::{Mutex, Notify};
 
+use super::cpus::{self, Steering};
 use super::tun::{TunIo, TunQueue};
 use super::udp::UdpIo;
 use super::READ_BUDGET;
@@ -41,11 +48,14 @@ pub(crate) struct Shared {
     epoch: Instant,
     stop: AtomicBool,
     stopped: Notify,
+    /// Where the kernel hands packets (none without per-CPU threads).
+    funnel: Option<cpus::Funnel>,
 }
 
 impl Shared {
-    /// Shares `node`.
-    pub(crate) fn new(node: Node) -> Arc<Self> {
+    /// Shares `node`; `steering` moves packets between the per-CPU threads and the control
+    /// loop (none: there are no per-CPU threads).
+    pub(crate) fn new(node: Node, steering: Option<Steering>) -> Arc<Self> {
         Arc::new(Self {
             node: Mutex::new(node),
             wake: Notify::new(),
@@ -53,7 +63,33 @@ impl Shared {
             epoch: Instant::now(),
             stop: AtomicBool::new(false),
             stopped: Notify::new(),
+            funnel: steering.map(cpus::Funnel::new),
         })
+    }
+
+    /// Notes that one read brought `packets` packets at `now` (see [`cpus::Funnel`]); a
+    /// funnel wakes the control loop, so it plans when to spread again.
+    pub(crate) fn note_batch(&self, packets: usize, now: Instant) {
+        if self
+            .funnel
+            .as_ref()
+            .is_some_and(|f| f.note_batch(packets, now))
+        {
+            tracing::debug!("bulk traffic: the control loop takes every packet");
+            self.wake.notify_one();
+        }
+    }
+
+    /// When the control loop should call [`maybe_spread`](Self::maybe_spread).
+    pub(crate) fn spread_at(&self) -> Option<Instant> {
+        self.funnel.as_ref().and_then(cpus::Funnel::spread_at)
+    }
+
+    /// Hands packets back to the per-CPU threads once the bulk traffic is over.
+    pub(crate) fn maybe_spread(&self, now: Instant) {
+        if self.funnel.as_ref().is_some_and(|f| f.maybe_spread(now)) {
+            tracing::debug!("quiet again: packets go to the thread of their CPU");
+        }
     }
 
     /// Records that the control loop sleeps until `deadline`.
@@ -185,9 +221,10 @@ async fn run(shared: &Shared, mut udp: UdpIo, mut tun: TunIo) {
                     let mut node = shared.node.lock().await;
                     let streams = stream_wants(&node);
                     let now = Instant::now();
-                    udp.receive(READ_BUDGET, |from, bytes| node.handle_udp(now, from, bytes));
+                    let n = udp.receive(READ_BUDGET, |from, bytes| node.handle_udp(now, from, bytes));
                     drain(&mut node, &mut step, &mut udp, &mut tun).await;
                     shared.wake_if_needed(&node, streams);
+                    shared.note_batch(n, now);
                 }
                 Err(e) => tracing::debug!(%e, "UDP socket failed"),
             },
@@ -196,9 +233,10 @@ async fn run(shared: &Shared, mut udp: UdpIo, mut tun: TunIo) {
                     let mut node = shared.node.lock().await;
                     let streams = stream_wants(&node);
                     let now = Instant::now();
-                    tun.receive(READ_BUDGET, |packet| node.handle_tun_packet(now, packet));
+                    let n = tun.receive(READ_BUDGET, |packet| node.handle_tun_packet(now, packet));
                     drain(&mut node, &mut step, &mut udp, &mut tun).await;
                     shared.wake_if_needed(&node, streams);
+                    shared.note_batch(n, now);
                 }
                 Err(e) => tracing::debug!(%e, "TUN queue failed"),
             },
