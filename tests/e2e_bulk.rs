@@ -197,11 +197,39 @@ fn transfer(tag: &str, exe: &Path, mode: Mode) -> Result<Run> {
         TRANSFER >> 20,
         &hex(&sent)[..16]
     );
+    if mode == Mode::PerCpu && per_cpu_logged() {
+        // The transfer funnelled both agents to their control loops; once it is over they
+        // spread again, and the tunnel still answers.
+        for name in ["alice", "bob"] {
+            let log_path = mesh.member(name)?.log.clone();
+            lab::wait_until(
+                Duration::from_secs(10),
+                Duration::from_millis(100),
+                &format!("{name} to funnel for the transfer and spread after it"),
+                || {
+                    let log = std::fs::read_to_string(&log_path)?;
+                    Ok(
+                        log.contains("bulk traffic: the control loop takes every packet")
+                            && log.contains("quiet again: packets go to the thread of their CPU"),
+                    )
+                },
+            )?;
+        }
+        mesh.ping_until("alice", bob_ip, Duration::from_secs(10))?;
+    }
     mesh.shutdown()?;
     Ok(Run {
         mode: mode.label(),
         mbit_s,
     })
+}
+
+/// Whether the agents log the per-CPU data path's steering switches (at debug, the lab's
+/// default level) on a machine where it runs (two CPUs or more).
+fn per_cpu_logged() -> bool {
+    let level = std::env::var("MESHVPN_LAB_LOG_LEVEL").unwrap_or_else(|_| "debug".into());
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cpus >= 2 && matches!(level.as_str(), "debug" | "trace")
 }
 
 /// Writes [`TRANSFER`] pseudo-random bytes and closes; returns their hash.
