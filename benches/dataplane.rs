@@ -82,7 +82,7 @@ enum Kind {
     Raw,
     Floor,
     Direct,
-    PerCpu,
+    OneThread,
     Relayed,
     Nebula,
     WireguardGo,
@@ -93,7 +93,7 @@ impl Kind {
         Kind::Raw,
         Kind::Floor,
         Kind::Direct,
-        Kind::PerCpu,
+        Kind::OneThread,
         Kind::Relayed,
         Kind::Nebula,
         Kind::WireguardGo,
@@ -104,7 +104,7 @@ impl Kind {
             Kind::Raw => "raw underlay",
             Kind::Floor => "userspace floor",
             Kind::Direct => "meshvpn direct",
-            Kind::PerCpu => "meshvpn per-CPU",
+            Kind::OneThread => "meshvpn 1 thread",
             Kind::Relayed => "meshvpn relayed",
             Kind::Nebula => "nebula",
             Kind::WireguardGo => "wireguard-go",
@@ -114,7 +114,7 @@ impl Kind {
     /// Why this path cannot run here (a missing tool and how to install it), if so.
     fn missing(self) -> Option<&'static str> {
         let need: &[(&str, &str)] = match self {
-            Kind::Raw | Kind::Floor | Kind::Direct | Kind::PerCpu | Kind::Relayed => &[],
+            Kind::Raw | Kind::Floor | Kind::Direct | Kind::OneThread | Kind::Relayed => &[],
             Kind::Nebula => &[("nebula", "nebula"), ("nebula-cert", "nebula")],
             Kind::WireguardGo => &[("wireguard-go", "wireguard-go"), ("wg", "wireguard-tools")],
         };
@@ -316,7 +316,7 @@ fn setup(kind: Kind, tag: &str) -> Result<Setup> {
         Kind::Raw => setup_raw(tag),
         Kind::Floor => setup_floor(tag),
         Kind::Direct => setup_meshvpn(tag, None, EXE.as_ref()),
-        Kind::PerCpu => setup_meshvpn(tag, None, &per_cpu_wrapper()?),
+        Kind::OneThread => setup_meshvpn(tag, None, &one_thread_wrapper()?),
         Kind::Relayed => setup_meshvpn(tag, Some(Nat::Symmetric), EXE.as_ref()),
         Kind::Nebula => setup_nebula(tag),
         Kind::WireguardGo => setup_wireguard_go(tag),
@@ -334,8 +334,8 @@ fn one_run(kind: Kind, run: usize, cfg: &Config) -> Result<Sample> {
 fn idle_phase(kinds: &[Kind], cfg: &Config) -> Result<Vec<(Kind, f64)>> {
     let mut setups = Vec::new();
     for &kind in kinds {
-        // The per-CPU mode sends exactly what the default one does while idle.
-        if kind == Kind::Raw || kind == Kind::PerCpu || kind.missing().is_some() {
+        // One data-path thread sends exactly what the default per-CPU threads do while idle.
+        if kind == Kind::Raw || kind == Kind::OneThread || kind.missing().is_some() {
             continue;
         }
         let tag = format!("dpi-{kind:?}").to_lowercase();
@@ -559,15 +559,16 @@ fn setup_floor(tag: &str) -> Result<Setup> {
     })
 }
 
-/// A script that runs the meshvpn binary with `MESHVPN_PER_CPU=1` (the low-latency mode).
-fn per_cpu_wrapper() -> Result<std::path::PathBuf> {
+/// A script that runs the meshvpn binary with `MESHVPN_PER_CPU=0`: the whole data path in
+/// the control loop, one thread (the default before the per-CPU threads), for comparison.
+fn one_thread_wrapper() -> Result<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let dir = std::env::temp_dir().join(format!("meshvpn-bench-{}", std::process::id()));
     fs::create_dir_all(&dir)?;
     let path = dir.join("meshvpn");
     fs::write(
         &path,
-        format!("#!/bin/sh\nexec env MESHVPN_PER_CPU=1 '{EXE}' \"$@\"\n"),
+        format!("#!/bin/sh\nexec env MESHVPN_PER_CPU=0 '{EXE}' \"$@\"\n"),
     )?;
     fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
     Ok(path)
@@ -1029,18 +1030,6 @@ fn print_report(samples: &[(Kind, Vec<Sample>)], cfg: &Config) {
         )
     };
     let idle_overhead = diff(med(Kind::Direct, &|s| s.ping_idle_ms), raw_idle);
-    let per_cpu_overhead = diff(med(Kind::PerCpu, &|s| s.ping_idle_ms), raw_idle);
-    let per_cpu_vs_nebula = {
-        let per_cpu: Vec<Option<f64>> = run_values(samples, Kind::PerCpu, |s| s.mbit[0]);
-        let nebula: Vec<Option<f64>> = run_values(samples, Kind::Nebula, |s| s.mbit[0]);
-        median(
-            per_cpu
-                .iter()
-                .zip(&nebula)
-                .filter_map(|(d, n)| Some(d.as_ref()? / n.as_ref().filter(|n| **n > 0.0)?))
-                .collect(),
-        )
-    };
     let floor_overhead = diff(
         med(Kind::Direct, &|s| s.ping_idle_ms),
         med(Kind::Floor, &|s| s.ping_idle_ms),
@@ -1050,7 +1039,7 @@ fn print_report(samples: &[(Kind, Vec<Sample>)], cfg: &Config) {
         .filter_map(|k| med(*k, &|s| s.rss_idle_mb))
         .reduce(f64::max);
     let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b.filter(|b| *b > 0.0)?);
-    let targets: [(&str, String, Option<f64>, String, bool); 10] = [
+    let targets: [(&str, String, Option<f64>, String, bool); 8] = [
         (
             "direct 1 stream vs nebula (same run)",
             "≥ 3.0×".into(),
@@ -1088,20 +1077,6 @@ fn print_report(samples: &[(Kind, Vec<Sample>)], cfg: &Config) {
             floor_overhead,
             floor_overhead.map_or_else(|| "-".into(), |v| format!("{v:+.3} ms")),
             floor_overhead.is_some_and(|v| v <= 0.1),
-        ),
-        (
-            "ping overhead idle (per-CPU mode)",
-            "≤ 0.100 ms".into(),
-            per_cpu_overhead,
-            per_cpu_overhead.map_or_else(|| "-".into(), |v| format!("{v:+.3} ms")),
-            per_cpu_overhead.is_some_and(|v| v <= 0.1),
-        ),
-        (
-            "per-CPU mode 1 stream vs nebula",
-            "≥ 3.0×".into(),
-            per_cpu_vs_nebula,
-            per_cpu_vs_nebula.map_or_else(|| "-".into(), |v| format!("{v:.2}×")),
-            per_cpu_vs_nebula.is_some_and(|v| v >= 3.0),
         ),
         (
             "agent RSS idle (larger agent)",

@@ -99,7 +99,7 @@ struct FileNode {
     port_mapping: bool,
     #[serde(default = "default_true")]
     tun_offload: bool,
-    #[serde(default)]
+    #[serde(default = "default_true")]
     per_cpu_data_path: bool,
     #[serde(default = "default_true")]
     relay_for_peers: bool,
@@ -162,8 +162,9 @@ pub struct Config {
     /// the environment variable `MESHVPN_TUN_OFFLOAD=0` turns it off as well.
     pub tun_offload: bool,
     /// Whether to run one data-path thread per CPU, each handed the packets sent and
-    /// received on its CPU (lower latency on multi-core hosts, less single-flow throughput;
-    /// see the agent's `cpus` module); `MESHVPN_PER_CPU=1` or `=0` overrides it.
+    /// received on its CPU while traffic is sparse, the control loop taking bulk flows
+    /// (lower latency on multi-core hosts; see the agent's `cpus` module);
+    /// `MESHVPN_PER_CPU=1` or `=0` overrides it.
     pub per_cpu_data_path: bool,
     /// Whether this member carries other members' ciphertext between two members it reaches
     /// directly while no relay answers them (see the node's `helping` module).
@@ -222,7 +223,7 @@ impl Config {
             stun_servers: Vec::new(),
             port_mapping: true,
             tun_offload: true,
-            per_cpu_data_path: false,
+            per_cpu_data_path: true,
             relay_for_peers: true,
             dns: true,
             metrics: None,
@@ -876,8 +877,8 @@ mod tests {
         assert_eq!(c.mtu, DEFAULT_MTU);
         assert!(c.tun_offload, "offload is on unless turned off");
         assert!(
-            !c.per_cpu_data_path,
-            "per-CPU threads are off unless turned on"
+            c.per_cpu_data_path,
+            "per-CPU threads are on unless turned off"
         );
         assert!(c.dns, "member names are on unless turned off");
         assert_eq!(c.metrics, None, "metrics are off unless asked for");

@@ -19,8 +19,11 @@
 //!   `SO_INCOMING_CPU`; the kernel's socket lookup prefers the socket whose CPU matches the
 //!   one processing the datagram.
 //!
-//! Where a mechanism is missing (no eBPF permission, an old kernel, a single CPU), packets
-//! are spread by flow instead and everything still works; only the latency gain is lost.
+//! Where a mechanism is missing (no permission to load the program, an old kernel, a single
+//! CPU, a cpuset with holes), the agent runs one data-path thread, the control loop.
+//!
+//! A bulk flow wants the opposite of a ping; see [`Steering`] for how the data path funnels
+//! it to one unpinned thread and spreads again after.
 //!
 //! # Keeping the port ours
 //! The sockets are bound with `SO_REUSEPORT` (which the kernel grants only to the same user)

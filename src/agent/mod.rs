@@ -209,12 +209,13 @@ pub async fn run(
         relays = ?relay_addrs, public_key = %node.public_key(), "agent started"
     );
 
-    // Queues and sockets come in pairs; if the TUN fell back to one queue the per-CPU
-    // sockets close here and the main socket gets every datagram.
-    let worker_sockets = if queues.len() == group.per_cpu.len() {
-        group.per_cpu
+    // Queues and sockets come in pairs, and without the CPU steering the threads would only
+    // take turns with the control loop: otherwise the per-CPU queues and sockets close here
+    // (the kernel then hands everything to the control loop's).
+    let (queues, worker_sockets) = if cpu_steered && queues.len() == group.per_cpu.len() {
+        (queues, group.per_cpu)
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
     let steering = steering_for(&queues, &worker_sockets, cpu_steered);
     let shared = workers::Shared::new(node, steering);

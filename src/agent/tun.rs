@@ -148,8 +148,9 @@ impl TunIo {
     /// per-CPU data-path threads (queue `i` for CPU `i`, steered there by
     /// [`cpus::attach_cpu_steering`]) and the last queue is the control loop's, which the
     /// steering never picks. Where the kernel refuses more queues no queue is returned and the
-    /// control loop's is the only one; where it refuses the steering program, packets are
-    /// spread over all queues by flow (logged). The flag says whether the CPU steering is on.
+    /// control loop's is the only one. The flag says whether the CPU steering is on; without
+    /// it the caller closes the per-CPU queues (the kernel then queues everything in the
+    /// control loop's).
     pub(crate) fn open(
         name: &str,
         ip: Ipv4Addr,
@@ -204,8 +205,8 @@ impl TunIo {
             match cpus::attach_cpu_steering(&queues[0], queues.len()) {
                 Ok(()) => "cpu",
                 Err(e) => {
-                    tracing::info!(%e, "TUN packets cannot be steered to the sending CPU's thread (needs CAP_BPF); spreading them by flow");
-                    "flow"
+                    tracing::info!(%e, "TUN packets cannot be steered to the sending CPU's thread (needs CAP_BPF); one data-path thread");
+                    "refused"
                 }
             }
         };
