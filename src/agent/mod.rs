@@ -7,6 +7,11 @@
 //! `Instant::now()`, drain every output through the shared [`crate::node::driver::Step`],
 //! re-arm the timer at the node's deadline. All protocol decisions are the node's, including
 //! when to use the stream.
+//!
+//! On a multi-core host the data path also runs on one pinned thread per CPU ([`workers`]),
+//! each with its own TUN queue and UDP socket on the same port, driving the same node under
+//! one lock; the kernel hands each thread the packets of its CPU, and bulk flows to this loop
+//! ([`cpus`]). The TUN device and the UDP port are still one each to the rest of the system.
 
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)] // the driver: owns the clock, tasks and sockets
 
