@@ -337,6 +337,17 @@ fn bind_one_family(
     Ok(s)
 }
 
+/// A descriptor of its own for what `fd` refers to.
+fn dup_fd(fd: &impl AsRawFd) -> io::Result<OwnedFd> {
+    // SAFETY: dup only reads the descriptor number, which `fd` keeps open for the call.
+    let dup = unsafe { libc::dup(fd.as_raw_fd()) };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `dup` is a fresh descriptor owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(dup) })
+}
+
 /// `SO_INCOMING_CPU`: prefer this socket for datagrams processed on `cpu`.
 fn set_incoming_cpu(s: &impl AsRawFd, cpu: usize) -> io::Result<()> {
     let value = libc::c_int::try_from(cpu)
@@ -399,13 +410,21 @@ pub(crate) const BUSY_BATCH: usize = 16;
 pub(crate) const FUNNEL_HOLD: Duration = Duration::from_millis(500);
 
 impl Steering {
-    /// Steering over the TUN queue `tun` (when its CPU program is attached) and `sockets`.
-    pub(crate) fn new(tun: Option<OwnedFd>, sockets: Vec<OwnedFd>) -> Self {
-        Self {
-            tun,
-            sockets,
+    /// Steering over a queue of the TUN device `tun` whose CPU program is attached (none:
+    /// the UDP half alone) and the per-CPU `sockets`, socket `i` for CPU `i`; holds descriptors
+    /// of its own for both.
+    pub(crate) fn new(
+        tun: Option<&impl AsRawFd>,
+        sockets: &[std::net::UdpSocket],
+    ) -> io::Result<Self> {
+        Ok(Self {
+            tun: tun.map(dup_fd).transpose()?,
+            sockets: sockets
+                .iter()
+                .map(|s| s.try_clone().map(OwnedFd::from))
+                .collect::<io::Result<_>>()?,
             funnelled: false,
-        }
+        })
     }
 
     /// Whether everything goes to the control loop now.
@@ -564,6 +583,18 @@ mod tests {
         assert_eq!(err, Some(io::ErrorKind::AddrInUse), "a second agent");
     }
 
+    /// What the five datagrams sent from each of `cpus` CPUs should be counted as: per CPU,
+    /// all five in slot `slot(cpu)` of `cpus + 1` (a socket or a queue).
+    fn five_each(cpus: usize, slot: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
+        (0..cpus)
+            .map(|cpu| {
+                let mut counts = vec![0usize; cpus + 1];
+                counts[slot(cpu)] = 5;
+                counts
+            })
+            .collect()
+    }
+
     /// Sends five datagrams to `port` on loopback from each CPU in turn; returns, per CPU,
     /// how many each socket of `group` (main first) read.
     fn received_per_cpu(group: &SocketGroup, port: u16, cpus: usize) -> Vec<Vec<usize>> {
@@ -610,37 +641,18 @@ mod tests {
         for try_ipv6 in [true, false] {
             let group = bind_group_in(0, cpus, try_ipv6).expect("binding a group");
             let port = group.main.local_addr().expect("bound").port();
-            let dups = group
-                .per_cpu
-                .iter()
-                .map(|s| OwnedFd::from(s.try_clone().expect("dup")))
-                .collect();
-            let mut steering = Steering::new(None, dups);
+            let mut steering = Steering::new(None::<&OwnedFd>, &group.per_cpu).expect("steering");
             steering.funnel().expect("funnel");
             assert!(steering.is_funnelled());
-            let all_main: Vec<Vec<usize>> = (0..cpus)
-                .map(|_| {
-                    let mut v = vec![0; cpus + 1];
-                    v[0] = 5;
-                    v
-                })
-                .collect();
             assert_eq!(
                 received_per_cpu(&group, port, cpus),
-                all_main,
+                five_each(cpus, |_| 0),
                 "funnelled, IPv6 tried: {try_ipv6}"
             );
             steering.spread().expect("spread");
-            let own: Vec<Vec<usize>> = (0..cpus)
-                .map(|cpu| {
-                    let mut v = vec![0; cpus + 1];
-                    v[cpu + 1] = 5;
-                    v
-                })
-                .collect();
             assert_eq!(
                 received_per_cpu(&group, port, cpus),
-                own,
+                five_each(cpus, |cpu| cpu + 1),
                 "spread again, IPv6 tried: {try_ipv6}"
             );
         }
@@ -656,30 +668,21 @@ mod tests {
         };
         let group = bind_group(0, cpus).expect("binding a group");
         let port = group.main.local_addr().expect("bound").port();
-        let dups = group
-            .per_cpu
-            .iter()
-            .map(|s| OwnedFd::from(s.try_clone().expect("dup")))
-            .collect();
-        let funnel = Funnel::new(Steering::new(None, dups));
+        let steering = Steering::new(None::<&OwnedFd>, &group.per_cpu).expect("steering");
+        let funnel = Funnel::new(steering);
         let t0 = Instant::now();
-        let own = |cpu: usize| {
-            let mut v = vec![0; cpus + 1];
-            v[cpu] = 5;
-            v
-        };
         assert!(!funnel.note_batch(BUSY_BATCH - 1, t0), "a small batch");
         assert_eq!(funnel.spread_at(), None);
         assert_eq!(
             received_per_cpu(&group, port, cpus),
-            (1..=cpus).map(own).collect::<Vec<_>>()
+            five_each(cpus, |cpu| cpu + 1)
         );
         assert!(funnel.note_batch(BUSY_BATCH, t0), "a bulk batch funnels");
         assert!(
             !funnel.note_batch(BUSY_BATCH, t0 + FUNNEL_HOLD / 2),
             "already funnelled"
         );
-        assert_eq!(received_per_cpu(&group, port, cpus), vec![own(0); cpus]);
+        assert_eq!(received_per_cpu(&group, port, cpus), five_each(cpus, |_| 0));
         let at = funnel.spread_at().expect("funnelled");
         assert_eq!(
             at,
@@ -691,7 +694,7 @@ mod tests {
         assert_eq!(funnel.spread_at(), None);
         assert_eq!(
             received_per_cpu(&group, port, cpus),
-            (1..=cpus).map(own).collect::<Vec<_>>()
+            five_each(cpus, |cpu| cpu + 1)
         );
     }
 
@@ -706,15 +709,11 @@ mod tests {
         };
         let group = bind_group(0, cpus).expect("binding a group");
         let port = group.main.local_addr().expect("bound").port();
-        let seen = received_per_cpu(&group, port, cpus);
-        for (cpu, counts) in seen.iter().enumerate() {
-            let mut want = vec![0usize; cpus + 1];
-            want[cpu + 1] = 5;
-            assert_eq!(
-                counts, &want,
-                "sent on CPU {cpu}: counts per socket (main first)"
-            );
-        }
+        assert_eq!(
+            received_per_cpu(&group, port, cpus),
+            five_each(cpus, |cpu| cpu + 1),
+            "per sending CPU: counts per socket (main first)"
+        );
     }
 
     /// The TUN half: with the steering program attached, a packet an application sends on
@@ -752,18 +751,7 @@ mod tests {
                 q.set_nonblocking(true)?;
             }
             let group = bind_group(0, cpus)?;
-            let sockets = group
-                .per_cpu
-                .iter()
-                .map(|s| s.try_clone().map(OwnedFd::from))
-                .collect::<io::Result<Vec<_>>>()?;
-            // SAFETY: dup of an open descriptor; the OwnedFd owns the copy.
-            let dup = unsafe { libc::dup(queues[0].as_raw_fd()) };
-            if dup < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: `dup` is a fresh descriptor owned by nothing else.
-            let mut steering = Steering::new(Some(unsafe { OwnedFd::from_raw_fd(dup) }), sockets);
+            let mut steering = Steering::new(Some(&queues[0]), &group.per_cpu)?;
             let mut rounds = vec![round(&queues, cpus)?];
             steering.funnel()?;
             rounds.push(round(&queues, cpus)?);
@@ -774,20 +762,12 @@ mod tests {
         .join()
         .expect("test thread")
         .expect("a multi-queue TUN with the steering program");
-        let per_cpu: Vec<Vec<usize>> = (0..cpus)
-            .map(|cpu| {
-                let mut want = vec![0usize; cpus + 1];
-                want[cpu] = 5;
-                want
-            })
-            .collect();
-        let mut funnelled = vec![0usize; cpus + 1];
-        funnelled[cpus] = 5;
+        let per_cpu = five_each(cpus, |cpu| cpu);
         assert_eq!(
             seen[0], per_cpu,
             "spread: our datagrams per queue, per sending CPU"
         );
-        assert_eq!(seen[1], vec![funnelled; cpus], "funnelled");
+        assert_eq!(seen[1], five_each(cpus, |_| cpus), "funnelled");
         assert_eq!(seen[2], per_cpu, "spread again");
     }
 

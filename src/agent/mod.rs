@@ -222,7 +222,7 @@ pub async fn run(
     } else {
         (Vec::new(), Vec::new())
     };
-    let steering = steering_for(&queues, &worker_sockets, cpu_steered);
+    let steering = steering_for(&queues, &worker_sockets);
     let shared = workers::Shared::new(node, steering);
     let workers = Workers::start(&shared, queues, worker_sockets, dual_stack);
     tracing::info!(
@@ -415,35 +415,16 @@ pub async fn run(
     Ok(())
 }
 
-/// The steering of the per-CPU data path over `queues` and `sockets` (none without them);
-/// the TUN half only when its CPU program is attached (`cpu_steered`).
+/// The steering of the per-CPU data path over `queues` (whose CPU program is attached) and
+/// `sockets`; none without them.
 fn steering_for(
     queues: &[tun::TunQueue],
     sockets: &[std::net::UdpSocket],
-    cpu_steered: bool,
 ) -> Option<cpus::Steering> {
-    if queues.is_empty() || sockets.is_empty() {
-        return None;
-    }
-    let tun = match queues.first().map(tun::TunQueue::try_clone_fd) {
-        Some(Ok(fd)) if cpu_steered => Some(fd),
-        Some(Err(e)) => {
-            tracing::warn!(%e, "cannot hold the TUN queue for steering; bulk flows stay spread");
-            None
-        }
-        Some(Ok(_)) | None => None,
-    };
-    let fds: std::io::Result<Vec<std::os::fd::OwnedFd>> = sockets
-        .iter()
-        .map(|s| s.try_clone().map(Into::into))
-        .collect();
-    match fds {
-        Ok(fds) => Some(cpus::Steering::new(tun, fds)),
-        Err(e) => {
-            tracing::warn!(%e, "cannot hold the per-CPU sockets for steering; bulk flows stay spread");
-            None
-        }
-    }
+    let first = queues.first()?;
+    cpus::Steering::new(Some(first), sockets)
+        .map_err(|e| tracing::warn!(%e, "cannot hold the TUN queue and sockets for steering; bulk flows stay spread"))
+        .ok()
 }
 
 /// Executes the node's outputs: the agent's half of the shared [`Step`].

@@ -19,7 +19,6 @@
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use tun_rs::{
@@ -124,18 +123,9 @@ pub(crate) struct TunQueue {
     mtu: u16,
 }
 
-impl TunQueue {
-    /// A second descriptor of this queue (for swapping the device's steering program).
-    pub(crate) fn try_clone_fd(&self) -> io::Result<OwnedFd> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: the descriptor is open for as long as `self.device` lives, which outlives
-        // this call; dup returns a new descriptor that the OwnedFd then owns.
-        let fd = unsafe { libc::dup(self.device.as_raw_fd()) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor owned by nothing else.
-        Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+impl std::os::fd::AsRawFd for TunQueue {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.device.as_raw_fd()
     }
 }
 
@@ -199,16 +189,20 @@ impl TunIo {
                 (first, Vec::new())
             }
         };
-        let steering = if queues.is_empty() {
-            "none"
-        } else {
-            match cpus::attach_cpu_steering(&queues[0], queues.len()) {
-                Ok(()) => "cpu",
+        let cpu_steered = match queues.first() {
+            None => false,
+            Some(first) => match cpus::attach_cpu_steering(first, queues.len()) {
+                Ok(()) => true,
                 Err(e) => {
                     tracing::info!(%e, "TUN packets cannot be steered to the sending CPU's thread (needs CAP_BPF); one data-path thread");
-                    "refused"
+                    false
                 }
-            }
+            },
+        };
+        let steering = match (queues.is_empty(), cpu_steered) {
+            (true, _) => "none",
+            (false, true) => "cpu",
+            (false, false) => "refused",
         };
         tracing::info!(
             offload,
@@ -228,7 +222,7 @@ impl TunIo {
         Ok((
             Self::new(AsyncDevice::new(main)?, offload, mtu),
             queues,
-            steering == "cpu",
+            cpu_steered,
         ))
     }
 
@@ -346,9 +340,6 @@ impl TunIo {
 
 /// Attaches `cpus` more queues to the multi-queue device of `first` (queues 1 to `cpus`).
 fn attach_queues(first: &SyncDevice, cpus: usize) -> io::Result<Vec<SyncDevice>> {
-    if cpus == 0 {
-        return Ok(Vec::new());
-    }
     (0..cpus).map(|_| first.try_clone()).collect()
 }
 
