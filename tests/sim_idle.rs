@@ -101,6 +101,34 @@ fn an_idle_public_pair_keeps_its_direct_path_with_sparse_keepalives() {
 }
 
 #[test]
+fn an_idle_member_wakes_about_once_a_second() {
+    let seed = simnet::seed(0x1d21);
+    let mut sim = Sim::new(seed, (10, 30), 0.0);
+    let a = sim.add_member(None);
+    let b = sim.add_member_behind(NatSpec::HOME_ROUTER);
+    sim.run_until(Duration::from_secs(60), |s| s.both_direct(a, b))
+        .expect("the pair goes direct");
+    sim.run_for(Duration::from_secs(600));
+    let window = Duration::from_secs(600);
+    let before = [sim.members[a].timer_wakes, sim.members[b].timer_wakes];
+    sim.run_for(window);
+    for (i, m) in [a, b].into_iter().enumerate() {
+        let wakes = sim.members[m].timer_wakes - before[i];
+        println!(
+            "member {m}: {wakes} timer wake-ups in {window:?} idle ({:.2} a second)",
+            wakes as f64 / window.as_secs_f64()
+        );
+        // The tick every second (boringtun's timers, the handshake guard, the byte
+        // counters), plus the sparse keepalives of the path and the relay session.
+        assert!(
+            wakes >= window.as_secs() && wakes <= window.as_secs() * 11 / 10,
+            "{wakes} wake-ups in {window:?}"
+        );
+    }
+    assert!(sim.both_direct(a, b), "the idle pair stays direct");
+}
+
+#[test]
 fn an_idle_pair_behind_forgetful_nats_keeps_its_direct_path() {
     let seed = simnet::seed(0x1d1f);
     let mut sim = Sim::new(seed, (10, 30), 0.0);

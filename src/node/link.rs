@@ -35,7 +35,7 @@
 //! # Driving contract
 //! Inputs: [`PeerLink::encapsulate`] for a packet from the TUN, [`PeerLink::decapsulate`] for a
 //! WireGuard datagram from the peer, [`PeerLink::handle_tick`] every
-//! [`WIREGUARD_TICK`](super::WIREGUARD_TICK), [`PeerLink::handle_timeout`] at
+//! [`TICK`](super::TICK), [`PeerLink::handle_timeout`] at
 //! [`PeerLink::poll_timeout`]. Outputs go to the caller's closure, written from the caller's
 //! scratch buffer: the link allocates nothing per packet.
 

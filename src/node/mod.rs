@@ -110,10 +110,15 @@ use crate::wire::{self, stun, Announcement, DatagramKind, NatKind, RelayRequest}
 use outbox::Outbox;
 use peer::{Path, Peer};
 
-/// boringtun wants `update_timers` about every 250 ms (its keepalive and rekey timers have
-/// that resolution); it runs only while the node has peers. Every other timer of the node is a
-/// real deadline in the [`TimerTable`].
-pub const WIREGUARD_TICK: Duration = Duration::from_millis(250);
+/// The period of the node's housekeeping ([`Timer::Tick`]), which runs only while the node has
+/// peers: boringtun's `update_timers` (boringtun rounds its timers to whole seconds, and the
+/// shortest of them are seconds long: a keepalive 10 s after the last packet received, a
+/// handshake retransmission after 5 s), the reset of the handshake guard's count every
+/// [`LIMITER_RESET`], and a look at the byte counters of every peer. Every other timer of the
+/// node is a real deadline in the [`TimerTable`].
+pub const TICK: Duration = Duration::from_secs(1);
+// The tick resets the handshake guard's count, so the two periods are one.
+const _: () = assert!(TICK.as_nanos() == LIMITER_RESET.as_nanos());
 /// Largest IP packet handled (TUN MTU is far smaller; the rest is headroom for WireGuard).
 const BUF_LEN: usize = 65_535 + 64;
 
@@ -581,16 +586,11 @@ impl Node {
                 continue;
             }
             match timer {
-                Timer::WireGuardTick => self.wireguard_tick(now),
+                Timer::Tick => self.tick(now),
                 Timer::Handshake => self.handshake_timers(now),
                 Timer::Relay => self.relay_timers(now),
                 Timer::Stun => self.stun_round(now),
                 Timer::Paths => self.path_timers(now),
-                Timer::HandshakeLimiter => {
-                    self.guard.handle_reset();
-                    let next = now + LIMITER_RESET;
-                    self.timers.set(Timer::HandshakeLimiter, Some(next));
-                }
                 Timer::Unrouted => self.expire_unrouted(now),
             }
         }
@@ -631,19 +631,14 @@ impl Node {
 
     /// Recomputes every slot of the timer table from the sub-machines' deadlines.
     fn refresh_timers(&mut self) {
-        let wireguard = match self.timers.get(Timer::WireGuardTick) {
+        // Without peers there are no links to tick, and no handshake can complete, so the
+        // handshake guard's count may stay high.
+        let tick = match self.timers.get(Timer::Tick) {
             _ if self.peers.is_empty() => None,
             Some(at) => Some(at),
-            None => Some(self.now + WIREGUARD_TICK),
+            None => Some(self.now + TICK),
         };
-        self.timers.set(Timer::WireGuardTick, wireguard);
-        // Like the tick: without peers no handshake can complete, so the count may stay high.
-        let limiter = match self.timers.get(Timer::HandshakeLimiter) {
-            _ if self.peers.is_empty() => None,
-            Some(at) => Some(at),
-            None => Some(self.now + LIMITER_RESET),
-        };
-        self.timers.set(Timer::HandshakeLimiter, limiter);
+        self.timers.set(Timer::Tick, tick);
         let handshake = self
             .peers
             .values()
@@ -680,14 +675,25 @@ impl Node {
             .set(Timer::Unrouted, self.unrouted.next_expiry());
     }
 
-    /// boringtun's periodic timers on every peer link.
-    fn wireguard_tick(&mut self, now: Instant) {
-        self.timers
-            .set(Timer::WireGuardTick, Some(now + WIREGUARD_TICK));
+    /// The housekeeping of [`TICK`]: the handshake guard's new period, boringtun's periodic
+    /// timers on every peer link, and path selection for every peer whose byte counters are
+    /// due for a look.
+    fn tick(&mut self, now: Instant) {
+        self.timers.set(Timer::Tick, Some(now + TICK));
+        self.guard.handle_reset();
         for (key, p) in &mut self.peers {
             if let Some(bytes) = p.link.handle_tick(&mut self.buf) {
                 self.out.for_peer(p.direct(), *key, bytes);
             }
+        }
+        let due: Vec<PeerKey> = self
+            .peers
+            .values()
+            .filter(|p| p.paths.activity_check_due(now))
+            .map(|p| p.key)
+            .collect();
+        if !due.is_empty() {
+            self.run_path_timers(now, due);
         }
     }
 
@@ -917,7 +923,7 @@ mod tests {
         assert_eq!(why, "relay session");
         assert_eq!(at, later + relay_session::REGISTER_RETRY_MIN);
         // No peers: no WireGuard tick.
-        assert_eq!(n.timers.get(Timer::WireGuardTick), None);
+        assert_eq!(n.timers.get(Timer::Tick), None);
         // A relay that stays silent: the node asks for the stream within the fallback time.
         let mut now = later;
         for _ in 0..100 {

@@ -61,7 +61,8 @@ use super::peer::{
 };
 use super::pmtu::{PathKind, PathMtu};
 
-/// How often a peer's byte counters are looked at (a local wake-up, nothing is sent).
+/// How often a peer's byte counters are looked at: by the node's once-a-second tick, for
+/// every peer whose path selection has not run for this long (a local look, nothing is sent).
 const ACTIVITY_CHECK: Duration = Duration::from_secs(1);
 /// How long an idle keepalive waits for its pong before the path counts as lost: what
 /// [`DIRECT_TIMEOUT`] leaves after the active ping interval, so idle and active paths fail
@@ -362,8 +363,6 @@ impl PathSelection {
             Path::Direct { .. } => self.next_probe.min(self.alive_until),
             Path::Relayed => self.next_probe.min(self.next_relay_ping),
         };
-        // The byte counters are looked at now and then, to notice idleness and its end.
-        let at = at.min(self.last_check + ACTIVITY_CHECK);
         // Learned candidates expire even while nothing else is due.
         let direct = self.direct().map(|(a, _)| a);
         let expiry = self
@@ -373,6 +372,13 @@ impl PathSelection {
             .map(|(_, v)| *v + CANDIDATE_TTL)
             .min();
         expiry.map_or(at, |e| at.min(e))
+    }
+
+    /// Whether the byte counters are due for a look ([`Self::note_activity`], then
+    /// [`Self::handle_timeout`]), to notice idleness and its end: the node's tick asks once a
+    /// second, so a look shares the wake-up of the rest of the node's housekeeping.
+    pub(crate) fn activity_check_due(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_check) >= ACTIVITY_CHECK
     }
 
     /// Runs what is due: falls back to the relay if the direct path went silent, and lists the

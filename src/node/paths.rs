@@ -29,6 +29,11 @@ impl Node {
             .filter(|p| self.path_deadline(p).is_some_and(|at| at <= now))
             .map(|p| p.key)
             .collect();
+        self.run_path_timers(now, due);
+    }
+
+    /// Runs path selection for the peers `due`.
+    pub(super) fn run_path_timers(&mut self, now: Instant, due: Vec<PeerKey>) {
         let mut probes = Vec::new();
         for key in due {
             self.peer_timers(now, key, &mut probes);

@@ -19,9 +19,12 @@ use std::time::Instant;
 /// The kinds of deadline a node has. The order is the tie-break when two are equally due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Timer {
-    /// boringtun's periodic `update_timers` for every peer link (keepalives, rekeys, session
-    /// expiry); about every 250 ms while any peer exists.
-    WireGuardTick,
+    /// The node's once-a-second housekeeping while any peer exists: boringtun's periodic
+    /// `update_timers` for every peer link (keepalives, rekeys, session expiry), the reset of
+    /// the handshake guard's count of handshake messages, and a look at the byte counters of
+    /// every peer whose path selection has not run for a second. One wake-up does all three,
+    /// so an idle node wakes once a second rather than once per kind of chore.
+    Tick,
     /// A peer link's own handshake retry or give-up deadline.
     Handshake,
     /// The relay session: registration, acknowledgement timeout, sync retry, relay loss, and
@@ -32,33 +35,29 @@ pub enum Timer {
     /// Path selection: probe rounds, keepalive pings, direct-path timeouts, birthday probing,
     /// and stale members' grace periods.
     Paths,
-    /// The once-a-second reset of the handshake guard's count of handshake messages.
-    HandshakeLimiter,
     /// Expiry of packets held for a virtual IP of the subnet that no member has yet.
     Unrouted,
 }
 
 impl Timer {
     /// Every timer, in tie-break order.
-    pub const ALL: [Timer; 7] = [
-        Timer::WireGuardTick,
+    pub const ALL: [Timer; 6] = [
+        Timer::Tick,
         Timer::Handshake,
         Timer::Relay,
         Timer::Stun,
         Timer::Paths,
-        Timer::HandshakeLimiter,
         Timer::Unrouted,
     ];
 
     /// Why the node wants to wake for this timer, for logs and `poll_timeout`.
     pub fn reason(self) -> &'static str {
         match self {
-            Timer::WireGuardTick => "wireguard timers",
+            Timer::Tick => "housekeeping tick",
             Timer::Handshake => "handshake retry",
             Timer::Relay => "relay session",
             Timer::Stun => "stun round",
             Timer::Paths => "path selection",
-            Timer::HandshakeLimiter => "handshake limiter reset",
             Timer::Unrouted => "held packet expiry",
         }
     }
@@ -169,10 +168,10 @@ mod tests {
         let now = Instant::now();
         let mut table = TimerTable::default();
         table.set(Timer::Paths, Some(now));
-        table.set(Timer::WireGuardTick, Some(now - Duration::from_millis(5)));
+        table.set(Timer::Tick, Some(now - Duration::from_millis(5)));
         table.set(Timer::Stun, Some(now + Duration::from_millis(1)));
         let due: Vec<Timer> = table.expired(now).collect();
-        assert_eq!(due, vec![Timer::WireGuardTick, Timer::Paths]);
+        assert_eq!(due, vec![Timer::Tick, Timer::Paths]);
         assert_eq!(Timer::Paths.reason(), "path selection");
     }
 }

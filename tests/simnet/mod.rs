@@ -108,6 +108,8 @@ pub struct Member {
     pub site: Option<usize>,
     /// Datagrams this member sent to anything but the relay.
     pub sent_direct: u64,
+    /// How often the node's own deadline came (each a wake-up of the agent's control loop).
+    pub timer_wakes: u64,
     /// IP packets the node wrote to its TUN device.
     pub delivered: Vec<Vec<u8>>,
     /// The config the node was built from (a rotation rebuilds it with a new secret).
@@ -330,6 +332,7 @@ impl Sim {
             alive: true,
             site,
             sent_direct: 0,
+            timer_wakes: 0,
             delivered: Vec::new(),
         });
         i
@@ -699,6 +702,7 @@ impl Sim {
         let now = self.now;
         for m in &mut self.members {
             if m.alive && m.node.poll_timeout().is_some_and(|(at, _)| at <= now) {
+                m.timer_wakes += 1;
                 m.node.handle_timeout(now);
             }
         }
