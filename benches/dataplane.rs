@@ -27,7 +27,7 @@
 //! refreshes every 1–2 minutes, idle relayed probe rounds doubling to 30 minutes apart)
 //! rather than the learning and backoff that follow a start. Then every path
 //! gets a fresh lab in every run: it reads the agents' RSS,
-//! pings (20 at 0.05 s), runs `iperf3` with 1 and 4 streams both ways for
+//! pings (20 at 0.05 s, then 200 back to back), runs `iperf3` with 1 and 4 streams both ways for
 //! `MESHVPN_BENCH_SECONDS` (default 5) each while summing both agents' CPU time, pings again
 //! during a 1-stream run, and reads the RSS again. `MESHVPN_BENCH_RUNS` (default 3) runs; the
 //! tables print medians, then the targets of issue 11 as "target / measured / met?". It
@@ -58,6 +58,10 @@ const IPERF_PORT: u16 = 5201;
 /// Pings per RTT figure, and their spacing: a second of samples, enough for a stable average.
 const PING_COUNT: u32 = 20;
 const PING_INTERVAL: Duration = Duration::from_millis(50);
+/// Pings sent back to back (each as soon as the previous reply came): the same path with its
+/// code and data still in the caches and no CPU idle between hops, so the difference from the
+/// idle figure is what waking from idle costs on this machine rather than the tunnel's work.
+const WARM_PING_COUNT: u32 = 200;
 /// How long each ping of the first-packet loop waits: the resolution of that figure.
 const FIRST_PING_WAIT: Duration = Duration::from_millis(200);
 /// From the second member's start to its first echo reply, at most.
@@ -145,6 +149,7 @@ struct Sample {
     /// Mbit/s of each [`TESTS`] entry.
     mbit: [Option<f64>; 4],
     ping_idle_ms: Option<f64>,
+    ping_warm_ms: Option<f64>,
     ping_load_ms: Option<f64>,
     /// Both agents' CPU seconds per Gbit moved during the four throughput runs.
     cpu_per_gbit: Option<f64>,
@@ -391,6 +396,14 @@ fn measure(s: &Setup, cfg: &Config) -> Result<Sample> {
         out.rss_idle_mb = Some(max_rss_mb(&s.agents)?);
     }
     out.ping_idle_ms = Some(ping_ms(lab, &s.a, s.target, "idle")?);
+    out.ping_warm_ms = Some(ping_ms_at(
+        lab,
+        &s.a,
+        s.target,
+        WARM_PING_COUNT,
+        Duration::ZERO,
+        "back to back",
+    )?);
 
     lab.start_iperf3_server(&s.b, IPERF_PORT)?;
     let cpu_before = agents_cpu(&s.agents)?;
@@ -863,7 +876,19 @@ fn max_rss_mb(agents: &[u32]) -> Result<f64> {
 
 /// Average RTT of [`PING_COUNT`] pings in ms; fails if none came back.
 fn ping_ms(lab: &Lab, from: &Host, to: Ipv4Addr, when: &str) -> Result<f64> {
-    let p = lab.ping_stats(from, to, PING_COUNT, PING_INTERVAL)?;
+    ping_ms_at(lab, from, to, PING_COUNT, PING_INTERVAL, when)
+}
+
+/// Average RTT of `count` pings `interval` apart in ms; fails if none came back.
+fn ping_ms_at(
+    lab: &Lab,
+    from: &Host,
+    to: Ipv4Addr,
+    count: u32,
+    interval: Duration,
+    when: &str,
+) -> Result<f64> {
+    let p = lab.ping_stats(from, to, count, interval)?;
     match p.avg {
         Some(avg) if p.received > 0 => Ok(avg.as_secs_f64() * 1000.0),
         _ => bail!("ping {when}: no reply from {to} ({} sent)", p.sent),
@@ -943,14 +968,16 @@ fn print_report(samples: &[(Kind, Vec<Sample>)], cfg: &Config) {
 
     println!();
     println!(
-        "Ping RTT, ms (average of {PING_COUNT} at {PING_INTERVAL:?}); under load = during a \
-         1-stream iperf3 →; overhead = minus raw"
+        "Ping RTT, ms (average of {PING_COUNT} at {PING_INTERVAL:?}); back to back = \
+         {WARM_PING_COUNT} pings each sent when the previous reply came (caches warm, no CPU \
+         idle between hops); under load = during a 1-stream iperf3 →; overhead = minus raw"
     );
     println!(
-        "{:<17} {:>9} {:>10} {:>11} {:>10}",
-        "path", "idle", "overhead", "under load", "overhead"
+        "{:<17} {:>9} {:>10} {:>13} {:>10} {:>11} {:>10}",
+        "path", "idle", "overhead", "back to back", "overhead", "under load", "overhead"
     );
     let raw_idle = med(Kind::Raw, &|s| s.ping_idle_ms);
+    let raw_warm = med(Kind::Raw, &|s| s.ping_warm_ms);
     let raw_load = med(Kind::Raw, &|s| s.ping_load_ms);
     for &k in &rows {
         if let Some(why) = not_run(k) {
@@ -958,12 +985,15 @@ fn print_report(samples: &[(Kind, Vec<Sample>)], cfg: &Config) {
             continue;
         }
         let idle = med(k, &|s| s.ping_idle_ms);
+        let warm = med(k, &|s| s.ping_warm_ms);
         let load = med(k, &|s| s.ping_load_ms);
         println!(
-            "{:<17} {:>9} {:>10} {:>11} {:>10}",
+            "{:<17} {:>9} {:>10} {:>13} {:>10} {:>11} {:>10}",
             k.label(),
             num(idle, 3),
             signed(diff(idle, raw_idle), 3),
+            num(warm, 3),
+            signed(diff(warm, raw_warm), 3),
             num(load, 3),
             signed(diff(load, raw_load), 3)
         );
