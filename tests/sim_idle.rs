@@ -100,15 +100,20 @@ fn an_idle_public_pair_keeps_its_direct_path_with_sparse_keepalives() {
     );
 }
 
-#[test]
-fn an_idle_member_wakes_about_once_a_second() {
-    let seed = simnet::seed(0x1d21);
+/// A public member and one behind a home router, gone direct and then quiet for 10 minutes.
+fn settled_direct_pair(seed: u64) -> (Sim, usize, usize) {
     let mut sim = Sim::new(seed, (10, 30), 0.0);
     let a = sim.add_member(None);
     let b = sim.add_member_behind(NatSpec::HOME_ROUTER);
     sim.run_until(Duration::from_secs(60), |s| s.both_direct(a, b))
         .expect("the pair goes direct");
     sim.run_for(Duration::from_secs(600));
+    (sim, a, b)
+}
+
+#[test]
+fn an_idle_member_wakes_about_once_a_second() {
+    let (mut sim, a, b) = settled_direct_pair(simnet::seed(0x1d22));
     let window = Duration::from_secs(600);
     let before = [sim.members[a].timer_wakes, sim.members[b].timer_wakes];
     sim.run_for(window);
@@ -149,13 +154,7 @@ fn an_idle_pair_behind_forgetful_nats_keeps_its_direct_path() {
 
 #[test]
 fn idle_members_are_back_on_a_restarted_relay_within_one_keepalive() {
-    let seed = simnet::seed(0x1d20);
-    let mut sim = Sim::new(seed, (10, 30), 0.0);
-    let a = sim.add_member(None);
-    let b = sim.add_member_behind(NatSpec::HOME_ROUTER);
-    sim.run_until(Duration::from_secs(60), |s| s.both_direct(a, b))
-        .expect("the pair goes direct");
-    sim.run_for(Duration::from_secs(600));
+    let (mut sim, a, b) = settled_direct_pair(simnet::seed(0x1d20));
     // The relay restarts empty while both are quiet: each learns at its next refresh, which
     // is answered "register again" at once.
     let clock = sim.relay_clock();

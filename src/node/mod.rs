@@ -922,7 +922,7 @@ mod tests {
         let (at, why) = n.poll_timeout().expect("a deadline");
         assert_eq!(why, "relay session");
         assert_eq!(at, later + relay_session::REGISTER_RETRY_MIN);
-        // No peers: no WireGuard tick.
+        // No peers: no housekeeping tick.
         assert_eq!(n.timers.get(Timer::Tick), None);
         // A relay that stays silent: the node asks for the stream within the fallback time.
         let mut now = later;
